@@ -1,0 +1,160 @@
+"""PostgreSQL client and server tools: where the binaries are, how to call them safely.
+
+Command lines are argument lists, never shell strings. Passwords travel to the tools
+through ``PGPASSWORD`` in the child's environment, never on a command line (where ``ps``
+would show them) and never in logs: :func:`redact_dsn` is what gets printed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extensions import parse_dsn
+
+
+class ToolNotFound(RuntimeError):
+    """A PostgreSQL binary is missing: say which, and how to get it."""
+
+
+@cache
+def bindir() -> Path:
+    """The newest PostgreSQL bin directory: $WEDEFI_DR_PG_BINDIR, pg_config, Debian's layout, PATH.
+
+    Debian's ``/usr/bin/pg_dump`` is a wrapper that picks a version by cluster; the real
+    binaries live in ``/usr/lib/postgresql/<major>/bin``, which is also where ``initdb``
+    and ``pg_ctl`` are (they are not on PATH on Debian).
+    """
+    explicit = os.environ.get("WEDEFI_DR_PG_BINDIR")
+    candidates: list[Path] = [Path(explicit)] if explicit else []
+    debian = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(re.sub(r"\D", "", p.split("/")[-2]) or 0),
+        reverse=True,
+    )
+    candidates += [Path(p) for p in debian]
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        if out.returncode == 0:
+            candidates.append(Path(out.stdout.strip()))
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(Path(initdb).parent)
+    for c in candidates:
+        if (c / "initdb").is_file() and (c / "pg_dump").is_file():
+            return c
+    raise ToolNotFound(
+        "PostgreSQL server binaries not found (initdb, pg_ctl, pg_dump): install the "
+        "Debian package 'postgresql' (apt-get install postgresql) or set WEDEFI_DR_PG_BINDIR"
+    )
+
+
+def tool(name: str) -> str:
+    """Absolute path of a PostgreSQL binary such as ``pg_dump``."""
+    path = bindir() / name
+    if not path.is_file():
+        raise ToolNotFound(f"{name} not found in {bindir()}")
+    return str(path)
+
+
+def tool_major_version(name: str) -> int:
+    """Major version of a client binary (``pg_dump (PostgreSQL) 15.18`` -> 15)."""
+    out = subprocess.run([tool(name), "--version"], capture_output=True, text=True, check=True)
+    match = re.search(r"(\d+)(?:\.\d+)?", out.stdout)
+    if not match:
+        raise ToolNotFound(f"cannot read the version of {name}: {out.stdout!r}")
+    return int(match.group(1))
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def server_user_kwargs() -> dict[str, Any]:
+    """subprocess keyword arguments that run a server binary as ``postgres`` when we are root.
+
+    PostgreSQL refuses to run as root; ``initdb``/``pg_ctl``/``postgres`` therefore run as
+    the ``postgres`` OS user (the Debian package creates it) when this process is root.
+    """
+    if not running_as_root():
+        return {}
+    return {"user": "postgres", "group": "postgres", "extra_groups": []}
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, for logs and error messages."""
+    try:
+        params = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<unparseable dsn>"
+    if "password" in params:
+        params["password"] = "***"
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def libpq_env(dsn: str) -> dict[str, str]:
+    """A child environment that points libpq tools at ``dsn`` (password via PGPASSWORD)."""
+    params = parse_dsn(dsn)
+    mapping = {
+        "host": "PGHOST",
+        "port": "PGPORT",
+        "user": "PGUSER",
+        "password": "PGPASSWORD",
+        "dbname": "PGDATABASE",
+        "sslmode": "PGSSLMODE",
+        "application_name": "PGAPPNAME",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    for key, var in mapping.items():
+        if key in params:
+            env[var] = params[key]
+    return env
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    params = parse_dsn(dsn)
+    params["dbname"] = dbname
+    return psycopg2.extensions.make_dsn(**params)
+
+
+def dbname_of(dsn: str) -> str:
+    return parse_dsn(dsn).get("dbname", "")
+
+
+@contextmanager
+def connect(dsn: str, *, autocommit: bool = False, application_name: str = "wedefi-dr"):
+    """A psycopg2 connection in UTC, closed on exit (committed unless an error escaped)."""
+    conn = psycopg2.connect(dsn, application_name=application_name, options="-c TimeZone=UTC")
+    conn.autocommit = autocommit
+    try:
+        yield conn
+        if not autocommit:
+            conn.commit()
+    except BaseException:
+        if not autocommit:
+            conn.rollback()
+        raise
+    finally:
+        conn.close()
+
+
+def run(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a tool, raising with its stderr (never its environment) when it fails."""
+    result = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(
+            result.returncode, cmd[0], output=result.stdout, stderr=result.stderr
+        )
+    return result
