@@ -16,6 +16,7 @@ Order matters, because the target must stay untouched by anything unverified:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import subprocess
@@ -141,12 +142,12 @@ def _read_full(stream, n: int) -> bytes:
 def _ensure_database(target_dsn: str) -> None:
     """Create the target database when it does not exist (an empty one loses nothing)."""
     name = dbname_of(target_dsn)
-    with connect(with_dbname(target_dsn, "postgres"), autocommit=True) as conn:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-                log.info("created target database %s", name)
+    maintenance = with_dbname(target_dsn, "postgres")
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            log.info("created target database %s", name)
 
 
 def decrypt_and_restore(
@@ -202,10 +203,8 @@ def decrypt_and_restore(
         restore.kill()  # before EOF: the single transaction never commits
         restore.wait()
         raise DecryptionFailed(problem + "; the target was rolled back")
-    try:
+    with contextlib.suppress(BrokenPipeError):
         restore.stdin.close()
-    except BrokenPipeError:
-        pass
     err = restore.stderr.read().decode(errors="replace")
     if restore.wait() != 0:
         gpg.kill()
