@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     ops_dsn: SecretStr = Field(default=SecretStr(""))
 
     # Object storage (S3 through boto3; an endpoint URL points at the local moto server).
-    s3_endpoint_url: str | None = None
+    aws_endpoint_url: str | None = None
     aws_region: str = "us-west-2"
     bucket: str = "wedefi-backup-primary"
     dr_bucket: str = "wedefi-backup-dr-east"
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     spool_dir: Path | None = None
 
     # Observability.
-    metrics_textfile: Path | None = None
+    metrics_dir: Path | None = None  # node_exporter textfile collector directory
     pushgateway_url: str | None = None
     operator: str = Field(default_factory=lambda: os.environ.get("USER", "unknown"))
 

@@ -19,10 +19,10 @@ MANIFEST_VERSION = 1
 BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
 
-def new_backup_id(now: datetime | None = None) -> str:
-    """Sortable by time, unique by a random suffix: ``20261124T020000Z-3fa9c1``."""
-    now = now or datetime.now(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+def new_backup_id(now: datetime | None = None, suffix: str | None = None) -> str:
+    """Sortable by time, unique by a suffix: ``20261124T020000Z-3fa9c1``."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{suffix or secrets.token_hex(3)}"
 
 
 class SourceInfo(BaseModel):

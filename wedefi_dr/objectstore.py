@@ -86,7 +86,7 @@ class ObjectStore:
         self.bucket = bucket or settings.bucket
         self.client = boto3.client(
             "s3",
-            endpoint_url=settings.s3_endpoint_url,
+            endpoint_url=settings.aws_endpoint_url,
             region_name=settings.aws_region,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}),
         )

@@ -103,6 +103,21 @@ def redact_dsn(dsn: str) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
+def refuse_password_in_dsn(dsn: str) -> None:
+    """Flow parameters are recorded by Prefect: a DSN passed as one must carry no password."""
+    from wedefi_dr.errors import InvalidInput
+
+    try:
+        params = parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise InvalidInput(f"not a valid PostgreSQL DSN: {redact_dsn(dsn)}") from exc
+    if params.get("password"):
+        raise InvalidInput(
+            "the target DSN contains a password; flow parameters are recorded, so put the "
+            "password in PGPASSFILE (~/.pgpass) and pass the DSN without it"
+        )
+
+
 def libpq_env(dsn: str) -> dict[str, str]:
     """A child environment that points libpq tools at ``dsn`` (password via PGPASSWORD)."""
     params = parse_dsn(dsn)
@@ -115,7 +130,8 @@ def libpq_env(dsn: str) -> dict[str, str]:
         "sslmode": "PGSSLMODE",
         "application_name": "PGAPPNAME",
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # Drop inherited PG* settings (they would override the DSN), but keep the password file.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}
     for key, var in mapping.items():
         if key in params:
             env[var] = params[key]

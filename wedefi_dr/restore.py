@@ -20,9 +20,8 @@ import contextlib
 import hashlib
 import logging
 import subprocess
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
@@ -54,15 +53,6 @@ class RestoreRequest:
     operator: str
     justification: str
     allow_source_overwrite: bool = False
-
-
-@dataclass
-class RestoreResult:
-    backup_id: str
-    target: str
-    tables: int
-    rows: int
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def describe_target(dsn: str) -> str:
@@ -225,29 +215,3 @@ def verify(manifest: BackupManifest, target_dsn: str) -> dict[str, int]:
             f"the backup in {len(problems)} table(s): " + "; ".join(problems[:10])
         )
     return {"tables": len(actual), "rows": sum(int(t["rows"]) for t in actual.values())}
-
-
-def restore(settings: Settings, request: RestoreRequest) -> RestoreResult:
-    """The whole restore in one call (the flow runs the same steps as separate tasks)."""
-    manifest = validate(settings, request)
-    timings: dict[str, float] = {}
-    spool = Path(settings.spool_dir or tempfile.gettempdir())
-    t = time.monotonic()
-    path = fetch_verified(settings, manifest, spool)
-    timings["download_verify"] = time.monotonic() - t
-    try:
-        t = time.monotonic()
-        decrypt_and_restore(settings, manifest, path, request.target_dsn)
-        timings["decrypt_restore"] = time.monotonic() - t
-    finally:
-        path.unlink(missing_ok=True)
-    t = time.monotonic()
-    counts = verify(manifest, request.target_dsn)
-    timings["verify"] = time.monotonic() - t
-    return RestoreResult(
-        backup_id=manifest.backup_id,
-        target=describe_target(request.target_dsn),
-        tables=counts["tables"],
-        rows=counts["rows"],
-        timings=timings,
-    )

@@ -14,6 +14,7 @@ lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -64,15 +65,22 @@ def port_open(port: int) -> bool:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
     if not pid:
         return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaps it when it is our own exited child
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 @dataclass
@@ -94,11 +102,13 @@ class Cluster:
     def log(self) -> Path:
         return self.home / "server.log"
 
-    def dsn(self, dbname: str = "postgres") -> str:
-        return (
-            f"host=127.0.0.1 port={self.port} user=postgres "
-            f"password={self.password} dbname={dbname}"
-        )
+    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        """A password-less DSN: libpq finds the password in the stack's PGPASSFILE."""
+        return f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}"
+
+    def admin_dsn(self, dbname: str = "postgres") -> str:
+        """With the password inline, for the stack's own set-up connections only."""
+        return f"{self.dsn(dbname)} password={self.password}"
 
     def _as_server(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -191,7 +201,7 @@ class Cluster:
             return None
 
     def create_database(self, name: str) -> None:
-        with connect(self.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        with connect(self.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
                 cur.execute(f'CREATE DATABASE "{name}"')
@@ -283,7 +293,8 @@ class Stack:
                 cluster.start()
         primary.create_database(PRIMARY_DB)
         self.ops.create_database(OPS_DB)
-        audit.install(self.ops.dsn(OPS_DB), app_password=self._secret("ops_app_password"))
+        audit.install(self.ops.admin_dsn(OPS_DB), app_password=self._secret("ops_app_password"))
+        self._write_pgpass()
         self._start_s3()
         self._create_buckets()
 
@@ -371,25 +382,40 @@ class Stack:
         )
         return result
 
+    @property
+    def pgpass(self) -> Path:
+        return self.root / "pgpass"
+
+    def _write_pgpass(self) -> None:
+        """The stack's passwords in libpq's own file, so no DSN needs to carry one."""
+        lines = [
+            f"127.0.0.1:{self.primary.port}:*:postgres:{self._secret('pg_password')}",
+            f"127.0.0.1:{self.ops.port}:*:postgres:{self._secret('pg_password')}",
+            f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
+            f"{self._secret('ops_app_password')}",
+        ]
+        self.pgpass.write_text("\n".join(lines) + "\n")
+        self.pgpass.chmod(0o600)
+
     def ops_app_dsn(self) -> str:
         """The ops database as the application role (append-only on the audit tables)."""
-        ops = self.ops
-        return (
-            f"host=127.0.0.1 port={ops.port} user={audit.APP_ROLE} "
-            f"password={self._secret('ops_app_password')} dbname={OPS_DB}"
-        )
+        return self.ops.dsn(OPS_DB, user=audit.APP_ROLE)
 
     def env(self) -> dict[str, str]:
         """The environment that points every command at this stack (secrets included:
         it is meant for ``eval``, never for a log)."""
         env = {
             "WEDEFI_DR_PRIMARY_DSN": self.primary.dsn(PRIMARY_DB),
+            # A database on the primary's server for restore checks (never the source).
+            "WEDEFI_DR_SCRATCH_DSN": self.primary.dsn("wedefi_restore_check"),
             "WEDEFI_DR_OPS_DSN": self.ops_app_dsn(),
-            "WEDEFI_DR_S3_ENDPOINT_URL": self.s3_endpoint,
+            "WEDEFI_DR_AWS_ENDPOINT_URL": self.s3_endpoint,
             "WEDEFI_DR_AWS_REGION": REGION,
             "WEDEFI_DR_GPG_PASSPHRASE": self._secret("gpg_passphrase"),
-            "WEDEFI_DR_METRICS_TEXTFILE": str(self.root / "metrics" / "wedefi_dr.prom"),
+            "WEDEFI_DR_METRICS_DIR": str(self.root / "metrics"),
             "WEDEFI_DR_SPOOL_DIR": str(self.root / "spool"),
+            "PGPASSFILE": str(self.pgpass),
+            "PREFECT_HOME": str(self.root / "prefect"),
             "AWS_ACCESS_KEY_ID": LOCAL_AWS_KEY,
             "AWS_SECRET_ACCESS_KEY": LOCAL_AWS_SECRET,
             "AWS_DEFAULT_REGION": REGION,
