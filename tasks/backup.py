@@ -1,0 +1,32 @@
+"""The backup runbook's steps as Prefect tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from wedefi_dr import backup, catalog
+from wedefi_dr.config import get_settings
+from wedefi_dr.manifest import BackupManifest
+from wedefi_dr.objectstore import ObjectStore
+
+
+@task(name="preflight", retries=2, retry_delay_seconds=5)
+def preflight() -> dict[str, Any]:
+    """Server reachable, pg_dump >= server major, bucket writable (read-only checks)."""
+    return backup.preflight(get_settings())
+
+
+# One retry: a failed attempt aborts its upload and writes no manifest, so starting over
+# is safe. Persisted, so a flow-run retry after a later failure does not dump again.
+@task(name="dump, encrypt and upload", retries=1, retry_delay_seconds=10, persist_result=True)
+def dump_encrypt_upload(backup_id: str, operator: str) -> dict[str, Any]:
+    manifest = backup.dump_encrypt_upload(get_settings(), backup_id, operator)
+    return manifest.model_dump(mode="json")
+
+
+@task(name="write manifest", retries=3, retry_delay_seconds=2)
+def write_manifest(manifest: dict[str, Any]) -> str:
+    """Written last: from this moment the backup exists."""
+    return catalog.write_manifest(ObjectStore(get_settings()), BackupManifest(**manifest))

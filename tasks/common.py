@@ -1,0 +1,79 @@
+"""Steps shared by the flows: audit rows, metrics, notifications, run-stable ids."""
+
+from __future__ import annotations
+
+import uuid
+
+from prefect import task
+from prefect.runtime import flow_run
+
+from wedefi_dr import audit, metrics, notify
+from wedefi_dr.config import get_settings
+
+
+def run_scoped_uuid(purpose: str) -> str:
+    """A uuid fixed for this flow run, so a retried run reuses its audit row and ids."""
+    run_id = flow_run.get_id() or str(uuid.uuid4())
+    return str(uuid.uuid5(uuid.UUID(run_id), purpose))
+
+
+def secrets_to_scrub() -> tuple[str, ...]:
+    s = get_settings()
+    return (
+        s.gpg_passphrase.get_secret_value(),
+        s.primary_dsn.get_secret_value(),
+        s.ops_dsn.get_secret_value(),
+    )
+
+
+def scrub(message: str) -> str:
+    return audit.scrub(message, secrets_to_scrub())
+
+
+@task(name="audit: backup started", retries=3, retry_delay_seconds=2)
+def audit_backup_started(audit_id: str, backup_id: str, operator: str) -> str:
+    return audit.backup_started(
+        get_settings().ops_dsn.get_secret_value(),
+        audit_id=audit_id,
+        backup_type="logical",
+        backup_id=backup_id,
+        operator=operator,
+    )
+
+
+@task(name="audit: backup finished", retries=3, retry_delay_seconds=2)
+def audit_backup_finished(
+    audit_id: str,
+    status: str,
+    size_bytes: int | None = None,
+    checksum: str | None = None,
+    error: str | None = None,
+) -> None:
+    audit.backup_finished(
+        get_settings().ops_dsn.get_secret_value(),
+        audit_id,
+        status=status,
+        size_bytes=size_bytes,
+        checksum=checksum,
+        error=error,
+    )
+
+
+@task(name="publish backup metrics", retries=2, retry_delay_seconds=2)
+def publish_backup_metrics(
+    database: str, duration_seconds: float | None, size_bytes: int | None
+) -> list[str]:
+    settings = get_settings()
+    totals = audit.backup_counts(settings.ops_dsn.get_secret_value())
+    registry = metrics.backup_registry(
+        database=database,
+        totals=totals,
+        duration_seconds=duration_seconds,
+        size_bytes=size_bytes,
+    )
+    return metrics.publish(settings, "backup", registry)
+
+
+@task(name="notify", retries=2, retry_delay_seconds=2)
+def send_notification(subject: str, status: str, details: dict) -> str | None:
+    return notify.notify(get_settings(), subject=subject, status=status, details=details)
