@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian machine, safe to re-run: system packages (when
+# missing, as root), a virtualenv in .venv built on the system Python, the project.
+#
+# Why the system Python: PostgreSQL's archive_command/restore_command run as the
+# 'postgres' OS user, which cannot execute a Python under root's home (pyenv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+  || need_pkgs+=(postgresql)
+command -v gpg >/dev/null 2>&1 || need_pkgs+=(gnupg)
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
+  || need_pkgs+=(python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${need_pkgs[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    # The Debian package starts its own cluster on 5432; the project runs its own.
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+      pg_lsclusters -h | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop || true; done
+    fi
+  else
+    echo "setup: missing Debian packages: ${need_pkgs[*]}" >&2
+    echo "       install them as root: sudo apt-get install ${need_pkgs[*]}" >&2
+    exit 1
+  fi
+fi
+
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=$(command -v python3)
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+# The postgres OS user must be able to run .venv/bin/wedefi-dr (archive_command).
+chmod o+rx . .venv 2>/dev/null || true
