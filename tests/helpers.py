@@ -1,0 +1,71 @@
+"""Small helpers the tests share: fingerprints, schema dumps, copies of backups."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+
+from wedefi_dr import catalog
+from wedefi_dr.fingerprint import fingerprint_tables
+from wedefi_dr.manifest import BackupManifest, new_backup_id
+from wedefi_dr.objectstore import ObjectStore
+from wedefi_dr.pgtools import connect, libpq_env, tool
+
+
+def fingerprint(dsn: str) -> dict[str, dict[str, object]]:
+    with connect(dsn) as conn:
+        return fingerprint_tables(conn)
+
+
+def schema_of(dsn: str) -> str:
+    """``pg_dump --schema-only`` without comments, settings and the per-run ``\\restrict``
+    token lines (pg_dump 15.14+), for comparison."""
+    out = subprocess.run(
+        [tool("pg_dump"), "--schema-only", "--no-owner", "--no-privileges", "--no-password"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=libpq_env(dsn),
+    ).stdout
+    lines = [ln for ln in out.splitlines() if ln and not ln.startswith("--")]
+    return "\n".join(
+        ln for ln in lines if not re.match(r"^(SET|SELECT pg_catalog|\\(un)?restrict )", ln)
+    )
+
+
+def clone_backup(
+    store: ObjectStore, manifest: BackupManifest, mutate: Callable[[bytes], bytes] | None = None
+) -> BackupManifest:
+    """A copy of a good backup under a new id, its stored object optionally damaged.
+
+    The manifest keeps the original size and checksums, as it would after damage at rest.
+    """
+    body = store.client.get_object(Bucket=store.bucket, Key=manifest.object.key)["Body"].read()
+    new_id = new_backup_id()
+    key = catalog.data_key(store, new_id)
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=mutate(body) if mutate else body)
+    copy = manifest.model_copy(
+        update={"backup_id": new_id, "object": manifest.object.model_copy(update={"key": key})}
+    )
+    store.put_json(catalog.manifest_key(store, new_id), copy.model_dump(mode="json"))
+    return copy
+
+
+def drop_backup(store: ObjectStore, backup_id: str) -> None:
+    store.delete(catalog.manifest_key(store, backup_id))
+    store.delete(catalog.data_key(store, backup_id))
+
+
+def recovery_audit_rows(ops_dsn: str) -> int:
+    with connect(ops_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM recovery_audit_log")
+        return cur.fetchone()[0]
+
+
+def database_exists(admin_dsn: str, name: str) -> bool:
+    from wedefi_dr.pgtools import with_dbname
+
+    with connect(with_dbname(admin_dsn, "postgres")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        return cur.fetchone() is not None

@@ -1,0 +1,90 @@
+"""The audit trail is append-only; secrets reach no log, parameter, artifact or row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from wedefi_dr import catalog
+from wedefi_dr.config import Settings
+from wedefi_dr.pgtools import connect
+
+
+def test_audit_log_is_append_only_for_the_application_role(good_backup, settings: Settings):
+    ops = settings.ops_dsn.get_secret_value()
+    with connect(ops) as conn, conn.cursor() as cur:
+        cur.execute("SELECT current_user, count(*) FROM backup_audit_log WHERE status='success'")
+        user, successes = cur.fetchone()
+    assert user == "wedefi_dr_app" and successes >= 1
+    for statement in (
+        "DELETE FROM backup_audit_log",
+        "TRUNCATE backup_audit_log",
+        "UPDATE backup_audit_log SET status = 'failed' WHERE status = 'success'",
+        "UPDATE backup_audit_log SET operator_id = 'someone else'",
+        "DELETE FROM recovery_audit_log",
+    ):
+        with pytest.raises(psycopg2.Error), connect(ops) as conn, conn.cursor() as cur:
+            cur.execute(statement)
+    with connect(ops) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM backup_audit_log WHERE status='success'")
+        assert cur.fetchone()[0] == successes
+
+
+def test_metrics_textfile_has_the_plans_metrics(good_backup, settings: Settings):
+    text = (Path(settings.metrics_dir) / "wedefi_dr_backup.prom").read_text()
+    for name in (
+        "backup_duration_seconds",
+        "backup_size_bytes",
+        "backup_success_total",
+        "backup_failure_total",
+        "backup_last_success_timestamp_seconds",
+    ):
+        assert f"\n{name}{{" in "\n" + text, name
+    success = [ln for ln in text.splitlines() if ln.startswith("backup_success_total")]
+    assert float(success[0].split()[-1]) >= 1
+
+
+def _secrets(settings: Settings) -> list[str]:
+    import os
+
+    found = [settings.gpg_passphrase.get_secret_value(), os.environ["AWS_SECRET_ACCESS_KEY"]]
+    for line in Path(os.environ["PGPASSFILE"]).read_text().splitlines():
+        found.append(line.rsplit(":", 1)[1])
+    return [s for s in found if s]
+
+
+def test_secrets_never_reach_logs_parameters_artifacts_or_audit(
+    good_backup, settings: Settings, store
+):
+    from prefect.client.orchestration import get_client
+
+    async def everything_prefect_recorded() -> str:
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            logs = await client.read_logs()
+            artifacts = await client.read_artifacts()
+        return json.dumps(
+            {
+                "parameters": [r.parameters for r in runs],
+                "logs": [entry.message for entry in logs],
+                "artifacts": [a.data for a in artifacts],
+            },
+            default=str,
+        )
+
+    recorded = asyncio.run(everything_prefect_recorded())
+    assert "backup" in recorded and good_backup in recorded  # the check can see real content
+    with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT row_to_json(b)::text FROM backup_audit_log b "
+            "UNION ALL SELECT row_to_json(r)::text FROM recovery_audit_log r"
+        )
+        recorded += "".join(row[0] for row in cur.fetchall())
+    manifest = catalog.resolve(store, good_backup)
+    recorded += manifest.model_dump_json()
+    for secret in _secrets(settings):
+        assert secret not in recorded

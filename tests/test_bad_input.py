@@ -1,0 +1,106 @@
+"""Bad input gets a clear, specific error before any side effect (invariants 5 and 7)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.restore import restore_backup
+from tests.helpers import database_exists, recovery_audit_rows
+from wedefi_dr.config import Settings
+from wedefi_dr.errors import InvalidInput, TargetRefused, UnknownBackup
+from wedefi_dr.pgtools import dbname_of
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"backup_id": "20200101T000000Z-abcdef"}, UnknownBackup, "unknown backup id"),
+        ({"backup_id": "yesterday's"}, UnknownBackup, "is not a backup id"),
+        ({"operator": "   "}, InvalidInput, "--operator is required"),
+        ({"justification": ""}, InvalidInput, "--justification is required"),
+    ],
+    ids=["unknown-id", "malformed-id", "empty-operator", "empty-justification"],
+)
+def test_restore_refuses_bad_input_before_any_side_effect(
+    good_backup, settings: Settings, scratch_dsn: str, overrides, error, message
+):
+    ops = settings.ops_dsn.get_secret_value()
+    audit_rows = recovery_audit_rows(ops)
+    args = {
+        "backup_id": good_backup,
+        "target_dsn": scratch_dsn,
+        "operator": "pytest",
+        "justification": "bad input test",
+        **overrides,
+    }
+    with pytest.raises(error, match=message):
+        restore_backup(**args)
+    assert recovery_audit_rows(ops) == audit_rows
+    assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
+
+
+def test_restore_refuses_the_backups_own_source(good_backup, settings: Settings):
+    source = settings.primary_dsn.get_secret_value()
+    ops = settings.ops_dsn.get_secret_value()
+    audit_rows = recovery_audit_rows(ops)
+    with pytest.raises(TargetRefused, match="it is the database backup .* was taken from"):
+        restore_backup(
+            backup_id=good_backup,
+            target_dsn=source,
+            operator="pytest",
+            justification="would overwrite production",
+        )
+    assert recovery_audit_rows(ops) == audit_rows
+
+
+def test_restore_refuses_a_password_in_the_target_dsn(good_backup, scratch_dsn: str):
+    with pytest.raises(InvalidInput, match="contains a password"):
+        restore_backup(
+            backup_id=good_backup,
+            target_dsn=scratch_dsn + " password=hunter2",
+            operator="pytest",
+            justification="secret in parameter",
+        )
+
+
+def test_cli_reports_bad_input_with_exit_code_2(good_backup, scratch_dsn: str):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wedefi_dr.cli",
+            "restore",
+            good_backup,
+            "--target-dsn",
+            scratch_dsn,
+            "--operator",
+            "pytest",
+            "--justification",
+            " ",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "--justification is required" in result.stderr
+    assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
+
+
+def test_cli_backups_list_and_show(good_backup):
+    listed = subprocess.run(
+        [sys.executable, "-m", "wedefi_dr.cli", "backups", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert good_backup in listed.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "wedefi_dr.cli", "backups", "show", "20200101T000000Z-000000"],
+        capture_output=True,
+        text=True,
+    )
+    assert unknown.returncode == 2
+    assert "unknown backup id" in unknown.stderr

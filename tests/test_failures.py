@@ -1,0 +1,139 @@
+"""Failures are loud and leave nothing that looks good (invariants 2 and 3)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from flows.backup import logical_backup
+from flows.restore import restore_backup
+from tests.helpers import clone_backup, drop_backup, fingerprint
+from wedefi_dr import catalog
+from wedefi_dr.config import Settings
+from wedefi_dr.errors import BackupFailed, ChecksumMismatch, TruncatedObject, WrongPassphrase
+from wedefi_dr.pgtools import connect, with_dbname
+
+
+@pytest.fixture(scope="module")
+def bulk_dsn(settings: Settings) -> str:
+    """A database big enough (~200 MB of hex text) that its dump takes seconds to stream."""
+    admin = settings.primary_dsn.get_secret_value()
+    dsn = with_dbname(admin, "bulk")
+    with connect(with_dbname(admin, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS bulk")
+        cur.execute("CREATE DATABASE bulk")
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE payload AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) || "
+            "md5((g * 13)::text) || md5((g * 31)::text) AS body "
+            "FROM generate_series(1, 1500000) g"
+        )
+    return dsn
+
+
+def _target_with_sentinel(dsn: str) -> dict:
+    """A target database holding data a failed restore must not touch."""
+    admin = with_dbname(dsn, "postgres")
+    with connect(admin, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{dsn.split("dbname=")[1].split()[0]}"')
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute('CREATE TABLE "Wallet" (id text PRIMARY KEY, address text)')
+        cur.execute("""INSERT INTO "Wallet" VALUES ('w1', '0xsentinel')""")
+    return fingerprint(dsn)
+
+
+def test_backup_interrupted_mid_upload_leaves_no_backup(
+    good_backup, settings: Settings, store, bulk_dsn: str, env_override
+):
+    env_override(WEDEFI_DR_PRIMARY_DSN=bulk_dsn)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["id"] = logical_backup(operator="pytest-interrupt")
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    prefix = store.key("logical") + "/"
+    # The dump task retries once (safe: nothing of a failed attempt survives), so kill
+    # pg_dump's server connection in the middle of the stream of every attempt.
+    seen: set[str] = set()
+    deadline = time.monotonic() + 180
+    while worker.is_alive() and time.monotonic() < deadline:
+        uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
+        new = {u["UploadId"]: u["Key"] for u in uploads.get("Uploads", [])}
+        new = {k: v for k, v in new.items() if k not in seen}
+        if new:
+            with connect(bulk_dsn, autocommit=True) as conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pg_dump' AND datname = 'bulk'"
+                )
+                assert cur.fetchone()[0] is True
+            seen |= set(new)
+            uploads_keys = list(new.values())
+        time.sleep(0.05)
+    worker.join(60)
+
+    assert len(seen) == 2, "expected the first attempt and its one retry to be interrupted"
+    assert isinstance(outcome.get("error"), BackupFailed), outcome
+    backup_id = uploads_keys[0].split("/")[-2]
+    assert store.head(catalog.manifest_key(store, backup_id)) is None
+    assert store.head(catalog.data_key(store, backup_id)) is None
+    assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+    with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT status, error_message FROM backup_audit_log WHERE backup_id = %s",
+            (backup_id,),
+        )
+        status, error = cur.fetchone()
+    assert status == "failed"
+    assert "pg_dump" in error
+    env_override(WEDEFI_DR_PRIMARY_DSN=settings.primary_dsn.get_secret_value())
+    assert catalog.resolve(store, "latest").backup_id != backup_id
+    assert good_backup in {m.backup_id for m in catalog.list_backups(store)}
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda b: b[:1000] + bytes([b[1000] ^ 0x01]) + b[1001:], ChecksumMismatch),
+        (lambda b: b[: len(b) // 2], TruncatedObject),
+    ],
+    ids=["flipped-byte", "truncated"],
+)
+def test_damaged_object_fails_restore_and_leaves_target_untouched(
+    good_backup, store, scratch_dsn: str, damage, error
+):
+    damaged = clone_backup(store, catalog.resolve(store, good_backup), damage)
+    before = _target_with_sentinel(scratch_dsn)
+    try:
+        with pytest.raises(error):
+            restore_backup(
+                backup_id=damaged.backup_id,
+                target_dsn=scratch_dsn,
+                operator="pytest",
+                justification="corruption test",
+            )
+    finally:
+        drop_backup(store, damaged.backup_id)
+    assert fingerprint(scratch_dsn) == before
+
+
+def test_wrong_passphrase_fails_restore_and_leaves_target_untouched(
+    good_backup, scratch_dsn: str, env_override
+):
+    before = _target_with_sentinel(scratch_dsn)
+    env_override(WEDEFI_DR_GPG_PASSPHRASE="not-the-passphrase")
+    with pytest.raises(WrongPassphrase, match="wrong passphrase"):
+        restore_backup(
+            backup_id=good_backup,
+            target_dsn=scratch_dsn,
+            operator="pytest",
+            justification="wrong passphrase test",
+        )
+    assert fingerprint(scratch_dsn) == before

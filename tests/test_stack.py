@@ -1,0 +1,31 @@
+"""The local stack starts idempotently and stops exactly what it started."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from wedefi_dr.stack import Stack, pid_alive
+
+
+def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):
+    root = Path(tempfile.mkdtemp(prefix="wedefi-dr-stack-"))
+    root.chmod(0o755)
+    other = Stack(root, fast=True)
+    other.up()
+    pids = [other.primary.pid(), other.ops.pid(), other.state["s3_pid"]]
+    assert all(pid_alive(p) for p in pids)
+    other.up()  # again: nothing restarted
+    assert [other.primary.pid(), other.ops.pid(), other.state["s3_pid"]] == pids
+    assert set(other.env()) >= {
+        "WEDEFI_DR_PRIMARY_DSN",
+        "WEDEFI_DR_OPS_DSN",
+        "WEDEFI_DR_AWS_ENDPOINT_URL",
+        "WEDEFI_DR_GPG_PASSPHRASE",
+    }
+    assert "password" not in other.env()["WEDEFI_DR_PRIMARY_DSN"]
+    stopped = other.down()
+    assert len(stopped) == 3
+    assert not any(pid_alive(p) for p in pids)
+    # The session's own stack is untouched by another stack's down.
+    assert all(state.startswith("running") for state in stack.status().values())
