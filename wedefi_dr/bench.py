@@ -754,11 +754,16 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(f"[dim]note: {note}[/]")
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``bench`` to the ``wedefi-dr`` app (cli.py calls this; the logic stays here)."""
+def register(bench_app: typer.Typer) -> None:
+    """Make bare ``wedefi-dr bench`` run this benchmark (cli.py calls this).
 
-    @app.command("bench")
+    Other areas (retention, WAL archiving, the DR test) add their own subcommands to the
+    same ``bench`` group from their own modules: ``wedefi-dr bench retention`` etc.
+    """
+
+    @bench_app.callback(invoke_without_command=True)
     def bench(
+        ctx: typer.Context,
         scale: Annotated[
             float, typer.Option(help="seed scale of the bench database (40 ≈ 1 GB)")
         ] = DEFAULT_SCALE,
@@ -772,7 +777,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="keep the bench's backup in the bucket (default: delete)")
         ] = False,
     ) -> None:
-        """Time the flows against bare pg_dump | gpg and pg_restore on one database."""
+        """Time the flows against bare pg_dump | gpg and pg_restore on one database.
+
+        Without a subcommand: the backup and restore flows against the bare tools.
+        """
+        if ctx.invoked_subcommand is not None:
+            return
         console = Console()
         if not console.is_terminal:  # a file or a pipe: wide enough for the tables
             console = Console(width=120)

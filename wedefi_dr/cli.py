@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from wedefi_dr import bench
+from wedefi_dr import bench, cli_drtest, cli_pitr, cli_retention
 from wedefi_dr.errors import DRError, InvalidInput
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -206,7 +206,11 @@ def restore(
     print(json.dumps(result, indent=2))
 
 
-bench.register(app)
+bench_app = typer.Typer(help="Benchmarks: the flows measured against the bare tools.")
+app.add_typer(bench_app, name="bench")
+bench.register(bench_app)
+for area in (cli_retention, cli_pitr, cli_drtest):
+    area.register(app, bench_app)
 
 
 def main() -> None:
