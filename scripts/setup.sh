@@ -40,5 +40,18 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-# The postgres OS user must be able to run .venv/bin/wedefi-dr (archive_command).
+# The postgres OS user runs the stack's servers in .stack/ and, as archive_command,
+# .venv/bin/wedefi-dr: it must be able to reach this folder. A clone under /root or in a
+# mktemp -d folder (mode 700) is out of its reach, so grant traverse (o+x: enter, not list)
+# on each ancestor that lacks it, and say so.
 chmod o+rx . .venv 2>/dev/null || true
+if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1; then
+  d=$PWD
+  while [ "$d" != / ]; do
+    if ! runuser -u postgres -- test -x "$d"; then
+      chmod o+x "$d"
+      echo "setup: granted traverse (o+x) on $d so the postgres user can reach the project" >&2
+    fi
+    d=$(dirname "$d")
+  done
+fi

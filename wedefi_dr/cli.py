@@ -55,7 +55,10 @@ def stack_up(
     from wedefi_dr.stack import Stack
 
     stack = Stack(fast=fast)
-    stack.up()
+    try:
+        stack.up()
+    except DRError as exc:
+        _fail(exc)
     for name, state in stack.status().items():
         err.print(f"{name:18} {state}")
     err.print(f'point commands at it: eval "$(wedefi-dr stack env)"  (state in {stack.root})')

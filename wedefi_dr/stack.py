@@ -32,6 +32,7 @@ from botocore.exceptions import ClientError
 
 from wedefi_dr import audit
 from wedefi_dr.config import PROJECT_ROOT
+from wedefi_dr.errors import PreflightFailed
 from wedefi_dr.pgtools import connect, running_as_root, server_user_kwargs, tool
 
 PRIMARY_DB = "wedefi"
@@ -275,6 +276,7 @@ class Stack:
         """Create and start whatever is missing; safe to run again."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # the postgres user must reach pg/ below it
+        self._check_server_user_can_enter()
         self.state.setdefault("fast", self.fast)
         self._save()
         (self.root / "pg").mkdir(exist_ok=True)
@@ -297,6 +299,18 @@ class Stack:
         self._write_pgpass()
         self._start_s3()
         self._create_buckets()
+
+    def _check_server_user_can_enter(self) -> None:
+        """Fail with the fix, not with initdb's "Permission denied" three calls later."""
+        if running_as_root() and subprocess.run(
+            ["test", "-x", str(self.root)], cwd="/", **server_user_kwargs()
+        ).returncode:
+            raise PreflightFailed(
+                f"the postgres OS user cannot enter {self.root}: a parent folder is private "
+                "(mode 700, e.g. /root or a mktemp -d folder). Run `make setup`, which "
+                "grants traverse (chmod o+x) on the project's parents, or set "
+                "WEDEFI_DR_STACK_DIR to a folder it can reach."
+            )
 
     def _start_s3(self) -> None:
         pid = self.state.get("s3_pid")
