@@ -9,8 +9,10 @@ import pytest
 
 from flows.restore import restore_backup
 from tests.helpers import database_exists, recovery_audit_rows
+from wedefi_dr import catalog
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput, TargetRefused, UnknownBackup
+from wedefi_dr.manifest import new_backup_id
 from wedefi_dr.pgtools import dbname_of
 
 
@@ -104,3 +106,28 @@ def test_cli_backups_list_and_show(good_backup):
     )
     assert unknown.returncode == 2
     assert "unknown backup id" in unknown.stderr
+
+
+def test_restore_refuses_a_backup_fingerprinted_another_way(
+    good_backup, settings: Settings, store, scratch_dsn: str
+):
+    """A manifest whose hashes this version cannot reproduce is refused, not half-restored."""
+    from tests.helpers import drop_backup
+
+    manifest = catalog.resolve(store, good_backup)
+    old = manifest.model_copy(update={"backup_id": new_backup_id(), "fingerprint_method": "md5"})
+    store.put_json(catalog.manifest_key(store, old.backup_id), old.model_dump(mode="json"))
+    ops = settings.ops_dsn.get_secret_value()
+    audit_rows = recovery_audit_rows(ops)
+    try:
+        with pytest.raises(InvalidInput, match="fingerprinted with 'md5'"):
+            restore_backup(
+                backup_id=old.backup_id,
+                target_dsn=scratch_dsn,
+                operator="pytest",
+                justification="old manifest",
+            )
+    finally:
+        drop_backup(store, old.backup_id)
+    assert recovery_audit_rows(ops) == audit_rows
+    assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))

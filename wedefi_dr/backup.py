@@ -28,7 +28,7 @@ from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ, parse_dsn
 from wedefi_dr import catalog, encryption
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, PreflightFailed
-from wedefi_dr.fingerprint import fingerprint_tables
+from wedefi_dr.fingerprint import FINGERPRINT_METHOD, fingerprint_tables
 from wedefi_dr.manifest import (
     BackupManifest,
     ObjectInfo,
@@ -255,5 +255,6 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
             compress_level=settings.compress_level,
         ),
         tables=fingerprints,
+        fingerprint_method=FINGERPRINT_METHOD,
         operator=operator,
     )

@@ -1,9 +1,13 @@
 """Per-table row counts and content hashes: the proof that a restore reproduces the source.
 
 The hash is order-independent (a restore does not keep physical row order): each row's
-text form is hashed with md5 and the two 64-bit halves are summed as numerics, so
-equal tables give equal sums whatever their order, and any changed, added or removed row
-moves both sums. Sessions run with ``TimeZone=UTC``, ``DateStyle=ISO`` and
+text form is hashed with ``hashtextextended`` (64-bit, the portable hash PostgreSQL's hash
+partitioning relies on) and the hashes are summed exactly as a numeric, so equal tables
+give equal sums whatever their order, and any changed, added or removed row moves the sum
+(a miss needs a 64-bit collision). It replaced md5 halves, which cost four times the CPU:
+on a 1 GB database that difference was most of the backup flow's overhead over bare
+pg_dump. ``FINGERPRINT_METHOD`` is recorded in each manifest so a restore never compares
+hashes computed two different ways. Sessions run with ``TimeZone=UTC``, ``DateStyle=ISO`` and
 ``extra_float_digits=1`` so the text form is the same on every server that holds the
 same data.
 """
@@ -15,6 +19,8 @@ from collections.abc import Callable
 
 from psycopg2 import sql
 from psycopg2.extensions import connection
+
+FINGERPRINT_METHOD = "hashtextextended64-sum"
 
 FINGERPRINT_SETTINGS = (
     "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
@@ -57,14 +63,11 @@ def fingerprint_tables(
         for schema, table in tables if tables is not None else user_tables(conn):
             cur.execute(
                 sql.SQL(
-                    "SELECT count(*), "
-                    "coalesce(sum(('x' || substr(h, 1, 16))::bit(64)::bigint::numeric), 0), "
-                    "coalesce(sum(('x' || substr(h, 17, 16))::bit(64)::bigint::numeric), 0) "
-                    "FROM (SELECT md5(t::text) AS h FROM {} t) s"
+                    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {} t"
                 ).format(sql.Identifier(schema, table))
             )
-            rows, high, low = cur.fetchone()
-            digest = hashlib.sha256(f"{rows}:{high}:{low}".encode()).hexdigest()
+            rows, total = cur.fetchone()
+            digest = hashlib.sha256(f"{FINGERPRINT_METHOD}:{rows}:{total}".encode()).hexdigest()
             result[table_name(schema, table)] = {"rows": int(rows), "content_hash": digest}
             if progress:
                 progress(table_name(schema, table), int(rows))

@@ -64,6 +64,9 @@ class BackupManifest(BaseModel):
     object: ObjectInfo
     plaintext: PlaintextInfo
     tables: dict[str, dict[str, Any]]
+    # How ``tables`` content hashes were computed (wedefi_dr.fingerprint.FINGERPRINT_METHOD);
+    # manifests from before the field existed used md5 halves.
+    fingerprint_method: str = "md5-halves"
     operator: str
 
     @property

@@ -37,7 +37,7 @@ from wedefi_dr.errors import (
     TargetRefused,
     VerificationFailed,
 )
-from wedefi_dr.fingerprint import compare, fingerprint_tables
+from wedefi_dr.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
 from wedefi_dr.manifest import BackupManifest
 from wedefi_dr.objectstore import READ_CHUNK, ObjectStore
 from wedefi_dr.pgtools import connect, dbname_of, libpq_env, redact_dsn, tool, with_dbname
@@ -84,6 +84,12 @@ def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
         raise InvalidInput("--target-dsn must name a database (dbname=...)")
     settings.require("ops_dsn", "gpg_passphrase")
     manifest = catalog.resolve(ObjectStore(settings), request.backup_id)
+    if manifest.fingerprint_method != FINGERPRINT_METHOD:
+        raise InvalidInput(
+            f"backup {manifest.backup_id} was fingerprinted with {manifest.fingerprint_method!r}; "
+            f"this version computes {FINGERPRINT_METHOD!r}, so a restore could not be verified. "
+            "Restore it with the version that took it, or by hand (README: break-glass)."
+        )
     target_db = dbname_of(request.target_dsn)
     if (
         _target_identity(request.target_dsn) == manifest.source.system_identifier
