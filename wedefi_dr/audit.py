@@ -1,4 +1,5 @@
-"""The audit trail: ``backup_audit_log`` and ``recovery_audit_log`` in the ops database.
+"""The audit trail: ``backup_audit_log``, ``recovery_audit_log`` and ``retention_audit_log``
+in the ops database.
 
 The tables carry the plan's columns plus the backup id and an error message. They are
 append-only for the application role: it may insert a row and move it once from
@@ -9,6 +10,7 @@ redacted DSNs and error messages are passed through :func:`scrub`.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import UTC, datetime
@@ -89,6 +91,38 @@ GRANT SELECT, INSERT ON backup_audit_log, recovery_audit_log TO {APP_ROLE};
 GRANT UPDATE (end_time, status, size_bytes, checksum, error_message)
   ON backup_audit_log TO {APP_ROLE};
 GRANT UPDATE (end_time, status, error_message) ON recovery_audit_log TO {APP_ROLE};
+
+-- Retention (issue 5): one row per table per run, same append-only guard as above.
+CREATE TABLE IF NOT EXISTS retention_audit_log (
+  id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+  run_id VARCHAR(100) NOT NULL,
+  database_name VARCHAR(100) NOT NULL,
+  table_name VARCHAR(100) NOT NULL,
+  action VARCHAR(20) NOT NULL CHECK (action IN ('delete', 'archive', 'summarize')),
+  cutoff TIMESTAMP NOT NULL,
+  start_time TIMESTAMP NOT NULL,
+  end_time TIMESTAMP,
+  status VARCHAR(20) NOT NULL CHECK (status IN ('running', 'success', 'failed')),
+  rows_removed BIGINT,
+  rows_archived BIGINT,
+  rows_summarized BIGINT,
+  rows_cascaded JSONB,
+  batches INTEGER,
+  operator_id VARCHAR(100) NOT NULL CHECK (btrim(operator_id) <> ''),
+  error_message TEXT,
+  created_at TIMESTAMP DEFAULT NOW()
+);
+
+DROP TRIGGER IF EXISTS retention_audit_log_guard ON retention_audit_log;
+CREATE TRIGGER retention_audit_log_guard BEFORE UPDATE OR DELETE ON retention_audit_log
+  FOR EACH ROW EXECUTE FUNCTION audit_guard();
+DROP TRIGGER IF EXISTS retention_audit_log_no_truncate ON retention_audit_log;
+CREATE TRIGGER retention_audit_log_no_truncate BEFORE TRUNCATE ON retention_audit_log
+  FOR EACH STATEMENT EXECUTE FUNCTION audit_guard();
+REVOKE ALL ON retention_audit_log FROM {APP_ROLE};
+GRANT SELECT, INSERT ON retention_audit_log TO {APP_ROLE};
+GRANT UPDATE (end_time, status, rows_removed, rows_archived, rows_summarized, rows_cascaded,
+              batches, error_message) ON retention_audit_log TO {APP_ROLE};
 """
 
 
@@ -208,3 +242,93 @@ def backup_counts(ops_dsn: str) -> dict[str, float]:
         )
         ok, failed, last = cur.fetchone()
     return {"success": ok, "failure": failed, "last_success": float(last or 0)}
+
+
+# ---- retention (issue 5) ---------------------------------------------------------------
+def retention_started(
+    ops_dsn: str,
+    *,
+    run_id: str,
+    database: str,
+    table: str,
+    action: str,
+    cutoff: datetime,
+    operator: str,
+    audit_id: str | None = None,
+) -> str:
+    """Insert the ``running`` row for one table of one retention run."""
+    audit_id = audit_id or str(uuid.uuid4())
+    with connect(ops_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO retention_audit_log (id, run_id, database_name, table_name, action,
+                   cutoff, start_time, status, operator_id)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, 'running', %s) ON CONFLICT (id) DO NOTHING""",
+            (audit_id, run_id, database, table, action, cutoff, _now(), operator),
+        )
+    return audit_id
+
+
+def retention_finished(
+    ops_dsn: str,
+    audit_id: str,
+    *,
+    status: str,
+    removed: int = 0,
+    archived: int = 0,
+    summarized: int = 0,
+    cascaded: dict[str, int] | None = None,
+    batches: int = 0,
+    error: str | None = None,
+) -> None:
+    """Move the row to its final state with what the table's batches did (committed work)."""
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
+    with connect(ops_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            """UPDATE retention_audit_log SET end_time = %s, status = %s, rows_removed = %s,
+                      rows_archived = %s, rows_summarized = %s, rows_cascaded = %s,
+                      batches = %s, error_message = %s
+               WHERE id = %s AND status = 'running'""",
+            (
+                _now(),
+                status,
+                removed,
+                archived,
+                summarized,
+                json.dumps(cascaded or {}, sort_keys=True),
+                batches,
+                error,
+                audit_id,
+            ),
+        )
+
+
+def retention_totals(ops_dsn: str, database: str) -> list[dict[str, object]]:
+    """Per table: rows removed/archived/summarized by successful runs, and failures.
+
+    The durable source of the retention counters (same reason as :func:`backup_counts`).
+    """
+    with connect(ops_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            """SELECT table_name, action,
+                      coalesce(sum(rows_removed) FILTER (WHERE status = 'success'), 0),
+                      coalesce(sum(rows_archived) FILTER (WHERE status = 'success'), 0),
+                      coalesce(sum(rows_summarized) FILTER (WHERE status = 'success'), 0),
+                      count(*) FILTER (WHERE status = 'failed'),
+                      extract(epoch FROM max(end_time) FILTER (WHERE status = 'success'))
+               FROM retention_audit_log WHERE database_name = %s
+               GROUP BY table_name, action ORDER BY table_name""",
+            (database,),
+        )
+        return [
+            {
+                "table": t,
+                "action": a,
+                "removed": int(rm),
+                "archived": int(ar),
+                "summarized": int(su),
+                "failed": int(f),
+                "last_success": float(last or 0),
+            }
+            for t, a, rm, ar, su, f, last in cur.fetchall()
+        ]

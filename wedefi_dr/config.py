@@ -79,6 +79,50 @@ class Settings(BaseSettings):
     pushgateway_url: str | None = None
     operator: str = Field(default_factory=lambda: os.environ.get("USER", "unknown"))
 
+    # Retention (issue 5): the policy file, and a pause between batches (seconds) that
+    # leaves room for autovacuum, replication and other writers on a busy primary.
+    retention_policy: Path = PROJECT_ROOT / "deployments" / "retention.yaml"
+    retention_batch_pause_seconds: float = Field(default=0.0, ge=0)
+
+    # --- pitr area: WAL archive, base backups, point-in-time recovery ---
+    # gzip level for WAL segments and base backups before gpg (a mostly idle segment is
+    # zeros after archive_timeout; level 1 gets nearly all of that at low CPU cost).
+    wal_compress_level: int = Field(default=1, ge=0, le=9)
+    # Segments fetched ahead, in parallel, by wal-fetch (replay is otherwise bound by one
+    # download at a time).
+    wal_prefetch: int = Field(default=8, ge=0, le=64)
+    # Other .ready segments wal-push archives in the same call, in parallel (keeps up with
+    # write bursts; PostgreSQL runs one archive_command at a time).
+    wal_push_parallel: int = Field(default=4, ge=1, le=32)
+    wal_segment_bytes: int = 16 * 1024 * 1024
+    # The protected cluster's data directory: recovering into it is a production recovery
+    # (break-glass). Empty: only the local stack's primary counts as production.
+    production_data_dir: Path | None = None
+    # Commands that stop/start the application around a recovery (none locally).
+    app_stop_commands: list[str] = Field(default_factory=list)
+    app_start_commands: list[str] = Field(default_factory=list)
+    pitr_replay_timeout_seconds: int = 1800
+
+    # --- drtest area: the monthly DR test (restore, validate, smoke, benchmark, report) ---
+    # Where local DR clusters and reports go (default: under the system temp dir).
+    dr_env_dir: Path | None = None
+    dr_report_dir: Path | None = None
+    # fsync off in the local DR cluster: faster, but then the RTO flatters production.
+    dr_env_fast: bool = False
+    dr_docker_image: str = "postgres:15"
+    # The read-only application role the smoke tests connect as.
+    dr_app_role: str = "wedefi_app"
+    dr_rto_objective_seconds: float = Field(default=900.0, gt=0)  # the plan's RTO: 15 min
+    dr_bench_iterations: int = Field(default=7, ge=2, le=1000)
+    # Flag a query whose DR p50 exceeds the primary's by more than this factor; with
+    # dr_bench_fail_when_slower the flag fails the DR test instead of warning.
+    dr_bench_max_ratio: float = Field(default=3.0, gt=0)
+    dr_bench_fail_when_slower: bool = False
+    # Drills: fail step <dr_drill_fault_step> once, while the marker file exists (the
+    # step removes it), to rehearse a retry of the same flow run.
+    dr_drill_fault_step: str | None = None
+    dr_drill_fault_marker: Path | None = None
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -1,0 +1,106 @@
+"""Runbook: weekly data retention by classification (the plan's Sunday 01:00 UTC job).
+
+validate the policy against the live schema → preview what would go (table artifact) →
+[dry run stops here] → create the archive and summary tables → apply retention, one
+table at a time, in policy order (batches; an audit row per table) → publish metrics.
+
+A table that fails does not stop the others; the flow fails at the end naming them, and
+a rerun finishes the job (committed batches stay done; nothing is half-moved).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from tasks import retention as steps
+from tasks.common import run_scoped_uuid
+from wedefi_dr.config import get_settings
+from wedefi_dr.errors import DRError
+from wedefi_dr.retention import naive_utc
+
+
+class RetentionIncomplete(DRError):
+    """Some tables failed; the others were applied. Rerun to finish."""
+
+
+def _as_of(as_of: datetime | None) -> datetime:
+    """The run's fixed moment: the scheduled start, so a retried run keeps its cutoffs."""
+    if as_of is not None:
+        return naive_utc(as_of)
+    return naive_utc(flow_run.get_scheduled_start_time() or None)
+
+
+@flow(name="retention")
+def retention(
+    dry_run: bool = False,
+    as_of: datetime | None = None,
+    operator: str = "scheduler",
+    policy_path: str | None = None,
+) -> dict[str, Any]:
+    """Apply ``deployments/retention.yaml`` to the primary (or only count, with ``dry_run``)."""
+    logger = get_run_logger()
+    policy = str(policy_path or get_settings().retention_policy)
+    moment = _as_of(as_of)
+    steps.validate_policy(policy, moment)
+    preview = steps.preview(policy, moment, "retention-preview")
+    logger.info(
+        "preview as of %s: %d rows in %d tables, %d more by cascade",
+        moment,
+        sum(p["rows"] for p in preview),
+        sum(1 for p in preview if p["rows"]),
+        sum(sum(p["cascaded"].values()) for p in preview),
+    )
+    if dry_run:
+        return {
+            "as_of": moment,
+            "dry_run": True,
+            "preview": preview,
+            "results": [],
+            "flow_run_id": flow_run.get_id(),
+        }
+    steps.create_targets(policy, moment)
+    run_id = run_scoped_uuid("retention-run")
+    results, failed = [], []
+    for item in preview:
+        state = steps.apply_table(
+            policy, moment, item["table"], item["rows"], run_id, operator, return_state=True
+        )
+        if state.is_completed():
+            results.append(state.result())
+        else:
+            failed.append(item["table"])
+            logger.error("%s failed: %s", item["table"], state.message)
+    steps.publish_metrics(results)
+    create_table_artifact(
+        key="retention-result",
+        table=[
+            {
+                "table": r["table"],
+                "action": r["action"],
+                "rows": r["removed"],
+                "by cascade": ", ".join(f"{t}: {n}" for t, n in r["cascaded"].items()) or "-",
+                "batches": r["batches"],
+                "seconds": round(r["seconds"], 2),
+            }
+            for r in results
+        ],
+        description=f"retention as of {moment:%Y-%m-%d %H:%M:%S} UTC"
+        + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+    )
+    if failed:
+        raise RetentionIncomplete(
+            f"retention failed for {', '.join(failed)} (the other tables were applied); "
+            "rerun to finish: committed batches stay done"
+        )
+    return {
+        "as_of": moment,
+        "dry_run": False,
+        "preview": preview,
+        "results": results,
+        "flow_run_id": flow_run.get_id(),
+    }

@@ -1,0 +1,182 @@
+"""The retention runbook's steps as Prefect tasks.
+
+Tasks take the policy path, the run's ``as_of`` moment and table names (never
+connections or plans), so their inputs hash and their results persist; each re-binds the
+policy to the live schema, which costs a few catalog queries and means a step retried
+after a schema change is checked again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import scrub
+from wedefi_dr import audit, metrics, retention
+from wedefi_dr import retention_batches as batches
+from wedefi_dr.config import get_settings
+
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+def _primary() -> str:
+    settings = get_settings()
+    settings.require("primary_dsn")
+    return settings.primary_dsn.get_secret_value()
+
+
+@task(name="validate policy against the live schema", cache_policy=NO_CACHE)
+def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
+    """Every table, column and foreign-key consequence checked; refuses before any change."""
+    plans = retention.plans_for(_primary(), policy_path, as_of)
+    logger = get_run_logger()
+    for p in plans:
+        extra = f", cascades to {', '.join(p.cascaded_tables)}" if p.cascaded_tables else ""
+        logger.info(
+            "%s: %s rows with %s before %s%s",
+            p.table,
+            p.rule.action,
+            p.rule.timestamp,
+            p.cutoff,
+            extra,
+        )
+    return [
+        {"table": p.table, "action": p.rule.action, "cutoff": p.cutoff, "target": p.rule.target()}
+        for p in plans
+    ]
+
+
+@task(name="preview: rows that would go", cache_policy=NO_CACHE)
+def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list[dict[str, Any]]:
+    """Counts per table (and per cascade), in policy order; published as a table artifact."""
+    rows = [p.as_dict() for p in batches.dry_run(_primary(), policy_path, as_of)]
+    if artifact_key:
+        create_table_artifact(
+            key=artifact_key,
+            table=[
+                {
+                    "table": r["table"],
+                    "action": r["action"],
+                    "older than (UTC)": r["cutoff"].isoformat(sep=" ", timespec="seconds"),
+                    "rows": r["rows"],
+                    "by cascade": ", ".join(f"{t}: {n}" for t, n in r["cascaded"].items()) or "-",
+                    "into": r["target"] or "-",
+                }
+                for r in rows
+            ],
+            description=f"retention preview as of {as_of:%Y-%m-%d %H:%M:%S} UTC "
+            "(rows that would be deleted, archived or summarized)",
+        )
+    return rows
+
+
+@task(name="create archive and summary tables", retries=2, retry_delay_seconds=5)
+def create_targets(policy_path: str, as_of: datetime) -> list[str]:
+    dsn = _primary()
+    created = batches.ensure_targets(dsn, retention.plans_for(dsn, policy_path, as_of))
+    if created:
+        get_run_logger().info("created %s", ", ".join(created))
+    return created
+
+
+@task(
+    name="apply retention",
+    task_run_name="apply retention: {table}",
+    retries=1,
+    retry_delay_seconds=30,
+)
+def apply_table(
+    policy_path: str, as_of: datetime, table: str, expected: int, run_id: str, operator: str
+) -> dict[str, Any]:
+    """One table, batch by batch, with its audit row. Safe to retry: done batches stay done."""
+    logger = get_run_logger()
+    settings = get_settings()
+    dsn = _primary()
+    plan = next(p for p in retention.plans_for(dsn, policy_path, as_of) if p.table == table)
+    ops = settings.ops_dsn.get_secret_value()
+    audit_id = audit.retention_started(
+        ops,
+        run_id=run_id,
+        database=retention.database_of(dsn),
+        table=table,
+        action=plan.rule.action,
+        cutoff=plan.cutoff,
+        operator=operator,
+        audit_id=str(uuid.uuid4()),
+    )
+    result = batches.new_result(plan)
+    last_logged = [0.0]
+
+    def progress(r: batches.TableResult, final: bool = False) -> None:
+        """A line per batch would flood a big table's log: the first, then every few s."""
+        if not final and r.seconds - last_logged[0] < PROGRESS_EVERY_SECONDS:
+            return
+        last_logged[0] = r.seconds
+        cascaded = sum(r.cascaded.values())
+        logger.info(
+            "%s: %s%d batches, %d of %d rows %s (%.0f%%)%s, %.1f s",
+            table,
+            "done, " if final else "",
+            r.batches,
+            r.removed,
+            expected,
+            {"delete": "deleted", "archive": "archived", "summarize": "summarized"}[r.action],
+            100.0 * r.removed / expected if expected else 100.0,
+            f", {cascaded} more by cascade" if cascaded else "",
+            r.seconds,
+        )
+
+    try:
+        batches.run_table(
+            dsn,
+            plan,
+            result,
+            pause_seconds=settings.retention_batch_pause_seconds,
+            progress=progress,
+        )
+    except Exception as exc:
+        audit.retention_finished(
+            ops,
+            audit_id,
+            status="failed",
+            removed=result.removed,
+            archived=result.archived,
+            summarized=result.summarized,
+            cascaded=result.cascaded,
+            batches=result.batches,
+            error=scrub(f"{type(exc).__name__}: {exc}"),
+        )
+        raise
+    progress(result, final=True)
+    audit.retention_finished(
+        ops,
+        audit_id,
+        status="success",
+        removed=result.removed,
+        archived=result.archived,
+        summarized=result.summarized,
+        cascaded=result.cascaded,
+        batches=result.batches,
+    )
+    if result.removed != expected:
+        logger.warning(
+            "%s: %d rows removed where the preview counted %d (rows changed during the run)",
+            table,
+            result.removed,
+            expected,
+        )
+    return result.as_dict()
+
+
+@task(name="publish retention metrics", retries=2, retry_delay_seconds=2)
+def publish_metrics(results: list[dict[str, Any]]) -> list[str]:
+    settings = get_settings()
+    database = retention.database_of(_primary())
+    totals = audit.retention_totals(settings.ops_dsn.get_secret_value(), database)
+    registry = batches.retention_registry(database=database, results=results, totals=totals)
+    return metrics.publish(settings, "retention", registry)
