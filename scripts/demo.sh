@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole DR cycle on the embedded local stack: stack up, seed, backup, list,
-# restore into a scratch database, verification summary.
+# restore into a scratch database, verification summary, the monthly DR test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -25,5 +25,16 @@ wedefi-dr backups list
 step "5. restore into a scratch database, verified against the manifest"
 wedefi-dr restore "$backup_id" --target-dsn "$WEDEFI_DR_SCRATCH_DSN" \
   --operator demo --justification "demo: prove the backup restores"
+
+step "6. monthly DR test: fresh cluster, restore latest, GX suites + amcheck, smoke, benchmark, report"
+report_json=$(mktemp)
+wedefi-dr dr-test run latest --operator demo >"$report_json"
+python - "$report_json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"DR test {'passed' if r['success'] else 'FAILED'}: RTO {r['rto_seconds']:.1f} s "
+      f"(objective 900 s)\nreport: {r['report']}\nlocal copy: {r['report_html']}")
+PY
+rm -f "$report_json"
 
 step "done: the stack is still running (wedefi-dr stack down stops it)"

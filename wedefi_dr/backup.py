@@ -25,7 +25,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ, parse_dsn
 
-from wedefi_dr import catalog, encryption
+from wedefi_dr import catalog, encryption, integrity_facts
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, PreflightFailed
 from wedefi_dr.fingerprint import FINGERPRINT_METHOD, fingerprint_tables
@@ -167,11 +167,13 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
         pump.start()
 
         fingerprints: dict[str, Any] = {}
+        facts: dict[str, Any] = {}
         fp_error: list[BaseException] = []
 
         def take_fingerprints() -> None:
             try:
                 fingerprints.update(fingerprint_tables(snap_conn))
+                facts.update(integrity_facts.collect_if_present(snap_conn) or {})
             except BaseException as exc:
                 fp_error.append(exc)
 
@@ -257,4 +259,5 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
         tables=fingerprints,
         fingerprint_method=FINGERPRINT_METHOD,
         operator=operator,
+        integrity_facts=facts or None,
     )

@@ -68,6 +68,9 @@ class BackupManifest(BaseModel):
     # manifests from before the field existed used md5 halves.
     fingerprint_method: str = "md5-halves"
     operator: str
+    # What the source held in the dump's snapshot, for the DR test's integrity suites
+    # (wedefi_dr.integrity_facts); None for non-WeDefiDaily databases and older manifests.
+    integrity_facts: dict[str, Any] | None = None
 
     @property
     def total_rows(self) -> int:

@@ -129,6 +129,7 @@ def libpq_env(dsn: str) -> dict[str, str]:
         "dbname": "PGDATABASE",
         "sslmode": "PGSSLMODE",
         "application_name": "PGAPPNAME",
+        "passfile": "PGPASSFILE",
     }
     # Drop inherited PG* settings (they would override the DSN), but keep the password file.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}
