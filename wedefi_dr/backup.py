@@ -133,12 +133,7 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
     dsn = settings.primary_dsn.get_secret_value()
     store = ObjectStore(settings)
     data_key = catalog.data_key(store, backup_id)
-    params = encryption.GpgParams(
-        cipher=settings.gpg_cipher,
-        s2k_digest=settings.gpg_s2k_digest,
-        s2k_count=settings.gpg_s2k_count,
-        compress_algo=settings.gpg_compress_algo,
-    )
+    params = encryption.GpgParams.from_settings(settings)
     started = datetime.now(UTC)
     t0 = time.monotonic()
 

@@ -335,20 +335,7 @@ def _gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> 
         "--no-symkey-cache",
         "--passphrase-fd",
         str(passphrase_fd),
-        "--symmetric",
-        "--cipher-algo",
-        params.cipher,
-        "--s2k-mode",
-        str(params.s2k_mode),
-        "--s2k-digest-algo",
-        params.s2k_digest,
-        "--s2k-count",
-        str(params.s2k_count),
-        "--compress-algo",
-        params.compress_algo,
-        "--output",
-        "-",
-    ]
+    ] + params.symmetric_args()
 
 
 def bare_dump_encrypt(
@@ -496,12 +483,7 @@ def run_bench(
     bench_dsn = with_dbname(server_dsn, BENCH_DB)
     bare_dsn = with_dbname(server_dsn, BARE_DB)
     flow_dsn = with_dbname(server_dsn, FLOW_DB)
-    params = GpgParams(
-        cipher=settings.gpg_cipher,
-        s2k_digest=settings.gpg_s2k_digest,
-        s2k_count=settings.gpg_s2k_count,
-        compress_algo=settings.gpg_compress_algo,
-    )
+    params = GpgParams.from_settings(settings)
     _prefect_defaults()
     say(f"server {redact_dsn(_maintenance(server_dsn))}")
 

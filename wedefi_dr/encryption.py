@@ -15,9 +15,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from wedefi_dr.errors import DecryptionFailed, InvalidInput, WrongPassphrase
+
+if TYPE_CHECKING:  # no runtime import: wal-push keeps its import chain short
+    from wedefi_dr.config import Settings
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,34 @@ class GpgParams:
     s2k_digest: str = "SHA512"
     s2k_count: int = 65536
     compress_algo: str = "none"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, compress_algo: str | None = None) -> GpgParams:
+        """The configured parameters; ``compress_algo`` overrides for already-compressed input."""
+        return cls(
+            cipher=settings.gpg_cipher,
+            s2k_digest=settings.gpg_s2k_digest,
+            s2k_count=settings.gpg_s2k_count,
+            compress_algo=compress_algo or settings.gpg_compress_algo,
+        )
+
+    def symmetric_args(self) -> list[str]:
+        """``gpg`` arguments after the common ones: encrypt stdin to stdout with these."""
+        return [
+            "--symmetric",
+            "--cipher-algo",
+            self.cipher,
+            "--s2k-mode",
+            str(self.s2k_mode),
+            "--s2k-digest-algo",
+            self.s2k_digest,
+            "--s2k-count",
+            str(self.s2k_count),
+            "--compress-algo",
+            self.compress_algo,
+            "--output",
+            "-",
+        ]
 
     def describe(self) -> dict[str, object]:
         return {
@@ -82,22 +113,7 @@ def start_encrypt(
     fd = _passphrase_pipe(passphrase)
     try:
         return subprocess.Popen(
-            _base_cmd(fd)
-            + [
-                "--symmetric",
-                "--cipher-algo",
-                params.cipher,
-                "--s2k-mode",
-                str(params.s2k_mode),
-                "--s2k-digest-algo",
-                params.s2k_digest,
-                "--s2k-count",
-                str(params.s2k_count),
-                "--compress-algo",
-                params.compress_algo,
-                "--output",
-                "-",
-            ],
+            _base_cmd(fd) + params.symmetric_args(),
             stdin=subprocess.PIPE,
             stdout=stdout,
             stderr=subprocess.PIPE,
