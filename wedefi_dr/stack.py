@@ -208,6 +208,25 @@ class Cluster:
                 cur.execute(f'CREATE DATABASE "{name}"')
 
 
+WAL_ENV_NAME = "wal-archive.env"
+
+
+def wal_command(action: str, env_file: Path) -> str:
+    """The server-side command line of ``wal-push``/``wal-fetch`` (without ``%p``/``%f``).
+
+    ``python -I -m wedefi_dr.wal``: the venv's interpreter (built on the system Python, so
+    ``postgres`` may execute it), isolated from the server's environment and working
+    directory, importing neither Prefect nor GX.
+    """
+    parts = (sys.executable, "-I", "-m", "wedefi_dr.wal", action, "--env-file", str(env_file))
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def conf_quote(value: str) -> str:
+    """A ``postgresql.conf`` string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _postgres_ids() -> tuple[int, int]:
     import pwd
 
@@ -280,14 +299,11 @@ class Stack:
         self.state.setdefault("fast", self.fast)
         self._save()
         (self.root / "pg").mkdir(exist_ok=True)
+        # S3 first: the primary's archive_command pushes to it from its first segment on.
+        self._start_s3()
+        self._create_buckets()
         primary = self.primary
-        primary.extra_conf = {
-            "archive_mode": "on",
-            # Until WAL archiving to the object store is wired in, segments wait (.ready)
-            # rather than being thrown away by a fake 'true' command.
-            "archive_command": "''",
-            "archive_timeout": "60",
-        }
+        primary.extra_conf = self.archiving_conf(primary)
         for cluster in (primary, self.ops):
             if not cluster.initialized():
                 cluster.init()
@@ -296,21 +312,73 @@ class Stack:
         primary.create_database(PRIMARY_DB)
         self.ops.create_database(OPS_DB)
         audit.install(self.ops.admin_dsn(OPS_DB), app_password=self._secret("ops_app_password"))
+        self._ensure_archiving(primary)
         self._write_pgpass()
-        self._start_s3()
-        self._create_buckets()
 
     def _check_server_user_can_enter(self) -> None:
         """Fail with the fix, not with initdb's "Permission denied" three calls later."""
-        if running_as_root() and subprocess.run(
-            ["test", "-x", str(self.root)], cwd="/", **server_user_kwargs()
-        ).returncode:
+        if (
+            running_as_root()
+            and subprocess.run(
+                ["test", "-x", str(self.root)], cwd="/", **server_user_kwargs()
+            ).returncode
+        ):
             raise PreflightFailed(
                 f"the postgres OS user cannot enter {self.root}: a parent folder is private "
                 "(mode 700, e.g. /root or a mktemp -d folder). Run `make setup`, which "
                 "grants traverse (chmod o+x) on the project's parents, or set "
                 "WEDEFI_DR_STACK_DIR to a folder it can reach."
             )
+
+    # ---- WAL archive (pitr area) ---------------------------------------------------------
+    def write_wal_env(self, cluster: Cluster, prefix: str | None = None, name: str = "") -> Path:
+        """The settings ``wal-push``/``wal-fetch`` need, in a file only ``postgres`` reads.
+
+        The server runs ``archive_command`` and ``restore_command`` as ``postgres``; the
+        passphrase and keys reach them through this file (mode 600), so none of them is
+        written into ``postgresql.conf`` or shown by ``SHOW archive_command``.
+        """
+        cluster.home.mkdir(parents=True, exist_ok=True)
+        path = cluster.home / (name or WAL_ENV_NAME)
+        env = self.env()
+        values = {
+            key: env[key]
+            for key in (
+                "WEDEFI_DR_AWS_ENDPOINT_URL",
+                "WEDEFI_DR_AWS_REGION",
+                "WEDEFI_DR_BUCKET",
+                "WEDEFI_DR_GPG_PASSPHRASE",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION",
+            )
+        }
+        values["WEDEFI_DR_PREFIX"] = prefix or os.environ.get("WEDEFI_DR_PREFIX", "wedefi")
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
+        if running_as_root():
+            os.chown(path, *_postgres_ids())
+        return path
+
+    def archiving_conf(self, cluster: Cluster, prefix: str | None = None) -> dict[str, str]:
+        """``archive_mode``/``archive_command``/``archive_timeout`` for ``cluster``, archiving
+        into ``<prefix>/wal/`` (default: the settings' prefix, the production archive)."""
+        env_file = self.write_wal_env(cluster, prefix)
+        return {
+            "archive_mode": "on",
+            "archive_command": conf_quote(wal_command("push", env_file) + " %p"),
+            "archive_timeout": "60",
+        }
+
+    def _ensure_archiving(self, cluster: Cluster) -> None:
+        """A cluster initialised before archiving was wired in gets the command now (a
+        reload; its ``.ready`` segments are then archived)."""
+        command = wal_command("push", cluster.home / WAL_ENV_NAME) + " %p"
+        with connect(cluster.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SHOW archive_command")
+            if cur.fetchone()[0] != command:
+                cur.execute("ALTER SYSTEM SET archive_command = %s", (command,))
+                cur.execute("SELECT pg_reload_conf()")
 
     def _start_s3(self) -> None:
         pid = self.state.get("s3_pid")
@@ -407,6 +475,9 @@ class Stack:
             f"127.0.0.1:{self.ops.port}:*:postgres:{self._secret('pg_password')}",
             f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
             f"{self._secret('ops_app_password')}",
+            # Clusters recovered from base backups of the primary (pitr area) share its
+            # password and listen on ports chosen at recovery time.
+            f"127.0.0.1:*:*:postgres:{self._secret('pg_password')}",
         ]
         self.pgpass.write_text("\n".join(lines) + "\n")
         self.pgpass.chmod(0o600)
@@ -430,6 +501,9 @@ class Stack:
             "WEDEFI_DR_SPOOL_DIR": str(self.root / "spool"),
             "PGPASSFILE": str(self.pgpass),
             "PREFECT_HOME": str(self.root / "prefect"),
+            # Where recovery clusters go, and which data directory is production (pitr).
+            "WEDEFI_DR_STACK_DIR": str(self.root),
+            "WEDEFI_DR_PRODUCTION_DATA_DIR": str(self.primary.data),
             "AWS_ACCESS_KEY_ID": LOCAL_AWS_KEY,
             "AWS_SECRET_ACCESS_KEY": LOCAL_AWS_SECRET,
             "AWS_DEFAULT_REGION": REGION,

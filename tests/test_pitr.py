@@ -1,0 +1,535 @@
+"""Point-in-time recovery end to end: real clusters, real archive, real Prefect pauses.
+
+A source cluster of its own (never the session primary, which other tests use) archives
+into its own prefix; marker rows are committed at known times around a named restore
+point; the ``base-backup`` and ``point-in-time-recovery`` flows then run for real, and a
+helper thread approves the paused run through the Prefect API, as an approver would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prefect import tags
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.flow_runs import resume_flow_run
+
+from wedefi_dr import wal
+from wedefi_dr.config import get_settings
+from wedefi_dr.pgtools import connect, tool
+from wedefi_dr.pitr import ApprovalRefused, RecoveryFailed, TargetOutsideWindow
+from wedefi_dr.stack import Cluster, Stack
+
+ONE = {"approve": True, "approvers": ["alice"]}
+BREAK_GLASS = {"approve": True, "approvers": ["alice", "bob"], "emergency_declared": True}
+
+
+# ---- helpers -----------------------------------------------------------------------------
+class EnvPatch:
+    """Module-wide settings for the flows (they read get_settings() in-process)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, str | None] = {}
+
+    def set(self, **values: str) -> None:
+        for k, v in values.items():
+            self.saved.setdefault(k, os.environ.get(k))
+            os.environ[k] = v
+        get_settings.cache_clear()
+
+    def restore(self) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+
+
+def source_cluster(stack: Stack, name: str, prefix: str, fast: bool = True) -> Cluster:
+    c = stack.cluster(name)
+    c.fast = fast
+    c.extra_conf = stack.archiving_conf(c, prefix=prefix)
+    c.init()
+    c.start()
+    return c
+
+
+def sql1(dsn: str, query: str, args: tuple = ()) -> object:
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(query, args)
+        return cur.fetchone()[0] if cur.description else None
+
+
+def switch_and_wait_archived(dsn: str, timeout: float = 90) -> str:
+    """Close the current segment and wait until the archiver has stored it."""
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        segment = cur.fetchone()[0]
+        cur.execute("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cur.execute("SELECT last_archived_wal FROM pg_stat_archiver")
+            last = cur.fetchone()[0]
+            if last and last[8:] >= segment[8:] and last[:8] == segment[:8]:
+                return segment
+            time.sleep(0.3)
+    raise AssertionError(f"segment {segment} was not archived within {timeout} s")
+
+
+def markers(dsn: str) -> list[int]:
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM markers ORDER BY id")
+        return [r[0] for r in cur.fetchall()]
+
+
+def approve_when_paused(tag: str, run_input: dict, box: dict) -> threading.Thread:
+    """What an approver does in the UI: find the paused run, resume it with input."""
+
+    def worker() -> None:
+        deadline = time.monotonic() + 180
+        try:
+            with get_client(sync_client=True) as client:
+                while time.monotonic() < deadline:
+                    runs = client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+                    )
+                    if runs and runs[0].state and runs[0].state.is_paused():
+                        resume_flow_run(runs[0].id, run_input=run_input)
+                        box["resumed"] = runs[0].id
+                        return
+                    if runs and runs[0].state and runs[0].state.is_final():
+                        return
+                    time.sleep(0.5)
+        except BaseException as exc:  # surfaced by the test
+            box["error"] = exc
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    return t
+
+
+def recover(run_input: dict | None, **params) -> dict:
+    """Run the PITR flow in this thread; a helper thread approves it when it pauses."""
+    from flows.pitr import point_in_time_recovery
+
+    tag = f"pitr-test-{uuid.uuid4().hex[:8]}"
+    box: dict = {}
+    helper = approve_when_paused(tag, run_input, box) if run_input is not None else None
+    params.setdefault("operator", "pytest-operator")
+    params.setdefault("justification", "pitr test")
+    try:
+        with tags(tag):
+            return point_in_time_recovery(**params)
+    finally:
+        if helper is not None:
+            helper.join(timeout=10)
+        assert "error" not in box, box.get("error")
+
+
+def audit_rows(ops_dsn: str) -> list[tuple]:
+    with connect(ops_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT recovery_type, status, error_message, target FROM recovery_audit_log"
+            " WHERE recovery_type = 'pitr' ORDER BY start_time"
+        )
+        return cur.fetchall()
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def history(stack: Stack, prefect_api: None) -> Iterator[dict]:
+    """A source cluster with a base backup, then markers 1..4 at known times and two
+    named restore points, all archived."""
+    from flows.base_backup import base_backup
+
+    hexid = uuid.uuid4().hex[:6]
+    prefix = f"pitr-{hexid}"
+    env = EnvPatch()
+    src = source_cluster(stack, f"pitrsrc-{hexid}", prefix)
+    dsn = src.dsn("postgres")
+    env.set(
+        WEDEFI_DR_PRIMARY_DSN=dsn,
+        WEDEFI_DR_PREFIX=prefix,
+        WEDEFI_DR_PITR_REPLAY_TIMEOUT_SECONDS="120",
+    )
+    recovered: list[Cluster] = []
+    try:
+        sql1(dsn, "CREATE TABLE markers (id int PRIMARY KEY, at timestamptz DEFAULT now())")
+        base = base_backup(operator="pytest")
+        marks: dict = {"base": base}
+        sql1(dsn, "INSERT INTO markers (id) VALUES (1)")
+        marks["segment_of_1"] = switch_and_wait_archived(dsn)
+        sql1(dsn, "INSERT INTO markers (id) VALUES (2)")
+        time.sleep(0.3)
+        marks["between_2_and_3"] = sql1(dsn, "SELECT clock_timestamp()")
+        time.sleep(0.3)
+        sql1(dsn, "INSERT INTO markers (id) VALUES (3)")
+        sql1(dsn, "SELECT pg_create_restore_point('before-m4')")
+        sql1(dsn, "INSERT INTO markers (id) VALUES (4)")
+        sql1(dsn, "SELECT pg_create_restore_point('after-m4')")
+        sql1(dsn, "INSERT INTO markers (id) VALUES (5)")
+        switch_and_wait_archived(dsn)
+        yield {
+            "stack": stack,
+            "src": src,
+            "dsn": dsn,
+            "prefix": prefix,
+            "env": env,
+            "recovered": recovered,
+            **marks,
+        }
+    finally:
+        for c in [src, *recovered]:
+            c.stop()
+        env.restore()
+
+
+def recovered_cluster(history: dict, name: str) -> Cluster:
+    c = history["stack"].cluster(name)
+    history["recovered"].append(c)
+    return c
+
+
+# ---- tests -------------------------------------------------------------------------------
+def test_window_and_target_before_earliest_base_backup_refused(history, settings):
+    from typer.testing import CliRunner
+
+    from wedefi_dr.cli import app
+
+    shown = CliRunner().invoke(app, ["pitr", "window", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert history["base"]["backup_id"] in shown.output
+
+    before = history["base"]["started_at"]
+    name = f"never-{uuid.uuid4().hex[:6]}"
+    rows_before = audit_rows(settings.ops_dsn.get_secret_value())
+    with pytest.raises(TargetOutsideWindow, match="before the earliest base backup"):
+        recover(
+            None,
+            target_kind="time",
+            target_value=(datetime.fromisoformat(before) - timedelta(seconds=5)).isoformat(),
+            cluster=name,
+        )
+    assert not history["stack"].cluster(name).home.exists()  # nothing was created
+    assert audit_rows(settings.ops_dsn.get_secret_value()) == rows_before
+
+
+def test_recovery_to_a_time_between_markers_is_exact(history, settings):
+    c = recovered_cluster(history, f"pitr-time-{uuid.uuid4().hex[:6]}")
+    result = recover(
+        ONE,
+        target_kind="time",
+        target_value=history["between_2_and_3"].isoformat(),
+        cluster=c.name,
+    )
+    assert markers(c.dsn()) == [1, 2]  # exactly the rows committed before the target
+    assert result["recovery_point"]["paused"] is True
+    assert result["timeline"] == 2
+    assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
+    assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
+    auto_conf = (c.data / "postgresql.auto.conf").read_text()
+    assert "wedefi_dr.wal fetch" in auto_conf
+    assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
+    assert oct((c.home / "wal-restore.env").stat().st_mode & 0o777) == "0o600"
+    assert not (c.data / "recovery.signal").exists()  # promoted: recovery is over
+    rows = audit_rows(settings.ops_dsn.get_secret_value())
+    assert rows[-1][0:2] == ("pitr", "success") and c.name in rows[-1][3]
+    c.stop()
+
+
+def test_recovery_to_a_named_restore_point_is_exact(history):
+    c = recovered_cluster(history, f"pitr-name-{uuid.uuid4().hex[:6]}")
+    recover(ONE, target_kind="name", target_value="before-m4", cluster=c.name)
+    assert markers(c.dsn()) == [1, 2, 3]
+    c.stop()
+
+
+def test_new_timeline_archives_beside_the_old_and_old_timeline_still_recovers(history, store):
+    settings = get_settings()
+    prefix = wal.archive_prefix(settings) + "/"
+    old = {
+        o["Key"]: o["ETag"]
+        for o in store.list_keys(prefix)
+        if o["Key"][len(prefix) :][:8] == "00000001"
+    }
+    c = recovered_cluster(history, f"pitr-tl-{uuid.uuid4().hex[:6]}")
+    result = recover(
+        BREAK_GLASS,
+        target_kind="time",
+        target_value=history["between_2_and_3"].isoformat(),
+        cluster=c.name,
+        becomes_production=True,
+    )
+    assert result["timeline"] == 2
+    sql1(c.dsn(), "INSERT INTO markers (id) VALUES (100)")
+    segment = switch_and_wait_archived(c.dsn())
+    assert segment.startswith("00000002")
+    names = set(wal.Archive(settings).list_names())
+    assert "00000002.history" in names and segment in names
+    after = {o["Key"]: o["ETag"] for o in store.list_keys(prefix) if o["Key"] in old}
+    assert after == old  # nothing of timeline 1 was overwritten
+    c.stop()
+
+    # A point on the old timeline after the fork: recovery follows timeline 1 on request.
+    c1 = recovered_cluster(history, f"pitr-tl1-{uuid.uuid4().hex[:6]}")
+    recover(ONE, target_kind="name", target_value="after-m4", timeline="1", cluster=c1.name)
+    assert markers(c1.dsn()) == [1, 2, 3, 4]
+    c1.stop()
+
+
+def test_missing_segment_stops_recovery_naming_the_gap(history, store, settings):
+    """A copy of the archive with the segment of marker 1 missing."""
+    src_prefix = history["prefix"]
+    gap_prefix = f"{src_prefix}-gap"
+    missing = history["segment_of_1"]
+    for obj in store.list_keys(src_prefix + "/"):
+        key = obj["Key"]
+        if key.endswith("/" + missing) or key.endswith("base.tar.gz.gpg"):
+            continue  # the base backup's manifest still points at the original object
+        store.client.copy_object(
+            Bucket=store.bucket,
+            Key=gap_prefix + key[len(src_prefix) :],
+            CopySource={"Bucket": store.bucket, "Key": key},
+        )
+    history["env"].set(WEDEFI_DR_PREFIX=gap_prefix)
+    try:
+        c = recovered_cluster(history, f"pitr-gap-{uuid.uuid4().hex[:6]}")
+        with pytest.raises(RecoveryFailed) as err:
+            recover(
+                ONE,
+                target_kind="time",
+                target_value=history["between_2_and_3"].isoformat(),
+                cluster=c.name,
+            )
+        assert "GAP" in str(err.value) and missing in str(err.value)
+        assert not c.running()
+        rows = audit_rows(get_settings().ops_dsn.get_secret_value())
+        assert rows[-1][1] == "failed" and missing in rows[-1][2]
+    finally:
+        history["env"].set(WEDEFI_DR_PREFIX=src_prefix)
+
+
+def test_production_target_with_one_approver_is_refused(history, stack, settings):
+    primary = stack.primary
+    pid = primary.pid()
+    with pytest.raises(ApprovalRefused, match="two distinct approvers"):
+        recover(
+            {
+                "approve": True,
+                "approvers": ["alice", "pytest-operator"],
+                "emergency_declared": True,
+            },
+            target_kind="latest",
+            cluster="primary",
+        )
+    assert primary.pid() == pid and primary.running()  # untouched
+    assert not list(primary.home.glob("data.before-pitr-*"))
+    row = audit_rows(settings.ops_dsn.get_secret_value())[-1]
+    assert row[1] == "failed" and "two distinct approvers" in row[2]
+
+
+# ---- the RPO drill -----------------------------------------------------------------------
+def _kill_cluster(c: Cluster) -> None:
+    """kill -9 the postmaster and every child: what a host crash looks like to the WAL."""
+    pid = c.pid()
+    assert pid
+    children = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split()
+    for p in [pid, *map(int, children)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def test_rpo_drill_kill_9_under_pgbench_then_recover_latest(history, stack):
+    """pgbench load, base backup, kill -9, recover 'latest' into a new cluster; the loss
+    (seconds of committed transactions) is printed and bounded by archive_timeout."""
+    from flows.base_backup import base_backup
+
+    hexid = uuid.uuid4().hex[:6]
+    prefix = f"rpo-{hexid}"
+    src = source_cluster(stack, f"rposrc-{hexid}", prefix, fast=False)
+    history["recovered"].append(src)
+    dsn = src.dsn("postgres")
+    history["env"].set(WEDEFI_DR_PRIMARY_DSN=dsn, WEDEFI_DR_PREFIX=prefix)
+    try:
+        bench = [tool("pgbench"), "-h", "127.0.0.1", "-p", str(src.port), "-U", "postgres"]
+        env = {**os.environ, "PGPASSWORD": src.password}
+        subprocess.run(
+            [*bench, "-i", "-s", "2", "-q", "postgres"], env=env, check=True, capture_output=True
+        )
+        base_backup(operator="pytest")
+        load = subprocess.Popen(
+            [*bench, "-c", "4", "-T", "30", "-n", "postgres"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(15)
+        _kill_cluster(src)
+        load.wait(timeout=60)
+        c = recovered_cluster(history, f"rpo-rec-{hexid}")
+        result = recover(ONE, target_kind="latest", cluster=c.name)
+        count = "SELECT max(mtime), count(*) FROM pgbench_history"
+        with connect(c.dsn("postgres"), autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(count)
+            recovered_last, recovered_rows = cur.fetchone()
+        c.stop()
+        # The truth: crash-recover the killed cluster from its own pg_wal (not archiving).
+        subprocess.run(
+            [
+                tool("pg_ctl"),
+                "-D",
+                str(src.data),
+                "-l",
+                str(src.log),
+                "-w",
+                "-o",
+                f"-p {src.port} -c archive_mode=off",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            cwd="/",
+            user="postgres",
+            group="postgres",
+            extra_groups=[],
+        )
+        with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(count)
+            primary_last, primary_rows = cur.fetchone()
+        lost = (primary_last - recovered_last).total_seconds()
+        print(
+            f"\nRPO drill: {lost:.1f} s and {primary_rows - recovered_rows} of {primary_rows} "
+            f"committed transactions lost (archive_timeout 60 s); recovery to latest took "
+            f"{result['recovery_seconds']:.1f} s; steps {result['timings']}"
+        )
+        assert recovered_last is not None and lost >= 0
+        assert 0 < recovered_rows <= primary_rows  # a prefix of the history, nothing invented
+        assert lost <= 60 + 15, f"lost {lost:.1f} s: more than archive_timeout + margin"
+    finally:
+        src.stop()
+        history["env"].set(WEDEFI_DR_PRIMARY_DSN=history["dsn"], WEDEFI_DR_PREFIX=history["prefix"])
+
+
+# ---- production: break-glass recovery over the primary of a stack of its own -------------
+def test_break_glass_recovery_of_production_keeps_old_data_and_archives_new_timeline(
+    prefect_api,
+):
+    """Recovering over production (a second stack's primary: the session primary serves
+    other tests): the old data directory is kept aside, the promoted primary archives on a
+    new timeline into the production archive."""
+    import shutil
+    import tempfile
+
+    from flows.base_backup import base_backup
+
+    root = Path(tempfile.mkdtemp(prefix="wedefi-dr-pitr-prod-"))
+    root.chmod(0o755)
+    other = Stack(root / "stack", fast=True)
+    env = EnvPatch()
+    try:
+        other.up()
+        env.set(**{k: v for k, v in other.env().items() if k != "PREFECT_HOME"})
+        dsn = other.primary.dsn("wedefi")
+        sql1(dsn, "CREATE TABLE markers (id int PRIMARY KEY)")
+        base_backup(operator="pytest")
+        sql1(dsn, "INSERT INTO markers VALUES (1)")
+        time.sleep(0.2)
+        target = sql1(dsn, "SELECT clock_timestamp()")
+        time.sleep(0.2)
+        sql1(dsn, "INSERT INTO markers VALUES (2)")
+        switch_and_wait_archived(dsn)
+
+        result = recover(
+            BREAK_GLASS, target_kind="time", target_value=target.isoformat(), cluster="primary"
+        )
+        assert markers(dsn) == [1]
+        kept = list(other.primary.home.glob("data.before-pitr-*"))
+        assert len(kept) == 1 and result["kept_aside"] == str(kept[0])  # nothing lost
+        assert (kept[0] / "PG_VERSION").exists()
+        assert sql1(dsn, "SHOW archive_mode") == "on"  # it is production again
+        sql1(dsn, "INSERT INTO markers VALUES (3)")
+        segment = switch_and_wait_archived(dsn)
+        assert segment.startswith("00000002")
+        names = set(wal.Archive(get_settings()).list_names())
+        assert {"00000002.history", segment} <= names
+    finally:
+        env.restore()
+        other.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- bad input: refused with a specific message, before anything ----------------------
+@pytest.mark.parametrize(
+    ("kind", "value", "timeline", "message"),
+    [
+        ("yesterday", "", "latest", "target kind must be one of"),
+        ("time", "2026-11-24 14:05", "latest", "needs a time zone"),
+        ("time", "last tuesday", "latest", "not ISO 8601"),
+        ("lsn", "5A000028", "latest", "not of the form"),
+        ("name", "", "latest", "needs its name"),
+        ("latest", "now", "latest", "takes no value"),
+        ("latest", "", "newest", "timeline must be"),
+    ],
+)
+def test_bad_targets_are_refused_with_the_reason(kind, value, timeline, message):
+    from wedefi_dr.errors import InvalidInput
+    from wedefi_dr.pitr import RecoveryTarget
+
+    with pytest.raises(InvalidInput, match=message):
+        RecoveryTarget.parse(kind, value, timeline=timeline)
+
+
+@pytest.mark.parametrize(
+    ("production", "approval", "message"),
+    [
+        (False, {"approve": False, "approvers": ["alice"]}, "rejected"),
+        (False, {"approve": True, "approvers": ["op", " OP "]}, "one approver other than"),
+        (True, {"approve": True, "approvers": ["alice", "bob"]}, "emergency must be declared"),
+        (
+            True,
+            {"approve": True, "approvers": ["alice", "Alice"], "emergency_declared": True},
+            "two distinct approvers",
+        ),
+    ],
+)
+def test_approval_rules(production, approval, message):
+    from wedefi_dr.pitr import check_approval
+
+    with pytest.raises(ApprovalRefused, match=message):
+        check_approval(
+            production=production,
+            approve=approval["approve"],
+            approvers=approval["approvers"],
+            emergency_declared=approval.get("emergency_declared", False),
+            operator="op",
+        )
+    assert check_approval(
+        production=production,
+        approve=True,
+        approvers=["alice", "bob"],
+        emergency_declared=True,
+        operator="op",
+    ) == ["alice", "bob"]
+
+
+@pytest.mark.parametrize("name", ["ops", "Primary", "../etc", ""])
+def test_reserved_or_malformed_cluster_names_are_refused(name):
+    from wedefi_dr.errors import InvalidInput
+    from wedefi_dr.pitr import validate_cluster_name
+
+    with pytest.raises(InvalidInput):
+        validate_cluster_name(name)
