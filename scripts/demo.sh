@@ -37,4 +37,8 @@ print(f"DR test {'passed' if r['success'] else 'FAILED'}: RTO {r['rto_seconds']:
 PY
 rm -f "$report_json"
 
+step "7. point-in-time recovery: a base backup, and the window WAL archiving makes recoverable"
+wedefi-dr base-backup --operator demo
+wedefi-dr pitr window
+
 step "done: the stack is still running (wedefi-dr stack down stops it)"
