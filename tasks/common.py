@@ -11,6 +11,25 @@ from wedefi_dr import audit, metrics, notify
 from wedefi_dr.config import get_settings
 
 
+def unless(*permanent: type[BaseException]):
+    """A ``retry_condition_fn``: retry transient failures, never these permanent ones.
+
+    Damage at rest (a checksum mismatch, a truncated object) or a verification difference
+    gives the same answer on every attempt; retrying only delays the page by minutes.
+    """
+
+    def should_retry(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's signature
+        try:
+            state.result()
+        except permanent:
+            return False
+        except BaseException:  # noqa: BLE001 - anything else may be transient
+            return True
+        return True
+
+    return should_retry
+
+
 def run_scoped_uuid(purpose: str) -> str:
     """A uuid fixed for this flow run, so a retried run reuses its audit row and ids."""
     run_id = flow_run.get_id() or str(uuid.uuid4())

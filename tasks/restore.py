@@ -8,8 +8,10 @@ from typing import Any
 
 from prefect import task
 
+from tasks.common import unless
 from wedefi_dr import audit, restore
 from wedefi_dr.config import get_settings
+from wedefi_dr.errors import IntegrityError, InvalidInput
 from wedefi_dr.manifest import BackupManifest
 
 
@@ -50,7 +52,12 @@ def _spool_dir() -> Path:
     return Path(get_settings().spool_dir or tempfile.gettempdir())
 
 
-@task(name="download and verify checksum", retries=2, retry_delay_seconds=5)
+@task(
+    name="download and verify checksum",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=unless(IntegrityError, InvalidInput),
+)
 def download_and_verify(manifest: dict[str, Any]) -> str:
     """Streamed download; size and sha256 checked against the manifest."""
     m = BackupManifest(**manifest)
@@ -71,6 +78,11 @@ def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target_dsn: s
         path.unlink(missing_ok=True)
 
 
-@task(name="verify row counts and content hashes", retries=1, retry_delay_seconds=5)
+@task(
+    name="verify row counts and content hashes",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=unless(IntegrityError),
+)
 def verify_restore(manifest: dict[str, Any], target_dsn: str) -> dict[str, int]:
     return restore.verify(BackupManifest(**manifest), target_dsn)
