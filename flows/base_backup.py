@@ -13,7 +13,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks import pitr as steps
-from tasks.common import audit_backup_finished, run_scoped_uuid, scrub, send_notification
+from tasks.common import (
+    audit_backup_finished,
+    audit_backup_started,
+    run_scoped_uuid,
+    scrub,
+    send_notification,
+)
 from wedefi_dr.manifest import new_backup_id
 
 
@@ -23,7 +29,7 @@ def base_backup(operator: str = "scheduler") -> dict[str, Any]:
     logger = get_run_logger()
     backup_id = new_backup_id(suffix=run_scoped_uuid("base-backup-id")[:6])
     audit_id = run_scoped_uuid("base-backup-audit")
-    steps.audit_base_backup_started(audit_id, backup_id, operator)
+    audit_backup_started(audit_id, backup_id, operator, backup_type="base")
     try:
         manifest = steps.stream_base_backup(backup_id, operator)
     except Exception as exc:

@@ -24,7 +24,7 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from tasks import pitr as steps
-from tasks.common import run_scoped_uuid, scrub, send_notification
+from tasks.common import audit_recovery_finished, run_scoped_uuid, scrub, send_notification
 from wedefi_dr.pitr import check_approval
 
 RTO_BUDGET_SECONDS = 15 * 60  # the plan's RTO
@@ -114,7 +114,7 @@ def point_in_time_recovery(
         )
     except Exception as exc:  # a refused request is on the record too; nothing changed
         steps.audit_recovery_started(audit_id, request, operator, justification)
-        steps.audit_recovery_finished(audit_id, "failed", error=scrub(str(exc)))
+        audit_recovery_finished(audit_id, "failed", error=scrub(str(exc)))
         raise
     step("approval", t)
     logger.info("approved by %s", ", ".join(approvers))
@@ -146,7 +146,7 @@ def point_in_time_recovery(
         step("start application services", t)
     except Exception as exc:
         error = scrub(f"{type(exc).__name__}: {exc}")
-        steps.audit_recovery_finished(audit_id, "failed", error=error)
+        audit_recovery_finished(audit_id, "failed", error=error)
         send_notification(
             f"WeDefiDaily point-in-time recovery of {request['cluster']} FAILED",
             "failure",
@@ -157,7 +157,7 @@ def point_in_time_recovery(
             },
         )
         raise
-    steps.audit_recovery_finished(audit_id, "success")
+    audit_recovery_finished(audit_id, "success")
     total = round(time.monotonic() - t_start, 3)
     recovery_seconds = round(total - timings.get("approval", 0) - timings["check request"], 3)
     result = {

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks import restore as steps
-from tasks.common import run_scoped_uuid, scrub, send_notification
+from tasks.common import audit_recovery_finished, run_scoped_uuid, scrub, send_notification
 from wedefi_dr.pgtools import refuse_password_in_dsn
 from wedefi_dr.restore import describe_target
 
@@ -54,14 +54,14 @@ def restore_backup(
         timings["verify"] = time.monotonic() - t
     except Exception as exc:
         error = scrub(f"{type(exc).__name__}: {exc}")
-        steps.audit_recovery_finished(audit_id, "failed", error=error)
+        audit_recovery_finished(audit_id, "failed", error=error)
         send_notification(
             f"WeDefiDaily restore of {resolved} into {target} FAILED",
             "failure",
             {"backup_id": resolved, "target": target, "error": error},
         )
         raise
-    steps.audit_recovery_finished(audit_id, "success")
+    audit_recovery_finished(audit_id, "success")
     result = {
         "backup_id": resolved,
         "target": target,

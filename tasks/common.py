@@ -50,11 +50,13 @@ def scrub(message: str) -> str:
 
 
 @task(name="audit: backup started", retries=3, retry_delay_seconds=2)
-def audit_backup_started(audit_id: str, backup_id: str, operator: str) -> str:
+def audit_backup_started(
+    audit_id: str, backup_id: str, operator: str, backup_type: str = "logical"
+) -> str:
     return audit.backup_started(
         get_settings().ops_dsn.get_secret_value(),
         audit_id=audit_id,
-        backup_type="logical",
+        backup_type=backup_type,
         backup_id=backup_id,
         operator=operator,
     )
@@ -96,3 +98,11 @@ def publish_backup_metrics(
 @task(name="notify", retries=2, retry_delay_seconds=2)
 def send_notification(subject: str, status: str, details: dict) -> str | None:
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
+
+
+@task(name="audit: recovery finished", retries=3, retry_delay_seconds=2)
+def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:
+    """Closes the row a restore, a PITR or a DR test opened (by run-stable ``audit_id``)."""
+    audit.recovery_finished(
+        get_settings().ops_dsn.get_secret_value(), audit_id, status=status, error=error
+    )

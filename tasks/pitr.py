@@ -19,17 +19,6 @@ from wedefi_dr.stack import WAL_ENV_NAME, Stack, conf_quote, wal_command
 
 
 # ---- base backup -------------------------------------------------------------------------
-@task(name="audit: base backup started", retries=3, retry_delay_seconds=2)
-def audit_base_backup_started(audit_id: str, backup_id: str, operator: str) -> str:
-    return audit.backup_started(
-        get_settings().ops_dsn.get_secret_value(),
-        audit_id=audit_id,
-        backup_type="base",
-        backup_id=backup_id,
-        operator=operator,
-    )
-
-
 @task(name="stream pg_basebackup to the object store")
 def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
     """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; manifest written last."""
@@ -102,13 +91,6 @@ def audit_recovery_started(
         ),
         operator=operator,
         justification=justification,
-    )
-
-
-@task(name="audit: recovery finished", retries=3, retry_delay_seconds=2)
-def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:
-    audit.recovery_finished(
-        get_settings().ops_dsn.get_secret_value(), audit_id, status=status, error=error
     )
 
 

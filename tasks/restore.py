@@ -41,13 +41,6 @@ def audit_recovery_started(
     )
 
 
-@task(name="audit: recovery finished", retries=3, retry_delay_seconds=2)
-def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:
-    audit.recovery_finished(
-        get_settings().ops_dsn.get_secret_value(), audit_id, status=status, error=error
-    )
-
-
 def _spool_dir() -> Path:
     return Path(get_settings().spool_dir or tempfile.gettempdir())
 
