@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Callable
+
+import boto3
 
 from wedefi_dr import catalog
 from wedefi_dr.fingerprint import fingerprint_tables
@@ -69,3 +72,34 @@ def database_exists(admin_dsn: str, name: str) -> bool:
     with connect(with_dbname(admin_dsn, "postgres")) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         return cur.fetchone() is not None
+
+
+def sns_inbox(settings, queue_name: str) -> Callable[[], list[dict]]:
+    """An SQS queue subscribed to the stack's SNS topic: what a pager would receive.
+
+    Returns a function that drains the queue and gives each notification's JSON body.
+    """
+    kwargs = {"endpoint_url": settings.aws_endpoint_url, "region_name": settings.aws_region}
+    sqs, sns = boto3.client("sqs", **kwargs), boto3.client("sns", **kwargs)
+    url = sqs.create_queue(QueueName=queue_name)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    sns.subscribe(
+        TopicArn=settings.sns_topic_arn,
+        Protocol="sqs",
+        Endpoint=arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
+
+    def drain() -> list[dict]:
+        found = []
+        while True:
+            batch = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            if not batch.get("Messages"):
+                return found
+            for message in batch["Messages"]:
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+                found.append(json.loads(message["Body"]))
+
+    return drain

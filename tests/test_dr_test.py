@@ -9,18 +9,17 @@ damage is done to restored copies only.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 from flows.dr_test import DRTestFailed, dr_test
 from tests.helpers import fingerprint
+from tests.helpers import sns_inbox as helpers_sns_inbox
 from wedefi_dr import catalog
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
@@ -51,33 +50,9 @@ def dr_settings(env_override, dr_dirs, settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def sns_inbox(settings: Settings):
-    """An SQS queue subscribed to the stack's SNS topic: what a pager would receive."""
-    kwargs = {"endpoint_url": settings.aws_endpoint_url, "region_name": settings.aws_region}
-    sqs, sns = boto3.client("sqs", **kwargs), boto3.client("sns", **kwargs)
-    url = sqs.create_queue(QueueName="wedefi-dr-test-inbox")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    sns.subscribe(
-        TopicArn=settings.sns_topic_arn,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"RawMessageDelivery": "true"},
-    )
-
-    def messages_for(run: str) -> list[dict]:
-        found = []
-        while True:
-            batch = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
-            if not batch.get("Messages"):
-                return found
-            for message in batch["Messages"]:
-                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-                body = json.loads(message["Body"])
-                if body.get("run") == run:
-                    found.append(body)
-
-    return messages_for
+    """The DR test's notifications, by run name."""
+    drain = helpers_sns_inbox(settings, "wedefi-dr-test-inbox")
+    return lambda run: [body for body in drain() if body.get("run") == run]
 
 
 def _metrics(settings: Settings) -> str:

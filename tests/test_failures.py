@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 from flows.backup import logical_backup
 from flows.restore import restore_backup
-from tests.helpers import clone_backup, drop_backup, fingerprint
+from tests.helpers import clone_backup, drop_backup, fingerprint, sns_inbox
 from wedefi_dr import catalog
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, ChecksumMismatch, TruncatedObject, WrongPassphrase
@@ -48,6 +49,7 @@ def test_backup_interrupted_mid_upload_leaves_no_backup(
     good_backup, settings: Settings, store, bulk_dsn: str, env_override
 ):
     env_override(WEDEFI_DR_PRIMARY_DSN=bulk_dsn)
+    inbox = sns_inbox(settings, "wedefi-dr-failures-inbox")
     outcome: dict = {}
 
     def run() -> None:
@@ -93,6 +95,11 @@ def test_backup_interrupted_mid_upload_leaves_no_backup(
         status, error = cur.fetchone()
     assert status == "failed"
     assert "pg_dump" in error
+    # The pager hears of it: one failure notification naming the backup.
+    (notice,) = [m for m in inbox() if m.get("backup_id") == backup_id]
+    assert notice["status"] == "failure"
+    assert "pg_dump" in notice["error"]
+    assert settings.gpg_passphrase.get_secret_value() not in json.dumps(notice)
     env_override(WEDEFI_DR_PRIMARY_DSN=settings.primary_dsn.get_secret_value())
     assert catalog.resolve(store, "latest").backup_id != backup_id
     assert good_backup in {m.backup_id for m in catalog.list_backups(store)}
