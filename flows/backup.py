@@ -8,32 +8,25 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 
 from tasks import backup as steps
 from tasks.common import (
+    attempt_scoped_uuid,
     audit_backup_finished,
     audit_backup_started,
+    backup_id_for_this_run,
     publish_backup_metrics,
-    run_scoped_uuid,
     scrub,
     send_notification,
 )
-from wedefi_dr.manifest import new_backup_id
-
-
-def backup_id_for_this_run() -> str:
-    """Stable across retries of the same flow run (so cached steps line up)."""
-    start = flow_run.get_scheduled_start_time()
-    return new_backup_id(start, suffix=run_scoped_uuid("backup-id").replace("-", "")[:6])
 
 
 @flow(name="logical-backup", log_prints=True)
 def logical_backup(operator: str = "scheduler") -> str:
     """Take a full logical backup of the primary; returns the backup id."""
     logger = get_run_logger()
-    backup_id = backup_id_for_this_run()
-    audit_id = run_scoped_uuid("backup-audit")
+    backup_id = backup_id_for_this_run("backup-id")
+    audit_id = attempt_scoped_uuid("backup-audit")
     logger.info("backup %s starting (operator %s)", backup_id, operator)
     database = "unknown"
     try:

@@ -14,21 +14,21 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks import pitr as steps
 from tasks.common import (
+    attempt_scoped_uuid,
     audit_backup_finished,
     audit_backup_started,
-    run_scoped_uuid,
+    backup_id_for_this_run,
     scrub,
     send_notification,
 )
-from wedefi_dr.manifest import new_backup_id
 
 
 @flow(name="base-backup", log_prints=True)
 def base_backup(operator: str = "scheduler") -> dict[str, Any]:
     """One base backup of the protected cluster; returns its manifest (summary)."""
     logger = get_run_logger()
-    backup_id = new_backup_id(suffix=run_scoped_uuid("base-backup-id")[:6])
-    audit_id = run_scoped_uuid("base-backup-audit")
+    backup_id = backup_id_for_this_run("base-backup-id")
+    audit_id = attempt_scoped_uuid("base-backup-audit")
     audit_backup_started(audit_id, backup_id, operator, backup_type="base")
     try:
         manifest = steps.stream_base_backup(backup_id, operator)

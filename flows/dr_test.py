@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tasks import dr_test as steps
-from tasks.common import run_scoped_uuid, scrub
+from tasks.common import attempt_scoped_uuid, run_created_at, run_scoped_uuid, scrub
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.pgtools import refuse_password_in_dsn
@@ -35,14 +35,7 @@ class DRTestFailed(Exception):
 def run_name_for_this_run() -> str:
     """``dr-<created>-<id>``: the same on every retry of this flow run (a Retry moves the
     scheduled start time, not the creation time), so the cached steps line up."""
-    run_id = flow_run.get_id()
-    created = None
-    if run_id:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            created = client.read_flow_run(run_id).created
-    stamp = f"{created:%Y%m%dT%H%M%SZ}" if created else "adhoc"
+    stamp = f"{run_created_at():%Y%m%dT%H%M%SZ}"
     return f"dr-{stamp}-{run_scoped_uuid('dr-test')[:6]}"
 
 
@@ -99,7 +92,7 @@ def dr_test(
         "DR test %s (attempt %d): backup %s, provider %s", run_name, attempt, resolved, provider
     )
     audit_id = steps.audit_dr_test_started(
-        run_scoped_uuid(f"dr-test-audit-{attempt}"),
+        attempt_scoped_uuid("dr-test-audit"),
         resolved,
         f"{provider}:{run_name}",
         operator,

@@ -24,7 +24,12 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from tasks import pitr as steps
-from tasks.common import audit_recovery_finished, run_scoped_uuid, scrub, send_notification
+from tasks.common import (
+    attempt_scoped_uuid,
+    audit_recovery_finished,
+    scrub,
+    send_notification,
+)
 from wedefi_dr.pitr import check_approval
 
 RTO_BUDGET_SECONDS = 15 * 60  # the plan's RTO
@@ -103,7 +108,7 @@ def point_in_time_recovery(
         poll_interval=2,
         key="pitr-approval",
     )
-    audit_id = run_scoped_uuid("pitr-audit")
+    audit_id = attempt_scoped_uuid("pitr-audit")
     try:
         approvers = check_approval(
             production=break_glass,

@@ -14,7 +14,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks import restore as steps
-from tasks.common import audit_recovery_finished, run_scoped_uuid, scrub, send_notification
+from tasks.common import (
+    attempt_scoped_uuid,
+    audit_recovery_finished,
+    scrub,
+    send_notification,
+)
 from wedefi_dr.pgtools import refuse_password_in_dsn
 from wedefi_dr.restore import describe_target
 
@@ -39,7 +44,7 @@ def restore_backup(
     )
     resolved = manifest["backup_id"]
     target = describe_target(target_dsn)
-    audit_id = run_scoped_uuid("recovery-audit")
+    audit_id = attempt_scoped_uuid("recovery-audit")
     steps.audit_recovery_started(audit_id, resolved, target_dsn, operator, justification)
     timings: dict[str, float] = {}
     try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from prefect import task
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from wedefi_dr import audit, metrics, notify
 from wedefi_dr.config import get_settings
+from wedefi_dr.manifest import new_backup_id
 
 
 def unless(*permanent: type[BaseException]):
@@ -28,6 +31,29 @@ def unless(*permanent: type[BaseException]):
         return True
 
     return should_retry
+
+
+def attempt_scoped_uuid(purpose: str) -> str:
+    """A uuid for this attempt of this flow run: audit rows are final once written, so a
+    retried run records its new attempt in a row of its own instead of rewriting history."""
+    return run_scoped_uuid(f"{purpose}#{flow_run.run_count or 1}")
+
+
+def run_created_at() -> datetime:
+    """When this flow run was created. A Retry (UI or ``prefect flow-run retry``) moves the
+    scheduled start time, not this, so ids built on it stay the same across retries."""
+    run_id = flow_run.get_id()
+    if not run_id:
+        return datetime.now(UTC)
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).created
+
+
+def backup_id_for_this_run(purpose: str) -> str:
+    """``20261124T020000Z-3fa9c1``, the same on every retry of this flow run, so the audit
+    row, the object keys and the cached steps all name one backup."""
+    suffix = run_scoped_uuid(purpose).replace("-", "")[:6]
+    return new_backup_id(run_created_at(), suffix=suffix)
 
 
 def run_scoped_uuid(purpose: str) -> str:

@@ -144,3 +144,44 @@ def test_wrong_passphrase_fails_restore_and_leaves_target_untouched(
             justification="wrong passphrase test",
         )
     assert fingerprint(scratch_dsn) == before
+
+
+def test_retrying_a_failed_backup_run_keeps_its_id_and_audits_each_attempt(
+    good_backup, settings: Settings, store, env_override, prefect_api
+):
+    """The on-call path at 3 a.m.: a backup run failed, the cause is fixed, Retry is pressed
+    on the same flow run (as the UI and `prefect flow-run retry` do). The retried run
+    names the same backup, and the audit log keeps the failed attempt as it was."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    env_override(WEDEFI_DR_BUCKET="wedefi-no-such-bucket")  # preflight: bucket not writable
+    state = logical_backup(operator="pytest-retry", return_state=True)
+    assert state.is_failed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+
+    env_override(WEDEFI_DR_BUCKET=settings.bucket)
+    time.sleep(1.1)  # an id taken from the clock would now differ
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Scheduled(message="retry from test"), force=True)
+        flow_run = client.read_flow_run(flow_run_id)
+        final = run_flow(
+            flow=logical_backup,
+            flow_run=flow_run,
+            parameters=flow_run.parameters,
+            return_type="state",
+        )
+        assert final.is_completed(), final.message
+        assert client.read_flow_run(flow_run_id).run_count == 2
+    backup_id = final.result()
+
+    with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT backup_id, status FROM backup_audit_log WHERE operator_id = 'pytest-retry' "
+            "ORDER BY start_time"
+        )
+        attempts = cur.fetchall()
+    assert attempts == [(backup_id, "failed"), (backup_id, "success")]
+    assert catalog.resolve(store, "latest").backup_id == backup_id
+    drop_backup(store, backup_id)
