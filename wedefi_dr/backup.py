@@ -195,25 +195,13 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
             on_eof=check_producers,
             progress=_progress_logger(f"backup {backup_id} uploaded"),
         )
-        store.upload_stream(data_key, reader)
-        # upload_fileobj only returns after the reader hit EOF, i.e. after check_producers.
-        head = store.head(data_key)
-        if head is None or head["ContentLength"] != reader.size:
-            raise BackupFailed(
-                f"uploaded object has {head and head['ContentLength']} bytes, sent {reader.size}"
-            )
+        # Returns only after the reader hit EOF, i.e. after check_producers passed.
+        store.upload_all_or_nothing(data_key, reader)
     except BaseException as exc:
         for proc in (dump, gpg):
             if proc is not None and proc.poll() is None:
                 proc.kill()
-        aborted = store.abort_multipart_uploads(data_key)
-        if store.head(data_key) is not None:
-            store.delete(data_key)
-        log.error(
-            "backup %s failed; %d multipart upload(s) aborted, no manifest written",
-            backup_id,
-            aborted,
-        )
+        log.error("backup %s failed; no manifest written", backup_id)
         if isinstance(exc, BackupFailed):
             raise
         raise BackupFailed(f"backup {backup_id} failed: {exc}") from exc

@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 from pydantic import BaseModel
 
-from wedefi_dr import encryption
+from wedefi_dr import catalog, encryption
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, UnknownBackup
 from wedefi_dr.manifest import ObjectInfo, new_backup_id
@@ -38,7 +38,7 @@ from wedefi_dr.pgtools import libpq_env, tool
 log = logging.getLogger(__name__)
 KIND = "base"
 DATA_NAME = "base.tar.gz.gpg"
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = catalog.MANIFEST_NAME
 
 
 class BaseBackupManifest(BaseModel):
@@ -81,13 +81,7 @@ def manifest_key(store: ObjectStore, backup_id: str) -> str:
 
 def list_base_backups(store: ObjectStore) -> list[BaseBackupManifest]:
     """Every base backup with a manifest, oldest first."""
-    found = []
-    for obj in store.list_keys(store.key(KIND) + "/"):
-        if obj["Key"].endswith("/" + MANIFEST_NAME):
-            doc = store.get_json(obj["Key"])
-            if doc is not None:
-                found.append(BaseBackupManifest.model_validate(doc))
-    return sorted(found, key=lambda m: (m.finished_at, m.backup_id))
+    return catalog.list_manifests(store, KIND, BaseBackupManifest)
 
 
 def resolve(store: ObjectStore, backup_id: str) -> BaseBackupManifest:
@@ -206,17 +200,11 @@ def take(settings: Settings, operator: str, backup_id: str | None = None) -> Bas
 
     reader = HashingReader(gpg.stdout, on_eof=check_producers)
     try:
-        store.upload_stream(key, reader)
-        head = store.head(key)
-        if head is None or head["ContentLength"] != reader.size:
-            raise BackupFailed(f"uploaded object has the wrong size (sent {reader.size})")
+        store.upload_all_or_nothing(key, reader)
     except BaseException as exc:
         for p in (proc, gpg):
             if p.poll() is None:
                 p.kill()
-        store.abort_multipart_uploads(key)
-        if store.head(key) is not None:
-            store.delete(key)
         log.error("base backup %s failed; no manifest written", backup_id)
         if isinstance(exc, BackupFailed):
             raise

@@ -7,6 +7,10 @@ are listed. ``latest`` is the newest of those.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+from pydantic import BaseModel
+
 from wedefi_dr.errors import UnknownBackup
 from wedefi_dr.manifest import BACKUP_ID_RE, BackupManifest
 from wedefi_dr.objectstore import ObjectStore
@@ -14,6 +18,8 @@ from wedefi_dr.objectstore import ObjectStore
 KIND = "logical"
 DATA_NAME = "dump.pgc.gpg"
 MANIFEST_NAME = "manifest.json"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def data_key(store: ObjectStore, backup_id: str) -> str:
@@ -37,15 +43,20 @@ def write_manifest(store: ObjectStore, manifest: BackupManifest) -> str:
     return key
 
 
-def list_backups(store: ObjectStore) -> list[BackupManifest]:
-    """Every backup with a manifest, oldest first."""
+def list_manifests(store: ObjectStore, kind: str, model: type[M]) -> list[M]:
+    """Every backup of ``kind`` (``logical``, ``base``) with a manifest, oldest first."""
     manifests = []
-    for obj in store.list_keys(store.key(KIND) + "/"):
+    for obj in store.list_keys(store.key(kind) + "/"):
         if obj["Key"].endswith("/" + MANIFEST_NAME):
             document = store.get_json(obj["Key"])
             if document is not None:
-                manifests.append(BackupManifest.model_validate(document))
+                manifests.append(model.model_validate(document))
     return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
+
+
+def list_backups(store: ObjectStore) -> list[BackupManifest]:
+    """Every logical backup with a manifest, oldest first."""
+    return list_manifests(store, KIND, BackupManifest)
 
 
 def resolve(store: ObjectStore, backup_id: str) -> BackupManifest:

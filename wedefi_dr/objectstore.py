@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import ChecksumMismatch, PreflightFailed, TruncatedObject
+from wedefi_dr.errors import BackupFailed, ChecksumMismatch, PreflightFailed, TruncatedObject
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 
@@ -120,6 +123,30 @@ class ObjectStore:
         self.client.upload_fileobj(
             stream, self.bucket, key, ExtraArgs=extra, Config=self.transfer_config
         )
+
+    def upload_all_or_nothing(self, key: str, reader: HashingReader) -> None:
+        """Upload ``reader`` to ``key``: complete and the right size, or nothing at all.
+
+        On any failure (a producer's error raised at EOF, the network, a short object) the
+        multipart upload is aborted and any object at ``key`` removed, so nothing
+        half-written is left for a manifest to point at, and no orphaned parts are billed.
+        """
+        try:
+            self.upload_stream(key, reader)
+            head = self.head(key)
+            if head is None or head["ContentLength"] != reader.size:
+                raise BackupFailed(
+                    f"uploaded object has {head and head['ContentLength']} bytes, "
+                    f"sent {reader.size}"
+                )
+        except BaseException:
+            aborted = self.abort_multipart_uploads(key)
+            if self.head(key) is not None:
+                self.delete(key)
+            log.error(
+                "upload of %s failed: %d multipart upload(s) aborted, nothing kept", key, aborted
+            )
+            raise
 
     def put_json(self, key: str, document: dict[str, Any]) -> None:
         extra: dict[str, Any] = {}
