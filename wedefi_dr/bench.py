@@ -44,7 +44,7 @@ from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 from rich.console import Console
 from rich.table import Table
 
-from wedefi_dr.config import Settings, get_settings
+from wedefi_dr.config import Settings, apply_prefect_run_defaults, get_settings
 from wedefi_dr.encryption import GpgParams
 from wedefi_dr.errors import DRError
 from wedefi_dr.pgtools import connect, libpq_env, redact_dsn, tool, with_dbname
@@ -397,13 +397,6 @@ def bare_restore(dsn: str, archive: Path, work: Path) -> float:
 
 
 # ---- the flows ---------------------------------------------------------------------------
-def _prefect_defaults() -> None:
-    """The same defaults the CLI gives one-shot flow runs (persisted results, core logs)."""
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 def warm_up_prefect() -> float:
     """Run a throwaway flow so the ephemeral API server's start-up is not billed to a flow."""
     from prefect import flow
@@ -484,7 +477,7 @@ def run_bench(
     bare_dsn = with_dbname(server_dsn, BARE_DB)
     flow_dsn = with_dbname(server_dsn, FLOW_DB)
     params = GpgParams.from_settings(settings)
-    _prefect_defaults()
+    apply_prefect_run_defaults()
     say(f"server {redact_dsn(_maintenance(server_dsn))}")
 
     database = ensure_seeded(server_dsn, scale, reuse, say)

@@ -8,7 +8,6 @@ in a fraction of a second.
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated
 
 import typer
@@ -37,13 +36,6 @@ def _settings():
     from wedefi_dr.config import get_settings
 
     return get_settings()
-
-
-def _prefect_env() -> None:
-    """Defaults for one-shot runs: persisted results, core logs in the run's log."""
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 # ---- stack -----------------------------------------------------------------------------
@@ -124,7 +116,9 @@ def backup(
     operator: Annotated[str, typer.Option(help="who asked for it (audit log)")] = "",
 ) -> None:
     """Run the logical-backup flow; prints the backup id."""
-    _prefect_env()
+    from wedefi_dr.config import apply_prefect_run_defaults
+
+    apply_prefect_run_defaults()
     from flows.backup import logical_backup
 
     try:
@@ -193,7 +187,9 @@ def restore(
         refuse_password_in_dsn(target_dsn)
     except DRError as exc:
         _fail(exc)
-    _prefect_env()
+    from wedefi_dr.config import apply_prefect_run_defaults
+
+    apply_prefect_run_defaults()
     from flows.restore import restore_backup
 
     try:

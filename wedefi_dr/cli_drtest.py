@@ -7,7 +7,6 @@ so that ``wedefi-dr --help`` and the fast commands start in a fraction of a seco
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated
 
 import typer
@@ -15,12 +14,6 @@ from rich.console import Console
 
 err = Console(stderr=True)
 DAMAGE_HELP = "drills only: delete_wallets, orphan_balance, remove_price_day (repeatable)"
-
-
-def _prefect_env() -> None:
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -44,10 +37,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         damage: Annotated[list[str] | None, typer.Option(help=DAMAGE_HELP)] = None,
     ) -> None:
         """Restore → validate → smoke → benchmark → report → notify → metrics → teardown."""
-        from wedefi_dr.config import get_settings
+        from wedefi_dr.config import apply_prefect_run_defaults, get_settings
         from wedefi_dr.errors import DRError
 
-        _prefect_env()
+        apply_prefect_run_defaults()
         from flows.dr_test import DRTestFailed, dr_test
 
         try:
@@ -99,7 +92,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         backup_id: Annotated[str, typer.Argument(help="a backup id, or 'latest'")] = "latest",
     ) -> None:
         """One DR test, printing the split: restore / validate / smoke / benchmark seconds."""
-        _prefect_env()
+        from wedefi_dr.config import apply_prefect_run_defaults
+
+        apply_prefect_run_defaults()
         from flows.dr_test import dr_test
 
         result = dr_test(backup_id=backup_id, operator="bench", justification="DR test benchmark")

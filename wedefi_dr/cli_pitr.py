@@ -47,10 +47,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         operator: Annotated[str, typer.Option(help="who asked for it (audit log)")] = "",
     ) -> None:
         """Run the base-backup flow (pg_basebackup streamed, encrypted); prints its manifest."""
-        from wedefi_dr.cli import _fail, _prefect_env, _settings
+        from wedefi_dr.cli import _fail, _settings
+        from wedefi_dr.config import apply_prefect_run_defaults
         from wedefi_dr.errors import DRError
 
-        _prefect_env()
+        apply_prefect_run_defaults()
         from flows.base_backup import base_backup as flow
 
         try:
@@ -88,7 +89,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         timeline: Annotated[str, typer.Option(help="latest | current | N")] = "latest",
     ) -> None:
         """Run the point-in-time-recovery flow; it pauses for approval (Prefect UI)."""
-        from wedefi_dr.cli import _fail, _prefect_env
+        from wedefi_dr.cli import _fail
+        from wedefi_dr.config import apply_prefect_run_defaults
         from wedefi_dr.errors import DRError, InvalidInput
         from wedefi_dr.pitr import RecoveryTarget, validate_cluster_name
 
@@ -101,7 +103,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             validate_cluster_name(cluster)
         except DRError as exc:
             _fail(exc)
-        _prefect_env()
+        apply_prefect_run_defaults()
         from flows.pitr import point_in_time_recovery
 
         try:

@@ -6,7 +6,6 @@ so that ``wedefi-dr --help`` and the fast commands start in a fraction of a seco
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,9 +63,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         operator: Annotated[str, typer.Option(help="who runs it (audit log)")] = "",
     ) -> None:
         """Run the retention flow: validate the policy, preview, then apply it in batches."""
-        os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-        os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from wedefi_dr.config import apply_prefect_run_defaults
+
+        apply_prefect_run_defaults()
         from flows.retention import retention
         from wedefi_dr.config import get_settings
 
