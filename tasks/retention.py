@@ -84,6 +84,23 @@ def create_targets(policy_path: str, as_of: datetime) -> list[str]:
     return created
 
 
+def _finish_audit(
+    ops: str, audit_id: str, result: batches.TableResult, status: str, error: str | None = None
+) -> None:
+    """The table's audit row, final with what was done (the batches done stay done)."""
+    audit.retention_finished(
+        ops,
+        audit_id,
+        status=status,
+        removed=result.removed,
+        archived=result.archived,
+        summarized=result.summarized,
+        cascaded=result.cascaded,
+        batches=result.batches,
+        error=error,
+    )
+
+
 @task(
     name="apply retention",
     task_run_name="apply retention: {table}",
@@ -140,29 +157,10 @@ def apply_table(
             progress=progress,
         )
     except Exception as exc:
-        audit.retention_finished(
-            ops,
-            audit_id,
-            status="failed",
-            removed=result.removed,
-            archived=result.archived,
-            summarized=result.summarized,
-            cascaded=result.cascaded,
-            batches=result.batches,
-            error=scrub(f"{type(exc).__name__}: {exc}"),
-        )
+        _finish_audit(ops, audit_id, result, "failed", scrub(f"{type(exc).__name__}: {exc}"))
         raise
     progress(result, final=True)
-    audit.retention_finished(
-        ops,
-        audit_id,
-        status="success",
-        removed=result.removed,
-        archived=result.archived,
-        summarized=result.summarized,
-        cascaded=result.cascaded,
-        batches=result.batches,
-    )
+    _finish_audit(ops, audit_id, result, "success")
     if result.removed != expected:
         logger.warning(
             "%s: %d rows removed where the preview counted %d (rows changed during the run)",
