@@ -30,7 +30,7 @@ from tasks.common import (
     scrub,
     send_notification,
 )
-from wedefi_dr.pitr import check_approval
+from wedefi_dr.physical.pitr import check_approval
 
 RTO_BUDGET_SECONDS = 15 * 60  # the plan's RTO
 

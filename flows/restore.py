@@ -20,8 +20,8 @@ from tasks.common import (
     scrub,
     send_notification,
 )
-from wedefi_dr.pgtools import refuse_password_in_dsn
-from wedefi_dr.restore import describe_target
+from wedefi_dr.logical.restore import describe_target
+from wedefi_dr.postgres.tools import refuse_password_in_dsn
 
 
 @flow(name="restore-backup", log_prints=True)

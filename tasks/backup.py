@@ -6,10 +6,11 @@ from typing import Any
 
 from prefect import task
 
-from wedefi_dr import backup, catalog
+from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
-from wedefi_dr.manifest import BackupManifest
-from wedefi_dr.objectstore import ObjectStore
+from wedefi_dr.logical import backup
+from wedefi_dr.storage.s3 import ObjectStore
 
 
 @task(name="preflight", retries=2, retry_delay_seconds=5)
@@ -29,4 +30,4 @@ def dump_encrypt_upload(backup_id: str, operator: str) -> dict[str, Any]:
 @task(name="write manifest", retries=3, retry_delay_seconds=2)
 def write_manifest(manifest: dict[str, Any]) -> str:
     """Written last: from this moment the backup exists."""
-    return catalog.write_manifest(ObjectStore(get_settings()), BackupManifest(**manifest))
+    return listing.write_manifest(ObjectStore(get_settings()), BackupManifest(**manifest))

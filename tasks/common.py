@@ -9,9 +9,9 @@ from prefect import task
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
-from wedefi_dr import audit, metrics, notify
+from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings
-from wedefi_dr.manifest import new_backup_id
+from wedefi_dr.observability import audit, metrics, notify
 
 
 def unless(*permanent: type[BaseException]):

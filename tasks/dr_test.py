@@ -23,12 +23,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 
-from wedefi_dr import audit, catalog, drenv, drmetrics, drreport, metrics, notify, restore
+from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import Settings, get_settings
+from wedefi_dr.drtest import environments
+from wedefi_dr.drtest import report as drreport
 from wedefi_dr.errors import DRError, InvalidInput, UnknownBackup
-from wedefi_dr.manifest import BackupManifest
-from wedefi_dr.objectstore import ObjectStore
-from wedefi_dr.pgtools import connect
+from wedefi_dr.logical import restore
+from wedefi_dr.observability import audit, drtest_metrics, metrics, notify
+from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage.s3 import ObjectStore
 
 # TASK_SOURCE is not optional: a key of INPUTS + RUN_ID alone is the same for two tasks
 # given the same inputs in one run (smoke tests and benchmark both take the environment),
@@ -65,7 +69,7 @@ def env_dir(settings: Settings) -> Path:
 
 
 def provider_for(settings: Settings, kind: str, target_dsn: str | None):
-    return drenv.make_provider(
+    return environments.make_provider(
         kind,
         base_dir=env_dir(settings),
         app_role=settings.dr_app_role,
@@ -81,9 +85,9 @@ def select_backup(backup_id: str, random_within_days: int | None, seed: str) -> 
     tested too); the choice is seeded by the flow run, so a retry picks the same one."""
     store = ObjectStore(get_settings())
     if random_within_days is None:
-        return catalog.resolve(store, backup_id).model_dump(mode="json")
+        return listing.resolve(store, backup_id).model_dump(mode="json")
     since = datetime.now(UTC) - timedelta(days=random_within_days)
-    candidates = [m for m in catalog.list_backups(store) if m.finished_at >= since]
+    candidates = [m for m in listing.list_backups(store) if m.finished_at >= since]
     if not candidates:
         raise UnknownBackup(f"no backup finished in the last {random_within_days} day(s)")
     return random.Random(seed).choice(candidates).model_dump(mode="json")
@@ -101,7 +105,7 @@ def audit_dr_test_started(
 ) -> str:
     return audit.recovery_started(
         get_settings().ops_dsn.get_secret_value(),
-        recovery_type=drmetrics.AUDIT_KIND,
+        recovery_type=drtest_metrics.AUDIT_KIND,
         backup_id=backup_id,
         target=target,
         operator=operator,
@@ -134,7 +138,7 @@ def restore_backup(
     what a copy needs before it could take traffic, so it counts toward the RTO."""
     started = time.time()
     settings = get_settings()
-    env = drenv.DREnvironment.from_dict(environment)
+    env = environments.DREnvironment.from_dict(environment)
     request = restore.RestoreRequest(manifest["backup_id"], env.admin_dsn, operator, justification)
     m = restore.validate(settings, request)
     spool = Path(settings.spool_dir or tempfile.gettempdir())
@@ -146,7 +150,7 @@ def restore_backup(
     counts = restore.verify(m, env.admin_dsn)
     with connect(env.admin_dsn, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("ANALYZE")
-    drenv.grant_read_only(env.admin_dsn, env.app_role)
+    environments.grant_read_only(env.admin_dsn, env.app_role)
     return _timed({"status": "passed", **counts}, started)
 
 
@@ -156,7 +160,7 @@ def damage_restored_copy(
 ) -> dict[str, Any]:
     """For drills only: change the restored copy the way a bad restore would, so the
     suites can show they catch it. Never touches anything but the DR environment."""
-    env = drenv.DREnvironment.from_dict(environment)
+    env = environments.DREnvironment.from_dict(environment)
     done = []
     with connect(env.admin_dsn) as conn, conn.cursor() as cur:
         if "delete_wallets" in damage:
@@ -189,11 +193,11 @@ def validate_copy(
 ) -> dict[str, Any]:
     """The three suites with the manifest's facts as thresholds, then ``bt_index_check``.
     Returns plain dicts (a GX CheckpointResult does not pickle)."""
-    from wedefi_dr import integrity
+    from wedefi_dr.drtest import integrity
 
     drill_fault("validate")
     started = time.time()
-    env = drenv.DREnvironment.from_dict(environment)
+    env = environments.DREnvironment.from_dict(environment)
     try:
         facts = integrity.require_facts(manifest)
     except integrity.MissingIntegrityFacts as exc:
@@ -207,22 +211,22 @@ def validate_copy(
 
 @task(name="4. smoke tests as the application role", persist_result=True, cache_policy=PER_RUN)
 def smoke_tests(environment: dict[str, Any]) -> dict[str, Any]:
-    from wedefi_dr.smoke import run_smoke_tests
+    from wedefi_dr.drtest.smoke import run_smoke_tests
 
     drill_fault("smoke")
     started = time.time()
-    env = drenv.DREnvironment.from_dict(environment)
+    env = environments.DREnvironment.from_dict(environment)
     return _timed(run_smoke_tests(env.app_dsn, env.admin_dsn, env.app_role), started)
 
 
 @task(name="5. benchmark: primary vs DR copy", persist_result=True, cache_policy=PER_RUN)
 def benchmark(environment: dict[str, Any]) -> dict[str, Any]:
-    from wedefi_dr.querybench import run_benchmark
+    from wedefi_dr.drtest.querybench import run_benchmark
 
     drill_fault("benchmark")
     started = time.time()
     settings = get_settings()
-    env = drenv.DREnvironment.from_dict(environment)
+    env = environments.DREnvironment.from_dict(environment)
     result = run_benchmark(
         settings.primary_dsn.get_secret_value(),
         env.admin_dsn,
@@ -279,8 +283,8 @@ def publish_metrics(
     database: str, success: bool, duration_seconds: float, rto_seconds: float | None
 ) -> list[str]:
     settings = get_settings()
-    rate, _ = drmetrics.success_rate(settings.ops_dsn.get_secret_value())
-    registry = drmetrics.dr_test_registry(
+    rate, _ = drtest_metrics.success_rate(settings.ops_dsn.get_secret_value())
+    registry = drtest_metrics.dr_test_registry(
         database=database,
         success=success,
         rate=rate,
@@ -296,7 +300,7 @@ def teardown_environment(
     provider: str, target_dsn: str | None, environment: dict[str, Any]
 ) -> dict:
     started = time.time()
-    env = drenv.DREnvironment.from_dict(environment)
+    env = environments.DREnvironment.from_dict(environment)
     provider_for(get_settings(), provider, target_dsn).teardown(env)
     return _timed({"status": "passed", "removed": env.describe()}, started)
 

@@ -12,10 +12,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from wedefi_dr import audit, basebackup, pitr
 from wedefi_dr.config import get_settings
-from wedefi_dr.objectstore import ObjectStore
-from wedefi_dr.stack import WAL_ENV_NAME, Stack, conf_quote, wal_command
+from wedefi_dr.observability import audit
+from wedefi_dr.physical import basebackup, pitr
+from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr_dev.stack import WAL_ENV_NAME, Stack, conf_quote, wal_command
 
 
 # ---- base backup -------------------------------------------------------------------------

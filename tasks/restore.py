@@ -9,10 +9,11 @@ from typing import Any
 from prefect import task
 
 from tasks.common import unless
-from wedefi_dr import audit, restore
+from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import IntegrityError, InvalidInput
-from wedefi_dr.manifest import BackupManifest
+from wedefi_dr.logical import restore
+from wedefi_dr.observability import audit
 
 
 @task(name="validate restore request")

@@ -17,9 +17,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import scrub
-from wedefi_dr import audit, metrics, retention
-from wedefi_dr import retention_batches as batches
 from wedefi_dr.config import get_settings
+from wedefi_dr.observability import audit, metrics
+from wedefi_dr.retention import batches
+from wedefi_dr.retention import policy as retention
 
 PROGRESS_EVERY_SECONDS = 5.0
 

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import boto3
 
-from wedefi_dr import catalog
-from wedefi_dr.fingerprint import fingerprint_tables
-from wedefi_dr.manifest import BackupManifest, new_backup_id
-from wedefi_dr.objectstore import ObjectStore
-from wedefi_dr.pgtools import connect, libpq_env, tool
+from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
+from wedefi_dr.postgres.fingerprint import fingerprint_tables
+from wedefi_dr.postgres.tools import connect, libpq_env, tool
+from wedefi_dr.storage.s3 import ObjectStore
 
 
 def fingerprint(dsn: str) -> dict[str, dict[str, object]]:
@@ -46,18 +46,18 @@ def clone_backup(
     """
     body = store.client.get_object(Bucket=store.bucket, Key=manifest.object.key)["Body"].read()
     new_id = new_backup_id()
-    key = catalog.data_key(store, new_id)
+    key = listing.data_key(store, new_id)
     store.client.put_object(Bucket=store.bucket, Key=key, Body=mutate(body) if mutate else body)
     copy = manifest.model_copy(
         update={"backup_id": new_id, "object": manifest.object.model_copy(update={"key": key})}
     )
-    store.put_json(catalog.manifest_key(store, new_id), copy.model_dump(mode="json"))
+    store.put_json(listing.manifest_key(store, new_id), copy.model_dump(mode="json"))
     return copy
 
 
 def drop_backup(store: ObjectStore, backup_id: str) -> None:
-    store.delete(catalog.manifest_key(store, backup_id))
-    store.delete(catalog.data_key(store, backup_id))
+    store.delete(listing.manifest_key(store, backup_id))
+    store.delete(listing.data_key(store, backup_id))
 
 
 def recovery_audit_rows(ops_dsn: str) -> int:
@@ -67,7 +67,7 @@ def recovery_audit_rows(ops_dsn: str) -> int:
 
 
 def database_exists(admin_dsn: str, name: str) -> bool:
-    from wedefi_dr.pgtools import with_dbname
+    from wedefi_dr.postgres.tools import with_dbname
 
     with connect(with_dbname(admin_dsn, "postgres")) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))

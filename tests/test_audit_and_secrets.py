@@ -9,9 +9,9 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from wedefi_dr import catalog
+from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
-from wedefi_dr.pgtools import connect
+from wedefi_dr.postgres.tools import connect
 
 
 def test_audit_log_is_append_only_for_the_application_role(good_backup, settings: Settings):
@@ -84,7 +84,7 @@ def test_secrets_never_reach_logs_parameters_artifacts_or_audit(
             "UNION ALL SELECT row_to_json(r)::text FROM recovery_audit_log r"
         )
         recorded += "".join(row[0] for row in cur.fetchall())
-    manifest = catalog.resolve(store, good_backup)
+    manifest = listing.resolve(store, good_backup)
     recorded += manifest.model_dump_json()
     for secret in _secrets(settings):
         assert secret not in recorded

@@ -9,16 +9,16 @@ import pytest
 
 from flows.restore import restore_backup
 from tests.helpers import fingerprint, schema_of
-from wedefi_dr import catalog
+from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import VerificationFailed
-from wedefi_dr.objectstore import ObjectStore
-from wedefi_dr.pgtools import connect, dbname_of, libpq_env, tool
-from wedefi_dr.seed import SAMPLE_WALLET_ADDRESS
+from wedefi_dr.postgres.tools import connect, dbname_of, libpq_env, tool
+from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr_dev.seed import SAMPLE_WALLET_ADDRESS
 
 
 def test_backup_manifest_describes_the_source(good_backup, settings: Settings, store, seeded):
-    manifest = catalog.resolve(store, good_backup)
+    manifest = listing.resolve(store, good_backup)
     assert manifest.backup_id == good_backup
     # Row counts in the manifest are the seeded counts, table by table.
     counts = {name.split(".", 1)[1]: t["rows"] for name, t in manifest.tables.items()}
@@ -92,7 +92,7 @@ def test_no_stored_object_contains_plaintext(
     # An uncompressed dump would show every wallet address in clear text if unencrypted.
     env_override(WEDEFI_DR_COMPRESS_LEVEL="0")
     uncompressed = logical_backup(operator="pytest")
-    manifest = catalog.resolve(store, uncompressed)
+    manifest = listing.resolve(store, uncompressed)
     needles = [b"PGDMP", SAMPLE_WALLET_ADDRESS.encode(), SAMPLE_WALLET_ADDRESS.lower().encode()]
     scanned = 0
     for obj in store.list_keys(""):

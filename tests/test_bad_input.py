@@ -9,11 +9,11 @@ import pytest
 
 from flows.restore import restore_backup
 from tests.helpers import database_exists, recovery_audit_rows
-from wedefi_dr import catalog
+from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput, TargetRefused, UnknownBackup
-from wedefi_dr.manifest import new_backup_id
-from wedefi_dr.pgtools import dbname_of
+from wedefi_dr.postgres.tools import dbname_of
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_cli_reports_bad_input_with_exit_code_2(good_backup, scratch_dsn: str):
         [
             sys.executable,
             "-m",
-            "wedefi_dr.cli",
+            "wedefi_dr_cli.app",
             "restore",
             good_backup,
             "--target-dsn",
@@ -93,14 +93,14 @@ def test_cli_reports_bad_input_with_exit_code_2(good_backup, scratch_dsn: str):
 
 def test_cli_backups_list_and_show(good_backup):
     listed = subprocess.run(
-        [sys.executable, "-m", "wedefi_dr.cli", "backups", "list", "--json"],
+        [sys.executable, "-m", "wedefi_dr_cli.app", "backups", "list", "--json"],
         capture_output=True,
         text=True,
         check=True,
     )
     assert good_backup in listed.stdout
     unknown = subprocess.run(
-        [sys.executable, "-m", "wedefi_dr.cli", "backups", "show", "20200101T000000Z-000000"],
+        [sys.executable, "-m", "wedefi_dr_cli.app", "backups", "show", "20200101T000000Z-000000"],
         capture_output=True,
         text=True,
     )
@@ -114,9 +114,9 @@ def test_restore_refuses_a_backup_fingerprinted_another_way(
     """A manifest whose hashes this version cannot reproduce is refused, not half-restored."""
     from tests.helpers import drop_backup
 
-    manifest = catalog.resolve(store, good_backup)
+    manifest = listing.resolve(store, good_backup)
     old = manifest.model_copy(update={"backup_id": new_backup_id(), "fingerprint_method": "md5"})
-    store.put_json(catalog.manifest_key(store, old.backup_id), old.model_dump(mode="json"))
+    store.put_json(listing.manifest_key(store, old.backup_id), old.model_dump(mode="json"))
     ops = settings.ops_dsn.get_secret_value()
     audit_rows = recovery_audit_rows(ops)
     try:

@@ -20,10 +20,10 @@ import pytest
 from flows.dr_test import DRTestFailed, dr_test
 from tests.helpers import fingerprint
 from tests.helpers import sns_inbox as helpers_sns_inbox
-from wedefi_dr import catalog
+from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.manifest import BackupManifest, new_backup_id
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_dr_test_passes_every_step_and_reports_its_rto(
 def test_damaged_copy_fails_validation_names_each_expectation_and_notifies(
     good_backup, dr_settings: Settings, dr_dirs, settings: Settings, store, sns_inbox
 ):
-    manifest = catalog.resolve(store, good_backup)
+    manifest = listing.resolve(store, good_backup)
     with pytest.raises(DRTestFailed, match=r"3\. validate") as failed:
         dr_test(
             backup_id=good_backup,
@@ -207,18 +207,18 @@ def test_backup_without_integrity_facts_fails_loudly(
     good_backup, dr_settings: Settings, dr_dirs, store
 ):
     """A manifest from before integrity facts: no silent pass, a clear reason instead."""
-    manifest = catalog.resolve(store, good_backup)
+    manifest = listing.resolve(store, good_backup)
     old_id = new_backup_id()
     old = manifest.model_copy(update={"backup_id": old_id, "integrity_facts": None})
-    store.put_json(catalog.manifest_key(store, old_id), old.model_dump(mode="json"))
+    store.put_json(listing.manifest_key(store, old_id), old.model_dump(mode="json"))
     try:
         with pytest.raises(DRTestFailed) as failed:
             dr_test(backup_id=old_id, operator="pytest")
         html = Path(str(failed.value).rsplit("Report: ", 1)[1]).read_text()
         assert f"backup {old_id} has no integrity_facts in its manifest" in html
     finally:
-        store.delete(catalog.manifest_key(store, old_id))
-    assert BackupManifest.model_validate(store.get_json(catalog.manifest_key(store, good_backup)))
+        store.delete(listing.manifest_key(store, old_id))
+    assert BackupManifest.model_validate(store.get_json(listing.manifest_key(store, good_backup)))
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,7 @@ def test_bad_input_is_refused_before_anything_is_created(
 
 
 def test_backup_records_integrity_facts_from_its_snapshot(good_backup, store, seeded):
-    facts = catalog.resolve(store, good_backup).integrity_facts
+    facts = listing.resolve(store, good_backup).integrity_facts
     assert facts["portfolio"]["wallet_count"] == seeded["Wallet"]
     assert facts["portfolio"]["orphan_balances"] == 0
     # The seed prices every token every 40 minutes: all of them on each of the 7 days.
@@ -262,7 +262,7 @@ def test_existing_server_provider_uses_set_role_and_drops_only_its_database(
 ):
     """--provider dsn: a database the DR test creates on a server it does not run."""
     from tests.helpers import database_exists
-    from wedefi_dr.pgtools import dbname_of
+    from wedefi_dr.postgres.tools import dbname_of
 
     admin = settings.primary_dsn.get_secret_value()
     result = dr_test(

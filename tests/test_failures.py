@@ -11,10 +11,10 @@ import pytest
 from flows.backup import logical_backup
 from flows.restore import restore_backup
 from tests.helpers import clone_backup, drop_backup, fingerprint, sns_inbox
-from wedefi_dr import catalog
+from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, ChecksumMismatch, TruncatedObject, WrongPassphrase
-from wedefi_dr.pgtools import connect, with_dbname
+from wedefi_dr.postgres.tools import connect, with_dbname
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_backup_interrupted_mid_upload_leaves_no_backup(
     assert len(seen) == 2, "expected the first attempt and its one retry to be interrupted"
     assert isinstance(outcome.get("error"), BackupFailed), outcome
     backup_id = uploads_keys[0].split("/")[-2]
-    assert store.head(catalog.manifest_key(store, backup_id)) is None
-    assert store.head(catalog.data_key(store, backup_id)) is None
+    assert store.head(listing.manifest_key(store, backup_id)) is None
+    assert store.head(listing.data_key(store, backup_id)) is None
     assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
     with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
         cur.execute(
@@ -101,8 +101,8 @@ def test_backup_interrupted_mid_upload_leaves_no_backup(
     assert "pg_dump" in notice["error"]
     assert settings.gpg_passphrase.get_secret_value() not in json.dumps(notice)
     env_override(WEDEFI_DR_PRIMARY_DSN=settings.primary_dsn.get_secret_value())
-    assert catalog.resolve(store, "latest").backup_id != backup_id
-    assert good_backup in {m.backup_id for m in catalog.list_backups(store)}
+    assert listing.resolve(store, "latest").backup_id != backup_id
+    assert good_backup in {m.backup_id for m in listing.list_backups(store)}
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,7 @@ def test_backup_interrupted_mid_upload_leaves_no_backup(
 def test_damaged_object_fails_restore_and_leaves_target_untouched(
     good_backup, store, scratch_dsn: str, damage, error
 ):
-    damaged = clone_backup(store, catalog.resolve(store, good_backup), damage)
+    damaged = clone_backup(store, listing.resolve(store, good_backup), damage)
     before = _target_with_sentinel(scratch_dsn)
     try:
         with pytest.raises(error):
@@ -183,5 +183,5 @@ def test_retrying_a_failed_backup_run_keeps_its_id_and_audits_each_attempt(
         )
         attempts = cur.fetchall()
     assert attempts == [(backup_id, "failed"), (backup_id, "success")]
-    assert catalog.resolve(store, "latest").backup_id == backup_id
+    assert listing.resolve(store, "latest").backup_id == backup_id
     drop_backup(store, backup_id)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from wedefi_dr.audit import scrub
-from wedefi_dr.fingerprint import compare, fingerprint_tables
-from wedefi_dr.pgtools import connect, redact_dsn, with_dbname
+from wedefi_dr.observability.audit import scrub
+from wedefi_dr.postgres.fingerprint import compare, fingerprint_tables
+from wedefi_dr.postgres.tools import connect, redact_dsn, with_dbname
 
 
 def _make(admin_dsn: str, name: str, rows: list[tuple]) -> str:

@@ -25,11 +25,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.flow_runs import resume_flow_run
 
-from wedefi_dr import wal
 from wedefi_dr.config import get_settings
-from wedefi_dr.pgtools import connect, tool
-from wedefi_dr.pitr import ApprovalRefused, RecoveryFailed, TargetOutsideWindow
-from wedefi_dr.stack import Cluster, Stack
+from wedefi_dr.physical import wal
+from wedefi_dr.physical.pitr import ApprovalRefused, RecoveryFailed, TargetOutsideWindow
+from wedefi_dr.postgres.tools import connect, tool
+from wedefi_dr_dev.stack import Cluster, Stack
 
 ONE = {"approve": True, "approvers": ["alice"]}
 BREAK_GLASS = {"approve": True, "approvers": ["alice", "bob"], "emergency_declared": True}
@@ -206,7 +206,7 @@ def recovered_cluster(history: dict, name: str) -> Cluster:
 def test_window_and_target_before_earliest_base_backup_refused(history, settings):
     from typer.testing import CliRunner
 
-    from wedefi_dr.cli import app
+    from wedefi_dr_cli.app import app
 
     shown = CliRunner().invoke(app, ["pitr", "window", "--json"])
     assert shown.exit_code == 0, shown.output
@@ -240,7 +240,7 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
     assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
     auto_conf = (c.data / "postgresql.auto.conf").read_text()
-    assert "wedefi_dr.wal fetch" in auto_conf
+    assert "wedefi_dr.physical.wal fetch" in auto_conf
     assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
     assert oct((c.home / "wal-restore.env").stat().st_mode & 0o777) == "0o600"
     assert not (c.data / "recovery.signal").exists()  # promoted: recovery is over
@@ -487,7 +487,7 @@ def test_break_glass_recovery_of_production_keeps_old_data_and_archives_new_time
 )
 def test_bad_targets_are_refused_with_the_reason(kind, value, timeline, message):
     from wedefi_dr.errors import InvalidInput
-    from wedefi_dr.pitr import RecoveryTarget
+    from wedefi_dr.physical.pitr import RecoveryTarget
 
     with pytest.raises(InvalidInput, match=message):
         RecoveryTarget.parse(kind, value, timeline=timeline)
@@ -507,7 +507,7 @@ def test_bad_targets_are_refused_with_the_reason(kind, value, timeline, message)
     ],
 )
 def test_approval_rules(production, approval, message):
-    from wedefi_dr.pitr import check_approval
+    from wedefi_dr.physical.pitr import check_approval
 
     with pytest.raises(ApprovalRefused, match=message):
         check_approval(
@@ -529,7 +529,7 @@ def test_approval_rules(production, approval, message):
 @pytest.mark.parametrize("name", ["ops", "Primary", "../etc", ""])
 def test_reserved_or_malformed_cluster_names_are_refused(name):
     from wedefi_dr.errors import InvalidInput
-    from wedefi_dr.pitr import validate_cluster_name
+    from wedefi_dr.physical.pitr import validate_cluster_name
 
     with pytest.raises(InvalidInput):
         validate_cluster_name(name)

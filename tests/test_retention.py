@@ -28,12 +28,12 @@ from psycopg2 import sql
 
 from flows.retention import retention
 from tests.helpers import fingerprint
-from wedefi_dr import retention as core
-from wedefi_dr import retention_batches as batches
-from wedefi_dr import seed as seeding
 from wedefi_dr.config import PROJECT_ROOT, Settings, get_settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.pgtools import connect, with_dbname
+from wedefi_dr.postgres.tools import connect, with_dbname
+from wedefi_dr.retention import batches
+from wedefi_dr.retention import policy as core
+from wedefi_dr_dev import seed as seeding
 
 POLICY = PROJECT_ROOT / "deployments" / "retention.yaml"
 SEED_NOW = datetime.now(UTC).replace(tzinfo=None, minute=0, second=0, microsecond=0)

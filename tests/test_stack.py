@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from wedefi_dr.stack import Stack, pid_alive
+from wedefi_dr_dev.stack import Stack, pid_alive
 
 
 def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):

@@ -1,6 +1,6 @@
 """WAL archive: wal-push / wal-fetch keep PostgreSQL's archive contract, end to end.
 
-Every call runs the real command line (``python -I -m wedefi_dr.wal``, as the server
+Every call runs the real command line (``python -I -m wedefi_dr.physical.wal``, as the server
 runs it) against the session's moto S3 server with real gpg. Each test archives into its
 own prefix, so the production archive of the session primary is never touched.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from wedefi_dr import pitr, wal
 from wedefi_dr.config import Settings
-from wedefi_dr.pgtools import connect
-from wedefi_dr.stack import Stack
+from wedefi_dr.physical import pitr, wal
+from wedefi_dr.postgres.tools import connect
+from wedefi_dr_dev.stack import Stack
 
 SEG = 16 * 1024 * 1024
 FIRST = "000000010000000000000010"
@@ -45,7 +45,15 @@ def archive(settings: Settings, tmp_path: Path):
 
 def wal_cmd(archive: dict, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-I", "-m", "wedefi_dr.wal", args[0], "--env-file", str(archive["env"])]
+        [
+            sys.executable,
+            "-I",
+            "-m",
+            "wedefi_dr.physical.wal",
+            args[0],
+            "--env-file",
+            str(archive["env"]),
+        ]
         + list(args[1:]),
         capture_output=True,
         text=True,
@@ -230,7 +238,7 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
         cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
         segment = cur.fetchone()[0]
         cur.execute("SELECT pg_switch_wal()")
-        assert "wedefi_dr.wal push" in command
+        assert "wedefi_dr.physical.wal push" in command
         assert settings.gpg_passphrase.get_secret_value() not in command
         deadline = time.monotonic() + 60
         archived = None

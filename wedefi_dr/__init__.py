@@ -1,0 +1,1 @@
+"""The core: plain Python, no Prefect, in one subpackage per domain of the DR runbook."""

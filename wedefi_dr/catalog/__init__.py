@@ -1,0 +1,1 @@
+"""What backups exist: manifests (one per backup, written last) and their listing."""

@@ -1,0 +1,1 @@
+"""The monthly DR test: environments, integrity suites, smoke tests, query benchmark, report."""

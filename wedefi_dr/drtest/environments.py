@@ -1,0 +1,320 @@
+"""DR environments: where the monthly DR test restores a backup, and how it goes away again.
+
+Three providers, one small contract (``provision(name) -> DREnvironment``, ``teardown(env)``):
+
+- ``local`` (default): a fresh PostgreSQL cluster made with the stack's own
+  :class:`wedefi_dr_dev.stack.Cluster` in a folder of its own. It is reached over its Unix
+  socket with ``peer`` authentication mapped from the OS user running the test to the
+  superuser and to the application role, so no password exists to leak: not in a DSN, a
+  flow parameter, a persisted task result or a report.
+- ``dsn``: an existing server named by a password-less DSN (PGPASSFILE holds the secret),
+  e.g. the plan's ``wedefi-dr-test`` host. Its database is dropped at teardown only when
+  the DR test created it.
+- ``docker``: the docker SDK starts a ``postgres`` container for hosts that run an engine.
+  It cannot be the only path (CI and this stack have no engine): asking for it without a
+  reachable engine is refused before anything is created.
+
+A :class:`DREnvironment` is plain data (it is a persisted Prefect task result): DSNs and
+names, never a connection or a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from wedefi_dr.errors import DRError, InvalidInput
+from wedefi_dr.postgres.tools import (
+    connect,
+    dbname_of,
+    redact_dsn,
+    refuse_password_in_dsn,
+    with_dbname,
+)
+from wedefi_dr_dev.stack import Cluster, free_port
+
+log = logging.getLogger(__name__)
+PROVIDERS = ("local", "dsn", "docker")
+DR_DATABASE = "wedefi_dr_test"  # the plan's name for the restored copy
+PEER_MAP = "wedefi_dr"
+
+
+class ProvisioningFailed(DRError):
+    """The DR environment could not be created; nothing was restored."""
+
+
+@dataclass
+class DREnvironment:
+    provider: str
+    name: str
+    admin_dsn: str  # superuser (or owner) on the DR server, the target database; no password
+    app_role: str
+    app_dsn: str | None = None  # the application role's own login; None: SET ROLE on admin
+    home: str | None = None
+    port: int | None = None
+    container_id: str | None = None
+    created_database: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DREnvironment:
+        return cls(**data)
+
+    def describe(self) -> str:
+        return f"{self.provider} DR environment {self.name} ({redact_dsn(self.admin_dsn)})"
+
+
+def _os_user() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def ensure_app_role(admin_dsn: str, role: str, *, login: bool) -> None:
+    """Create the application role before the restore (a dump's GRANTs may name it)."""
+    with connect(with_dbname(admin_dsn, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+        if cur.fetchone() is None:
+            cur.execute(
+                sql.SQL("CREATE ROLE {} " + ("LOGIN" if login else "NOLOGIN")).format(
+                    sql.Identifier(role)
+                )
+            )
+
+
+def grant_read_only(admin_dsn: str, role: str) -> None:
+    """After the restore: the application role may connect and read, nothing more.
+
+    The DR copy is evidence; smoke tests must not be able to change what was validated.
+    """
+    with connect(admin_dsn) as conn, conn.cursor() as cur:
+        role_id = sql.Identifier(role)
+        cur.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(dbname_of(admin_dsn)), role_id
+            )
+        )
+        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role_id))
+        cur.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(role_id))
+
+
+class LocalClusterProvider:
+    """A throw-away cluster on this host, peer-authenticated over its Unix socket."""
+
+    kind = "local"
+
+    def __init__(self, base_dir: Path, app_role: str, fast: bool = False) -> None:
+        self.base_dir = Path(base_dir)
+        self.app_role = app_role
+        self.fast = fast
+
+    def _cluster(self, name: str, home: Path, port: int) -> Cluster:
+        # The superuser password exists only for initdb; it is never stored or used.
+        return Cluster(
+            name=name, home=home, port=port, password=secrets.token_urlsafe(24), fast=self.fast
+        )
+
+    def provision(self, name: str) -> DREnvironment:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.chmod(0o755)  # the postgres OS user must reach the cluster below it
+        home = self.base_dir / name
+        if home.exists():
+            raise ProvisioningFailed(f"{home} already exists: a DR environment named {name}")
+        port = free_port()
+        cluster = self._cluster(name, home, port)
+        t0 = time.monotonic()
+        cluster.init()
+        user = _os_user()
+        # Peer authentication on the socket, first in pg_hba: the OS user running the DR
+        # test may log in as the superuser and as the application role, nobody else.
+        hba = cluster.data / "pg_hba.conf"
+        hba.write_text(f"local all all peer map={PEER_MAP}\n" + hba.read_text())
+        ident = cluster.data / "pg_ident.conf"
+        with ident.open("a") as f:
+            f.write(f"{PEER_MAP} {user} postgres\n{PEER_MAP} {user} {self.app_role}\n")
+        cluster.start()
+        env = DREnvironment(
+            provider=self.kind,
+            name=name,
+            admin_dsn=f"host={home} port={port} user=postgres dbname={DR_DATABASE}",
+            app_role=self.app_role,
+            app_dsn=f"host={home} port={port} user={self.app_role} dbname={DR_DATABASE}",
+            home=str(home),
+            port=port,
+            created_database=True,
+        )
+        ensure_app_role(env.admin_dsn, self.app_role, login=True)
+        log.info("provisioned %s in %.1f s", env.describe(), time.monotonic() - t0)
+        return env
+
+    def teardown(self, env: DREnvironment) -> None:
+        home = Path(env.home or "")
+        if not env.home or not (home / "data").exists():
+            return
+        cluster = self._cluster(env.name, home, env.port or 0)
+        cluster.stop()
+        shutil.rmtree(home)
+        log.info("removed %s", env.describe())
+
+
+class ExistingServerProvider:
+    """A server someone else runs; the DR test owns only the database it creates there."""
+
+    kind = "dsn"
+
+    def __init__(self, target_dsn: str, app_role: str) -> None:
+        refuse_password_in_dsn(target_dsn)
+        self.target_dsn = target_dsn
+        self.app_role = app_role
+
+    def provision(self, name: str) -> DREnvironment:
+        dsn = self.target_dsn
+        if not dbname_of(dsn):
+            dsn = with_dbname(dsn, DR_DATABASE)
+        try:
+            with (
+                connect(with_dbname(dsn, "postgres"), autocommit=True) as conn,
+                conn.cursor() as cur,
+            ):
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname_of(dsn),))
+                created = cur.fetchone() is None
+                if created:
+                    cur.execute(
+                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname_of(dsn)))
+                    )
+        except psycopg2.OperationalError as exc:
+            raise ProvisioningFailed(
+                f"cannot reach the DR server {redact_dsn(dsn)}: {str(exc).strip()}"
+            ) from exc
+        ensure_app_role(dsn, self.app_role, login=False)
+        return DREnvironment(
+            provider=self.kind,
+            name=name,
+            admin_dsn=dsn,
+            app_role=self.app_role,
+            created_database=created,
+        )
+
+    def teardown(self, env: DREnvironment) -> None:
+        if not env.created_database:
+            log.info("leaving %s: the DR test did not create it", env.describe())
+            return
+        with (
+            connect(with_dbname(env.admin_dsn, "postgres"), autocommit=True) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(dbname_of(env.admin_dsn))
+                )
+            )
+
+
+class DockerProvider:
+    """A ``postgres`` container via the docker SDK, published on loopback only."""
+
+    kind = "docker"
+
+    def __init__(self, base_dir: Path, app_role: str, image: str) -> None:
+        self.base_dir = Path(base_dir)
+        self.app_role = app_role
+        self.image = image
+        try:
+            import docker
+
+            self.client = docker.from_env()
+            self.client.ping()
+        except Exception as exc:  # DockerException, or no SDK: refused before any change
+            raise InvalidInput(
+                f"the docker provider needs a reachable Docker engine ({exc}); on this host "
+                "use --provider local (a fresh cluster) or --provider dsn --target-dsn ..."
+            ) from exc
+
+    def provision(self, name: str) -> DREnvironment:
+        home = self.base_dir / name
+        home.mkdir(parents=True, exist_ok=False)
+        password = secrets.token_urlsafe(24)
+        port = free_port()
+        container = self.client.containers.run(
+            self.image,
+            detach=True,
+            name=f"wedefi-dr-{name}",
+            environment={"POSTGRES_PASSWORD": password},
+            ports={"5432/tcp": ("127.0.0.1", port)},
+            labels={"wedefi-dr.environment": name},
+        )
+        # The password lives in a 0600 passfile next to the environment, named by the DSN.
+        passfile = home / "pgpass"
+        passfile.write_text(f"127.0.0.1:{port}:*:postgres:{password}\n")
+        passfile.chmod(0o600)
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname={DR_DATABASE} passfile={passfile}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with (
+                    connect(with_dbname(dsn, "postgres"), autocommit=True) as conn,
+                    conn.cursor() as cur,
+                ):
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DR_DATABASE)))
+                break
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline:
+                    container.remove(force=True)
+                    raise ProvisioningFailed(
+                        f"container {container.short_id} accepted no connection in 120 s"
+                    ) from None
+                time.sleep(1)
+        ensure_app_role(dsn, self.app_role, login=False)
+        return DREnvironment(
+            provider=self.kind,
+            name=name,
+            admin_dsn=dsn,
+            app_role=self.app_role,
+            home=str(home),
+            port=port,
+            container_id=container.id,
+            created_database=True,
+        )
+
+    def teardown(self, env: DREnvironment) -> None:
+        import docker.errors
+
+        if env.container_id:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.containers.get(env.container_id).remove(force=True)
+        if env.home:
+            shutil.rmtree(env.home, ignore_errors=True)
+
+
+def make_provider(
+    kind: str,
+    *,
+    base_dir: Path,
+    app_role: str,
+    target_dsn: str | None = None,
+    docker_image: str = "postgres:15",
+    fast: bool = False,
+):
+    """The provider for ``kind``; bad choices are refused here, before any side effect."""
+    if kind not in PROVIDERS:
+        raise InvalidInput(f"unknown DR environment provider {kind!r}: one of {PROVIDERS}")
+    if kind == "dsn":
+        if not target_dsn:
+            raise InvalidInput("--provider dsn needs --target-dsn (the DR server, no password)")
+        return ExistingServerProvider(target_dsn, app_role)
+    if target_dsn:
+        raise InvalidInput(f"--target-dsn is only for --provider dsn, not {kind!r}")
+    if kind == "docker":
+        return DockerProvider(base_dir, app_role, docker_image)
+    return LocalClusterProvider(base_dir, app_role, fast=fast)

@@ -1,0 +1,158 @@
+"""The DR report: one HTML file (with a timeline against the RTO) and a markdown summary.
+
+Rendered with jinja2 from ``templates/``, written next to the validation's Data Docs in
+the report folder, and uploaded beside the backup it tested
+(``<prefix>/logical/<backup_id>/dr-tests/<run>/``), so that the evidence of a backup's last
+DR test lives where the backup lives. It holds names, counts, timings and reasons, never
+a DSN with credentials or a secret.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader
+
+from wedefi_dr.catalog import listing
+from wedefi_dr.storage.s3 import ObjectStore
+
+TEMPLATES = Path(__file__).parent / "templates"
+RTO_STEPS = ("restore", "validate")  # RTO = restore start -> validation finished
+
+
+def _env() -> Environment:
+    return Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=lambda name: bool(name and name.endswith(".html.j2")),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def rto_seconds(steps: list[dict[str, Any]]) -> float | None:
+    """Restore start → validation end; None when the copy was never validated."""
+    by_key = {s["key"]: s for s in steps}
+    restore, validate = by_key.get("restore"), by_key.get("validate")
+    if not restore or not validate or validate.get("finished") is None:
+        return None
+    if restore.get("started") is None:
+        return None
+    return round(validate["finished"] - restore["started"], 3)
+
+
+def failed_expectations(validation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not validation:
+        return []
+    return [
+        {"suite": name, **check}
+        for name, suite in validation.get("suites", {}).items()
+        for check in suite.get("checks", [])
+        if not check["success"]
+    ]
+
+
+def build_context(
+    *,
+    run_name: str,
+    manifest: dict[str, Any],
+    environment: str,
+    operator: str,
+    steps: list[dict[str, Any]],
+    validation: dict[str, Any] | None,
+    smoke: dict[str, Any] | None,
+    benchmark: dict[str, Any] | None,
+    rto_objective_seconds: float,
+    success: bool,
+) -> dict[str, Any]:
+    timed = [s for s in steps if s.get("started") is not None and s.get("seconds") is not None]
+    origin = min((s["started"] for s in timed), default=0.0)
+    timeline = [
+        {
+            "name": s["name"],
+            "status": s["status"],
+            "offset": s["started"] - origin,
+            "seconds": s["seconds"],
+        }
+        for s in timed
+    ]
+    span = max((t["offset"] + t["seconds"] for t in timeline), default=1.0) or 1.0
+    restore_offset = next(
+        (t["offset"] for s, t in zip(timed, timeline, strict=False) if s["key"] == "restore"), 0
+    )
+    rto = rto_seconds(steps)
+    return {
+        "run_name": run_name,
+        "backup_id": manifest["backup_id"],
+        "backup_finished_at": manifest.get("finished_at"),
+        "source": f"{manifest['source']['dbname']} on {manifest['source']['host']}:"
+        f"{manifest['source']['port']} (PostgreSQL {manifest['source']['server_version']})",
+        "environment": environment,
+        "operator": operator,
+        "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "steps": steps,
+        "timeline": timeline,
+        "chart_span": span,
+        "restore_offset": restore_offset,
+        "rto_seconds": rto,
+        "rto_objective_seconds": rto_objective_seconds,
+        "rto_met": rto is not None and rto <= rto_objective_seconds,
+        "validation": validation,
+        "failed_expectations": failed_expectations(validation),
+        "smoke": smoke,
+        "benchmark": benchmark,
+        "success": success,
+        "data_docs_href": "data_docs/index.html",
+    }
+
+
+def report_prefix(store: ObjectStore, backup_id: str, run_name: str) -> str:
+    return store.key(listing.KIND, backup_id, "dr-tests", run_name)
+
+
+def _upload_tree(store: ObjectStore, folder: Path, prefix: str) -> int:
+    count = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        extra: dict[str, Any] = {}
+        if store.settings.sse:
+            extra["ServerSideEncryption"] = store.settings.sse
+        store.client.put_object(
+            Bucket=store.bucket,
+            Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
+            Body=path.read_bytes(),
+            ContentType=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+            **extra,
+        )
+        count += 1
+    return count
+
+
+def write_report(
+    context: dict[str, Any], report_dir: Path, store: ObjectStore | None
+) -> dict[str, Any]:
+    """Render both forms, write the HTML into ``report_dir`` and upload the folder."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    html_path = report_dir / "report.html"
+    prefix = report_prefix(store, context["backup_id"], context["run_name"]) if store else None
+    context = {
+        **context,
+        "html_location": (f"s3://{store.bucket}/{prefix}/report.html" if store else "")
+        + f" (local copy {html_path})",
+        "data_docs_location": (
+            f"s3://{store.bucket}/{prefix}/data_docs/index.html" if store else ""
+        )
+        + f" (local copy {report_dir / 'data_docs' / 'index.html'})",
+    }
+    env = _env()
+    html_path.write_text(env.get_template("dr_report.html.j2").render(r=context), encoding="utf-8")
+    markdown = env.get_template("dr_report.md.j2").render(r=context)
+    (report_dir / "report.md").write_text(markdown, encoding="utf-8")
+    uploaded = _upload_tree(store, report_dir, prefix) if store else 0
+    return {
+        "html": str(html_path),
+        "markdown": markdown,
+        "s3_html": f"s3://{store.bucket}/{prefix}/report.html" if store else None,
+        "uploaded_objects": uploaded,
+    }

@@ -1,0 +1,1 @@
+"""Logical backups: pg_dump to the object store, and the verified restore."""

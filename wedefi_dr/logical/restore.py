@@ -1,0 +1,224 @@
+"""Restore a logical backup into a named target, proving every step.
+
+Order matters, because the target must stay untouched by anything unverified:
+
+1. validate the request (backup exists, target named and not the source, operator and
+   justification given) — no side effect yet;
+2. download the ciphertext to a spool file (it is encrypted; no plaintext on disk) and
+   check its size and sha256 against the manifest: a flipped byte or a truncated object
+   stops here;
+3. start ``gpg --decrypt`` and read the first block: a wrong passphrase stops here, before
+   ``pg_restore`` starts;
+4. ``pg_restore --clean --if-exists --single-transaction`` from the plaintext stream
+   (hashing it on the way); any error rolls the whole restore back;
+5. fingerprint every table of the target and compare with the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import parse_dsn
+
+from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import BackupManifest
+from wedefi_dr.config import Settings
+from wedefi_dr.errors import (
+    DecryptionFailed,
+    InvalidInput,
+    RestoreFailed,
+    TargetRefused,
+    VerificationFailed,
+)
+from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
+from wedefi_dr.postgres.tools import connect, dbname_of, libpq_env, redact_dsn, tool, with_dbname
+from wedefi_dr.storage import encryption
+from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
+
+log = logging.getLogger(__name__)
+PGDMP_MAGIC = b"PGDMP"
+
+
+@dataclass
+class RestoreRequest:
+    backup_id: str
+    target_dsn: str
+    operator: str
+    justification: str
+    allow_source_overwrite: bool = False
+
+
+def describe_target(dsn: str) -> str:
+    """host:port/dbname — what audit rows and reports say instead of a DSN."""
+    p = parse_dsn(dsn)
+    return f"{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', '')}"
+
+
+def _target_identity(dsn: str) -> str:
+    """The target server's system identifier (read-only; the target db may not exist yet)."""
+    maintenance = with_dbname(dsn, "postgres")
+    try:
+        with connect(maintenance) as conn, conn.cursor() as cur:
+            cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+            return cur.fetchone()[0]
+    except psycopg2.OperationalError as exc:
+        raise InvalidInput(
+            f"cannot reach the restore target {redact_dsn(dsn)}: {str(exc).strip()}"
+        ) from exc
+
+
+def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
+    """Every refusal, before anything is downloaded, created or changed."""
+    if not request.operator or not request.operator.strip():
+        raise InvalidInput("--operator is required: who is restoring (it goes in the audit log)")
+    if not request.justification or not request.justification.strip():
+        raise InvalidInput("--justification is required: why this restore (audit log)")
+    if not request.target_dsn or not dbname_of(request.target_dsn):
+        raise InvalidInput("--target-dsn must name a database (dbname=...)")
+    settings.require("ops_dsn", "gpg_passphrase")
+    manifest = listing.resolve(ObjectStore(settings), request.backup_id)
+    if manifest.fingerprint_method != FINGERPRINT_METHOD:
+        raise InvalidInput(
+            f"backup {manifest.backup_id} was fingerprinted with {manifest.fingerprint_method!r}; "
+            f"this version computes {FINGERPRINT_METHOD!r}, so a restore could not be verified. "
+            "Restore it with the version that took it, or by hand (README: break-glass)."
+        )
+    target_db = dbname_of(request.target_dsn)
+    if (
+        _target_identity(request.target_dsn) == manifest.source.system_identifier
+        and target_db == manifest.source.dbname
+        and not request.allow_source_overwrite
+    ):
+        raise TargetRefused(
+            f"refusing to restore over {describe_target(request.target_dsn)}: it is the "
+            f"database backup {manifest.backup_id} was taken from. Restore into another "
+            "database, or pass --overwrite-source if replacing the source is really intended"
+        )
+    return manifest
+
+
+def fetch_verified(settings: Settings, manifest: BackupManifest, spool_dir: Path) -> Path:
+    """Download the ciphertext and prove it is byte-for-byte what was stored."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    path = spool_dir / f"{manifest.backup_id}.pgc.gpg"
+    store = ObjectStore(settings, bucket=manifest.object.bucket)
+    t0 = time.monotonic()
+    store.download_verified(
+        manifest.object.key,
+        path,
+        size_bytes=manifest.object.size_bytes,
+        sha256=manifest.object.sha256,
+    )
+    log.info(
+        "downloaded and verified %d bytes in %.1f s",
+        manifest.object.size_bytes,
+        time.monotonic() - t0,
+    )
+    return path
+
+
+def _read_full(stream, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _ensure_database(target_dsn: str) -> None:
+    """Create the target database when it does not exist (an empty one loses nothing)."""
+    name = dbname_of(target_dsn)
+    maintenance = with_dbname(target_dsn, "postgres")
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            log.info("created target database %s", name)
+
+
+def decrypt_and_restore(
+    settings: Settings, manifest: BackupManifest, ciphertext: Path, target_dsn: str
+) -> None:
+    """gpg --decrypt | pg_restore --single-transaction, checking the plaintext hash."""
+    gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), ciphertext)
+    first = _read_full(gpg.stdout, READ_CHUNK)
+    if not first:
+        gpg.wait()
+        raise encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+    if not first.startswith(PGDMP_MAGIC):
+        gpg.kill()
+        raise DecryptionFailed("decrypted data is not a pg_dump custom archive (no PGDMP header)")
+
+    _ensure_database(target_dsn)
+    restore = subprocess.Popen(
+        [
+            tool("pg_restore"),
+            "--clean",
+            "--if-exists",
+            "--single-transaction",
+            "--exit-on-error",
+            "--no-password",
+            f"--dbname={dbname_of(target_dsn)}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=libpq_env(target_dsn),
+    )
+    digest, size = hashlib.sha256(), 0
+    problem: str | None = None
+    try:
+        chunk = first
+        while chunk:
+            digest.update(chunk)
+            size += len(chunk)
+            restore.stdin.write(chunk)
+            chunk = gpg.stdout.read(READ_CHUNK)
+        if gpg.wait() != 0:
+            problem = str(encryption.decrypt_error(gpg.returncode, gpg.stderr.read()))
+        elif (
+            digest.hexdigest() != manifest.plaintext.sha256 or size != manifest.plaintext.size_bytes
+        ):
+            problem = (
+                f"decrypted stream sha256 {digest.hexdigest()} ({size} bytes) does not match the "
+                f"manifest's {manifest.plaintext.sha256} ({manifest.plaintext.size_bytes} bytes)"
+            )
+    except BrokenPipeError:
+        pass  # pg_restore stopped reading: its exit code and stderr say why
+    if problem:
+        restore.kill()  # before EOF: the single transaction never commits
+        restore.wait()
+        raise DecryptionFailed(problem + "; the target was rolled back")
+    with contextlib.suppress(BrokenPipeError):
+        restore.stdin.close()
+    err = restore.stderr.read().decode(errors="replace")
+    if restore.wait() != 0:
+        gpg.kill()
+        raise RestoreFailed(
+            f"pg_restore into {describe_target(target_dsn)} failed (exit {restore.returncode}); "
+            f"the single transaction was rolled back: {err.strip()[-1500:]}"
+        )
+
+
+def verify(manifest: BackupManifest, target_dsn: str) -> dict[str, int]:
+    """Compare every table's row count and content hash with the manifest."""
+    with connect(target_dsn) as conn:
+        actual = fingerprint_tables(conn)
+    problems = compare(manifest.tables, actual)
+    if problems:
+        raise VerificationFailed(
+            f"restore of {manifest.backup_id} into {describe_target(target_dsn)} differs from "
+            f"the backup in {len(problems)} table(s): " + "; ".join(problems[:10])
+        )
+    return {"tables": len(actual), "rows": sum(int(t["rows"]) for t in actual.values())}

@@ -1,0 +1,1 @@
+"""What the product tells people: the audit trail, metrics and notifications."""

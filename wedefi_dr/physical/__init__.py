@@ -1,0 +1,1 @@
+"""The physical path: WAL archive (archive/restore_command), base backups, PITR."""

@@ -1,0 +1,576 @@
+"""The WAL archive: ``wal-push`` for ``archive_command``, ``wal-fetch`` for ``restore_command``.
+
+Both run once per file, as the ``postgres`` OS user, started by the server itself, so they
+import only the standard library, boto3 and the settings (no Prefect, no GX, no pandas):
+``python -I -m wedefi_dr.physical.wal push|fetch`` is what the stack configures.
+
+PostgreSQL's contract, which this module keeps exactly:
+
+- ``push`` exits 0 only once the object is durably stored (S3 PUT returned). A re-push of
+  identical content exits 0 (the server re-sends after a crash); different content under
+  a name that exists exits non-zero, stores nothing and says so loudly. The same rule
+  protects ``.history`` files (never overwritten), ``.partial`` segments (their own
+  names, never the complete segment's) and ``.backup`` labels. The check-then-put race is
+  closed by a conditional PUT (``If-None-Match: *``).
+- ``fetch`` of a file that is not in the archive exits 1 without noise: the server asks
+  for files that may not exist (the next timeline's history, the segment after the end).
+  Any other failure (access, checksum, decryption) exits 128, which the server treats as
+  fatal, so recovery aborts instead of ending early at the wrong point. A missing segment
+  while a later one of the same timeline is archived is such a failure: a gap, named.
+
+Each object is ``gzip | gpg --symmetric`` (the backups' scheme; decryptable by hand with
+``gpg -d | gunzip``), with the plaintext's and the object's sha256 and the plaintext size
+in its metadata.
+
+Throughput: the server runs one ``archive_command`` at a time, and a process per 16 MB
+segment (start, gzip, gpg, PUT) can fall behind a write burst. So ``push`` also archives
+up to ``wal_push_parallel - 1`` other ``.ready`` segments in parallel and leaves a marker
+(``pg_wal/.wedefi-pushed/<name>``, the plaintext sha256) for each one stored; when the
+server later asks for that file, the marker answers if the file still hashes the same
+(the object is already durable), else the normal path runs.
+
+Replay speed: after handing a segment over, ``fetch`` starts a detached prefetcher (unless
+one runs or enough is spooled) that downloads the next ``wal_prefetch`` segments in
+parallel into ``pg_wal/.wedefi-prefetch``, verified and decrypted. The following calls
+hand them over by rename, checking the hash again, without importing pydantic or boto3:
+replay overlaps the downloads instead of waiting for one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wedefi_dr.errors import DRError
+from wedefi_dr.storage import encryption
+
+if TYPE_CHECKING:  # pydantic costs ~0.3 s: a prefetched segment is handed over without it
+    from wedefi_dr.config import Settings
+
+EXIT_OK = 0
+EXIT_MISSING = 1
+EXIT_REFUSED = 3  # push: different content under an existing name
+EXIT_FATAL = 128  # fetch: > 125 makes the server abort recovery
+
+SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+PUSHED_DIR = ".wedefi-pushed"
+PREFETCH_DIR = ".wedefi-prefetch"
+PREFETCHER_PID = ".prefetcher.pid"
+ENCODING = "gzip+gpg"
+
+
+class ArchiveConflict(DRError):
+    """Different content is already archived under this name: nothing was stored."""
+
+
+class ArchiveGap(DRError):
+    """A segment is missing from the archive while later ones exist."""
+
+
+class ArchiveCorrupt(DRError):
+    """An archived object does not match its checksums, or does not decrypt."""
+
+
+def _log(message: str) -> None:
+    """One line on stderr: the server copies it into its log."""
+    print(f"wedefi-dr wal: {message}", file=sys.stderr, flush=True)
+
+
+def load_env_file(path: str | Path) -> None:
+    """``KEY=VALUE`` lines into the environment (the file wins over inherited values).
+
+    The server's configuration names this file (mode 600, owned by ``postgres``) instead
+    of carrying the passphrase and keys in ``postgresql.conf``.
+    """
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        os.environ[key.strip()] = value
+
+
+# ---- names -------------------------------------------------------------------------------
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise DRError(f"{name!r} is not a WAL file name (segment, .partial, .backup or .history)")
+    return name
+
+
+def next_segments(name: str, count: int, segment_bytes: int) -> list[str]:
+    """The ``count`` segment names after ``name`` on the same timeline."""
+    per_xlogid = 0x100000000 // segment_bytes
+    tli, log_id, seg = int(name[:8], 16), int(name[8:16], 16), int(name[16:24], 16)
+    number = log_id * per_xlogid + seg
+    out = []
+    for n in range(number + 1, number + 1 + count):
+        out.append(f"{tli:08X}{n // per_xlogid:08X}{n % per_xlogid:08X}")
+    return out
+
+
+def archive_prefix(settings: Settings) -> str:
+    return "/".join([settings.prefix.strip("/"), "wal"])
+
+
+def archive_key(settings: Settings, name: str) -> str:
+    return f"{archive_prefix(settings)}/{name}"
+
+
+# ---- encoding ----------------------------------------------------------------------------
+def _gpg_params(settings: Settings) -> encryption.GpgParams:
+    return encryption.GpgParams.from_settings(settings, compress_algo="none")  # gzip ran
+
+
+def encode(settings: Settings, plain: bytes) -> bytes:
+    """gzip then ``gpg --symmetric``, all in memory (a segment is 16 MB)."""
+    z = zlib.compressobj(settings.wal_compress_level, zlib.DEFLATED, 31)
+    packed = z.compress(plain) + z.flush()
+    gpg = encryption.start_encrypt(
+        settings.gpg_passphrase.get_secret_value(), _gpg_params(settings)
+    )
+    cipher, err = gpg.communicate(packed)
+    if gpg.returncode != 0:
+        raise DRError(f"gpg --symmetric failed (exit {gpg.returncode}): {err.decode()[-300:]}")
+    return cipher
+
+
+def decode(settings: Settings, cipher: bytes, workdir: Path) -> bytes:
+    """``gpg --decrypt`` then gunzip; ArchiveCorrupt when either fails."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".cipher-", delete=False) as tmp:
+        tmp.write(cipher)  # ciphertext only: nothing readable lands on disk
+    try:
+        gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), tmp.name)
+        packed, err = gpg.communicate()
+    finally:
+        os.unlink(tmp.name)
+    if gpg.returncode != 0:
+        raise ArchiveCorrupt(str(encryption.decrypt_error(gpg.returncode, err)))
+    try:
+        return zlib.decompress(packed, 31)
+    except zlib.error as exc:
+        raise ArchiveCorrupt(f"gunzip of the decrypted object failed: {exc}") from exc
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- the archive -------------------------------------------------------------------------
+@dataclass
+class Archive:
+    """The WAL prefix of one bucket, with the push and fetch rules."""
+
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        import boto3  # here, not at module import: ``--help`` and name checks stay instant
+        from botocore.config import Config
+
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.settings.aws_endpoint_url,
+            region_name=self.settings.aws_region,
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=max(16, self.settings.wal_prefetch + 2),
+            ),
+        )
+        self.bucket = self.settings.bucket
+
+    def _missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        return code in {"404", "NoSuchKey", "NotFound"}
+
+    def head(self, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=archive_key(self.settings, name))
+        except ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise
+
+    def _same_or_conflict(self, name: str, head: dict, sha: str) -> None:
+        stored = head.get("Metadata", {}).get("plain-sha256")
+        if stored != sha:
+            raise ArchiveConflict(
+                f"REFUSED: {name} is already archived at s3://{self.bucket}/"
+                f"{archive_key(self.settings, name)} with different content (stored sha256 "
+                f"{stored}, this file {sha}); nothing was stored. Two clusters may be "
+                "archiving into one prefix: stop and check before anything else."
+            )
+
+    def push_bytes(self, name: str, plain: bytes) -> str:
+        """Store ``plain`` under ``name`` unless it is there; returns what happened."""
+        from botocore.exceptions import ClientError
+
+        validate_name(name)
+        sha = _sha256(plain)
+        head = self.head(name)
+        if head is not None:
+            self._same_or_conflict(name, head, sha)
+            return "already archived (identical)"
+        cipher = encode(self.settings, plain)
+        extra = {"ServerSideEncryption": self.settings.sse} if self.settings.sse else {}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=archive_key(self.settings, name),
+                Body=cipher,
+                IfNoneMatch="*",
+                StorageClass=self.settings.storage_class,
+                Metadata={
+                    "plain-sha256": sha,
+                    "plain-size": str(len(plain)),
+                    "object-sha256": _sha256(cipher),
+                    "encoding": ENCODING,
+                },
+                **extra,
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code not in {"PreconditionFailed", "ConditionalRequestConflict", "412"}:
+                raise
+            head = self.head(name)  # someone stored it between our HEAD and PUT
+            if head is None:
+                raise
+            self._same_or_conflict(name, head, sha)
+            return "already archived (identical, concurrent push)"
+        return f"archived ({len(plain)} -> {len(cipher)} bytes)"
+
+    def fetch_bytes(self, name: str, workdir: Path) -> bytes | None:
+        """The verified plaintext, or None when the archive has no such object."""
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=archive_key(self.settings, name))
+        except ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise
+        cipher = obj["Body"].read()
+        meta = obj.get("Metadata", {})
+        if meta.get("encoding") != ENCODING or "plain-sha256" not in meta:
+            raise ArchiveCorrupt(f"{name}: object has no {ENCODING} checksums in its metadata")
+        if _sha256(cipher) != meta.get("object-sha256"):
+            raise ArchiveCorrupt(f"{name}: stored object fails its sha256: corrupt at rest")
+        plain = decode(self.settings, cipher, workdir)
+        if len(plain) != int(meta.get("plain-size", -1)) or _sha256(plain) != meta["plain-sha256"]:
+            raise ArchiveCorrupt(f"{name}: decrypted content fails its sha256")
+        return plain
+
+    def later_segments(self, name: str, limit: int = 5) -> list[str]:
+        """Archived segments (or .partial) of ``name``'s timeline that come after it."""
+        prefix = archive_prefix(self.settings) + "/"
+        resp = self.client.list_objects_v2(
+            Bucket=self.bucket,
+            Prefix=prefix + name[:8],
+            StartAfter=prefix + name + "~",  # '~' sorts after '.partial' and '.backup'
+            MaxKeys=50,
+        )
+        found = []
+        for obj in resp.get("Contents", []):
+            base = obj["Key"][len(prefix) :]
+            if SEGMENT_RE.match(base[:24]) and (len(base) == 24 or base.endswith(".partial")):
+                found.append(base)
+        return found[:limit]
+
+    def list_names(self) -> list[str]:
+        prefix = archive_prefix(self.settings) + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        names = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+        return names
+
+
+# ---- push --------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _other_ready(wal_dir: Path, current: str, limit: int) -> list[str]:
+    """Other files the server has marked ``.ready``, oldest first."""
+    status = wal_dir / "archive_status"
+    try:
+        names = sorted(p.name[: -len(".ready")] for p in status.glob("*.ready"))
+    except OSError:
+        return []
+    return [n for n in names if n != current and NAME_RE.match(n)][:limit]
+
+
+def push(settings: Settings, path: str | Path) -> str:
+    """Archive one file (the server's ``%p``), plus other ready ones in parallel."""
+    path = Path(path)
+    name = validate_name(path.name)
+    wal_dir = path.parent
+    marker = wal_dir / PUSHED_DIR / name
+    plain = path.read_bytes()
+    if marker.exists():
+        if marker.read_text().strip() == _sha256(plain):
+            marker.unlink()
+            return "archived earlier in a batch (identical)"
+        marker.unlink()  # stale: fall through to the normal, checked path
+    archive = Archive(settings)
+    others = _other_ready(wal_dir, name, settings.wal_push_parallel - 1)
+    if not others:
+        return archive.push_bytes(name, plain)
+
+    def push_other(other: str) -> None:
+        try:
+            data = (wal_dir / other).read_bytes()
+            archive.push_bytes(other, data)
+            (wal_dir / PUSHED_DIR).mkdir(exist_ok=True)
+            _atomic_write(wal_dir / PUSHED_DIR / other, _sha256(data).encode())
+        except Exception as exc:  # the server will ask for it itself, and hear the error
+            _log(f"batch push of {other} deferred: {type(exc).__name__}: {exc}")
+
+    with ThreadPoolExecutor(max_workers=len(others) + 1) as pool:
+        futures = [pool.submit(push_other, o) for o in others]
+        result = archive.push_bytes(name, plain)
+        for f in futures:
+            f.result()
+    return f"{result}; {len(others)} more in parallel"
+
+
+# ---- fetch -------------------------------------------------------------------------------
+def _spool(dest: Path) -> Path:
+    return dest.parent / PREFETCH_DIR
+
+
+def _from_spool(spool: Path, name: str, dest: Path) -> bool:
+    """Hand a prefetched file over if it is there and still hashes as it did."""
+    data_path, sha_path = spool / name, spool / f"{name}.sha256"
+    if not (data_path.exists() and sha_path.exists()):
+        return False
+    expected = sha_path.read_text().strip()
+    ok = _sha256(data_path.read_bytes()) == expected
+    if ok:
+        data_path.replace(dest)
+    else:
+        data_path.unlink(missing_ok=True)
+        _log(f"prefetched {name} changed on disk; fetching it again")
+    sha_path.unlink(missing_ok=True)
+    return ok
+
+
+def _prefetch_one(archive: Archive, spool: Path, name: str) -> None:
+    if (spool / name).exists():
+        return
+    try:
+        plain = archive.fetch_bytes(name, spool)
+    except Exception:
+        return  # the server's own request for it reports the real error
+    if plain is None:
+        return
+    _atomic_write(spool / name, plain)
+    _atomic_write(spool / f"{name}.sha256", _sha256(plain).encode())
+
+
+def _spooled_ahead(spool: Path, name: str) -> int:
+    try:
+        return sum(1 for p in spool.iterdir() if SEGMENT_RE.match(p.name) and p.name > name)
+    except OSError:
+        return 0
+
+
+def _prefetcher_alive(spool: Path) -> bool:
+    try:
+        pid = int((spool / PREFETCHER_PID).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) -> bool:
+    """Fill the spool with the ``ahead`` segments after ``name`` in a detached process.
+
+    The server is not kept waiting: this call returns at once and replay overlaps the
+    downloads (pgBackRest's asynchronous archive-get does the same). Nothing starts when
+    enough is spooled already or a prefetcher is still running.
+    """
+    spool = _spool(dest)
+    if not SEGMENT_RE.match(name) or ahead <= 0:
+        return False
+    if _spooled_ahead(spool, name) > ahead // 2 or _prefetcher_alive(spool):
+        return False
+    spool.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, str(spool)]
+    if env_file:
+        cmd += ["--env-file", env_file]
+    subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    return True
+
+
+def prefetch(settings: Settings, name: str, spool: Path) -> int:
+    """Download, verify and decrypt the segments after ``name`` into ``spool``, in parallel."""
+    spool.mkdir(exist_ok=True)
+    (spool / PREFETCHER_PID).write_text(str(os.getpid()))
+    try:
+        archive = Archive(settings)
+        names = next_segments(name, settings.wal_prefetch, settings.wal_segment_bytes)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+            list(pool.map(lambda n: _prefetch_one(archive, spool, n), names))
+        return sum(1 for n in names if (spool / n).exists())
+    finally:
+        (spool / PREFETCHER_PID).unlink(missing_ok=True)
+
+
+def fetch(settings: Settings, name: str, dest: str | Path) -> bool:
+    """Write ``name`` to ``dest`` (the server's ``%f`` and ``%p``); False when not archived.
+
+    Raises ArchiveGap when the segment is missing but later ones exist, ArchiveCorrupt on
+    checksum or decryption failures (the caller exits 128 on both). A prefetched copy in
+    the spool is handed over first (see :func:`run`, which does that without settings).
+    """
+    validate_name(name)
+    dest = Path(dest)
+    spool = _spool(dest)
+    if _from_spool(spool, name, dest):
+        return True
+    archive = Archive(settings)
+    spool.mkdir(exist_ok=True)
+    plain = archive.fetch_bytes(name, spool)
+    if plain is None:
+        if SEGMENT_RE.match(name):
+            later = archive.later_segments(name)
+            if later and archive.head(name) is None:
+                raise ArchiveGap(
+                    f"GAP IN THE WAL ARCHIVE: segment {name} is missing from s3://"
+                    f"{archive.bucket}/{archive_prefix(settings)}/ but later segments exist "
+                    f"({', '.join(later)}): recovery stops here rather than end early"
+                )
+            if later:  # it arrived meanwhile (a live primary archiving)
+                plain = archive.fetch_bytes(name, spool)
+        if plain is None:
+            return False
+    _atomic_write(dest, plain)
+    return True
+
+
+def clear_spool(pg_wal: Path) -> None:
+    """Remove prefetched and marker files (after a promotion they are of no use)."""
+    for sub in (PREFETCH_DIR, PUSHED_DIR):
+        d = pg_wal / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                f.unlink(missing_ok=True)
+            d.rmdir()
+
+
+# ---- entry point -------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wedefi_dr.physical.wal push PATH | fetch NAME DEST | prefetch NAME SPOOL``."""
+    parser = argparse.ArgumentParser(prog="wedefi-dr-wal", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_push = sub.add_parser("push", help="archive_command: wal-push %%p")
+    p_push.add_argument("path")
+    p_fetch = sub.add_parser("fetch", help="restore_command: wal-fetch %%f %%p")
+    p_fetch.add_argument("name")
+    p_fetch.add_argument("dest")
+    p_pre = sub.add_parser("prefetch", help="(internal) fill the spool after NAME")
+    p_pre.add_argument("name")
+    p_pre.add_argument("spool")
+    for p in (p_push, p_fetch, p_pre):
+        p.add_argument("--env-file", help="KEY=VALUE settings file (mode 600)")
+    args = parser.parse_args(argv)
+    if args.command == "prefetch":
+        try:
+            if args.env_file:
+                load_env_file(args.env_file)
+            prefetch(_settings(), validate_name(args.name), Path(args.spool))
+        except Exception:
+            return 1  # best effort: the server's own request reports real errors
+        return 0
+    return run(
+        args.command,
+        args.env_file,
+        path=getattr(args, "path", None),
+        name=getattr(args, "name", None),
+        dest=getattr(args, "dest", None),
+    )
+
+
+def _settings() -> Settings:
+    from wedefi_dr.config import Settings
+
+    settings = Settings()
+    settings.require("gpg_passphrase", "bucket")
+    return settings
+
+
+def run(
+    command: str,
+    env_file: str | None,
+    path: str | None = None,
+    name: str | None = None,
+    dest: str | None = None,
+) -> int:
+    """The exit status the server expects (see the module docstring)."""
+    t0 = time.monotonic()
+    try:
+        if env_file:
+            load_env_file(env_file)
+        if command == "fetch":
+            validate_name(name)
+            ahead = int(os.environ.get("WEDEFI_DR_WAL_PREFETCH", "8"))
+            if _from_spool(_spool(Path(dest)), name, Path(dest)):  # no pydantic, no boto3
+                start_prefetcher(env_file, name, Path(dest), ahead)
+                return EXIT_OK
+        settings = _settings()
+    except Exception as exc:
+        _log(f"{command}: configuration error: {exc}")
+        return EXIT_FATAL if command == "fetch" else 2
+    if command == "push":
+        try:
+            what = push(settings, path)
+        except ArchiveConflict as exc:
+            _log(f"push {path}: {exc}")
+            return EXIT_REFUSED
+        except Exception as exc:
+            _log(f"push {path} FAILED (the server will retry): {type(exc).__name__}: {exc}")
+            return 2
+        _log(f"push {Path(path).name}: {what} in {time.monotonic() - t0:.2f} s")
+        return EXIT_OK
+    try:
+        found = fetch(settings, name, dest)
+    except (ArchiveGap, ArchiveCorrupt) as exc:
+        _log(f"fetch {name} FATAL: {exc}")
+        return EXIT_FATAL
+    except Exception as exc:
+        _log(f"fetch {name} FATAL (archive unreachable?): {type(exc).__name__}: {exc}")
+        return EXIT_FATAL
+    if found:
+        start_prefetcher(env_file, name, Path(dest), settings.wal_prefetch)
+    return EXIT_OK if found else EXIT_MISSING
+
+
+if __name__ == "__main__":
+    sys.exit(main())

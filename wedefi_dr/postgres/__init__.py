@@ -1,0 +1,1 @@
+"""PostgreSQL itself: client and server binaries, connections, fingerprints, cluster handles."""

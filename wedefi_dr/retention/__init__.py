@@ -1,0 +1,1 @@
+"""Data retention by classification: the policy and its batched, lossless execution."""

@@ -1,0 +1,1 @@
+"""Benchmarks: each flow measured against the bare tools in the same run."""

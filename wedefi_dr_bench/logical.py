@@ -1,0 +1,777 @@
+"""``wedefi-dr bench``: the flows measured against the bare tools, in one process tree.
+
+Why this exists: the flows add safety (snapshot fingerprints, two checksums, S3 multipart,
+audit rows, a verified download, a full verification after the restore) and the on-call
+engineer needs to know what that safety costs against the plan's one-liners. So one run,
+on one database, times
+
+- bare ``pg_dump -Fc -Z9 | gpg --symmetric`` to a local file (two processes, one pipe)
+  against the ``logical-backup`` flow, and
+- bare ``pg_restore --clean --if-exists --single-transaction`` of a plain dump file
+  against the ``restore-backup`` flow,
+
+and prints the ratios (DESIGN.md: "ratios against the bare tools run in the same process
+tree", never timed assertions in tests). A background thread samples the RSS of this
+process and of every descendant process, so memory is compared too.
+
+The database is the WeDefiDaily seed (UUIDs, hashes, numerics), not pgbench, whose filler
+columns compress about 40:1 and flatter every tool. It lives in ``wedefi_bench`` on the
+primary's server and is reused across runs (its scale is recorded in ``COMMENT ON
+DATABASE``), because seeding about 1 GB takes longer than the benchmark itself.
+
+Plain Python: Prefect and the flows are imported inside the functions that run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import psycopg2
+import typer
+from psycopg2 import sql
+from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
+from rich.console import Console
+from rich.table import Table
+
+from wedefi_dr.config import Settings, apply_prefect_run_defaults, get_settings
+from wedefi_dr.errors import DRError
+from wedefi_dr.postgres.tools import connect, libpq_env, redact_dsn, tool, with_dbname
+from wedefi_dr.storage.encryption import GpgParams
+
+# The seed scale that makes about 1 GB (wedefi_dr/seed.py measures scale 40 at 1029 MB).
+DEFAULT_SCALE = 40.0
+BENCH_DB = "wedefi_bench"
+BARE_DB = "wedefi_bench_bare"
+FLOW_DB = "wedefi_bench_flow"
+SAMPLE_SECONDS = 0.2
+COMMENT_KEY = "wedefi_dr_bench"
+PHASES = ("bare_dump", "bare_backup", "bare_restore", "flow_backup", "flow_restore")
+BARE_PHASES = ("bare_dump", "bare_backup", "bare_restore")
+FLOW_PHASES = ("flow_backup", "flow_restore")
+SELF_KIND = "python (bench)"
+TOOL_KINDS = ("pg_dump", "gpg", "pg_restore")
+
+
+class BenchFailed(DRError):
+    """A bare tool failed or the bench database is unusable: the figures would be wrong."""
+
+
+# ---- memory ----------------------------------------------------------------------------
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, comm) for every process we can see in /proc."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_text()
+        except OSError:  # the process exited while we walked
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        head, _, rest = raw.rpartition(")")
+        comm = head.partition("(")[2]
+        fields = rest.split()
+        table[int(entry.name)] = (int(fields[1]), comm)
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, str]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _vm_rss(pid: int) -> int:
+    """Resident set size in bytes (0 when the process is gone or is a zombie)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def _kind(pid: int, comm: str, root: int) -> str | None:
+    """Which column a process counts in; None for processes that are not the project's.
+
+    PostgreSQL servers and the moto S3 server are infrastructure (they are not children
+    of this process anyway; the check only guards against a stack started from here).
+    """
+    if pid == root:
+        return SELF_KIND
+    if comm in TOOL_KINDS:
+        return comm
+    if comm.startswith("postgres"):
+        return None
+    cmdline = _cmdline(pid)
+    if "moto" in cmdline:
+        return None
+    if "prefect" in cmdline:
+        return "prefect server"
+    return comm
+
+
+def rss_by_kind(root: int | None = None) -> dict[str, int]:
+    """Summed VmRSS of ``root`` (default: this process) and its descendants, per kind."""
+    root = root or os.getpid()
+    table = _proc_table()
+    usage: dict[str, int] = {SELF_KIND: _vm_rss(root)}
+    for pid in _descendants(root, table):
+        kind = _kind(pid, table[pid][1], root)
+        if kind is not None:
+            usage[kind] = usage.get(kind, 0) + _vm_rss(pid)
+    return usage
+
+
+class RssSampler(threading.Thread):
+    """Samples :func:`rss_by_kind` every 0.2 s and keeps the peak of each kind per phase.
+
+    Peaks of short-lived children can fall between two samples; the tools' memory is
+    steady while they stream, so 0.2 s is enough to see it.
+    """
+
+    def __init__(self, interval: float = SAMPLE_SECONDS) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.interval = interval
+        self.phase: str | None = None
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.samples = 0
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> dict[str, int]:
+        usage = rss_by_kind()
+        with self._lock:
+            self.samples += 1
+            if self.phase is not None:
+                peaks = self.peaks.setdefault(self.phase, {})
+                for kind, rss in usage.items():
+                    peaks[kind] = max(peaks.get(kind, 0), rss)
+        return usage
+
+    @contextmanager
+    def measuring(self, phase: str) -> Iterator[None]:
+        with self._lock:
+            self.phase = phase
+        self.sample()
+        try:
+            yield
+        finally:
+            self.sample()
+            with self._lock:
+                self.phase = None
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+    def peak_over(self, phases: tuple[str, ...]) -> dict[str, int]:
+        """The highest RSS of each kind over several phases (the 'bare' or 'flow' variant)."""
+        result: dict[str, int] = {}
+        for phase in phases:
+            for kind, rss in self.peaks.get(phase, {}).items():
+                result[kind] = max(result.get(kind, 0), rss)
+        return result
+
+
+# ---- the bench database ----------------------------------------------------------------
+def _maintenance(dsn: str) -> str:
+    return with_dbname(dsn, "postgres")
+
+
+def bench_record(server_dsn: str, name: str = BENCH_DB) -> dict[str, Any] | None:
+    """What ``COMMENT ON DATABASE`` says the bench database holds; None when not seeded."""
+    with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+            (name,),
+        )
+        row = cur.fetchone()
+    if row is None or not row[0]:
+        return None
+    try:
+        return json.loads(row[0])[COMMENT_KEY]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def recreate_database(server_dsn: str, name: str) -> None:
+    """An empty database, whatever was there (only ever called on the bench's own names)."""
+    drop_database(server_dsn, name)
+    with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(server_dsn: str, name: str) -> None:
+    with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def database_size(server_dsn: str, name: str) -> int:
+    with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size(%s)", (name,))
+        return int(cur.fetchone()[0])
+
+
+def checkpoint(server_dsn: str) -> None:
+    """Flush dirty buffers before a timed step, so no step pays for the previous one's writes."""
+    with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("CHECKPOINT")
+
+
+def ensure_seeded(
+    server_dsn: str, scale: float, reuse: bool, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The bench database at ``scale``: reused when its comment says so, else seeded anew.
+
+    After seeding, ``VACUUM (FREEZE, ANALYZE)`` sets every hint bit: otherwise the first
+    reader (the bare pg_dump) would pay for writing them and flatter the flow that runs
+    after it.
+    """
+    record = bench_record(server_dsn)
+    if reuse and record is not None and float(record.get("scale", -1)) == float(scale):
+        say(f"reusing {BENCH_DB} (scale {scale}, seeded {record.get('seeded_at')})")
+        return {"seeded": False, "rows": record.get("rows"), "seeded_at": record.get("seeded_at")}
+
+    from wedefi_dr_dev import seed as seeding
+
+    dsn = with_dbname(server_dsn, BENCH_DB)
+    say(f"seeding {BENCH_DB} at scale {scale} (takes minutes at about 1 GB)")
+    recreate_database(server_dsn, BENCH_DB)
+    t0 = time.perf_counter()
+    seeding.prepare(dsn, reset=True)
+    counts = seeding.seed(dsn, scale)
+    seed_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("VACUUM (FREEZE, ANALYZE)")
+    vacuum_seconds = time.perf_counter() - t0
+    rows = sum(counts.values())
+    seeded_at = datetime.now(UTC).isoformat(timespec="seconds")
+    comment = json.dumps({COMMENT_KEY: {"scale": scale, "rows": rows, "seeded_at": seeded_at}})
+    with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(BENCH_DB), sql.Literal(comment)
+            )
+        )
+    say(f"seeded {rows:,} rows in {seed_seconds:.1f} s, vacuum {vacuum_seconds:.1f} s")
+    return {
+        "seeded": True,
+        "rows": rows,
+        "seeded_at": seeded_at,
+        "seed_seconds": round(seed_seconds, 3),
+        "vacuum_freeze_analyze_seconds": round(vacuum_seconds, 3),
+    }
+
+
+# ---- the bare tools --------------------------------------------------------------------
+def _check(proc: subprocess.Popen[bytes], name: str, errfile: Path) -> None:
+    if proc.returncode != 0:
+        text = errfile.read_text(errors="replace").strip()
+        raise BenchFailed(f"bare {name} failed (exit {proc.returncode}): {text[-800:]}")
+
+
+def _pg_dump_cmd() -> list[str]:
+    return [tool("pg_dump"), "--format=custom", "--compress=9", "--no-password"]
+
+
+def bare_dump(dsn: str, out: Path, work: Path) -> float:
+    """``pg_dump -Fc -Z9 > file``: the plaintext archive the bare restore reads."""
+    err = work / "pg_dump.err"
+    with out.open("wb") as sink, err.open("wb") as errf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(_pg_dump_cmd(), stdout=sink, stderr=errf, env=libpq_env(dsn))
+        proc.wait()
+        elapsed = time.perf_counter() - t0
+    _check(proc, "pg_dump", err)
+    return elapsed
+
+
+def _gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> list[str]:
+    """Stock gpg with the plan's parameters (what the flow's encryption module runs)."""
+    return [
+        "gpg",
+        "--batch",
+        "--no-tty",
+        "--quiet",
+        "--homedir",
+        str(homedir),
+        "--pinentry-mode",
+        "loopback",
+        "--no-symkey-cache",
+        "--passphrase-fd",
+        str(passphrase_fd),
+    ] + params.symmetric_args()
+
+
+def bare_dump_encrypt(
+    dsn: str, out: Path, work: Path, passphrase: str, params: GpgParams, gnupg_home: Path
+) -> float:
+    """``pg_dump -Fc -Z9 | gpg --symmetric > file``: two processes and a kernel pipe."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, passphrase.encode() + b"\n")
+    os.close(write_fd)
+    dump_err, gpg_err = work / "pipe-pg_dump.err", work / "pipe-gpg.err"
+    try:
+        with out.open("wb") as sink, dump_err.open("wb") as derr, gpg_err.open("wb") as gerr:
+            t0 = time.perf_counter()
+            dump = subprocess.Popen(
+                _pg_dump_cmd(), stdout=subprocess.PIPE, stderr=derr, env=libpq_env(dsn)
+            )
+            gpg = subprocess.Popen(
+                _gpg_symmetric_cmd(gnupg_home, read_fd, params),
+                stdin=dump.stdout,
+                stdout=sink,
+                stderr=gerr,
+                pass_fds=(read_fd,),
+            )
+            assert dump.stdout is not None
+            dump.stdout.close()  # gpg holds the only read end: pg_dump sees EPIPE if gpg dies
+            gpg.wait()
+            dump.wait()
+            elapsed = time.perf_counter() - t0
+    finally:
+        os.close(read_fd)
+    _check(dump, "pg_dump", dump_err)
+    _check(gpg, "gpg --symmetric", gpg_err)
+    return elapsed
+
+
+def bare_restore(dsn: str, archive: Path, work: Path) -> float:
+    """``pg_restore --clean --if-exists --single-transaction`` of the plain dump file."""
+    err = work / "pg_restore.err"
+    with err.open("wb") as errf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [
+                tool("pg_restore"),
+                "--clean",
+                "--if-exists",
+                "--single-transaction",
+                "--no-password",
+                f"--dbname={psycopg2.extensions.parse_dsn(dsn)['dbname']}",
+                str(archive),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=errf,
+            env=libpq_env(dsn),
+        )
+        proc.wait()
+        elapsed = time.perf_counter() - t0
+    _check(proc, "pg_restore", err)
+    return elapsed
+
+
+# ---- the flows ---------------------------------------------------------------------------
+def warm_up_prefect() -> float:
+    """Run a throwaway flow so the ephemeral API server's start-up is not billed to a flow."""
+    from prefect import flow
+
+    @flow(name="bench-warm-up")
+    def bench_warm_up() -> int:
+        return 1
+
+    t0 = time.perf_counter()
+    bench_warm_up()
+    return time.perf_counter() - t0
+
+
+def fingerprint_seconds(dsn: str) -> float:
+    """Time the per-table row counts and content hashes alone (the flow runs them
+    concurrently with pg_dump, in pg_dump's snapshot), to show what they cost."""
+    from wedefi_dr.postgres.fingerprint import fingerprint_tables
+
+    conn = psycopg2.connect(dsn, application_name="wedefi-dr bench fingerprints")
+    try:
+        conn.set_isolation_level(ISOLATION_LEVEL_REPEATABLE_READ)
+        t0 = time.perf_counter()
+        fingerprint_tables(conn)
+        elapsed = time.perf_counter() - t0
+        conn.rollback()
+    finally:
+        conn.close()
+    return elapsed
+
+
+@contextmanager
+def _primary_is(dsn: str) -> Iterator[None]:
+    """Point the settings (and so the backup flow) at the bench database, then back."""
+    before = os.environ.get("WEDEFI_DR_PRIMARY_DSN")
+    os.environ["WEDEFI_DR_PRIMARY_DSN"] = dsn
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WEDEFI_DR_PRIMARY_DSN", None)
+        else:
+            os.environ["WEDEFI_DR_PRIMARY_DSN"] = before
+        get_settings.cache_clear()
+
+
+def _delete_backup(settings: Settings, backup_id: str) -> None:
+    """The bench's backup is of the bench database: remove it so moto does not keep
+    (in memory) a gigabyte per run and the catalog does not list bench runs."""
+    from wedefi_dr.catalog import listing
+    from wedefi_dr.storage.s3 import ObjectStore
+
+    store = ObjectStore(settings)
+    store.delete(listing.manifest_key(store, backup_id))
+    store.delete(listing.data_key(store, backup_id))
+
+
+# ---- the run -----------------------------------------------------------------------------
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def run_bench(
+    scale: float = DEFAULT_SCALE,
+    reuse: bool = True,
+    keep_backup: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every figure of one benchmark run, as a JSON-able dict (see the module docstring)."""
+    settings = get_settings()
+    settings.require("primary_dsn", "ops_dsn", "gpg_passphrase")
+    server_dsn = settings.primary_dsn.get_secret_value()
+    bench_dsn = with_dbname(server_dsn, BENCH_DB)
+    bare_dsn = with_dbname(server_dsn, BARE_DB)
+    flow_dsn = with_dbname(server_dsn, FLOW_DB)
+    params = GpgParams.from_settings(settings)
+    apply_prefect_run_defaults()
+    say(f"server {redact_dsn(_maintenance(server_dsn))}")
+
+    database = ensure_seeded(server_dsn, scale, reuse, say)
+    database.update(name=BENCH_DB, scale=scale, size_bytes=database_size(server_dsn, BENCH_DB))
+    say(f"{BENCH_DB}: {_mb(database['size_bytes'])}")
+
+    # Other work on the host skews every figure: the load average says how much there was.
+    load_before = os.getloadavg()
+    sampler = RssSampler()
+    sampler.start()
+    times: dict[str, float] = {}
+    sizes: dict[str, int] = {"database_bytes": database["size_bytes"]}
+    python_rss: dict[str, int] = {"start": rss_by_kind()[SELF_KIND]}
+    backup_id: str | None = None
+    restore_result: dict[str, Any] = {}
+    # Bare files go where the flow restore spools its download: the same disk for both.
+    if settings.spool_dir:
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="wedefi-bench-", dir=settings.spool_dir or None))
+    gnupg_home = work / "gnupg"
+    gnupg_home.mkdir(mode=0o700)
+    try:
+        # 2 and 4, bare variant first, before Prefect is imported, so the bare figures show
+        # this process as the plain tools would see it. pg_dump alone runs first: it also
+        # warms the page cache, so the denominator (pg_dump | gpg) and the flow both read
+        # from a warm cache.
+        plain, encrypted = work / "bare.pgc", work / "bare.pgc.gpg"
+        checkpoint(server_dsn)
+        say("bare pg_dump -Fc -Z9 > file")
+        with sampler.measuring("bare_dump"):
+            times["bare_pg_dump"] = bare_dump(bench_dsn, plain, work)
+        checkpoint(server_dsn)
+        say("bare pg_dump -Fc -Z9 | gpg --symmetric > file")
+        with sampler.measuring("bare_backup"):
+            times["bare_pg_dump_gpg"] = bare_dump_encrypt(
+                bench_dsn,
+                encrypted,
+                work,
+                settings.gpg_passphrase.get_secret_value(),
+                params,
+                gnupg_home,
+            )
+        sizes["bare_dump_bytes"] = plain.stat().st_size
+        sizes["bare_encrypted_bytes"] = encrypted.stat().st_size
+        encrypted.unlink()
+
+        # Each restore goes into a fresh empty database created outside the timing.
+        recreate_database(server_dsn, BARE_DB)
+        checkpoint(server_dsn)
+        say(f"bare pg_restore --clean --if-exists --single-transaction -> {BARE_DB}")
+        with sampler.measuring("bare_restore"):
+            times["bare_pg_restore"] = bare_restore(bare_dsn, plain, work)
+        sizes["restored_bytes"] = database_size(server_dsn, BARE_DB)
+        # Dropped now, so its autovacuum/analyze cannot steal CPU from the flow steps.
+        drop_database(server_dsn, BARE_DB)
+        plain.unlink()
+
+        # 3. Flow backup, after a throwaway flow has started Prefect's ephemeral API.
+        python_rss["before_prefect_warm_up"] = rss_by_kind()[SELF_KIND]
+        say("Prefect warm-up flow (ephemeral API start-up, not counted)")
+        times["prefect_warm_up"] = warm_up_prefect()
+        from flows.backup import logical_backup
+        from flows.restore import restore_backup
+        from wedefi_dr.catalog import listing
+        from wedefi_dr.storage.s3 import ObjectStore
+
+        with _primary_is(bench_dsn):
+            flow_settings = get_settings()
+            checkpoint(server_dsn)
+            python_rss["before_flow_backup"] = rss_by_kind()[SELF_KIND]
+            say("flow logical-backup")
+            with sampler.measuring("flow_backup"):
+                t0 = time.perf_counter()
+                backup_id = logical_backup(operator="bench")
+                times["flow_backup"] = time.perf_counter() - t0
+            python_rss["after_flow_backup"] = rss_by_kind()[SELF_KIND]
+            manifest = listing.resolve(ObjectStore(flow_settings), backup_id)
+            times["flow_backup_stream"] = manifest.duration_seconds
+            sizes["flow_dump_bytes"] = manifest.plaintext.size_bytes
+            sizes["stored_bytes"] = manifest.object.size_bytes
+
+            say("fingerprints alone (the flow takes them during the dump)")
+            checkpoint(server_dsn)
+            times["fingerprints_alone"] = fingerprint_seconds(bench_dsn)
+
+            # 4, flow variant.
+            recreate_database(server_dsn, FLOW_DB)
+            checkpoint(server_dsn)
+            say(f"flow restore-backup -> {FLOW_DB}")
+            python_rss["before_flow_restore"] = rss_by_kind()[SELF_KIND]
+            with sampler.measuring("flow_restore"):
+                t0 = time.perf_counter()
+                restore_result = restore_backup(
+                    backup_id=backup_id,
+                    target_dsn=flow_dsn,
+                    operator="bench",
+                    justification="wedefi-dr bench: restore timing against bare pg_restore",
+                )
+                times["flow_restore"] = time.perf_counter() - t0
+            for step, seconds in restore_result["timings"].items():
+                times[f"flow_restore_{step}"] = seconds
+            if not keep_backup:
+                _delete_backup(flow_settings, backup_id)
+    finally:
+        sampler.stop()
+        for name in (BARE_DB, FLOW_DB):
+            with suppress(psycopg2.Error):
+                drop_database(server_dsn, name)
+        with suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["gpgconf", "--homedir", str(gnupg_home), "--kill", "gpg-agent"],
+                capture_output=True,
+                timeout=10,
+            )
+        shutil.rmtree(work, ignore_errors=True)
+
+    restore_without_verify = times["flow_restore"] - times.get("flow_restore_verify", 0.0)
+    times["flow_restore_without_verify"] = restore_without_verify
+    ratios = {
+        "backup_flow_vs_bare_pg_dump_gpg": _ratio(times["flow_backup"], times["bare_pg_dump_gpg"]),
+        "restore_flow_vs_bare_pg_restore": _ratio(times["flow_restore"], times["bare_pg_restore"]),
+        "restore_flow_without_verify_vs_bare_pg_restore": _ratio(
+            restore_without_verify, times["bare_pg_restore"]
+        ),
+    }
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "database": database,
+        "backup_id": backup_id,
+        "backup_kept": keep_backup,
+        "sizes": sizes,
+        "times_seconds": {k: round(v, 3) for k, v in times.items()},
+        "ratios": ratios,
+        "memory_bytes": {
+            "python_rss": python_rss,
+            "bare_peak": sampler.peak_over(BARE_PHASES),
+            "flow_peak": sampler.peak_over(FLOW_PHASES),
+            "per_phase_peak": {p: sampler.peaks.get(p, {}) for p in PHASES},
+            "samples": sampler.samples,
+            "sample_seconds": SAMPLE_SECONDS,
+        },
+        "rows_verified": restore_result.get("rows"),
+        "tables_verified": restore_result.get("tables"),
+        "notes": [
+            "The flow backup uploads to S3 (the local moto server, over HTTP on 127.0.0.1: "
+            "multipart, SSE, STANDARD_IA); the bare pipeline writes to a local file.",
+            "The flow backup also hashes plaintext and ciphertext and takes per-table row "
+            "counts and content hashes in pg_dump's snapshot, concurrently with the dump "
+            "(timed alone as fingerprints_alone).",
+            "The flow restore downloads with one streaming GET to a spool file (ciphertext), "
+            "checks its sha256, then runs gpg --decrypt | pg_restore and verifies every table; "
+            "the bare restore reads a plaintext dump from a local file.",
+            "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
+            "The moto and PostgreSQL server processes are excluded from the memory figures.",
+        ],
+    }
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """The figures as rich tables (the JSON file has the same figures, unrounded)."""
+    t = report["times_seconds"]
+    s = report["sizes"]
+    r = report["ratios"]
+    db = report["database"]
+
+    head = Table(title=f"wedefi-dr bench — {db['name']} at scale {db['scale']}", show_header=False)
+    head.add_column("what")
+    head.add_column("value", justify="right")
+    head.add_row("database size (pg_database_size)", _mb(db["size_bytes"]))
+    head.add_row("rows", f"{db['rows']:,}" if db.get("rows") is not None else "-")
+    if db.get("seeded"):
+        head.add_row("seed time", f"{db['seed_seconds']:.1f} s")
+        head.add_row("VACUUM (FREEZE, ANALYZE)", f"{db['vacuum_freeze_analyze_seconds']:.1f} s")
+    else:
+        head.add_row("seed", f"reused (seeded {db.get('seeded_at')})")
+    head.add_row("dump size (pg_dump -Fc -Z9)", _mb(s.get("bare_dump_bytes")))
+    head.add_row("stored size (flow, encrypted)", _mb(s.get("stored_bytes")))
+    head.add_row("bare encrypted file", _mb(s.get("bare_encrypted_bytes")))
+    head.add_row("restored database size", _mb(s.get("restored_bytes")))
+    host = report["host"]
+    head.add_row("CPUs", str(host["cpus"]))
+    head.add_row(
+        "load average 1/5/15 min, before → after",
+        f"{'/'.join(map(str, host['loadavg_before']))} → "
+        f"{'/'.join(map(str, host['loadavg_after']))}",
+    )
+    console.print(head)
+
+    times = Table(title="times (wall clock)")
+    times.add_column("step")
+    times.add_column("seconds", justify="right")
+    rows = [
+        ("bare pg_dump -Fc -Z9 > file", "bare_pg_dump"),
+        ("bare pg_dump | gpg > file", "bare_pg_dump_gpg"),
+        ("Prefect warm-up flow (not counted)", "prefect_warm_up"),
+        ("flow logical-backup", "flow_backup"),
+        ("  of which dump→gpg→S3 stream (manifest)", "flow_backup_stream"),
+        ("fingerprints alone (inside the flow, concurrent)", "fingerprints_alone"),
+        ("bare pg_restore (file)", "bare_pg_restore"),
+        ("flow restore-backup", "flow_restore"),
+        ("  download + verify checksum", "flow_restore_download_verify"),
+        ("  decrypt + pg_restore", "flow_restore_decrypt_restore"),
+        ("  verify row counts + hashes", "flow_restore_verify"),
+        ("  flow restore without verify", "flow_restore_without_verify"),
+    ]
+    for label, key in rows:
+        if key in t:
+            times.add_row(label, f"{t[key]:.2f}")
+    console.print(times)
+
+    ratios = Table(title="ratios (flow ÷ bare, same process tree)")
+    ratios.add_column("ratio")
+    ratios.add_column("×", justify="right")
+    labels = {
+        "backup_flow_vs_bare_pg_dump_gpg": "backup flow ÷ bare pg_dump | gpg",
+        "restore_flow_vs_bare_pg_restore": "restore flow ÷ bare pg_restore",
+        "restore_flow_without_verify_vs_bare_pg_restore": "restore flow without verify ÷ bare",
+    }
+    for key, label in labels.items():
+        value = r.get(key)
+        ratios.add_row(label, "-" if value is None else f"{value:.2f}")
+    console.print(ratios)
+
+    mem = report["memory_bytes"]
+    per_phase = mem["per_phase_peak"]
+    kinds = sorted({k for p in per_phase.values() for k in p}, key=lambda k: (k != SELF_KIND, k))
+    shown = ("bare_backup", "bare_restore", "flow_backup", "flow_restore")
+    memory = Table(title=f"peak RSS (sampled every {mem['sample_seconds']} s; servers excluded)")
+    memory.add_column("process")
+    for phase in shown:
+        memory.add_column(phase.replace("_", " "), justify="right")
+    for kind in kinds:
+        memory.add_row(kind, *(_mb(per_phase.get(p, {}).get(kind)) for p in shown))
+    console.print(memory)
+    py = mem["python_rss"]
+    flow_peak = per_phase.get("flow_backup", {}).get(SELF_KIND)
+    before = py.get("before_flow_backup")
+    console.print(
+        f"python RSS: at start {_mb(py.get('start'))}, after the Prefect warm-up (before the "
+        f"flow backup) {_mb(before)}, peak during the flow backup {_mb(flow_peak)}"
+        + (f" (+{_mb(flow_peak - before)})" if flow_peak and before else "")
+    )
+    for note in report["notes"]:
+        console.print(f"[dim]note: {note}[/]")
+
+
+def register(bench_app: typer.Typer) -> None:
+    """Make bare ``wedefi-dr bench`` run this benchmark (cli.py calls this).
+
+    Other areas (retention, WAL archiving, the DR test) add their own subcommands to the
+    same ``bench`` group from their own modules: ``wedefi-dr bench retention`` etc.
+    """
+
+    @bench_app.callback(invoke_without_command=True)
+    def bench(
+        ctx: typer.Context,
+        scale: Annotated[
+            float, typer.Option(help="seed scale of the bench database (40 ≈ 1 GB)")
+        ] = DEFAULT_SCALE,
+        reuse: Annotated[
+            bool, typer.Option("--reuse/--no-reuse", help="keep wedefi_bench if already seeded")
+        ] = True,
+        json_file: Annotated[
+            Path | None, typer.Option("--json", help="write every figure to this file")
+        ] = None,
+        keep_backup: Annotated[
+            bool, typer.Option(help="keep the bench's backup in the bucket (default: delete)")
+        ] = False,
+    ) -> None:
+        """Time the flows against bare pg_dump | gpg and pg_restore on one database.
+
+        Without a subcommand: the backup and restore flows against the bare tools.
+        """
+        if ctx.invoked_subcommand is not None:
+            return
+        console = Console()
+        if not console.is_terminal:  # a file or a pipe: wide enough for the tables
+            console = Console(width=120)
+        err = Console(stderr=True)
+
+        def say(message: str) -> None:
+            err.print(f"[bold]bench[/] {message}")
+
+        try:
+            report = run_bench(scale=scale, reuse=reuse, keep_backup=keep_backup, say=say)
+        except (DRError, ValueError, psycopg2.Error) as exc:
+            err.print(f"[bold red]error[/] ({type(exc).__name__}): {exc}")
+            raise typer.Exit(1) from exc
+        render(report, console)
+        if json_file is not None:
+            json_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            err.print(f"figures written to {json_file}")

@@ -1,0 +1,1 @@
+"""The ``wedefi-dr`` command line, one module per command group."""

@@ -1,0 +1,525 @@
+"""The embedded local stack: real PostgreSQL clusters and a real S3 endpoint on loopback.
+
+``up`` is idempotent: it creates what is missing and starts what is stopped. Everything
+lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), with a
+``state.json`` that records ports and PIDs so ``down`` stops exactly what ``up`` started.
+
+- ``primary``: the protected database ``wedefi`` (data checksums, ``wal_level=replica``,
+  ``archive_mode=on``).
+- ``ops``: its own cluster for the audit tables, so that restoring or recovering the
+  protected database can never rewrite the record of doing so.
+- ``s3``: a moto server process (real HTTP, SigV4, multipart, SSE, storage classes, SNS);
+  three buckets stand for the primary region, the DR region and the Glacier tier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+from botocore.exceptions import ClientError
+
+from wedefi_dr.config import PROJECT_ROOT
+from wedefi_dr.errors import PreflightFailed
+from wedefi_dr.observability import audit
+from wedefi_dr.postgres.tools import connect, running_as_root, server_user_kwargs, tool
+
+PRIMARY_DB = "wedefi"
+OPS_DB = "wedefi_ops"
+REGION = "us-west-2"
+BUCKETS = {
+    "WEDEFI_DR_BUCKET": "wedefi-backup-primary",
+    "WEDEFI_DR_DR_BUCKET": "wedefi-backup-dr-east",
+    "WEDEFI_DR_GLACIER_BUCKET": "wedefi-backup-glacier",
+}
+SNS_TOPIC = "wedefi-dr-notifications"
+# moto accepts any credentials; these only mark the local stack's requests.
+LOCAL_AWS_KEY = "wedefi-local"
+LOCAL_AWS_SECRET = "wedefi-local-secret"
+
+
+def default_stack_dir() -> Path:
+    return Path(os.environ.get("WEDEFI_DR_STACK_DIR", PROJECT_ROOT / ".stack"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    if not pid:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaps it when it is our own exited child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Cluster:
+    """One PostgreSQL cluster of the stack, run by ``pg_ctl`` as the ``postgres`` OS user."""
+
+    name: str
+    home: Path
+    port: int
+    password: str
+    fast: bool = False
+    extra_conf: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.home / "server.log"
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        """A password-less DSN: libpq finds the password in the stack's PGPASSFILE."""
+        return f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}"
+
+    def admin_dsn(self, dbname: str = "postgres") -> str:
+        """With the password inline, for the stack's own set-up connections only."""
+        return f"{self.dsn(dbname)} password={self.password}"
+
+    def _as_server(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cmd, capture_output=True, text=True, check=check, cwd="/", **server_user_kwargs()
+        )
+
+    def initialized(self) -> bool:
+        return (self.data / "PG_VERSION").exists()
+
+    def init(self) -> None:
+        """initdb with data checksums and a password; the conf written once, here."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        if running_as_root():
+            os.chown(self.home, *_postgres_ids())
+        pwfile = self.home / ".pwfile"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        if running_as_root():
+            os.chown(pwfile, *_postgres_ids())
+        try:
+            self._as_server(
+                [
+                    tool("initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--data-checksums",
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.home}'",
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "timezone": "'UTC'",
+            "log_timezone": "'UTC'",
+            **(
+                {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+                if self.fast
+                else {}
+            ),
+            **self.extra_conf,
+        }
+        with (self.data / "postgresql.conf").open("a") as f:
+            f.write("\n# --- written by wedefi-dr stack ---\n")
+            for key, value in conf.items():
+                f.write(f"{key} = {value}\n")
+
+    def running(self) -> bool:
+        if not self.initialized():
+            return False
+        return (
+            self._as_server([tool("pg_ctl"), "-D", str(self.data), "status"], False).returncode == 0
+        )
+
+    def start(self) -> None:
+        self._as_server(
+            [
+                tool("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {self.port}",
+                "start",
+            ]
+        )
+
+    def stop(self) -> None:
+        if self.running():
+            self._as_server([tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def pid(self) -> int | None:
+        pidfile = self.data / "postmaster.pid"
+        try:
+            return int(pidfile.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError, PermissionError):
+            return None
+
+    def create_database(self, name: str) -> None:
+        with connect(self.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{name}"')
+
+
+WAL_ENV_NAME = "wal-archive.env"
+
+
+def wal_command(action: str, env_file: Path) -> str:
+    """The server-side command line of ``wal-push``/``wal-fetch`` (without ``%p``/``%f``).
+
+    ``python -I -m wedefi_dr.physical.wal``: the venv's interpreter (built on the system Python, so
+    ``postgres`` may execute it), isolated from the server's environment and working
+    directory, importing neither Prefect nor GX.
+    """
+    parts = (
+        sys.executable,
+        "-I",
+        "-m",
+        "wedefi_dr.physical.wal",
+        action,
+        "--env-file",
+        str(env_file),
+    )
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def conf_quote(value: str) -> str:
+    """A ``postgresql.conf`` string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _postgres_ids() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return entry.pw_uid, entry.pw_gid
+
+
+class Stack:
+    """The local stack rooted at one folder; see the module docstring."""
+
+    def __init__(self, root: Path | None = None, *, fast: bool = False) -> None:
+        self.root = Path(root) if root else default_stack_dir()
+        self.fast = fast
+        self.state_path = self.root / "state.json"
+        self.state: dict = (
+            json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        )
+
+    # ---- state -------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps(self.state, indent=2))
+        self.state_path.chmod(0o600)
+
+    def _secret(self, key: str) -> str:
+        """A secret generated once per stack and kept in its state file (mode 600)."""
+        if key not in self.state:
+            self.state[key] = secrets.token_urlsafe(24)
+            self._save()
+        return self.state[key]
+
+    def _port(self, key: str) -> int:
+        port = self.state.get(key)
+        if not port:
+            port = self.state[key] = free_port()
+            self._save()
+        return port
+
+    def cluster(self, name: str) -> Cluster:
+        return Cluster(
+            name=name,
+            home=self.root / "pg" / name,
+            port=self._port(f"{name}_port"),
+            password=self._secret("pg_password"),
+            fast=self.state.get("fast", self.fast),
+        )
+
+    @property
+    def primary(self) -> Cluster:
+        return self.cluster("primary")
+
+    @property
+    def ops(self) -> Cluster:
+        return self.cluster("ops")
+
+    @property
+    def s3_port(self) -> int:
+        return self._port("s3_port")
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def up(self) -> None:
+        """Create and start whatever is missing; safe to run again."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the postgres user must reach pg/ below it
+        self._check_server_user_can_enter()
+        self.state.setdefault("fast", self.fast)
+        self._save()
+        (self.root / "pg").mkdir(exist_ok=True)
+        # S3 first: the primary's archive_command pushes to it from its first segment on.
+        self._start_s3()
+        self._create_buckets()
+        primary = self.primary
+        primary.extra_conf = self.archiving_conf(primary)
+        for cluster in (primary, self.ops):
+            if not cluster.initialized():
+                cluster.init()
+            if not cluster.running():
+                cluster.start()
+        primary.create_database(PRIMARY_DB)
+        self.ops.create_database(OPS_DB)
+        audit.install(self.ops.admin_dsn(OPS_DB), app_password=self._secret("ops_app_password"))
+        self._ensure_archiving(primary)
+        self._write_pgpass()
+
+    def _check_server_user_can_enter(self) -> None:
+        """Fail with the fix, not with initdb's "Permission denied" three calls later."""
+        if (
+            running_as_root()
+            and subprocess.run(
+                ["test", "-x", str(self.root)], cwd="/", **server_user_kwargs()
+            ).returncode
+        ):
+            raise PreflightFailed(
+                f"the postgres OS user cannot enter {self.root}: a parent folder is private "
+                "(mode 700, e.g. /root or a mktemp -d folder). Run `make setup`, which "
+                "grants traverse (chmod o+x) on the project's parents, or set "
+                "WEDEFI_DR_STACK_DIR to a folder it can reach."
+            )
+
+    # ---- WAL archive (pitr area) ---------------------------------------------------------
+    def write_wal_env(self, cluster: Cluster, prefix: str | None = None, name: str = "") -> Path:
+        """The settings ``wal-push``/``wal-fetch`` need, in a file only ``postgres`` reads.
+
+        The server runs ``archive_command`` and ``restore_command`` as ``postgres``; the
+        passphrase and keys reach them through this file (mode 600), so none of them is
+        written into ``postgresql.conf`` or shown by ``SHOW archive_command``.
+        """
+        cluster.home.mkdir(parents=True, exist_ok=True)
+        path = cluster.home / (name or WAL_ENV_NAME)
+        env = self.env()
+        values = {
+            key: env[key]
+            for key in (
+                "WEDEFI_DR_AWS_ENDPOINT_URL",
+                "WEDEFI_DR_AWS_REGION",
+                "WEDEFI_DR_BUCKET",
+                "WEDEFI_DR_GPG_PASSPHRASE",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION",
+            )
+        }
+        values["WEDEFI_DR_PREFIX"] = prefix or os.environ.get("WEDEFI_DR_PREFIX", "wedefi")
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
+        if running_as_root():
+            os.chown(path, *_postgres_ids())
+        return path
+
+    def archiving_conf(self, cluster: Cluster, prefix: str | None = None) -> dict[str, str]:
+        """``archive_mode``/``archive_command``/``archive_timeout`` for ``cluster``, archiving
+        into ``<prefix>/wal/`` (default: the settings' prefix, the production archive)."""
+        env_file = self.write_wal_env(cluster, prefix)
+        return {
+            "archive_mode": "on",
+            "archive_command": conf_quote(wal_command("push", env_file) + " %p"),
+            "archive_timeout": "60",
+        }
+
+    def _ensure_archiving(self, cluster: Cluster) -> None:
+        """A cluster initialised before archiving was wired in gets the command now (a
+        reload; its ``.ready`` segments are then archived)."""
+        command = wal_command("push", cluster.home / WAL_ENV_NAME) + " %p"
+        with connect(cluster.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SHOW archive_command")
+            if cur.fetchone()[0] != command:
+                cur.execute("ALTER SYSTEM SET archive_command = %s", (command,))
+                cur.execute("SELECT pg_reload_conf()")
+
+    def _start_s3(self) -> None:
+        pid = self.state.get("s3_pid")
+        if pid_alive(pid) and port_open(self.s3_port):
+            return
+        log = (self.root / "s3.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.state["s3_pid"] = proc.pid
+        self._save()
+        deadline = time.monotonic() + 30
+        while not port_open(self.s3_port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server did not start; see {self.root / 's3.log'}")
+            time.sleep(0.1)
+
+    def _client(self, service: str):
+        return boto3.client(
+            service,
+            endpoint_url=self.s3_endpoint,
+            region_name=REGION,
+            aws_access_key_id=LOCAL_AWS_KEY,
+            aws_secret_access_key=LOCAL_AWS_SECRET,
+        )
+
+    def _create_buckets(self) -> None:
+        s3 = self._client("s3")
+        for bucket in BUCKETS.values():
+            try:
+                s3.create_bucket(
+                    Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION}
+                )
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] not in {
+                    "BucketAlreadyOwnedByYou",
+                    "BucketAlreadyExists",
+                }:
+                    raise
+        self.state["sns_topic_arn"] = self._client("sns").create_topic(Name=SNS_TOPIC)["TopicArn"]
+        self._save()
+
+    def down(self) -> list[str]:
+        """Stop what ``up`` started, by PID; the data stays (``destroy`` removes it)."""
+        stopped = []
+        for name in ("primary", "ops"):
+            cluster = self.cluster(name)
+            if cluster.running():
+                cluster.stop()
+                stopped.append(f"postgres {name}")
+        pid = self.state.get("s3_pid")
+        if pid_alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.1)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append("s3 (moto)")
+        self.state.pop("s3_pid", None)
+        self._save()
+        return stopped
+
+    def status(self) -> dict[str, str]:
+        result = {}
+        for name in ("primary", "ops"):
+            cluster = self.cluster(name)
+            result[f"postgres {name}"] = (
+                f"running pid {cluster.pid()} port {cluster.port}"
+                if cluster.running()
+                else "stopped"
+            )
+        pid = self.state.get("s3_pid")
+        result["s3 (moto)"] = (
+            f"running pid {pid} {self.s3_endpoint}"
+            if pid_alive(pid) and port_open(self.s3_port)
+            else "stopped"
+        )
+        return result
+
+    @property
+    def pgpass(self) -> Path:
+        return self.root / "pgpass"
+
+    def _write_pgpass(self) -> None:
+        """The stack's passwords in libpq's own file, so no DSN needs to carry one."""
+        lines = [
+            f"127.0.0.1:{self.primary.port}:*:postgres:{self._secret('pg_password')}",
+            f"127.0.0.1:{self.ops.port}:*:postgres:{self._secret('pg_password')}",
+            f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
+            f"{self._secret('ops_app_password')}",
+            # Clusters recovered from base backups of the primary (pitr area) share its
+            # password and listen on ports chosen at recovery time.
+            f"127.0.0.1:*:*:postgres:{self._secret('pg_password')}",
+        ]
+        self.pgpass.write_text("\n".join(lines) + "\n")
+        self.pgpass.chmod(0o600)
+
+    def ops_app_dsn(self) -> str:
+        """The ops database as the application role (append-only on the audit tables)."""
+        return self.ops.dsn(OPS_DB, user=audit.APP_ROLE)
+
+    def env(self) -> dict[str, str]:
+        """The environment that points every command at this stack (secrets included:
+        it is meant for ``eval``, never for a log)."""
+        env = {
+            "WEDEFI_DR_PRIMARY_DSN": self.primary.dsn(PRIMARY_DB),
+            # A database on the primary's server for restore checks (never the source).
+            "WEDEFI_DR_SCRATCH_DSN": self.primary.dsn("wedefi_restore_check"),
+            "WEDEFI_DR_OPS_DSN": self.ops_app_dsn(),
+            "WEDEFI_DR_AWS_ENDPOINT_URL": self.s3_endpoint,
+            "WEDEFI_DR_AWS_REGION": REGION,
+            "WEDEFI_DR_GPG_PASSPHRASE": self._secret("gpg_passphrase"),
+            "WEDEFI_DR_METRICS_DIR": str(self.root / "metrics"),
+            "WEDEFI_DR_SPOOL_DIR": str(self.root / "spool"),
+            "PGPASSFILE": str(self.pgpass),
+            "PREFECT_HOME": str(self.root / "prefect"),
+            # Where recovery clusters go, and which data directory is production (pitr).
+            "WEDEFI_DR_STACK_DIR": str(self.root),
+            "WEDEFI_DR_PRODUCTION_DATA_DIR": str(self.primary.data),
+            "AWS_ACCESS_KEY_ID": LOCAL_AWS_KEY,
+            "AWS_SECRET_ACCESS_KEY": LOCAL_AWS_SECRET,
+            "AWS_DEFAULT_REGION": REGION,
+            **BUCKETS,
+        }
+        if self.state.get("sns_topic_arn"):
+            env["WEDEFI_DR_SNS_TOPIC_ARN"] = self.state["sns_topic_arn"]
+        return env
+
+    def export_lines(self) -> str:
+        return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in self.env().items())
