@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from prefect import task
@@ -132,3 +134,28 @@ def audit_recovery_finished(audit_id: str, status: str, error: str | None = None
     audit.recovery_finished(
         get_settings().ops_dsn.get_secret_value(), audit_id, status=status, error=error
     )
+
+
+@contextmanager
+def failure_reported(
+    subject: str,
+    details: dict,
+    close_audit: Callable[[str], object],
+    also: Callable[[], object] | None = None,
+) -> Iterator[None]:
+    """The one failure path of every runbook: the error is scrubbed of secrets, the audit row
+    is closed ``failed`` (``close_audit(error)``), ``also`` runs (metrics), a notification
+    ``<subject> FAILED`` goes out, and the exception is raised again for Prefect to record."""
+    try:
+        yield
+    except Exception as exc:
+        error = scrub(f"{type(exc).__name__}: {exc}")
+        try:
+            close_audit(error)
+        finally:
+            try:
+                if also is not None:
+                    also()
+            finally:
+                send_notification(f"{subject} FAILED", "failure", {**details, "error": error})
+        raise

@@ -1,0 +1,85 @@
+"""The runbooks' step names, each defined once.
+
+The Prefect task, the DR report, the timings and the docs use these same words, so an
+engineer at 3 a.m. can match a step in the Prefect UI to the runbook and to the code
+without a map. A flow's steps are listed in the order the runbook runs them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Shared(StrEnum):
+    """Steps every runbook ends or fails with."""
+
+    AUDIT_BACKUP_STARTED = "audit: backup started"
+    AUDIT_BACKUP_FINISHED = "audit: backup finished"
+    AUDIT_RECOVERY_STARTED = "audit: recovery started"
+    AUDIT_RECOVERY_FINISHED = "audit: recovery finished"
+    PUBLISH_BACKUP_METRICS = "publish backup metrics"
+    NOTIFY = "notify"
+
+
+class LogicalBackup(StrEnum):
+    """Flow ``logical-backup``: the daily pg_dump."""
+
+    PREFLIGHT = "preflight"
+    DUMP_ENCRYPT_UPLOAD = "dump, encrypt and upload"
+    WRITE_MANIFEST = "write manifest"
+
+
+class Restore(StrEnum):
+    """Flow ``restore-backup``: a verified restore of one logical backup."""
+
+    VALIDATE_REQUEST = "validate restore request"
+    DOWNLOAD_VERIFY = "download and verify checksum"
+    DECRYPT_RESTORE = "decrypt and pg_restore"
+    VERIFY = "verify row counts and content hashes"
+
+
+class DRTest(StrEnum):
+    """Flow ``dr-test``: the monthly DR test, numbered as the report shows it."""
+
+    SELECT_BACKUP = "select the backup"
+    AUDIT_STARTED = "audit: DR test started"
+    PROVISION = "1. provision the DR environment"
+    RESTORE = "2. restore the backup"
+    DRILL_DAMAGE = "drill: damage the restored copy"
+    VALIDATE = "3. validate: GX suites and amcheck"
+    SMOKE = "4. smoke tests as the application role"
+    BENCHMARK = "5. benchmark: primary vs DR copy"
+    REPORT = "6. report"
+    NOTIFY = "7. notify"
+    METRICS = "8. metrics"
+    TEARDOWN = "9. teardown of the DR environment"
+
+
+class BaseBackup(StrEnum):
+    """Flow ``base-backup``: a streamed, encrypted pg_basebackup."""
+
+    STREAM = "stream pg_basebackup to the object store"
+
+
+class PITR(StrEnum):
+    """Flow ``point-in-time-recovery``, in runbook order."""
+
+    CHECK_REQUEST = "check the target lies in the recoverable window"
+    APPROVAL = "approval"
+    STOP_APPLICATION = "stop application services"
+    FETCH_BASE_BACKUP = "fetch the newest base backup before the target"
+    WRITE_RECOVERY_SETTINGS = "write recovery settings (recovery.signal, restore_command, targets)"
+    START_AND_REPLAY = "start the server and wait for replay to reach the target"
+    VALIDATE = "validate the recovered data"
+    PROMOTE = "promote with pg_promote() and confirm pg_is_in_recovery() is false"
+    START_APPLICATION = "start application services"
+
+
+class Retention(StrEnum):
+    """Flow ``retention``: data retention by classification."""
+
+    VALIDATE_POLICY = "validate policy against the live schema"
+    PREVIEW = "preview: rows that would go"
+    CREATE_TABLES = "create archive and summary tables"
+    APPLY = "apply retention"
+    PUBLISH_METRICS = "publish retention metrics"
