@@ -25,7 +25,7 @@ from tasks import dr_test as steps
 from tasks.common import attempt_scoped_uuid, run_created_at, run_scoped_uuid, scrub
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.postgres.tools import refuse_password_in_dsn
+from wedefi_dr.postgres.conninfo import refuse_password_in_dsn
 
 
 class DRTestFailed(Exception):

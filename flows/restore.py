@@ -20,8 +20,7 @@ from tasks.common import (
     scrub,
     send_notification,
 )
-from wedefi_dr.logical.restore import describe_target
-from wedefi_dr.postgres.tools import refuse_password_in_dsn
+from wedefi_dr.postgres.conninfo import ConnTarget
 
 
 @flow(name="restore-backup", log_prints=True)
@@ -35,27 +34,28 @@ def restore_backup(
     """Restore ``backup_id`` (or ``latest``) into ``target_dsn`` and verify it exactly.
 
     ``target_dsn`` must not carry a password (flow parameters are visible in the UI):
-    libpq finds it in PGPASSFILE.
+    libpq finds it in PGPASSFILE. It is parsed here, once; the identity check and
+    pg_restore both receive that same parsed target.
     """
     logger = get_run_logger()
-    refuse_password_in_dsn(target_dsn)
+    conn_target = ConnTarget.parse(target_dsn, allow_password=False)
     manifest = steps.validate_request(
-        backup_id, target_dsn, operator, justification, overwrite_source
+        backup_id, conn_target, operator, justification, overwrite_source
     )
     resolved = manifest["backup_id"]
-    target = describe_target(target_dsn)
+    target = conn_target.location
     audit_id = attempt_scoped_uuid("recovery-audit")
-    steps.audit_recovery_started(audit_id, resolved, target_dsn, operator, justification)
+    steps.audit_recovery_started(audit_id, resolved, target, operator, justification)
     timings: dict[str, float] = {}
     try:
         t = time.monotonic()
         ciphertext = steps.download_and_verify(manifest)
         timings["download_verify"] = time.monotonic() - t
         t = time.monotonic()
-        steps.decrypt_and_restore(manifest, ciphertext, target_dsn)
+        steps.decrypt_and_restore(manifest, ciphertext, conn_target)
         timings["decrypt_restore"] = time.monotonic() - t
         t = time.monotonic()
-        counts = steps.verify_restore(manifest, target_dsn)
+        counts = steps.verify_restore(manifest, conn_target)
         timings["verify"] = time.monotonic() - t
     except Exception as exc:
         error = scrub(f"{type(exc).__name__}: {exc}")

@@ -139,15 +139,16 @@ def restore_backup(
     started = time.time()
     settings = get_settings()
     env = environments.DREnvironment.from_dict(environment)
-    request = restore.RestoreRequest(manifest["backup_id"], env.admin_dsn, operator, justification)
+    target = env.admin
+    request = restore.RestoreRequest(manifest["backup_id"], target, operator, justification)
     m = restore.validate(settings, request)
     spool = Path(settings.spool_dir or tempfile.gettempdir())
     ciphertext = restore.fetch_verified(settings, m, spool)
     try:
-        restore.decrypt_and_restore(settings, m, ciphertext, env.admin_dsn)
+        restore.decrypt_and_restore(settings, m, ciphertext, target)
     finally:
         ciphertext.unlink(missing_ok=True)
-    counts = restore.verify(m, env.admin_dsn)
+    counts = restore.verify(m, target)
     with connect(env.admin_dsn, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("ANALYZE")
     environments.grant_read_only(env.admin_dsn, env.app_role)

@@ -14,29 +14,31 @@ from wedefi_dr.config import get_settings
 from wedefi_dr.errors import IntegrityError, InvalidInput
 from wedefi_dr.logical import restore
 from wedefi_dr.observability import audit
+from wedefi_dr.postgres.conninfo import ConnTarget
 
 
 @task(name="validate restore request")
 def validate_request(
-    backup_id: str, target_dsn: str, operator: str, justification: str, overwrite_source: bool
+    backup_id: str, target: ConnTarget, operator: str, justification: str, overwrite_source: bool
 ) -> dict[str, Any]:
     """All refusals happen here, before anything is downloaded or changed."""
     request = restore.RestoreRequest(
-        backup_id, target_dsn, operator, justification, allow_source_overwrite=overwrite_source
+        backup_id, target, operator, justification, allow_source_overwrite=overwrite_source
     )
     return restore.validate(get_settings(), request).model_dump(mode="json")
 
 
 @task(name="audit: recovery started", retries=3, retry_delay_seconds=2)
 def audit_recovery_started(
-    audit_id: str, backup_id: str, target_dsn: str, operator: str, justification: str
+    audit_id: str, backup_id: str, target: str, operator: str, justification: str
 ) -> str:
+    """``target`` is the target's location (host:port/dbname), never a DSN."""
     return audit.recovery_started(
         get_settings().ops_dsn.get_secret_value(),
         audit_id=audit_id,
         recovery_type="logical_restore",
         backup_id=backup_id,
-        target=restore.describe_target(target_dsn),
+        target=target,
         operator=operator,
         justification=justification,
     )
@@ -59,7 +61,7 @@ def download_and_verify(manifest: dict[str, Any]) -> str:
 
 
 @task(name="decrypt and pg_restore")
-def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target_dsn: str) -> None:
+def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target: ConnTarget) -> None:
     """gpg --decrypt | pg_restore --clean --if-exists --single-transaction."""
     settings = get_settings()
     m = BackupManifest(**manifest)
@@ -67,7 +69,7 @@ def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target_dsn: s
     if not path.exists():  # a retried flow run whose spool file was already removed
         path = restore.fetch_verified(settings, m, _spool_dir())
     try:
-        restore.decrypt_and_restore(settings, m, path, target_dsn)
+        restore.decrypt_and_restore(settings, m, path, target)
     finally:
         path.unlink(missing_ok=True)
 
@@ -78,5 +80,5 @@ def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target_dsn: s
     retry_delay_seconds=5,
     retry_condition_fn=unless(IntegrityError),
 )
-def verify_restore(manifest: dict[str, Any], target_dsn: str) -> dict[str, int]:
-    return restore.verify(BackupManifest(**manifest), target_dsn)
+def verify_restore(manifest: dict[str, Any], target: ConnTarget) -> dict[str, int]:
+    return restore.verify(BackupManifest(**manifest), target)

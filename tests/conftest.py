@@ -23,7 +23,8 @@ os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
 from psycopg2 import sql  # noqa: E402
 
 from wedefi_dr.config import Settings, get_settings  # noqa: E402
-from wedefi_dr.postgres.tools import connect, with_dbname  # noqa: E402
+from wedefi_dr.postgres.conninfo import with_dbname  # noqa: E402
+from wedefi_dr.postgres.tools import connect  # noqa: E402
 from wedefi_dr.storage.s3 import ObjectStore  # noqa: E402
 from wedefi_dr_dev import seed as seeding
 from wedefi_dr_dev.stack import Stack  # noqa: E402

@@ -11,8 +11,9 @@ import boto3
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
+from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
 from wedefi_dr.postgres.fingerprint import fingerprint_tables
-from wedefi_dr.postgres.tools import connect, libpq_env, tool
+from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.s3 import ObjectStore
 
 
@@ -24,12 +25,20 @@ def fingerprint(dsn: str) -> dict[str, dict[str, object]]:
 def schema_of(dsn: str) -> str:
     """``pg_dump --schema-only`` without comments, settings and the per-run ``\\restrict``
     token lines (pg_dump 15.14+), for comparison."""
+    target = ConnTarget.parse(dsn, allow_password=True)
     out = subprocess.run(
-        [tool("pg_dump"), "--schema-only", "--no-owner", "--no-privileges", "--no-password"],
+        [
+            tool("pg_dump"),
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--no-password",
+            *target.tool_args(),
+        ],
         capture_output=True,
         text=True,
         check=True,
-        env=libpq_env(dsn),
+        env=target.tool_env(),
     ).stdout
     lines = [ln for ln in out.splitlines() if ln and not ln.startswith("--")]
     return "\n".join(
@@ -67,8 +76,6 @@ def recovery_audit_rows(ops_dsn: str) -> int:
 
 
 def database_exists(admin_dsn: str, name: str) -> bool:
-    from wedefi_dr.postgres.tools import with_dbname
-
     with connect(with_dbname(admin_dsn, "postgres")) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         return cur.fetchone() is not None

@@ -12,7 +12,8 @@ from tests.helpers import fingerprint, schema_of
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import VerificationFailed
-from wedefi_dr.postgres.tools import connect, dbname_of, libpq_env, tool
+from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
+from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.s3 import ObjectStore
 from wedefi_dr_dev.seed import SAMPLE_WALLET_ADDRESS
 
@@ -143,16 +144,14 @@ def test_break_glass_restore_with_stock_tools_only(
     s3.download_file(settings.bucket, key, str(cipher))
     dump = tmp_path / "backup.pgc"
     dump.write_bytes(_gpg_decrypt(cipher, settings.gpg_passphrase.get_secret_value(), tmp_path))
-    env = libpq_env(scratch_dsn)
-    subprocess.run([tool("createdb"), "--no-password", dbname_of(scratch_dsn)], env=env, check=True)
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    env = target.tool_env()
+    maintenance = target.with_dbname("postgres").tool_args()
     subprocess.run(
-        [
-            tool("pg_restore"),
-            "--no-password",
-            "--exit-on-error",
-            f"--dbname={dbname_of(scratch_dsn)}",
-            str(dump),
-        ],
+        [tool("createdb"), "--no-password", *maintenance, target.dbname], env=env, check=True
+    )
+    subprocess.run(
+        [tool("pg_restore"), "--no-password", "--exit-on-error", *target.tool_args(), str(dump)],
         env=env,
         check=True,
     )

@@ -13,7 +13,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput, TargetRefused, UnknownBackup
-from wedefi_dr.postgres.tools import dbname_of
+from wedefi_dr.postgres.conninfo import dbname_of
 
 
 @pytest.mark.parametrize(

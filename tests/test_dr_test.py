@@ -262,7 +262,7 @@ def test_existing_server_provider_uses_set_role_and_drops_only_its_database(
 ):
     """--provider dsn: a database the DR test creates on a server it does not run."""
     from tests.helpers import database_exists
-    from wedefi_dr.postgres.tools import dbname_of
+    from wedefi_dr.postgres.conninfo import dbname_of
 
     admin = settings.primary_dsn.get_secret_value()
     result = dr_test(

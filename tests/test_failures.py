@@ -14,7 +14,8 @@ from tests.helpers import clone_backup, drop_backup, fingerprint, sns_inbox
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, ChecksumMismatch, TruncatedObject, WrongPassphrase
-from wedefi_dr.postgres.tools import connect, with_dbname
+from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.postgres.tools import connect
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from wedefi_dr.observability.audit import scrub
+from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
 from wedefi_dr.postgres.fingerprint import compare, fingerprint_tables
-from wedefi_dr.postgres.tools import connect, redact_dsn, with_dbname
+from wedefi_dr.postgres.tools import connect
 
 
 def _make(admin_dsn: str, name: str, rows: list[tuple]) -> str:
@@ -51,7 +52,9 @@ def test_hash_ignores_order_and_sees_every_change(settings):
 
 
 def test_redaction_of_dsns_and_messages():
-    redacted = redact_dsn("host=db user=u password=s3cret dbname=x")
+    redacted = ConnTarget.parse(
+        "host=db user=u password=s3cret dbname=x", allow_password=True
+    ).redacted
     assert "s3cret" not in redacted
     assert set(redacted.split()) == {"host=db", "user=u", "password=***", "dbname=x"}
     assert "s3cret" not in scrub("connect failed: password=s3cret host=db")

@@ -30,7 +30,8 @@ from flows.retention import retention
 from tests.helpers import fingerprint
 from wedefi_dr.config import PROJECT_ROOT, Settings, get_settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.postgres.tools import connect, with_dbname
+from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.postgres.tools import connect
 from wedefi_dr.retention import batches
 from wedefi_dr.retention import policy as core
 from wedefi_dr_dev import seed as seeding

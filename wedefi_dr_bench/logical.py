@@ -46,7 +46,8 @@ from rich.table import Table
 
 from wedefi_dr.config import Settings, apply_prefect_run_defaults, get_settings
 from wedefi_dr.errors import DRError
-from wedefi_dr.postgres.tools import connect, libpq_env, redact_dsn, tool, with_dbname
+from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
+from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
 
 # The seed scale that makes about 1 GB (wedefi_dr/seed.py measures scale 40 at 1029 MB).
@@ -305,16 +306,25 @@ def _check(proc: subprocess.Popen[bytes], name: str, errfile: Path) -> None:
         raise BenchFailed(f"bare {name} failed (exit {proc.returncode}): {text[-800:]}")
 
 
-def _pg_dump_cmd() -> list[str]:
-    return [tool("pg_dump"), "--format=custom", "--compress=9", "--no-password"]
+def _pg_dump_cmd(target: ConnTarget) -> list[str]:
+    return [
+        tool("pg_dump"),
+        "--format=custom",
+        "--compress=9",
+        "--no-password",
+        *target.tool_args(),
+    ]
 
 
 def bare_dump(dsn: str, out: Path, work: Path) -> float:
     """``pg_dump -Fc -Z9 > file``: the plaintext archive the bare restore reads."""
     err = work / "pg_dump.err"
+    target = ConnTarget.parse(dsn, allow_password=True)
     with out.open("wb") as sink, err.open("wb") as errf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(_pg_dump_cmd(), stdout=sink, stderr=errf, env=libpq_env(dsn))
+        proc = subprocess.Popen(
+            _pg_dump_cmd(target), stdout=sink, stderr=errf, env=target.tool_env()
+        )
         proc.wait()
         elapsed = time.perf_counter() - t0
     _check(proc, "pg_dump", err)
@@ -346,11 +356,12 @@ def bare_dump_encrypt(
     os.write(write_fd, passphrase.encode() + b"\n")
     os.close(write_fd)
     dump_err, gpg_err = work / "pipe-pg_dump.err", work / "pipe-gpg.err"
+    target = ConnTarget.parse(dsn, allow_password=True)
     try:
         with out.open("wb") as sink, dump_err.open("wb") as derr, gpg_err.open("wb") as gerr:
             t0 = time.perf_counter()
             dump = subprocess.Popen(
-                _pg_dump_cmd(), stdout=subprocess.PIPE, stderr=derr, env=libpq_env(dsn)
+                _pg_dump_cmd(target), stdout=subprocess.PIPE, stderr=derr, env=target.tool_env()
             )
             gpg = subprocess.Popen(
                 _gpg_symmetric_cmd(gnupg_home, read_fd, params),
@@ -374,6 +385,7 @@ def bare_dump_encrypt(
 def bare_restore(dsn: str, archive: Path, work: Path) -> float:
     """``pg_restore --clean --if-exists --single-transaction`` of the plain dump file."""
     err = work / "pg_restore.err"
+    target = ConnTarget.parse(dsn, allow_password=True)
     with err.open("wb") as errf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
@@ -383,12 +395,12 @@ def bare_restore(dsn: str, archive: Path, work: Path) -> float:
                 "--if-exists",
                 "--single-transaction",
                 "--no-password",
-                f"--dbname={psycopg2.extensions.parse_dsn(dsn)['dbname']}",
+                *target.tool_args(),
                 str(archive),
             ],
             stdout=subprocess.DEVNULL,
             stderr=errf,
-            env=libpq_env(dsn),
+            env=target.tool_env(),
         )
         proc.wait()
         elapsed = time.perf_counter() - t0
@@ -478,7 +490,7 @@ def run_bench(
     flow_dsn = with_dbname(server_dsn, FLOW_DB)
     params = GpgParams.from_settings(settings)
     apply_prefect_run_defaults()
-    say(f"server {redact_dsn(_maintenance(server_dsn))}")
+    say(f"server {ConnTarget.parse(_maintenance(server_dsn), allow_password=True).redacted}")
 
     database = ensure_seeded(server_dsn, scale, reuse, say)
     database.update(name=BENCH_DB, scale=scale, size_bytes=database_size(server_dsn, BENCH_DB))

@@ -24,7 +24,8 @@ from psycopg2 import sql
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError
-from wedefi_dr.postgres.tools import connect, with_dbname
+from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.postgres.tools import connect
 from wedefi_dr.retention import batches
 from wedefi_dr.retention import policy as retention
 from wedefi_dr_dev import seed as seeding

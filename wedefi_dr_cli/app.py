@@ -178,7 +178,7 @@ def restore(
     ] = False,
 ) -> None:
     """Run the restore-backup flow: verified download, decrypt, pg_restore, exact check."""
-    from wedefi_dr.postgres.tools import refuse_password_in_dsn
+    from wedefi_dr.postgres.conninfo import refuse_password_in_dsn
 
     try:
         if not operator.strip():

@@ -35,13 +35,8 @@ import psycopg2
 from psycopg2 import sql
 
 from wedefi_dr.errors import DRError, InvalidInput
-from wedefi_dr.postgres.tools import (
-    connect,
-    dbname_of,
-    redact_dsn,
-    refuse_password_in_dsn,
-    with_dbname,
-)
+from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.tools import connect
 from wedefi_dr_dev.stack import Cluster, free_port
 
 log = logging.getLogger(__name__)
@@ -74,16 +69,22 @@ class DREnvironment:
         return cls(**data)
 
     def describe(self) -> str:
-        return f"{self.provider} DR environment {self.name} ({redact_dsn(self.admin_dsn)})"
+        return f"{self.provider} DR environment {self.name} ({self.admin.redacted})"
+
+    @property
+    def admin(self) -> ConnTarget:
+        """The admin DSN, parsed (it names no password: that is in PGPASSFILE)."""
+        return ConnTarget.parse(self.admin_dsn, allow_password=False)
 
 
 def _os_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def ensure_app_role(admin_dsn: str, role: str, *, login: bool) -> None:
+def ensure_app_role(admin: ConnTarget, role: str, *, login: bool) -> None:
     """Create the application role before the restore (a dump's GRANTs may name it)."""
-    with connect(with_dbname(admin_dsn, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
+    maintenance = admin.with_dbname("postgres").conninfo
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
         if cur.fetchone() is None:
             cur.execute(
@@ -98,11 +99,12 @@ def grant_read_only(admin_dsn: str, role: str) -> None:
 
     The DR copy is evidence; smoke tests must not be able to change what was validated.
     """
-    with connect(admin_dsn) as conn, conn.cursor() as cur:
+    admin = ConnTarget.parse(admin_dsn, allow_password=False)
+    with connect(admin.conninfo) as conn, conn.cursor() as cur:
         role_id = sql.Identifier(role)
         cur.execute(
             sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-                sql.Identifier(dbname_of(admin_dsn)), role_id
+                sql.Identifier(admin.dbname), role_id
             )
         )
         cur.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role_id))
@@ -154,7 +156,7 @@ class LocalClusterProvider:
             port=port,
             created_database=True,
         )
-        ensure_app_role(env.admin_dsn, self.app_role, login=True)
+        ensure_app_role(env.admin, self.app_role, login=True)
         log.info("provisioned %s in %.1f s", env.describe(), time.monotonic() - t0)
         return env
 
@@ -174,34 +176,29 @@ class ExistingServerProvider:
     kind = "dsn"
 
     def __init__(self, target_dsn: str, app_role: str) -> None:
-        refuse_password_in_dsn(target_dsn)
-        self.target_dsn = target_dsn
+        self.target = ConnTarget.parse(target_dsn, allow_password=False)
         self.app_role = app_role
 
     def provision(self, name: str) -> DREnvironment:
-        dsn = self.target_dsn
-        if not dbname_of(dsn):
-            dsn = with_dbname(dsn, DR_DATABASE)
+        target = self.target if self.target.dbname else self.target.with_dbname(DR_DATABASE)
         try:
             with (
-                connect(with_dbname(dsn, "postgres"), autocommit=True) as conn,
+                connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn,
                 conn.cursor() as cur,
             ):
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname_of(dsn),))
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
                 created = cur.fetchone() is None
                 if created:
-                    cur.execute(
-                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname_of(dsn)))
-                    )
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
         except psycopg2.OperationalError as exc:
             raise ProvisioningFailed(
-                f"cannot reach the DR server {redact_dsn(dsn)}: {str(exc).strip()}"
+                f"cannot reach the DR server {target.redacted}: {str(exc).strip()}"
             ) from exc
-        ensure_app_role(dsn, self.app_role, login=False)
+        ensure_app_role(target, self.app_role, login=False)
         return DREnvironment(
             provider=self.kind,
             name=name,
-            admin_dsn=dsn,
+            admin_dsn=target.conninfo,
             app_role=self.app_role,
             created_database=created,
         )
@@ -211,12 +208,12 @@ class ExistingServerProvider:
             log.info("leaving %s: the DR test did not create it", env.describe())
             return
         with (
-            connect(with_dbname(env.admin_dsn, "postgres"), autocommit=True) as conn,
+            connect(env.admin.with_dbname("postgres").conninfo, autocommit=True) as conn,
             conn.cursor() as cur,
         ):
             cur.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(dbname_of(env.admin_dsn))
+                    sql.Identifier(env.admin.dbname)
                 )
             )
 
@@ -258,12 +255,15 @@ class DockerProvider:
         passfile = home / "pgpass"
         passfile.write_text(f"127.0.0.1:{port}:*:postgres:{password}\n")
         passfile.chmod(0o600)
-        dsn = f"host=127.0.0.1 port={port} user=postgres dbname={DR_DATABASE} passfile={passfile}"
+        target = ConnTarget.parse(
+            f"host=127.0.0.1 port={port} user=postgres dbname={DR_DATABASE} passfile={passfile}",
+            allow_password=False,
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
                 with (
-                    connect(with_dbname(dsn, "postgres"), autocommit=True) as conn,
+                    connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn,
                     conn.cursor() as cur,
                 ):
                     cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DR_DATABASE)))
@@ -275,11 +275,11 @@ class DockerProvider:
                         f"container {container.short_id} accepted no connection in 120 s"
                     ) from None
                 time.sleep(1)
-        ensure_app_role(dsn, self.app_role, login=False)
+        ensure_app_role(target, self.app_role, login=False)
         return DREnvironment(
             provider=self.kind,
             name=name,
-            admin_dsn=dsn,
+            admin_dsn=target.conninfo,
             app_role=self.app_role,
             home=str(home),
             port=port,

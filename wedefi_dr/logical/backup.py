@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2
-from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ, parse_dsn
+from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import (
@@ -35,8 +35,9 @@ from wedefi_dr.catalog.manifest import (
 from wedefi_dr.config import Settings
 from wedefi_dr.drtest import facts as integrity_facts
 from wedefi_dr.errors import BackupFailed, PreflightFailed
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, fingerprint_tables
-from wedefi_dr.postgres.tools import libpq_env, redact_dsn, tool, tool_major_version
+from wedefi_dr.postgres.tools import tool, tool_major_version
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, HashingReader, ObjectStore
 
@@ -44,20 +45,36 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 64 * 1024 * 1024
 
 
-def source_info(conn: Any, dsn: str) -> SourceInfo:
-    """Who the source is: the cluster's system identifier plus database, host and port."""
+def dump_command(target: ConnTarget, snapshot: str, compress_level: int) -> list[str]:
+    """pg_dump of ``target`` as a custom-format archive on stdout, reading the snapshot
+    the fingerprints are taken in (so the manifest describes exactly what is dumped)."""
+    return [
+        tool("pg_dump"),
+        "--format=custom",
+        f"--compress={compress_level}",
+        f"--snapshot={snapshot}",
+        "--no-password",
+        *target.tool_args(),
+    ]
+
+
+def source_info(conn: Any) -> SourceInfo:
+    """Who the source is: the cluster's system identifier plus database, host and port.
+
+    Host and port are the ones libpq actually connected to (``conn.info``), whether they
+    came from the conninfo, a service file or the environment.
+    """
     with conn.cursor() as cur:
         cur.execute(
             "SELECT system_identifier::text, current_database(), current_setting('server_version'),"
             " current_setting('server_version_num')::int FROM pg_control_system()"
         )
         sysid, dbname, version, version_num = cur.fetchone()
-    params = parse_dsn(dsn)
     return SourceInfo(
         system_identifier=sysid,
         dbname=dbname,
-        host=params.get("host", "localhost"),
-        port=int(params.get("port", 5432)),
+        host=conn.info.host,
+        port=int(conn.info.port),
         server_version=version,
         server_version_num=version_num,
     )
@@ -66,15 +83,15 @@ def source_info(conn: Any, dsn: str) -> SourceInfo:
 def preflight(settings: Settings) -> dict[str, Any]:
     """Server reachable, pg_dump new enough, bucket writable, passphrase set."""
     settings.require("primary_dsn", "ops_dsn", "gpg_passphrase")
-    dsn = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=10)
+        conn = psycopg2.connect(target.conninfo, connect_timeout=10)
     except psycopg2.OperationalError as exc:
         raise PreflightFailed(
-            f"cannot connect to the primary ({redact_dsn(dsn)}): {str(exc).strip()}"
+            f"cannot connect to the primary ({target.redacted}): {str(exc).strip()}"
         ) from exc
     try:
-        info = source_info(conn, dsn)
+        info = source_info(conn)
     finally:
         conn.close()
     server_major = info.server_version_num // 10000
@@ -132,32 +149,26 @@ def _progress_logger(what: str) -> Callable[[int], None]:
 
 def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> BackupManifest:
     """Run the streaming pass and return the manifest it proves (not yet written)."""
-    dsn = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     store = ObjectStore(settings)
     data_key = listing.data_key(store, backup_id)
     params = encryption.GpgParams.from_settings(settings)
     started = datetime.now(UTC)
     t0 = time.monotonic()
 
-    snap_conn = psycopg2.connect(dsn, application_name="wedefi-dr snapshot")
+    snap_conn = psycopg2.connect(target.conninfo, application_name="wedefi-dr snapshot")
     snap_conn.set_isolation_level(ISOLATION_LEVEL_REPEATABLE_READ)
     dump = gpg = None
     try:
         with snap_conn.cursor() as cur:
             cur.execute("SELECT pg_export_snapshot()")
             (snapshot,) = cur.fetchone()
-        source = source_info(snap_conn, dsn)
+        source = source_info(snap_conn)
         dump = subprocess.Popen(
-            [
-                tool("pg_dump"),
-                "--format=custom",
-                f"--compress={settings.compress_level}",
-                f"--snapshot={snapshot}",
-                "--no-password",
-            ],
+            dump_command(target, snapshot, settings.compress_level),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=libpq_env(dsn),
+            env=target.tool_env(),
         )
         gpg = encryption.start_encrypt(settings.gpg_passphrase.get_secret_value(), params)
         pump = _Pump(dump.stdout, gpg.stdin, _progress_logger(f"backup {backup_id} dumped"))

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import psycopg2
 from psycopg2 import sql
-from psycopg2.extensions import parse_dsn
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
@@ -38,8 +37,9 @@ from wedefi_dr.errors import (
     TargetRefused,
     VerificationFailed,
 )
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
-from wedefi_dr.postgres.tools import connect, dbname_of, libpq_env, redact_dsn, tool, with_dbname
+from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
@@ -50,28 +50,35 @@ PGDMP_MAGIC = b"PGDMP"
 @dataclass
 class RestoreRequest:
     backup_id: str
-    target_dsn: str
+    target: ConnTarget
     operator: str
     justification: str
     allow_source_overwrite: bool = False
 
 
-def describe_target(dsn: str) -> str:
-    """host:port/dbname — what audit rows and reports say instead of a DSN."""
-    p = parse_dsn(dsn)
-    return f"{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', '')}"
+def restore_command(target: ConnTarget) -> list[str]:
+    """pg_restore reading the plaintext archive from stdin into ``target``: all or nothing
+    (one transaction, first error stops it), replacing what the archive holds."""
+    return [
+        tool("pg_restore"),
+        "--clean",
+        "--if-exists",
+        "--single-transaction",
+        "--exit-on-error",
+        "--no-password",
+        *target.tool_args(),
+    ]
 
 
-def _target_identity(dsn: str) -> str:
+def _target_identity(target: ConnTarget) -> str:
     """The target server's system identifier (read-only; the target db may not exist yet)."""
-    maintenance = with_dbname(dsn, "postgres")
     try:
-        with connect(maintenance) as conn, conn.cursor() as cur:
+        with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
             cur.execute("SELECT system_identifier::text FROM pg_control_system()")
             return cur.fetchone()[0]
     except psycopg2.OperationalError as exc:
         raise InvalidInput(
-            f"cannot reach the restore target {redact_dsn(dsn)}: {str(exc).strip()}"
+            f"cannot reach the restore target {target.redacted}: {str(exc).strip()}"
         ) from exc
 
 
@@ -81,7 +88,7 @@ def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
         raise InvalidInput("--operator is required: who is restoring (it goes in the audit log)")
     if not request.justification or not request.justification.strip():
         raise InvalidInput("--justification is required: why this restore (audit log)")
-    if not request.target_dsn or not dbname_of(request.target_dsn):
+    if not request.target.dbname:
         raise InvalidInput("--target-dsn must name a database (dbname=...)")
     settings.require("ops_dsn", "gpg_passphrase")
     manifest = listing.resolve(ObjectStore(settings), request.backup_id)
@@ -91,14 +98,13 @@ def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
             f"this version computes {FINGERPRINT_METHOD!r}, so a restore could not be verified. "
             "Restore it with the version that took it, or by hand (README: break-glass)."
         )
-    target_db = dbname_of(request.target_dsn)
     if (
-        _target_identity(request.target_dsn) == manifest.source.system_identifier
-        and target_db == manifest.source.dbname
+        _target_identity(request.target) == manifest.source.system_identifier
+        and request.target.dbname == manifest.source.dbname
         and not request.allow_source_overwrite
     ):
         raise TargetRefused(
-            f"refusing to restore over {describe_target(request.target_dsn)}: it is the "
+            f"refusing to restore over {request.target.location}: it is the "
             f"database backup {manifest.backup_id} was taken from. Restore into another "
             "database, or pass --overwrite-source if replacing the source is really intended"
         )
@@ -136,10 +142,10 @@ def _read_full(stream, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _ensure_database(target_dsn: str) -> None:
+def _ensure_database(target: ConnTarget) -> None:
     """Create the target database when it does not exist (an empty one loses nothing)."""
-    name = dbname_of(target_dsn)
-    maintenance = with_dbname(target_dsn, "postgres")
+    name = target.dbname
+    maintenance = target.with_dbname("postgres").conninfo
     with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         if cur.fetchone() is None:
@@ -148,7 +154,7 @@ def _ensure_database(target_dsn: str) -> None:
 
 
 def decrypt_and_restore(
-    settings: Settings, manifest: BackupManifest, ciphertext: Path, target_dsn: str
+    settings: Settings, manifest: BackupManifest, ciphertext: Path, target: ConnTarget
 ) -> None:
     """gpg --decrypt | pg_restore --single-transaction, checking the plaintext hash."""
     gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), ciphertext)
@@ -160,21 +166,13 @@ def decrypt_and_restore(
         gpg.kill()
         raise DecryptionFailed("decrypted data is not a pg_dump custom archive (no PGDMP header)")
 
-    _ensure_database(target_dsn)
+    _ensure_database(target)
     restore = subprocess.Popen(
-        [
-            tool("pg_restore"),
-            "--clean",
-            "--if-exists",
-            "--single-transaction",
-            "--exit-on-error",
-            "--no-password",
-            f"--dbname={dbname_of(target_dsn)}",
-        ],
+        restore_command(target),
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=libpq_env(target_dsn),
+        env=target.tool_env(),
     )
     digest, size = hashlib.sha256(), 0
     problem: str | None = None
@@ -206,19 +204,19 @@ def decrypt_and_restore(
     if restore.wait() != 0:
         gpg.kill()
         raise RestoreFailed(
-            f"pg_restore into {describe_target(target_dsn)} failed (exit {restore.returncode}); "
+            f"pg_restore into {target.location} failed (exit {restore.returncode}); "
             f"the single transaction was rolled back: {err.strip()[-1500:]}"
         )
 
 
-def verify(manifest: BackupManifest, target_dsn: str) -> dict[str, int]:
+def verify(manifest: BackupManifest, target: ConnTarget) -> dict[str, int]:
     """Compare every table's row count and content hash with the manifest."""
-    with connect(target_dsn) as conn:
+    with connect(target.conninfo) as conn:
         actual = fingerprint_tables(conn)
     problems = compare(manifest.tables, actual)
     if problems:
         raise VerificationFailed(
-            f"restore of {manifest.backup_id} into {describe_target(target_dsn)} differs from "
+            f"restore of {manifest.backup_id} into {target.location} differs from "
             f"the backup in {len(problems)} table(s): " + "; ".join(problems[:10])
         )
     return {"tables": len(actual), "rows": sum(int(t["rows"]) for t in actual.values())}

@@ -32,7 +32,8 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import ObjectInfo, new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, UnknownBackup
-from wedefi_dr.postgres.tools import libpq_env, tool
+from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, HashingReader, ObjectStore
 
@@ -128,15 +129,31 @@ def _parse_label(text: str) -> dict[str, str]:
     return out
 
 
+def basebackup_command(target: ConnTarget, label: str) -> list[str]:
+    """pg_basebackup of ``target``'s cluster as one tar on stdout, with the WAL that makes
+    it consistent (the conninfo's dbname is ignored: a base backup is of the cluster)."""
+    return [
+        tool("pg_basebackup"),
+        *target.tool_args(),
+        "-D",
+        "-",
+        "--format=tar",
+        "--wal-method=fetch",
+        "--checkpoint=fast",
+        f"--label={label}",
+        "--no-password",
+    ]
+
+
 def take(settings: Settings, operator: str, backup_id: str | None = None) -> BaseBackupManifest:
     """Stream a base backup of the primary into the store; returns its manifest, written."""
     settings.require("primary_dsn", "gpg_passphrase")
-    dsn = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     backup_id = backup_id or new_backup_id()
     store = ObjectStore(settings)
     key = data_key(store, backup_id)
     params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # gzip ran
-    with psycopg2.connect(dsn, connect_timeout=10) as conn, conn.cursor() as cur:
+    with psycopg2.connect(target.conninfo, connect_timeout=10) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT system_identifier::text, current_setting('server_version_num')::int"
             " FROM pg_control_system()"
@@ -147,19 +164,10 @@ def take(settings: Settings, operator: str, backup_id: str | None = None) -> Bas
     t0 = time.monotonic()
     label = f"wedefi-dr {backup_id}"
     proc = subprocess.Popen(
-        [
-            tool("pg_basebackup"),
-            "-D",
-            "-",
-            "--format=tar",
-            "--wal-method=fetch",
-            "--checkpoint=fast",
-            f"--label={label}",
-            "--no-password",
-        ],
+        basebackup_command(target, label),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=libpq_env(dsn),
+        env=target.tool_env(),
     )
     gpg = encryption.start_encrypt(settings.gpg_passphrase.get_secret_value(), params)
     found: dict[str, bytes] = {}

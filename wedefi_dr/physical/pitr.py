@@ -468,7 +468,7 @@ def wait_for_target(dsn: str, data_dir: Path, log_path: Path, timeout: float) ->
 
 def row_counts(dsn: str) -> dict[str, int]:
     """Exact row counts of every user table in every database of the recovered cluster."""
-    from wedefi_dr.postgres.tools import with_dbname
+    from wedefi_dr.postgres.conninfo import with_dbname
 
     counts: dict[str, int] = {}
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:

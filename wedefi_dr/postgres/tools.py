@@ -1,8 +1,7 @@
 """PostgreSQL client and server tools: where the binaries are, how to call them safely.
 
-Command lines are argument lists, never shell strings. Passwords travel to the tools
-through ``PGPASSWORD`` in the child's environment, never on a command line (where ``ps``
-would show them) and never in logs: :func:`redact_dsn` is what gets printed.
+Command lines are argument lists, never shell strings. Where a tool connects, and with
+which environment, is :mod:`wedefi_dr.postgres.conninfo`'s business.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions
-from psycopg2.extensions import parse_dsn
 
 
 class ToolNotFound(RuntimeError):
@@ -90,64 +87,6 @@ def server_user_kwargs() -> dict[str, Any]:
     if not running_as_root():
         return {}
     return {"user": "postgres", "group": "postgres", "extra_groups": []}
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, for logs and error messages."""
-    try:
-        params = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return "<unparseable dsn>"
-    if "password" in params:
-        params["password"] = "***"
-    return " ".join(f"{k}={v}" for k, v in params.items())
-
-
-def refuse_password_in_dsn(dsn: str) -> None:
-    """Flow parameters are recorded by Prefect: a DSN passed as one must carry no password."""
-    from wedefi_dr.errors import InvalidInput
-
-    try:
-        params = parse_dsn(dsn)
-    except psycopg2.ProgrammingError as exc:
-        raise InvalidInput(f"not a valid PostgreSQL DSN: {redact_dsn(dsn)}") from exc
-    if params.get("password"):
-        raise InvalidInput(
-            "the target DSN contains a password; flow parameters are recorded, so put the "
-            "password in PGPASSFILE (~/.pgpass) and pass the DSN without it"
-        )
-
-
-def libpq_env(dsn: str) -> dict[str, str]:
-    """A child environment that points libpq tools at ``dsn`` (password via PGPASSWORD)."""
-    params = parse_dsn(dsn)
-    mapping = {
-        "host": "PGHOST",
-        "port": "PGPORT",
-        "user": "PGUSER",
-        "password": "PGPASSWORD",
-        "dbname": "PGDATABASE",
-        "sslmode": "PGSSLMODE",
-        "application_name": "PGAPPNAME",
-        "passfile": "PGPASSFILE",
-    }
-    # Drop inherited PG* settings (they would override the DSN), but keep the password file.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}
-    for key, var in mapping.items():
-        if key in params:
-            env[var] = params[key]
-    return env
-
-
-def with_dbname(dsn: str, dbname: str) -> str:
-    """The same server and credentials, another database."""
-    params = parse_dsn(dsn)
-    params["dbname"] = dbname
-    return psycopg2.extensions.make_dsn(**params)
-
-
-def dbname_of(dsn: str) -> str:
-    return parse_dsn(dsn).get("dbname", "")
 
 
 @contextmanager

@@ -29,7 +29,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.postgres.tools import connect, dbname_of
+from wedefi_dr.postgres.conninfo import dbname_of
+from wedefi_dr.postgres.tools import connect
 
 APPLICATION_NAME = "wedefi-dr-retention"
 """Every retention connection says so in ``pg_stat_activity`` (operators, the kill drill)."""
