@@ -49,7 +49,8 @@ def test_uri_form_and_service_are_kept():
     }
     service = ConnTarget.parse("service=dr_target dbname=x", allow_password=False)
     assert _tool_conninfo(service) == {"service": "dr_target", "dbname": "x"}
-    assert service.location == "service=dr_target:5432/x"
+    assert service.location == "service=dr_target/x"
+    assert ConnTarget.parse("dbname=x", allow_password=False).location == "localhost:5432/x"
 
 
 def test_password_refused_where_parameters_are_recorded():

@@ -98,6 +98,7 @@ def test_restore_into_a_target_named_by_service(
     dbname = parse_dsn(scratch_dsn)["dbname"]
     result = _restore(good_backup, f"service=wedefi_dr_target dbname={dbname}")
     assert result["tables"] == 33
+    assert result["target"] == f"service=wedefi_dr_target/{dbname}"
     assert fingerprint(scratch_dsn) == fingerprint(settings.primary_dsn.get_secret_value())
 
 

@@ -100,14 +100,13 @@ class ConnTarget:
     @property
     def location(self) -> str:
         """``host:port/dbname`` for audit rows and reports, naming a service or
-        ``hostaddr`` when that is what the conninfo gives instead of a host."""
+        ``hostaddr`` when that is what the conninfo gives instead of a host (and no
+        port when a service file may choose it)."""
         p = dict(self.params)
-        host = (
-            p.get("host")
-            or p.get("hostaddr")
-            or (f"service={p['service']}" if p.get("service") else "localhost")
-        )
-        return f"{host}:{p.get('port', '5432')}/{p.get('dbname', '')}"
+        service = f"service={p['service']}" if p.get("service") else ""
+        host = p.get("host") or p.get("hostaddr") or service or "localhost"
+        port = p.get("port") or ("" if service else "5432")
+        return f"{host}:{port}/{self.dbname}" if port else f"{host}/{self.dbname}"
 
     def with_dbname(self, name: str) -> ConnTarget:
         """The same server, credentials and options; another database."""
