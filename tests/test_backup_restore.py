@@ -146,9 +146,9 @@ def test_break_glass_restore_with_stock_tools_only(
     dump.write_bytes(_gpg_decrypt(cipher, settings.gpg_passphrase.get_secret_value(), tmp_path))
     target = ConnTarget.parse(scratch_dsn, allow_password=True)
     env = target.tool_env()
-    maintenance = target.with_dbname("postgres").tool_args()
+    maintenance = f"--maintenance-db={target.with_dbname('postgres').conninfo}"
     subprocess.run(
-        [tool("createdb"), "--no-password", *maintenance, target.dbname], env=env, check=True
+        [tool("createdb"), "--no-password", maintenance, target.dbname], env=env, check=True
     )
     subprocess.run(
         [tool("pg_restore"), "--no-password", "--exit-on-error", *target.tool_args(), str(dump)],
