@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,6 +29,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.postgres.timestamps import naive_utc
 from wedefi_dr.postgres.tools import connect, dbname_of
 
 APPLICATION_NAME = "wedefi-dr-retention"
@@ -340,14 +341,6 @@ def _cutoffs(conn, ages: Iterable[str], as_of: datetime) -> dict[str, datetime]:
             cur.execute("SELECT %s::timestamp - %s::interval", (as_of, age))
             out[age] = cur.fetchone()[0]
     return out
-
-
-def naive_utc(moment: datetime | None) -> datetime:
-    """The schema's timestamps are ``TIMESTAMP(3)`` without time zone, in UTC."""
-    moment = moment or datetime.now(UTC)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
 
 
 def plan(conn, policy: RetentionPolicy, as_of: datetime | None = None) -> list[TablePlan]:
