@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wedefi_dr.errors import DRError
+from wedefi_dr.errors import DRError, NotAuthentic
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.clients import aws_client
 
@@ -159,6 +159,11 @@ def decode(settings: Settings, cipher: bytes, workdir: Path) -> bytes:
         os.unlink(tmp.name)
     if gpg.returncode != 0:
         raise ArchiveCorrupt(str(encryption.decrypt_error(gpg.returncode, err)))
+    try:
+        gpg.require_encrypted()
+        gpg.require_authentic()
+    except NotAuthentic as exc:
+        raise ArchiveCorrupt(f"WAL object refused: {exc}") from exc
     try:
         return zlib.decompress(packed, 31)
     except zlib.error as exc:
