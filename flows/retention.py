@@ -21,7 +21,7 @@ from tasks import retention as steps
 from tasks.common import run_scoped_uuid
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import DRError
-from wedefi_dr.retention.policy import naive_utc
+from wedefi_dr.postgres.timestamps import naive_utc
 
 
 class RetentionIncomplete(DRError):

@@ -60,7 +60,7 @@ def clone_backup(
     copy = manifest.model_copy(
         update={"backup_id": new_id, "object": manifest.object.model_copy(update={"key": key})}
     )
-    store.put_json(listing.manifest_key(store, new_id), copy.model_dump(mode="json"))
+    listing.put_manifest(store, listing.manifest_key(store, new_id), copy)
     return copy
 
 

@@ -116,7 +116,7 @@ def test_restore_refuses_a_backup_fingerprinted_another_way(
 
     manifest = listing.resolve(store, good_backup)
     old = manifest.model_copy(update={"backup_id": new_backup_id(), "fingerprint_method": "md5"})
-    store.put_json(listing.manifest_key(store, old.backup_id), old.model_dump(mode="json"))
+    listing.put_manifest(store, listing.manifest_key(store, old.backup_id), old)
     ops = settings.ops_dsn.get_secret_value()
     audit_rows = recovery_audit_rows(ops)
     try:

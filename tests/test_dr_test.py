@@ -21,7 +21,7 @@ from flows.dr_test import DRTestFailed, dr_test
 from tests.helpers import fingerprint
 from tests.helpers import sns_inbox as helpers_sns_inbox
 from wedefi_dr.catalog import listing
-from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
+from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
 
@@ -210,7 +210,7 @@ def test_backup_without_integrity_facts_fails_loudly(
     manifest = listing.resolve(store, good_backup)
     old_id = new_backup_id()
     old = manifest.model_copy(update={"backup_id": old_id, "integrity_facts": None})
-    store.put_json(listing.manifest_key(store, old_id), old.model_dump(mode="json"))
+    listing.put_manifest(store, listing.manifest_key(store, old_id), old)
     try:
         with pytest.raises(DRTestFailed) as failed:
             dr_test(backup_id=old_id, operator="pytest")
@@ -218,7 +218,7 @@ def test_backup_without_integrity_facts_fails_loudly(
         assert f"backup {old_id} has no integrity_facts in its manifest" in html
     finally:
         store.delete(listing.manifest_key(store, old_id))
-    assert BackupManifest.model_validate(store.get_json(listing.manifest_key(store, good_backup)))
+    assert listing.resolve(store, good_backup).backup_id == good_backup
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from flows.restore import restore_backup
 from tests.helpers import clone_backup, drop_backup, fingerprint, sns_inbox
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import BackupFailed, ChecksumMismatch, TruncatedObject, WrongPassphrase
+from wedefi_dr.errors import BackupFailed, ChecksumMismatch, NotAuthentic, TruncatedObject
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import connect
 
@@ -137,7 +137,7 @@ def test_wrong_passphrase_fails_restore_and_leaves_target_untouched(
 ):
     before = _target_with_sentinel(scratch_dsn)
     env_override(WEDEFI_DR_GPG_PASSPHRASE="not-the-passphrase")
-    with pytest.raises(WrongPassphrase, match="wrong passphrase"):
+    with pytest.raises(NotAuthentic, match="wrong passphrase"):
         restore_backup(
             backup_id=good_backup,
             target_dsn=scratch_dsn,

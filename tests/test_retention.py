@@ -1,4 +1,4 @@
-"""Retention by classification (issue 5): exact, lossless, bounded, refused when unsafe.
+"""Retention by classification: exact, lossless, bounded, refused when unsafe.
 
 Every test works on its own copy of a scale-1 WeDefiDaily database (``CREATE DATABASE
 ... TEMPLATE``, on the session's primary server), never on the shared ``wedefi``

@@ -1,9 +1,8 @@
 """One typed settings object for every command, task and flow.
 
 Values come from the environment (``WEDEFI_DR_*``, what ``eval "$(wedefi-dr stack env)"``
-exports), optionally layered over a profile file in ``deployments/`` named by
-``WEDEFI_DR_PROFILE``. Secrets are ``SecretStr`` so that printing or logging the settings
-object never shows them.
+exports for the local stack, or the worker's environment in production). Secrets are
+``SecretStr`` so that printing or logging the settings object never shows them.
 """
 
 from __future__ import annotations
@@ -11,30 +10,11 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PROFILES_DIR = PROJECT_ROOT / "deployments" / "profiles"
-
-
-class _ProfileSource(PydanticBaseSettingsSource):
-    """Reads ``deployments/profiles/<WEDEFI_DR_PROFILE>.yaml``; the environment wins over it."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        name = os.environ.get("WEDEFI_DR_PROFILE")
-        if not name:
-            return {}
-        path = PROFILES_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise ValueError(f"profile {name!r} not found: expected {path}")
-        return yaml.safe_load(path.read_text()) or {}
 
 
 class Settings(BaseSettings):
@@ -79,12 +59,12 @@ class Settings(BaseSettings):
     pushgateway_url: str | None = None
     operator: str = Field(default_factory=lambda: os.environ.get("USER", "unknown"))
 
-    # Retention (issue 5): the policy file, and a pause between batches (seconds) that
+    # Data retention: the policy file, and a pause between batches (seconds) that
     # leaves room for autovacuum, replication and other writers on a busy primary.
     retention_policy: Path = PROJECT_ROOT / "deployments" / "retention.yaml"
     retention_batch_pause_seconds: float = Field(default=0.0, ge=0)
 
-    # --- pitr area: WAL archive, base backups, point-in-time recovery ---
+    # WAL archive, base backups, point-in-time recovery.
     # gzip level for WAL segments and base backups before gpg (a mostly idle segment is
     # zeros after archive_timeout; level 1 gets nearly all of that at low CPU cost).
     wal_compress_level: int = Field(default=1, ge=0, le=9)
@@ -103,7 +83,7 @@ class Settings(BaseSettings):
     app_start_commands: list[str] = Field(default_factory=list)
     pitr_replay_timeout_seconds: int = 1800
 
-    # --- drtest area: the monthly DR test (restore, validate, smoke, benchmark, report) ---
+    # The monthly DR test (restore, validate, smoke, benchmark, report).
     # Where local DR clusters and reports go (default: under the system temp dir).
     dr_env_dir: Path | None = None
     dr_report_dir: Path | None = None
@@ -122,17 +102,6 @@ class Settings(BaseSettings):
     # step removes it), to rehearse a retry of the same flow run.
     dr_drill_fault_step: str | None = None
     dr_drill_fault_marker: Path | None = None
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ProfileSource(settings_cls), file_secret_settings)
 
     def require(self, *names: str) -> None:
         """Fail with one clear message naming every missing setting, before any side effect."""

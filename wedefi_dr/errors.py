@@ -34,6 +34,10 @@ class IntegrityError(DRError):
     """Stored data does not match what the manifest promises."""
 
 
+class NotAuthentic(IntegrityError):
+    """Metadata (a manifest) that this system did not write, or that changed since: refused."""
+
+
 class ChecksumMismatch(IntegrityError):
     """The bytes read back do not hash to the manifest's sha256."""
 

@@ -185,17 +185,6 @@ _LABELS = ("treasury", "hot wallet", "cold storage", "farming", "ve-voter", "mul
 
 
 # ---- public API ------------------------------------------------------------------------
-def apply_schema(dsn: str) -> None:
-    """Create the 33 WeDefiDaily tables in one transaction (all or nothing, no psql needed)."""
-    ddl = SCHEMA_SQL_PATH.read_text(encoding="utf-8")
-    conn = psycopg2.connect(dsn, application_name="wedefi-dr-seed")
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(ddl)
-    finally:
-        conn.close()
-
-
 def prepare(dsn: str, *, reset: bool = False) -> None:
     """Make the database ready for :func:`seed`: the schema present and every table empty.
 

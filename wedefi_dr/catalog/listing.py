@@ -3,16 +3,23 @@
 There is no separate index to drift out of date: a backup is a manifest under
 ``<prefix>/logical/<backup_id>/manifest.json``, and only backups whose manifest exists
 are listed. ``latest`` is the newest of those.
+
+Every manifest is authenticated (:mod:`wedefi_dr.storage.authentication`): one that this
+system did not write, or that changed since, is refused by name when asked for by id, and
+left out of listings (with a warning) so that a planted manifest can neither become
+``latest`` nor hide the good backups.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+import logging
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from wedefi_dr.catalog.manifest import BACKUP_ID_RE, BackupManifest
-from wedefi_dr.errors import UnknownBackup
+from wedefi_dr.errors import NotAuthentic, UnknownBackup
+from wedefi_dr.storage import authentication
 from wedefi_dr.storage.s3 import ObjectStore
 
 KIND = "logical"
@@ -20,6 +27,7 @@ DATA_NAME = "dump.pgc.gpg"
 MANIFEST_NAME = "manifest.json"
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 def data_key(store: ObjectStore, backup_id: str) -> str:
@@ -39,18 +47,45 @@ def write_manifest(store: ObjectStore, manifest: BackupManifest) -> str:
             f"s3://{store.bucket}/{manifest.object.key} is missing or the wrong size"
         )
     key = manifest_key(store, manifest.backup_id)
-    store.put_json(key, manifest.model_dump(mode="json"))
+    put_manifest(store, key, manifest)
     return key
 
 
+def put_manifest(store: ObjectStore, key: str, manifest: BaseModel) -> None:
+    """Store a manifest with its MAC under the current key."""
+    document = manifest.model_dump(mode="json")
+    store.put_json(key, authentication.sign(document, authentication.keyring_of(store.settings)))
+
+
+def get_manifest(store: ObjectStore, key: str, model: type[M]) -> M | None:
+    """The manifest at ``key`` (None when absent); NotAuthentic when this system did not
+    write it or it changed since."""
+    document = store.get_json(key)
+    if document is None:
+        return None
+    return _authentic(store, key, document, model)
+
+
+def _authentic(store: ObjectStore, key: str, document: dict[str, Any], model: type[M]) -> M:
+    authentication.verify(
+        document, authentication.keyring_of(store.settings), f"manifest s3://{store.bucket}/{key}"
+    )
+    return model.model_validate({k: v for k, v in document.items() if k != authentication.FIELD})
+
+
 def list_manifests(store: ObjectStore, kind: str, model: type[M]) -> list[M]:
-    """Every backup of ``kind`` (``logical``, ``base``) with a manifest, oldest first."""
+    """Every backup of ``kind`` (``logical``, ``base``) with an authentic manifest, oldest
+    first; a manifest that is not authentic is left out, with a warning naming it."""
     manifests = []
     for obj in store.list_keys(store.key(kind) + "/"):
         if obj["Key"].endswith("/" + MANIFEST_NAME):
             document = store.get_json(obj["Key"])
-            if document is not None:
-                manifests.append(model.model_validate(document))
+            if document is None:
+                continue
+            try:
+                manifests.append(_authentic(store, obj["Key"], document, model))
+            except NotAuthentic as exc:
+                log.warning("left out of the catalog: %s", exc)
     return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
 
 
@@ -73,10 +108,10 @@ def resolve(store: ObjectStore, backup_id: str) -> BackupManifest:
         raise UnknownBackup(
             f"{backup_id!r} is not a backup id (expected e.g. 20261124T020000Z-3fa9c1, or 'latest')"
         )
-    document = store.get_json(manifest_key(store, backup_id))
-    if document is None:
+    manifest = get_manifest(store, manifest_key(store, backup_id), BackupManifest)
+    if manifest is None:
         raise UnknownBackup(
             f"unknown backup id {backup_id!r}: no manifest in s3://{store.bucket}/"
             f"{store.key(KIND)}/ (see 'wedefi-dr backups list')"
         )
-    return BackupManifest.model_validate(document)
+    return manifest

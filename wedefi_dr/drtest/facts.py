@@ -14,7 +14,7 @@ Great Expectations.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection
 
 from wedefi_dr.config import PROJECT_ROOT
+from wedefi_dr.postgres.timestamps import naive_utc
 
 FACTS_VERSION = 1
 EXPECTATIONS_DIR: Path = PROJECT_ROOT / "expectations"
@@ -40,13 +41,6 @@ def asset_sql(name: str) -> str:
 def render_asset(conn: connection, name: str, as_of: datetime) -> str:
     """The asset's SQL with ``%(as_of)s`` bound by psycopg2 (a literal, never pasted text)."""
     return conn.cursor().mogrify(asset_sql(name), {"as_of": naive_utc(as_of)}).decode()
-
-
-def naive_utc(moment: datetime) -> datetime:
-    """The schema's timestamps are ``timestamp(3)`` in UTC without a zone."""
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
 
 
 def _one(cur: Any, query: sql.Composable) -> tuple:

@@ -33,6 +33,7 @@ from wedefi_dr.config import Settings
 from wedefi_dr.errors import (
     DecryptionFailed,
     InvalidInput,
+    NotAuthentic,
     RestoreFailed,
     TargetRefused,
     VerificationFailed,
@@ -162,6 +163,7 @@ def decrypt_and_restore(
     if not first:
         gpg.wait()
         raise encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+    gpg.require_encrypted()
     if not first.startswith(PGDMP_MAGIC):
         gpg.kill()
         raise DecryptionFailed("decrypted data is not a pg_dump custom archive (no PGDMP header)")
@@ -185,6 +187,8 @@ def decrypt_and_restore(
             chunk = gpg.stdout.read(READ_CHUNK)
         if gpg.wait() != 0:
             problem = str(encryption.decrypt_error(gpg.returncode, gpg.stderr.read()))
+        elif not _authentic(gpg):
+            problem = "gpg did not confirm an intact encrypted message (DECRYPTION_OKAY, GOODMDC)"
         elif (
             digest.hexdigest() != manifest.plaintext.sha256 or size != manifest.plaintext.size_bytes
         ):
@@ -207,6 +211,14 @@ def decrypt_and_restore(
             f"pg_restore into {target.location} failed (exit {restore.returncode}); "
             f"the single transaction was rolled back: {err.strip()[-1500:]}"
         )
+
+
+def _authentic(gpg: encryption.Decryption) -> bool:
+    try:
+        gpg.require_authentic()
+    except NotAuthentic:
+        return False
+    return True
 
 
 def verify(manifest: BackupManifest, target: ConnTarget) -> dict[str, int]:

@@ -92,7 +92,7 @@ GRANT UPDATE (end_time, status, size_bytes, checksum, error_message)
   ON backup_audit_log TO {APP_ROLE};
 GRANT UPDATE (end_time, status, error_message) ON recovery_audit_log TO {APP_ROLE};
 
--- Retention (issue 5): one row per table per run, same append-only guard as above.
+-- Data retention: one row per table per run, same append-only guard as above.
 CREATE TABLE IF NOT EXISTS retention_audit_log (
   id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
   run_id VARCHAR(100) NOT NULL,
@@ -244,7 +244,7 @@ def backup_counts(ops_dsn: str) -> dict[str, float]:
     return {"success": ok, "failure": failed, "last_success": float(last or 0)}
 
 
-# ---- retention (issue 5) ---------------------------------------------------------------
+# ---- data retention --------------------------------------------------------------------
 def retention_started(
     ops_dsn: str,
     *,

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 
-import boto3
-
 from wedefi_dr.config import Settings
+from wedefi_dr.storage.clients import aws_client
 
 log = logging.getLogger("wedefi_dr.observability.notify")
 
@@ -24,9 +23,7 @@ def notify(settings: Settings, *, subject: str, status: str, details: dict) -> s
     )
     if not settings.sns_topic_arn:
         return None
-    sns = boto3.client(
-        "sns", endpoint_url=settings.aws_endpoint_url, region_name=settings.aws_region
-    )
+    sns = aws_client(settings, "sns")
     response = sns.publish(
         TopicArn=settings.sns_topic_arn,
         Subject=subject[:100],

@@ -87,10 +87,10 @@ def list_base_backups(store: ObjectStore) -> list[BaseBackupManifest]:
 
 
 def resolve(store: ObjectStore, backup_id: str) -> BaseBackupManifest:
-    doc = store.get_json(manifest_key(store, backup_id))
-    if doc is None:
+    manifest = listing.get_manifest(store, manifest_key(store, backup_id), BaseBackupManifest)
+    if manifest is None:
         raise UnknownBackup(f"no base backup {backup_id!r} (no manifest under {store.key(KIND)}/)")
-    return BaseBackupManifest.model_validate(doc)
+    return manifest
 
 
 class _TarTee:
@@ -250,7 +250,7 @@ def take(settings: Settings, operator: str, backup_id: str | None = None) -> Bas
         pg_backup_manifest=pg_manifest,
         operator=operator,
     )
-    store.put_json(manifest_key(store, backup_id), manifest.model_dump(mode="json"))
+    listing.put_manifest(store, manifest_key(store, backup_id), manifest)
     log.info(
         "base backup %s: %.1f MB tar -> %.1f MB stored in %.1f s, WAL %s..%s (timeline %d)",
         backup_id,

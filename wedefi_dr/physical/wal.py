@@ -52,8 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wedefi_dr.errors import DRError
+from wedefi_dr.errors import DRError, NotAuthentic
 from wedefi_dr.storage import encryption
+from wedefi_dr.storage.clients import aws_client
 
 if TYPE_CHECKING:  # pydantic costs ~0.3 s: a prefetched segment is handed over without it
     from wedefi_dr.config import Settings
@@ -159,6 +160,11 @@ def decode(settings: Settings, cipher: bytes, workdir: Path) -> bytes:
     if gpg.returncode != 0:
         raise ArchiveCorrupt(str(encryption.decrypt_error(gpg.returncode, err)))
     try:
+        gpg.require_encrypted()
+        gpg.require_authentic()
+    except NotAuthentic as exc:
+        raise ArchiveCorrupt(f"WAL object refused: {exc}") from exc
+    try:
         return zlib.decompress(packed, 31)
     except zlib.error as exc:
         raise ArchiveCorrupt(f"gunzip of the decrypted object failed: {exc}") from exc
@@ -176,17 +182,8 @@ class Archive:
     settings: Settings
 
     def __post_init__(self) -> None:
-        import boto3  # here, not at module import: ``--help`` and name checks stay instant
-        from botocore.config import Config
-
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=self.settings.aws_endpoint_url,
-            region_name=self.settings.aws_region,
-            config=Config(
-                retries={"max_attempts": 5, "mode": "standard"},
-                max_pool_connections=max(16, self.settings.wal_prefetch + 2),
-            ),
+        self.client = aws_client(
+            self.settings, "s3", max_pool_connections=max(16, self.settings.wal_prefetch + 2)
         )
         self.bucket = self.settings.bucket
 

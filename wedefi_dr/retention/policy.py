@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.postgres.conninfo import dbname_of
+from wedefi_dr.postgres.timestamps import naive_utc
 from wedefi_dr.postgres.tools import connect
 
 APPLICATION_NAME = "wedefi-dr-retention"
@@ -341,14 +342,6 @@ def _cutoffs(conn, ages: Iterable[str], as_of: datetime) -> dict[str, datetime]:
             cur.execute("SELECT %s::timestamp - %s::interval", (as_of, age))
             out[age] = cur.fetchone()[0]
     return out
-
-
-def naive_utc(moment: datetime | None) -> datetime:
-    """The schema's timestamps are ``TIMESTAMP(3)`` without time zone, in UTC."""
-    moment = moment or datetime.now(UTC)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
 
 
 def plan(conn, policy: RetentionPolicy, as_of: datetime | None = None) -> list[TablePlan]:

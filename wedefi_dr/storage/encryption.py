@@ -6,6 +6,13 @@ decrypts by hand with ``gpg --decrypt`` and the passphrase, with no Python insta
 The passphrase reaches gpg through an inherited pipe (``--passphrase-fd``), never on the
 command line or in the environment; ``--no-symkey-cache`` keeps gpg-agent from
 remembering it, so a later decryption with a wrong passphrase really fails.
+
+gpg's exit status alone proves nothing about where a message came from: ``gpg --decrypt``
+exits 0 on an *unencrypted* OpenPGP message (``gpg --store``) whatever the passphrase. So a
+decryption reads gpg's machine-readable status (``--status-fd``) and accepts a message only
+when it was symmetric-encrypted (``NEED_PASSPHRASE_SYM`` then ``BEGIN_DECRYPTION``, with an
+integrity-protection method in ``DECRYPTION_INFO``) and decrypted whole and unmodified
+(``DECRYPTION_OKAY`` and ``GOODMDC``).
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from wedefi_dr.errors import DecryptionFailed, InvalidInput, WrongPassphrase
+from wedefi_dr.errors import DecryptionFailed, InvalidInput, NotAuthentic, WrongPassphrase
 
 if TYPE_CHECKING:  # no runtime import: wal-push keeps its import chain short
     from wedefi_dr.config import Settings
@@ -123,21 +131,99 @@ def start_encrypt(
         os.close(fd)
 
 
+class Decryption(subprocess.Popen):
+    """A running ``gpg --decrypt`` whose status lines are collected as they come.
+
+    Callers check twice: :meth:`require_encrypted` as soon as plaintext starts flowing
+    (before any of it reaches a database or a data directory), and :meth:`require_authentic`
+    once gpg has exited (before the consumer is allowed to finish: the integrity check of an
+    OpenPGP message comes at its very end).
+    """
+
+    def __init__(self, cmd: list[str], status_fd: int, **kwargs: object) -> None:
+        super().__init__(cmd, **kwargs)
+        self.status: list[str] = []
+        self._plaintext_started = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read_status, args=(os.fdopen(status_fd, "rb"),), daemon=True
+        )
+        self._reader.start()
+
+    def _read_status(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in stream:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("[GNUPG:] "):
+                    self.status.append(line[len("[GNUPG:] ") :])
+                    if line.startswith("[GNUPG:] PLAINTEXT "):
+                        self._plaintext_started.set()
+        self._plaintext_started.set()
+
+    def _keywords(self) -> list[str]:
+        return [line.split(" ", 1)[0] for line in self.status]
+
+    def require_encrypted(self, timeout: float = 30.0) -> None:
+        """NotAuthentic unless the message is symmetric-encrypted with integrity protection."""
+        self._plaintext_started.wait(timeout)
+        words = self._keywords()
+        if "PLAINTEXT" in words:
+            before = words[: words.index("PLAINTEXT")]
+            info = next((s for s in self.status if s.startswith("DECRYPTION_INFO ")), "")
+            mdc_method = info.split()[1] if len(info.split()) > 1 else "0"
+            if "NEED_PASSPHRASE_SYM" in before and "BEGIN_DECRYPTION" in before:
+                if mdc_method == "0":
+                    self.kill()
+                    raise NotAuthentic(
+                        "the message is encrypted without integrity protection (no MDC): "
+                        "this system never writes such objects; refusing it"
+                    )
+                if "ENC_TO" not in before:
+                    return
+            self.kill()
+            raise NotAuthentic(
+                "the object is not a symmetric-encrypted message this system wrote (gpg status: "
+                + ", ".join(before + ["PLAINTEXT"])
+                + "): refusing it before any byte is used"
+            )
+
+    def require_authentic(self, timeout: float = 30.0) -> None:
+        """After gpg exited: NotAuthentic unless it reported DECRYPTION_OKAY and GOODMDC."""
+        self._reader.join(timeout)
+        words = self._keywords()
+        if "BADMDC" in words:
+            raise NotAuthentic("the encrypted message has been modified (gpg: BADMDC)")
+        missing = [w for w in ("BEGIN_DECRYPTION", "DECRYPTION_OKAY", "GOODMDC") if w not in words]
+        if missing or "DECRYPTION_FAILED" in words:
+            raise NotAuthentic(
+                "gpg did not confirm an intact symmetric-encrypted message (missing "
+                + ", ".join(missing or ["DECRYPTION_FAILED seen"])
+                + ")"
+            )
+
+
 def start_decrypt(
     passphrase: str, source: Path | str, stdout: int | IO[bytes] = subprocess.PIPE
-) -> subprocess.Popen[bytes]:
-    """``gpg --decrypt`` of a ciphertext file, plaintext on ``stdout``."""
+) -> Decryption:
+    """``gpg --decrypt`` of a ciphertext file, plaintext on ``stdout``, status collected."""
     fd = _passphrase_pipe(passphrase)
+    status_read, status_write = os.pipe()
     try:
-        return subprocess.Popen(
-            _base_cmd(fd) + ["--decrypt", "--output", "-", str(source)],
+        return Decryption(
+            _base_cmd(fd)
+            + ["--status-fd", str(status_write), "--decrypt", "--output", "-"]
+            + [str(source)],
+            status_read,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.PIPE,
-            pass_fds=(fd,),
+            pass_fds=(fd, status_write),
         )
+    except BaseException:
+        os.close(status_read)
+        raise
     finally:
         os.close(fd)
+        os.close(status_write)
 
 
 def decrypt_error(returncode: int, stderr: bytes) -> DecryptionFailed:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import boto3
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, ChecksumMismatch, PreflightFailed, TruncatedObject
+from wedefi_dr.storage.clients import aws_client
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +86,8 @@ class ObjectStore:
     def __init__(self, settings: Settings, bucket: str | None = None) -> None:
         self.settings = settings
         self.bucket = bucket or settings.bucket
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.aws_endpoint_url,
-            region_name=settings.aws_region,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        self.client = aws_client(
+            settings, "s3", max_pool_connections=max(10, settings.upload_concurrency + 2)
         )
         self.transfer_config = TransferConfig(
             multipart_threshold=settings.multipart_chunk_bytes,
