@@ -18,7 +18,8 @@ from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import NotAuthentic, UnknownBackup
 from wedefi_dr.physical import basebackup
-from wedefi_dr.postgres.tools import dbname_of, libpq_env, tool
+from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
+from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import authentication
 from wedefi_dr.storage.authentication import Keyring
 
@@ -103,11 +104,11 @@ def test_forged_backup_is_refused_before_the_target_is_touched(
     attacker's choosing, with a manifest whose sizes and checksums match it exactly."""
     from flows.restore import restore_backup
 
-    src = settings.primary_dsn.get_secret_value()
+    src = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     dump = tmp_path / "evil.pgc"
     subprocess.run(
-        [tool("pg_dump"), "--format=custom", "--schema-only", f"--file={dump}"],
-        env=libpq_env(src),
+        [tool("pg_dump"), "--format=custom", "--schema-only", f"--file={dump}", *src.tool_args()],
+        env=src.tool_env(),
         check=True,
     )
     packet = subprocess.run(
