@@ -9,6 +9,7 @@ object never shows them.
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ProfileSource(settings_cls), file_secret_settings)
+
+    @property
+    def spool_path(self) -> Path:
+        """Where verified downloads wait (encrypted) before use: ``spool_dir``, else the
+        system's temporary folder. One default, so every step spools to the same disk."""
+        return Path(self.spool_dir or tempfile.gettempdir())
 
     def require(self, *names: str) -> None:
         """Fail with one clear message naming every missing setting, before any side effect."""
