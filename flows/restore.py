@@ -21,7 +21,7 @@ from tasks.common import (
 )
 from wedefi_dr.logical.restore import describe_target
 from wedefi_dr.postgres.tools import refuse_password_in_dsn
-from wedefi_dr.runbook import Restore, timed
+from wedefi_dr.runbook import Restore, step_key, timed
 
 
 @flow(name="restore-backup", log_prints=True)
@@ -64,7 +64,7 @@ def restore_backup(
         with timed() as timings[Restore.VERIFY]:
             counts = steps.verify_restore(manifest, target_dsn)
     audit_recovery_finished(audit_id, "success")
-    seconds = {str(step): round(t["seconds"], 3) for step, t in timings.items()}
+    seconds = {step_key(step): round(t["seconds"], 3) for step, t in timings.items()}
     get_run_logger().info(
         "restore of %s into %s verified: %d tables, %d rows identical to the backup",
         resolved,
@@ -78,7 +78,7 @@ def restore_backup(
         f"restore {resolved}",
         backup_id=resolved,
         target=target,
-        timings=seconds,
+        timings={str(step): t["seconds"] for step, t in timings.items()},
         **counts,
     )
     return {"backup_id": resolved, "target": target, **counts, "timings": seconds}

@@ -88,6 +88,12 @@ class Retention(StrEnum):
     PUBLISH_METRICS = "publish retention metrics"
 
 
+def step_key(step: StrEnum) -> str:
+    """``download_verify`` for ``Restore.DOWNLOAD_VERIFY``: the short, stable name that
+    results, scripts and the benchmarks select a step by (the value is for people)."""
+    return step.name.lower()
+
+
 @contextmanager
 def timed() -> Iterator[dict[str, float]]:
     """Times one runbook step: the dict it yields gets ``started``, ``finished`` (epoch

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wedefi_dr.errors import DRError
-from wedefi_dr.runbook import DRTest, timed
+from wedefi_dr.runbook import DRTest, step_key, timed
 
 # The steps whose findings decide the verdict; each must have run and not failed.
 JUDGED = (DRTest.VALIDATE, DRTest.SMOKE, DRTest.BENCHMARK)
@@ -23,11 +23,6 @@ JUDGED = (DRTest.VALIDATE, DRTest.SMOKE, DRTest.BENCHMARK)
 
 class DRTestFailed(DRError):
     """The DR test ran and found the backup (or its copy) not fit for a failover."""
-
-
-def step_key(step: DRTest) -> str:
-    """``restore`` for ``DRTest.RESTORE``: the short name scripts and the CLI select by."""
-    return step.name.lower()
 
 
 def _failed_checks(validation: dict[str, Any]) -> list[str]:
