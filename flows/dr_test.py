@@ -27,7 +27,7 @@ from tasks.common import (
 )
 from wedefi_dr.config import get_settings
 from wedefi_dr.drtest.record import DRTestFailed, StepRecord
-from wedefi_dr.drtest.report import failed_expectations, report_dir
+from wedefi_dr.drtest.report import report_dir
 from wedefi_dr.drtest.request import check_request
 from wedefi_dr.observability.drtest_metrics import AUDIT_KIND
 from wedefi_dr.runbook import DRTest
@@ -94,21 +94,13 @@ def dr_test(
         if damage:
             rec.run(DRTest.DRILL_DAMAGE, steps.damage_restored_copy, environment, manifest, damage)
         docs = str(report_dir(settings, run_name) / "data_docs")
-        validation = rec.run(DRTest.VALIDATE, steps.validate_copy, environment, manifest, docs)
-        smoke = rec.run(DRTest.SMOKE, steps.smoke_tests, environment)
-        bench = rec.run(DRTest.BENCHMARK, steps.benchmark, environment)
+        rec.run(DRTest.VALIDATE, steps.validate_copy, environment, manifest, docs)
+        rec.run(DRTest.SMOKE, steps.smoke_tests, environment)
+        rec.run(DRTest.BENCHMARK, steps.benchmark, environment)
         # 6. report
         where = env["description"] if env else f"{provider} DR environment"
         report = steps.write_report(
-            run_name,
-            manifest,
-            where,
-            operator,
-            rec.timeline(),
-            validation,
-            smoke,
-            bench,
-            rec.success,
+            run_name, manifest, where, operator, rec.timeline(), rec.findings(), rec.success
         )
     keep = env is not None and (keep_environment or rec.error is not None)
     details = rec.details(
@@ -116,32 +108,20 @@ def dr_test(
         backup_id=manifest["backup_id"],
         report=report,
         rto_objective_seconds=settings.dr_rto_objective_seconds,
-        failed_expectations=failed_expectations(validation),
         environment_kept=keep,
     )
     verdict = "PASSED" if rec.success else "FAILED"
-    # 7. notify → 8. metrics → 9. teardown
-    steps.notify_result(
-        f"WeDefiDaily DR test {run_name} {verdict}",
-        "success" if rec.success else "failure",
-        details,
-    )
-    audit_recovery_finished(
-        audit_id, "success" if rec.success else "failed", None if rec.success else rec.summary()
-    )
-    steps.publish_metrics(
-        steps.manifest_database(manifest), rec.success, rec.elapsed(), report["rto_seconds"]
-    )
-    if env and not keep:
-        steps.teardown_environment(provider, target_dsn, environment)
+    # 7. notify → audit → 8. metrics → 9. teardown
+    notice = "success" if rec.success else "failure"
+    steps.notify_result(f"WeDefiDaily DR test {run_name} {verdict}", notice, details)
+    audit_recovery_finished(audit_id, "success" if rec.success else "failed", rec.audit_error())
+    database = steps.manifest_database(manifest)
+    steps.publish_metrics(database, rec.success, rec.elapsed(), report["rto_seconds"])
+    if keep:
+        why = "asked to" if keep_environment else f"{rec.errored} errored; Retry this run"
+        get_run_logger().warning("DR environment kept (%s): %s", why, env["description"])
     elif env:
-        get_run_logger().warning(
-            "DR environment kept (%s): %s",
-            "asked to"
-            if keep_environment
-            else f"step {rec.errored} errored; Retry this flow run to continue from it",
-            env["description"],
-        )
+        steps.teardown_environment(provider, target_dsn, environment)
     print(f"DR test {run_name} {verdict}: report {report['s3_html'] or report['html']}")
     if not rec.success:
         raise DRTestFailed(

@@ -133,11 +133,10 @@ def write_report(
     environment: str,
     operator: str,
     steps: list[dict[str, Any]],
-    validation: dict[str, Any] | None,
-    smoke: dict[str, Any] | None,
-    bench: dict[str, Any] | None,
+    findings: dict[str, dict[str, Any] | None],
     success: bool,
 ) -> dict[str, Any]:
+    """``findings``: the validation's, smoke tests' and benchmark's results by step key."""
     settings = get_settings()
     drill.fault_once(settings, "report")
     context = drreport.build_context(
@@ -146,9 +145,9 @@ def write_report(
         environment=environment,
         operator=operator,
         steps=steps,
-        validation=validation,
-        smoke=smoke,
-        benchmark=bench,
+        validation=findings["validate"],
+        smoke=findings["smoke"],
+        benchmark=findings["benchmark"],
         rto_objective_seconds=settings.dr_rto_objective_seconds,
         success=success,
     )

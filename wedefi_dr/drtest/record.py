@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wedefi_dr.drtest.report import failed_expectations
 from wedefi_dr.errors import DRError
 from wedefi_dr.runbook import DRTest, step_key, timed
 
@@ -136,6 +137,14 @@ class StepRecord:
         text = "; ".join(self.failed_steps() or ["see the report"])
         return text + (f" ({self.error})" if self.error else "")
 
+    def audit_error(self) -> str | None:
+        """The audit row's error: None for a pass, else why it failed (already scrubbed)."""
+        return None if self.success else self.summary()
+
+    def findings(self) -> dict[str, dict[str, Any] | None]:
+        """The judged steps' results, for the report (None for a step that never ran)."""
+        return {step_key(step): self.results.get(step) for step in JUDGED}
+
     def validation_split(self) -> dict[str, float]:
         """Seconds per suite and for amcheck: where the validation's time went."""
         validation = self.results.get(DRTest.VALIDATE)
@@ -151,7 +160,6 @@ class StepRecord:
         backup_id: str,
         report: dict[str, Any],
         rto_objective_seconds: float,
-        failed_expectations: list[dict[str, Any]],
         environment_kept: bool,
     ) -> dict[str, Any]:
         """What the notification carries: names, numbers and reasons, never a secret."""
@@ -163,7 +171,8 @@ class StepRecord:
             "report": report["s3_html"] or report["html"],
             "failed_steps": self.failed_steps(),
             "failed_expectations": [
-                f"{f['suite']}: {f['expectation']} ({f['check']})" for f in failed_expectations
+                f"{f['suite']}: {f['expectation']} ({f['check']})"
+                for f in failed_expectations(self.results.get(DRTest.VALIDATE))
             ],
             "error": self.error,
             "environment_kept": environment_kept,
