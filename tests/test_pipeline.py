@@ -6,14 +6,17 @@ nothing behind: no object at the key, no multipart upload open (invariant 2).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed
+from wedefi_dr.physical.basebackup import TarGzip
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
 from wedefi_dr.storage.s3 import ObjectStore
@@ -63,6 +66,19 @@ def test_a_job_alongside_that_fails_fails_the_backup(settings: Settings, store: 
     assert _open_uploads(store, key) == []
 
 
+def _decrypt(settings: Settings, body: bytes, home: Path) -> bytes:
+    """Stock gpg, as the break-glass path uses it (no Python)."""
+    passphrase = home / "passphrase"
+    passphrase.write_text(settings.gpg_passphrase.get_secret_value())
+    return subprocess.run(
+        ["gpg", "--batch", "--quiet", "--pinentry-mode", "loopback", "--homedir", str(home)]
+        + ["--passphrase-file", str(passphrase), "--decrypt"],
+        input=body,
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
 def test_a_good_stream_is_stored_encrypted_with_both_checksums(
     settings: Settings, store: ObjectStore, tmp_path
 ):
@@ -76,15 +92,40 @@ def test_a_good_stream_is_stored_encrypted_with_both_checksums(
     assert streamed.stored_sha256 == hashlib.sha256(body).hexdigest()
     assert streamed.plaintext_size == plaintext.stat().st_size
     assert streamed.plaintext_sha256 == hashlib.sha256(plaintext.read_bytes()).hexdigest()
-    # Stock gpg decrypts it (the break-glass path needs no Python).
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(settings.gpg_passphrase.get_secret_value())
-    decrypted = subprocess.run(
-        ["gpg", "--batch", "--quiet", "--pinentry-mode", "loopback", "--homedir", str(tmp_path)]
-        + ["--passphrase-file", str(passphrase), "--decrypt"],
-        input=body,
-        capture_output=True,
-        check=True,
-    ).stdout
-    assert decrypted == plaintext.read_bytes()
+    assert _decrypt(settings, body, tmp_path) == plaintext.read_bytes()
     store.delete(key)
+
+
+def _tar_of(folder: Path) -> list[str]:
+    return ["tar", "-cf", "-", "-C", str(folder), "."]
+
+
+def test_the_base_backup_transform_gzips_the_tar_and_keeps_its_label(
+    settings: Settings, store: ObjectStore, tmp_path
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "backup_label").write_text("START WAL LOCATION: 0/2000028\n")
+    (data / "backup_manifest").write_text('{"WAL-Ranges": []}')
+    (data / "base").write_bytes(b"page" * 100_000)
+    key = store.key("pipeline-test", uuid.uuid4().hex, "base.tar.gz.gpg")
+    tar = TarGzip(level=1)
+    streamed = _pipeline(settings, _tar_of(data), transform=tar).run(store, key)
+
+    assert tar.found["backup_label"] == b"START WAL LOCATION: 0/2000028\n"
+    tar_bytes = subprocess.run(_tar_of(data), capture_output=True, check=True).stdout
+    assert streamed.plaintext_sha256 == hashlib.sha256(tar_bytes).hexdigest()
+    body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    assert gzip.decompress(_decrypt(settings, body, tmp_path)) == tar_bytes
+    store.delete(key)
+
+
+def test_a_tar_without_backup_label_is_not_stored(settings: Settings, store: ObjectStore, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "base").write_bytes(b"page" * 100_000)
+    key = store.key("pipeline-test", uuid.uuid4().hex, "base.tar.gz.gpg")
+    with pytest.raises(BackupFailed, match=r"lacks \['backup_label', 'backup_manifest'\]"):
+        _pipeline(settings, _tar_of(data), transform=TarGzip(level=1)).run(store, key)
+    assert store.head(key) is None
+    assert _open_uploads(store, key) == []

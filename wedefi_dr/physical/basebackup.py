@@ -91,13 +91,33 @@ def resolve(store: ObjectStore, backup_id: str) -> BaseBackupManifest:
     return BaseBackupManifest.model_validate(doc)
 
 
-class _TarGzip:
-    """The base backup's transform: gzip the tar on its way to gpg, and keep
-    ``backup_label`` and ``backup_manifest`` as they pass.
+class _GzipTee:
+    """What tarfile reads, gzipped on its way to gpg."""
+
+    def __init__(self, source: IO[bytes], sink: IO[bytes], level: int) -> None:
+        self.source, self.sink = source, sink
+        self.z = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        if data:
+            self.sink.write(self.z.compress(data))
+        return data
+
+    def finish(self) -> None:
+        while self.read(READ_CHUNK):
+            pass
+        self.sink.write(self.z.flush())
+
+
+class TarGzip:
+    """The base backup's transform in the pipeline: gzip the tar on its way to gpg, and
+    keep ``backup_label`` and ``backup_manifest`` as they pass.
 
     tarfile in stream mode reads the whole archive sequentially (skipping a member's data
-    means reading it), so everything pg_basebackup wrote passes through ``read`` exactly
-    once: hashed by the pipeline, gzipped here, written to gpg.
+    means reading it), so everything pg_basebackup wrote passes through exactly once:
+    hashed by the pipeline, gzipped here, written to gpg. A tar without both files is not
+    a base backup, and fails the stream before its upload can complete.
     """
 
     WANTED = ("backup_label", "backup_manifest")
@@ -107,25 +127,14 @@ class _TarGzip:
         self.found: dict[str, bytes] = {}
 
     def __call__(self, source: IO[bytes], sink: IO[bytes]) -> None:
-        z = zlib.compressobj(self.level, zlib.DEFLATED, 31)
-
-        class Tee:
-            def read(self, n: int = -1) -> bytes:
-                data = source.read(n)
-                if data:
-                    sink.write(z.compress(data))
-                return data
-
-        tee = Tee()
+        tee = _GzipTee(source, sink, self.level)
         with tarfile.open(fileobj=tee, mode="r|") as tar:
             for member in tar:
                 name = member.name.lstrip("./")
                 if name in self.WANTED:
                     f = tar.extractfile(member)
                     self.found[name] = f.read() if f else b""
-        while tee.read(READ_CHUNK):
-            pass
-        sink.write(z.flush())
+        tee.finish()
         missing = set(self.WANTED) - set(self.found)
         if missing:
             raise BackupFailed(f"the base backup tar lacks {sorted(missing)}")
@@ -181,7 +190,7 @@ def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManif
         f"--label={label}",
         "--no-password",
     ]
-    tar = _TarGzip(settings.wal_compress_level)
+    tar = TarGzip(settings.wal_compress_level)
     streamed = EncryptedUpload(
         producer=Producer("pg_basebackup", argv, libpq_env(dsn)),
         passphrase=settings.gpg_passphrase.get_secret_value(),
