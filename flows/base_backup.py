@@ -10,61 +10,42 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
-from tasks import pitr as steps
+from tasks import base_backup as steps
 from tasks.common import (
     attempt_scoped_uuid,
     audit_backup_finished,
     audit_backup_started,
     backup_id_for_this_run,
-    scrub,
-    send_notification,
+    failure_reported,
+    publish_summary,
 )
 
 
 @flow(name="base-backup", log_prints=True)
 def base_backup(operator: str = "scheduler") -> dict[str, Any]:
     """One base backup of the protected cluster; returns its manifest (summary)."""
-    logger = get_run_logger()
     backup_id = backup_id_for_this_run("base-backup-id")
     audit_id = attempt_scoped_uuid("base-backup-audit")
     audit_backup_started(audit_id, backup_id, operator, backup_type="base")
-    try:
+    with failure_reported(
+        f"WeDefiDaily base backup {backup_id}",
+        {"backup_id": backup_id},
+        close_audit=lambda error: audit_backup_finished(audit_id, "failed", error=error),
+    ):
         manifest = steps.stream_base_backup(backup_id, operator)
-    except Exception as exc:
-        error = scrub(f"{type(exc).__name__}: {exc}")
-        audit_backup_finished(audit_id, "failed", error=error)
-        send_notification(
-            f"WeDefiDaily base backup {backup_id} FAILED",
-            "failure",
-            {"backup_id": backup_id, "error": error},
-        )
-        raise
-    audit_backup_finished(
-        audit_id,
-        "success",
-        size_bytes=manifest["object"]["size_bytes"],
-        checksum=manifest["object"]["sha256"],
-    )
-    logger.info(
+        steps.write_manifest(manifest)
+    obj = manifest["object"]
+    audit_backup_finished(audit_id, "success", size_bytes=obj["size_bytes"], checksum=obj["sha256"])
+    get_run_logger().info(
         "base backup %s: WAL %s..%s on timeline %d, %.1f MB stored",
         backup_id,
         manifest["start_lsn"],
         manifest["stop_lsn"],
         manifest["timeline"],
-        manifest["object"]["size_bytes"] / 1e6,
+        obj["size_bytes"] / 1e6,
     )
-    create_markdown_artifact(
-        key="base-backup-summary",
-        markdown=(
-            f"# Base backup {backup_id}\n\n| | |\n|---|---|\n"
-            f"| timeline | {manifest['timeline']} |\n"
-            f"| WAL | {manifest['start_lsn']} .. {manifest['stop_lsn']} |\n"
-            f"| started | {manifest['started_at']} |\n| finished | {manifest['finished_at']} |\n"
-            f"| tar | {manifest['plaintext_size_bytes'] / 1e6:.1f} MB |\n"
-            f"| stored | {manifest['object']['size_bytes'] / 1e6:.1f} MB |\n"
-        ),
-        description=f"base backup {backup_id}",
+    publish_summary(
+        "base-backup-summary", "base_backup_summary.md.j2", f"base backup {backup_id}", m=manifest
     )
-    return manifest
+    return {k: v for k, v in manifest.items() if k != "pg_backup_manifest"}

@@ -1,4 +1,4 @@
-"""Steps shared by the flows: audit rows, metrics, notifications, run-stable ids."""
+"""Steps shared by the flows: audit rows, metrics, notifications, summaries, run-stable ids."""
 
 from __future__ import annotations
 
@@ -6,14 +6,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics, notify
+from wedefi_dr.runbook import Shared
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 def unless(*permanent: type[BaseException]):
@@ -77,7 +84,7 @@ def scrub(message: str) -> str:
     return audit.scrub(message, secrets_to_scrub())
 
 
-@task(name="audit: backup started", retries=3, retry_delay_seconds=2)
+@task(name=Shared.AUDIT_BACKUP_STARTED, retries=3, retry_delay_seconds=2)
 def audit_backup_started(
     audit_id: str, backup_id: str, operator: str, backup_type: str = "logical"
 ) -> str:
@@ -90,7 +97,7 @@ def audit_backup_started(
     )
 
 
-@task(name="audit: backup finished", retries=3, retry_delay_seconds=2)
+@task(name=Shared.AUDIT_BACKUP_FINISHED, retries=3, retry_delay_seconds=2)
 def audit_backup_finished(
     audit_id: str,
     status: str,
@@ -108,7 +115,7 @@ def audit_backup_finished(
     )
 
 
-@task(name="publish backup metrics", retries=2, retry_delay_seconds=2)
+@task(name=Shared.PUBLISH_BACKUP_METRICS, retries=2, retry_delay_seconds=2)
 def publish_backup_metrics(
     database: str, duration_seconds: float | None, size_bytes: int | None
 ) -> list[str]:
@@ -123,12 +130,37 @@ def publish_backup_metrics(
     return metrics.publish(settings, "backup", registry)
 
 
-@task(name="notify", retries=2, retry_delay_seconds=2)
+@task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2)
 def send_notification(subject: str, status: str, details: dict) -> str | None:
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
 
 
-@task(name="audit: recovery finished", retries=3, retry_delay_seconds=2)
+@task(name=Shared.AUDIT_RECOVERY_STARTED, retries=3, retry_delay_seconds=2)
+def audit_recovery_started(
+    *,
+    audit_id: str,
+    recovery_type: str,
+    backup_id: str | None,
+    target: str,
+    operator: str,
+    justification: str,
+    target_time: datetime | None = None,
+) -> str:
+    """Opens the row of a restore, a DR test or a PITR (``recovery_type``); idempotent by
+    ``audit_id``, so a retried step does not open a second row for the same attempt."""
+    return audit.recovery_started(
+        get_settings().ops_dsn.get_secret_value(),
+        audit_id=audit_id,
+        recovery_type=recovery_type,
+        backup_id=backup_id,
+        target=target,
+        target_time=target_time,
+        operator=operator,
+        justification=justification,
+    )
+
+
+@task(name=Shared.AUDIT_RECOVERY_FINISHED, retries=3, retry_delay_seconds=2)
 def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:
     """Closes the row a restore, a PITR or a DR test opened (by run-stable ``audit_id``)."""
     audit.recovery_finished(
@@ -159,3 +191,17 @@ def failure_reported(
             finally:
                 send_notification(f"{subject} FAILED", "failure", {**details, "error": error})
         raise
+
+
+def publish_summary(key: str, template: str, description: str, **context: Any) -> None:
+    """The run's markdown artifact in the Prefect UI, rendered from ``templates/<template>``
+    so the page's layout lives in one file per runbook, not in f-strings in the flow."""
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    markdown = env.get_template(template).render(**context)
+    create_markdown_artifact(key=key, markdown=markdown, description=description)

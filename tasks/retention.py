@@ -21,6 +21,7 @@ from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics
 from wedefi_dr.retention import batches
 from wedefi_dr.retention import policy as retention
+from wedefi_dr.runbook import Retention
 
 PROGRESS_EVERY_SECONDS = 5.0
 
@@ -31,7 +32,7 @@ def _primary() -> str:
     return settings.primary_dsn.get_secret_value()
 
 
-@task(name="validate policy against the live schema", cache_policy=NO_CACHE)
+@task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE)
 def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
     """Every table, column and foreign-key consequence checked; refuses before any change."""
     plans = retention.plans_for(_primary(), policy_path, as_of)
@@ -52,7 +53,7 @@ def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
     ]
 
 
-@task(name="preview: rows that would go", cache_policy=NO_CACHE)
+@task(name=Retention.PREVIEW, cache_policy=NO_CACHE)
 def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list[dict[str, Any]]:
     """Counts per table (and per cascade), in policy order; published as a table artifact."""
     rows = [p.as_dict() for p in batches.dry_run(_primary(), policy_path, as_of)]
@@ -76,7 +77,7 @@ def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list
     return rows
 
 
-@task(name="create archive and summary tables", retries=2, retry_delay_seconds=5)
+@task(name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5)
 def create_targets(policy_path: str, as_of: datetime) -> list[str]:
     dsn = _primary()
     created = batches.ensure_targets(dsn, retention.plans_for(dsn, policy_path, as_of))
@@ -103,8 +104,8 @@ def _finish_audit(
 
 
 @task(
-    name="apply retention",
-    task_run_name="apply retention: {table}",
+    name=Retention.APPLY,
+    task_run_name=Retention.APPLY + ": {table}",
     retries=1,
     retry_delay_seconds=30,
 )
@@ -172,7 +173,7 @@ def apply_table(
     return result.as_dict()
 
 
-@task(name="publish retention metrics", retries=2, retry_delay_seconds=2)
+@task(name=Retention.PUBLISH_METRICS, retries=2, retry_delay_seconds=2)
 def publish_metrics(results: list[dict[str, Any]]) -> list[str]:
     settings = get_settings()
     database = retention.database_of(_primary())

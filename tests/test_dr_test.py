@@ -276,3 +276,38 @@ def test_existing_server_provider_uses_set_role_and_drops_only_its_database(
     # It created the database, so teardown dropped it; the source was never a target.
     assert not database_exists(admin, dbname_of(scratch_dsn))
     assert database_exists(admin, "wedefi")
+
+
+def test_an_error_in_the_report_step_closes_the_audit_row_and_pages_once(
+    good_backup, dr_settings: Settings, dr_dirs, settings: Settings, env_override, sns_inbox
+):
+    """A step outside the recorded ones (the report) raises: the run ends through the one
+    failure path, so its audit row never stays 'running', and the pager hears of it once."""
+    from wedefi_dr.drtest.environments import DREnvironment, LocalClusterProvider
+    from wedefi_dr.postgres.tools import connect
+
+    marker = dr_dirs["root"] / "fail-report-once"
+    marker.touch()
+    env_override(
+        WEDEFI_DR_DR_DRILL_FAULT_STEP="report", WEDEFI_DR_DR_DRILL_FAULT_MARKER=str(marker)
+    )
+    before = set(dr_dirs["envs"].iterdir()) if dr_dirs["envs"].exists() else set()
+    state = dr_test(backup_id=good_backup, operator="pytest-report-fault", return_state=True)
+    assert state.is_failed() and "DrillFault" in state.message, state.message
+    (kept,) = set(dr_dirs["envs"].iterdir()) - before  # an error keeps the copy for a Retry
+    run = kept.name
+    try:
+        with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT status, error_message FROM recovery_audit_log WHERE target = %s",
+                (f"local:{run}",),
+            )
+            (status, error), *others = cur.fetchall()
+        assert others == []
+        assert status == "failed" and "injected fault in step 'report'" in error
+        (message,) = sns_inbox(run)
+        assert message["status"] == "failure" and message["backup_id"] == good_backup
+        assert "DrillFault" in message["error"]
+    finally:
+        provider = LocalClusterProvider(dr_dirs["envs"], dr_settings.dr_app_role)
+        provider.teardown(DREnvironment("local", run, "", dr_settings.dr_app_role, home=str(kept)))

@@ -8,6 +8,7 @@ exports for the local stack, or the worker's environment in production). Secrets
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -102,6 +103,12 @@ class Settings(BaseSettings):
     # step removes it), to rehearse a retry of the same flow run.
     dr_drill_fault_step: str | None = None
     dr_drill_fault_marker: Path | None = None
+
+    @property
+    def spool_path(self) -> Path:
+        """Where verified downloads wait (encrypted) before use: ``spool_dir``, else the
+        system's temporary folder. One default, so every step spools to the same disk."""
+        return Path(self.spool_dir or tempfile.gettempdir())
 
     def require(self, *names: str) -> None:
         """Fail with one clear message naming every missing setting, before any side effect."""

@@ -7,6 +7,9 @@ without a map. A flow's steps are listed in the order the runbook runs them.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 
 
@@ -42,7 +45,6 @@ class DRTest(StrEnum):
     """Flow ``dr-test``: the monthly DR test, numbered as the report shows it."""
 
     SELECT_BACKUP = "select the backup"
-    AUDIT_STARTED = "audit: DR test started"
     PROVISION = "1. provision the DR environment"
     RESTORE = "2. restore the backup"
     DRILL_DAMAGE = "drill: damage the restored copy"
@@ -59,6 +61,7 @@ class BaseBackup(StrEnum):
     """Flow ``base-backup``: a streamed, encrypted pg_basebackup."""
 
     STREAM = "stream pg_basebackup to the object store"
+    WRITE_MANIFEST = "write base backup manifest"
 
 
 class PITR(StrEnum):
@@ -83,3 +86,22 @@ class Retention(StrEnum):
     CREATE_TABLES = "create archive and summary tables"
     APPLY = "apply retention"
     PUBLISH_METRICS = "publish retention metrics"
+
+
+def step_key(step: StrEnum) -> str:
+    """``download_verify`` for ``Restore.DOWNLOAD_VERIFY``: the short, stable name that
+    results, scripts and the benchmarks select a step by (the value is for people)."""
+    return step.name.lower()
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """Times one runbook step: the dict it yields gets ``started``, ``finished`` (epoch
+    seconds, for the report's timeline) and ``seconds`` when the block ends, raised or not.
+    Plain floats, so a step's result that carries them still pickles and caches."""
+    timing = {"started": time.time()}
+    try:
+        yield timing
+    finally:
+        timing["finished"] = time.time()
+        timing["seconds"] = timing["finished"] - timing["started"]

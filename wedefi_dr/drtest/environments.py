@@ -26,6 +26,7 @@ import os
 import pwd
 import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
+from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
@@ -318,3 +320,21 @@ def make_provider(
     if kind == "docker":
         return DockerProvider(base_dir, app_role, docker_image)
     return LocalClusterProvider(base_dir, app_role, fast=fast)
+
+
+def env_dir(settings: Settings) -> Path:
+    """Where local DR clusters live: ``dr_env_dir``, else a folder in the temporary dir."""
+    return Path(settings.dr_env_dir or Path(tempfile.gettempdir()) / "wedefi-dr-envs")
+
+
+def provider_from_settings(settings: Settings, kind: str, target_dsn: str | None):
+    """:func:`make_provider` configured from the settings: the one way the flow and its
+    steps get a provider, so a step rebuilds the same one from plain inputs."""
+    return make_provider(
+        kind,
+        base_dir=env_dir(settings),
+        app_role=settings.dr_app_role,
+        target_dsn=target_dsn,
+        docker_image=settings.dr_docker_image,
+        fast=settings.dr_env_fast,
+    )

@@ -319,3 +319,18 @@ def amcheck(dsn: str) -> dict[str, Any]:
         "failures": failures,
         "seconds": round(time.monotonic() - t0, 3),
     }
+
+
+def validate_copy(dsn: str, manifest: dict[str, Any], docs_dir: Path) -> dict[str, Any]:
+    """The DR test's validation: the three suites with the manifest's facts as thresholds
+    (a manifest without facts fails with its reason, never passes by default), then
+    ``bt_index_check``. Plain dicts, since a GX CheckpointResult does not pickle."""
+    try:
+        facts = require_facts(manifest)
+    except MissingIntegrityFacts as exc:
+        result: dict[str, Any] = {"success": False, "suites": {}, "reason": str(exc)}
+    else:
+        result = validate_suites(dsn, facts, docs_dir)
+    result["amcheck"] = amcheck(dsn)
+    result["success"] = bool(result["success"] and result["amcheck"]["success"])
+    return result

@@ -10,6 +10,7 @@ a DSN with credentials or a secret.
 from __future__ import annotations
 
 import mimetypes
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader
 
 from wedefi_dr.catalog import listing
+from wedefi_dr.config import Settings
+from wedefi_dr.runbook import DRTest
 from wedefi_dr.storage.s3 import ObjectStore
 
 TEMPLATES = Path(__file__).parent / "templates"
-RTO_STEPS = ("restore", "validate")  # RTO = restore start -> validation finished
 
 
 def _env() -> Environment:
@@ -34,8 +36,8 @@ def _env() -> Environment:
 
 def rto_seconds(steps: list[dict[str, Any]]) -> float | None:
     """Restore start → validation end; None when the copy was never validated."""
-    by_key = {s["key"]: s for s in steps}
-    restore, validate = by_key.get("restore"), by_key.get("validate")
+    by_name = {s["name"]: s for s in steps}
+    restore, validate = by_name.get(DRTest.RESTORE), by_name.get(DRTest.VALIDATE)
     if not restore or not validate or validate.get("finished") is None:
         return None
     if restore.get("started") is None:
@@ -80,7 +82,8 @@ def build_context(
     ]
     span = max((t["offset"] + t["seconds"] for t in timeline), default=1.0) or 1.0
     restore_offset = next(
-        (t["offset"] for s, t in zip(timed, timeline, strict=False) if s["key"] == "restore"), 0
+        (t["offset"] for s, t in zip(timed, timeline, strict=False) if s["name"] == DRTest.RESTORE),
+        0,
     )
     rto = rto_seconds(steps)
     return {
@@ -106,6 +109,12 @@ def build_context(
         "success": success,
         "data_docs_href": "data_docs/index.html",
     }
+
+
+def report_dir(settings: Settings, run_name: str) -> Path:
+    """The run's local report folder (HTML, markdown, Data Docs) before it is uploaded."""
+    base = settings.dr_report_dir or Path(tempfile.gettempdir()) / "wedefi-dr-reports"
+    return Path(base) / run_name
 
 
 def report_prefix(store: ObjectStore, backup_id: str, run_name: str) -> str:

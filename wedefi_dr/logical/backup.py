@@ -5,20 +5,16 @@ plaintext on disk and memory bounded by the upload's part buffers. The per-table
 fingerprints are taken in the same exported snapshot pg_dump reads, on a second
 connection, while the dump streams.
 
-A failure anywhere (pg_dump, gpg, the upload, the fingerprints) makes the upload stream
-raise before it reports EOF, so the transfer manager aborts the multipart upload; any
-upload still open under the backup's prefix is aborted too. No manifest is written, so
-nothing that looks like a backup is left behind.
+The stream is the shared pipeline (``wedefi_dr.storage.pipeline``); the fingerprints run
+alongside it, so a failure anywhere (pg_dump, gpg, the upload, the fingerprints) aborts
+the multipart upload. No manifest is written, so nothing that looks like a backup is
+left behind.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import subprocess
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,10 +35,10 @@ from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, fingerprint_tables
 from wedefi_dr.postgres.tools import tool, tool_major_version
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.s3 import READ_CHUNK, HashingReader, ObjectStore
+from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
+from wedefi_dr.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY = 64 * 1024 * 1024
 
 
 def dump_command(target: ConnTarget, snapshot: str, compress_level: int) -> list[str]:
@@ -109,44 +105,6 @@ def preflight(settings: Settings) -> dict[str, Any]:
     }
 
 
-class _Pump(threading.Thread):
-    """Copies pg_dump's stdout into gpg's stdin, hashing the plaintext on the way."""
-
-    def __init__(self, source: Any, sink: Any, progress: Callable[[int], None]) -> None:
-        super().__init__(name="dump-to-gpg", daemon=True)
-        self.source, self.sink, self.progress = source, sink, progress
-        self.hasher = hashlib.sha256()
-        self.size = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while chunk := self.source.read(READ_CHUNK):
-                self.hasher.update(chunk)
-                self.size += len(chunk)
-                self.sink.write(chunk)
-                self.progress(self.size)
-        except BaseException as exc:  # reported by the reader at EOF
-            self.error = exc
-        finally:
-            try:
-                self.sink.close()
-            except BrokenPipeError as exc:
-                self.error = self.error or exc
-
-
-def _progress_logger(what: str) -> Callable[[int], None]:
-    state = {"next": PROGRESS_EVERY, "t0": time.monotonic()}
-
-    def report(done: int) -> None:
-        if done >= state["next"]:
-            elapsed = max(time.monotonic() - state["t0"], 1e-6)
-            log.info("%s: %.0f MB (%.1f MB/s)", what, done / 1e6, done / 1e6 / elapsed)
-            state["next"] += PROGRESS_EVERY
-
-    return report
-
-
 def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> BackupManifest:
     """Run the streaming pass and return the manifest it proves (not yet written)."""
     target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
@@ -158,65 +116,31 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
 
     snap_conn = psycopg2.connect(target.conninfo, application_name="wedefi-dr snapshot")
     snap_conn.set_isolation_level(ISOLATION_LEVEL_REPEATABLE_READ)
-    dump = gpg = None
+    fingerprints: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
+
+    def take_fingerprints() -> None:
+        """Counts and hashes on a second connection, inside the snapshot pg_dump reads."""
+        fingerprints.update(fingerprint_tables(snap_conn))
+        facts.update(integrity_facts.collect_if_present(snap_conn) or {})
+
     try:
         with snap_conn.cursor() as cur:
             cur.execute("SELECT pg_export_snapshot()")
             (snapshot,) = cur.fetchone()
         source = source_info(snap_conn)
-        dump = subprocess.Popen(
-            dump_command(target, snapshot, settings.compress_level),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=target.tool_env(),
-        )
-        gpg = encryption.start_encrypt(settings.gpg_passphrase.get_secret_value(), params)
-        pump = _Pump(dump.stdout, gpg.stdin, _progress_logger(f"backup {backup_id} dumped"))
-        pump.start()
-
-        fingerprints: dict[str, Any] = {}
-        facts: dict[str, Any] = {}
-        fp_error: list[BaseException] = []
-
-        def take_fingerprints() -> None:
-            try:
-                fingerprints.update(fingerprint_tables(snap_conn))
-                facts.update(integrity_facts.collect_if_present(snap_conn) or {})
-            except BaseException as exc:
-                fp_error.append(exc)
-
-        fp_thread = threading.Thread(target=take_fingerprints, name="fingerprints", daemon=True)
-        fp_thread.start()
-
-        def check_producers() -> None:
-            """At EOF of the ciphertext: everything upstream must have succeeded."""
-            pump.join()
-            dump_err = dump.stderr.read().decode(errors="replace")
-            if dump.wait() != 0:
-                raise BackupFailed(f"pg_dump failed (exit {dump.returncode}): {dump_err[-800:]}")
-            if pump.error:
-                raise BackupFailed(f"streaming to gpg failed: {pump.error!r}")
-            gpg_err = gpg.stderr.read().decode(errors="replace")
-            if gpg.wait() != 0:
-                raise BackupFailed(f"gpg --symmetric failed (exit {gpg.returncode}): {gpg_err}")
-            fp_thread.join()
-            if fp_error:
-                raise BackupFailed(f"table fingerprints failed: {fp_error[0]}")
-
-        reader = HashingReader(
-            gpg.stdout,
-            on_eof=check_producers,
-            progress=_progress_logger(f"backup {backup_id} uploaded"),
-        )
-        # Returns only after the reader hit EOF, i.e. after check_producers passed.
-        store.upload_all_or_nothing(data_key, reader)
-    except BaseException as exc:
-        for proc in (dump, gpg):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-        log.error("backup %s failed; no manifest written", backup_id)
-        if isinstance(exc, BackupFailed):
-            raise
+        streamed = EncryptedUpload(
+            producer=Producer(
+                "pg_dump",
+                dump_command(target, snapshot, settings.compress_level),
+                target.tool_env(),
+            ),
+            passphrase=settings.gpg_passphrase.get_secret_value(),
+            gpg=params,
+            alongside={"table fingerprints": take_fingerprints},
+            label=f"backup {backup_id}",
+        ).run(store, data_key)
+    except psycopg2.Error as exc:  # the snapshot connection: no stream was started
         raise BackupFailed(f"backup {backup_id} failed: {exc}") from exc
     finally:
         snap_conn.close()
@@ -225,10 +149,10 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
     log.info(
         "backup %s: %d bytes dumped, %d bytes stored in %.1f s (%.1f MB/s)",
         backup_id,
-        pump.size,
-        reader.size,
+        streamed.plaintext_size,
+        streamed.stored_size,
         elapsed,
-        pump.size / 1e6 / max(elapsed, 1e-6),
+        streamed.plaintext_size / 1e6 / max(elapsed, 1e-6),
     )
     return BackupManifest(
         backup_id=backup_id,
@@ -242,14 +166,14 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
         object=ObjectInfo(
             bucket=store.bucket,
             key=data_key,
-            size_bytes=reader.size,
-            sha256=reader.sha256.hexdigest(),
+            size_bytes=streamed.stored_size,
+            sha256=streamed.stored_sha256,
             storage_class=settings.storage_class,
             sse=settings.sse or None,
         ),
         plaintext=PlaintextInfo(
-            size_bytes=pump.size,
-            sha256=pump.hasher.hexdigest(),
+            size_bytes=streamed.plaintext_size,
+            sha256=streamed.plaintext_sha256,
             compress_level=settings.compress_level,
         ),
         tables=fingerprints,

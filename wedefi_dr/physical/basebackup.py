@@ -2,9 +2,10 @@
 
 ``pg_basebackup -D - -Ft -X fetch`` writes one tar (data files, the WAL needed to make
 them consistent, and PostgreSQL's ``backup_manifest``) to stdout; this module reads it
-once, parses the tar headers on the way to pick out ``backup_label`` and
-``backup_manifest``, hashes it, gzips it, pipes it through ``gpg --symmetric`` and into a
-multipart upload. No plaintext touches the disk. The manifest (start and stop LSN,
+once through the shared streaming pipeline (``wedefi_dr.storage.pipeline``): hashed,
+its tar headers parsed on the way to pick out ``backup_label`` and ``backup_manifest``,
+gzipped, piped through ``gpg --symmetric`` and into a multipart upload. No plaintext
+touches the disk. The manifest (start and stop LSN,
 timeline, start and stop time, PostgreSQL's own backup manifest) is written last: as for
 logical backups, a base backup exists only when its manifest exists.
 
@@ -13,17 +14,14 @@ By hand (break-glass): ``gpg -d base.tar.gz.gpg | tar -xz -C $PGDATA``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-import subprocess
 import tarfile
-import threading
 import time
 import zlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 import psycopg2
 from pydantic import BaseModel
@@ -35,7 +33,8 @@ from wedefi_dr.errors import BackupFailed, UnknownBackup
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.s3 import READ_CHUNK, HashingReader, ObjectStore
+from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
+from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
 log = logging.getLogger(__name__)
 KIND = "base"
@@ -93,25 +92,16 @@ def resolve(store: ObjectStore, backup_id: str) -> BaseBackupManifest:
     return manifest
 
 
-class _TarTee:
-    """A file-like source for ``tarfile`` that copies every byte it hands out downstream.
+class _GzipTee:
+    """What tarfile reads, gzipped on its way to gpg."""
 
-    tarfile in stream mode reads the whole archive sequentially (skipping a member's data
-    means reading it), so everything pg_basebackup wrote passes through ``read`` exactly
-    once: hashed, gzipped, written to gpg.
-    """
-
-    def __init__(self, source: Any, sink: Any, level: int) -> None:
+    def __init__(self, source: IO[bytes], sink: IO[bytes], level: int) -> None:
         self.source, self.sink = source, sink
-        self.sha256 = hashlib.sha256()
-        self.size = 0
         self.z = zlib.compressobj(level, zlib.DEFLATED, 31)
 
     def read(self, n: int = -1) -> bytes:
-        data = self.source.read(n if n and n > 0 else READ_CHUNK)
+        data = self.source.read(n)
         if data:
-            self.sha256.update(data)
-            self.size += len(data)
             self.sink.write(self.z.compress(data))
         return data
 
@@ -119,6 +109,36 @@ class _TarTee:
         while self.read(READ_CHUNK):
             pass
         self.sink.write(self.z.flush())
+
+
+class TarGzip:
+    """The base backup's transform in the pipeline: gzip the tar on its way to gpg, and
+    keep ``backup_label`` and ``backup_manifest`` as they pass.
+
+    tarfile in stream mode reads the whole archive sequentially (skipping a member's data
+    means reading it), so everything pg_basebackup wrote passes through exactly once:
+    hashed by the pipeline, gzipped here, written to gpg. A tar without both files is not
+    a base backup, and fails the stream before its upload can complete.
+    """
+
+    WANTED = ("backup_label", "backup_manifest")
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.found: dict[str, bytes] = {}
+
+    def __call__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+        tee = _GzipTee(source, sink, self.level)
+        with tarfile.open(fileobj=tee, mode="r|") as tar:
+            for member in tar:
+                name = member.name.lstrip("./")
+                if name in self.WANTED:
+                    f = tar.extractfile(member)
+                    self.found[name] = f.read() if f else b""
+        tee.finish()
+        missing = set(self.WANTED) - set(self.found)
+        if missing:
+            raise BackupFailed(f"the base backup tar lacks {sorted(missing)}")
 
 
 def _parse_label(text: str) -> dict[str, str]:
@@ -146,10 +166,24 @@ def basebackup_command(target: ConnTarget, label: str) -> list[str]:
 
 
 def take(settings: Settings, operator: str, backup_id: str | None = None) -> BaseBackupManifest:
-    """Stream a base backup of the primary into the store; returns its manifest, written."""
+    """Stream a base backup and write its manifest: both steps, for callers outside a flow."""
+    manifest = stream(settings, operator, backup_id or new_backup_id())
+    write_manifest(ObjectStore(settings), manifest)
+    return manifest
+
+
+def write_manifest(store: ObjectStore, manifest: BaseBackupManifest) -> str:
+    """Written last: from this moment the base backup exists."""
+    key = manifest_key(store, manifest.backup_id)
+    listing.put_manifest(store, key, manifest)
+    return key
+
+
+def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManifest:
+    """Stream a base backup of the primary into the store; returns its manifest, not yet
+    written (a base backup exists only once :func:`write_manifest` ran)."""
     settings.require("primary_dsn", "gpg_passphrase")
     target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
-    backup_id = backup_id or new_backup_id()
     store = ObjectStore(settings)
     key = data_key(store, backup_id)
     params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # gzip ran
@@ -163,61 +197,15 @@ def take(settings: Settings, operator: str, backup_id: str | None = None) -> Bas
     started = datetime.now(UTC)
     t0 = time.monotonic()
     label = f"wedefi-dr {backup_id}"
-    proc = subprocess.Popen(
-        basebackup_command(target, label),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=target.tool_env(),
-    )
-    gpg = encryption.start_encrypt(settings.gpg_passphrase.get_secret_value(), params)
-    found: dict[str, bytes] = {}
-    tee = _TarTee(proc.stdout, gpg.stdin, settings.wal_compress_level)
-    pump_error: list[BaseException] = []
-
-    def pump() -> None:
-        try:
-            with tarfile.open(fileobj=tee, mode="r|") as tar:
-                for member in tar:
-                    if member.name.lstrip("./") in ("backup_label", "backup_manifest"):
-                        f = tar.extractfile(member)
-                        found[member.name.lstrip("./")] = f.read() if f else b""
-            tee.finish()
-        except BaseException as exc:  # reported at EOF, which aborts the upload
-            pump_error.append(exc)
-        finally:
-            try:
-                gpg.stdin.close()
-            except BrokenPipeError as exc:
-                pump_error.append(exc)
-
-    thread = threading.Thread(target=pump, name="basebackup-to-gpg", daemon=True)
-    thread.start()
-
-    def check_producers() -> None:
-        thread.join()
-        err = proc.stderr.read().decode(errors="replace")
-        if proc.wait() != 0:
-            raise BackupFailed(f"pg_basebackup failed (exit {proc.returncode}): {err[-800:]}")
-        if pump_error:
-            raise BackupFailed(f"reading the base backup tar failed: {pump_error[0]!r}")
-        gerr = gpg.stderr.read().decode(errors="replace")
-        if gpg.wait() != 0:
-            raise BackupFailed(f"gpg --symmetric failed (exit {gpg.returncode}): {gerr}")
-        missing = {"backup_label", "backup_manifest"} - set(found)
-        if missing:
-            raise BackupFailed(f"the base backup tar lacks {sorted(missing)}")
-
-    reader = HashingReader(gpg.stdout, on_eof=check_producers)
-    try:
-        store.upload_all_or_nothing(key, reader)
-    except BaseException as exc:
-        for p in (proc, gpg):
-            if p.poll() is None:
-                p.kill()
-        log.error("base backup %s failed; no manifest written", backup_id)
-        if isinstance(exc, BackupFailed):
-            raise
-        raise BackupFailed(f"base backup {backup_id} failed: {exc}") from exc
+    tar = TarGzip(settings.wal_compress_level)
+    streamed = EncryptedUpload(
+        producer=Producer("pg_basebackup", basebackup_command(target, label), target.tool_env()),
+        passphrase=settings.gpg_passphrase.get_secret_value(),
+        gpg=params,
+        transform=tar,
+        label=f"base backup {backup_id}",
+    ).run(store, key)
+    found = tar.found
     elapsed = time.monotonic() - t0
     label_fields = _parse_label(found["backup_label"].decode())
     pg_manifest = json.loads(found["backup_manifest"])
@@ -240,22 +228,21 @@ def take(settings: Settings, operator: str, backup_id: str | None = None) -> Bas
         object=ObjectInfo(
             bucket=store.bucket,
             key=key,
-            size_bytes=reader.size,
-            sha256=reader.sha256.hexdigest(),
+            size_bytes=streamed.stored_size,
+            sha256=streamed.stored_sha256,
             storage_class=settings.storage_class,
             sse=settings.sse or None,
         ),
-        plaintext_size_bytes=tee.size,
-        plaintext_sha256=tee.sha256.hexdigest(),
+        plaintext_size_bytes=streamed.plaintext_size,
+        plaintext_sha256=streamed.plaintext_sha256,
         pg_backup_manifest=pg_manifest,
         operator=operator,
     )
-    listing.put_manifest(store, manifest_key(store, backup_id), manifest)
     log.info(
         "base backup %s: %.1f MB tar -> %.1f MB stored in %.1f s, WAL %s..%s (timeline %d)",
         backup_id,
-        tee.size / 1e6,
-        reader.size / 1e6,
+        streamed.plaintext_size / 1e6,
+        streamed.stored_size / 1e6,
         elapsed,
         manifest.start_lsn,
         manifest.stop_lsn,

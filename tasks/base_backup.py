@@ -1,0 +1,27 @@
+"""The base-backup runbook's steps as Prefect tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from wedefi_dr.config import get_settings
+from wedefi_dr.physical import basebackup
+from wedefi_dr.physical.basebackup import BaseBackupManifest
+from wedefi_dr.runbook import BaseBackup
+from wedefi_dr.storage.s3 import ObjectStore
+
+
+@task(name=BaseBackup.STREAM, persist_result=True)
+def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
+    """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; returns the manifest
+    (with PostgreSQL's own backup manifest), not yet written."""
+    return basebackup.stream(get_settings(), operator, backup_id).model_dump(mode="json")
+
+
+@task(name=BaseBackup.WRITE_MANIFEST, retries=3, retry_delay_seconds=2)
+def write_manifest(manifest: dict[str, Any]) -> str:
+    """Written last: from this moment the base backup exists."""
+    m = BaseBackupManifest.model_validate(manifest)
+    return basebackup.write_manifest(ObjectStore(get_settings()), m)
