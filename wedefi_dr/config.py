@@ -17,6 +17,8 @@ import yaml
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from wedefi_dr.errors import SettingsMissing
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "deployments" / "profiles"
 
@@ -135,7 +137,11 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _ProfileSource(settings_cls), file_secret_settings)
 
     def require(self, *names: str) -> None:
-        """Fail with one clear message naming every missing setting, before any side effect."""
+        """Fail with one clear message naming every missing setting, before any side effect.
+
+        Raises :class:`~wedefi_dr.errors.SettingsMissing` (a ``DRError``), so the CLI maps it
+        to its own exit code instead of a traceback.
+        """
         missing = []
         for name in names:
             value = getattr(self, name)
@@ -144,11 +150,7 @@ class Settings(BaseSettings):
             if not value:
                 missing.append(f"WEDEFI_DR_{name.upper()}")
         if missing:
-            raise ValueError(
-                "missing settings: "
-                + ", ".join(missing)
-                + ' (for the local stack: eval "$(wedefi-dr stack env)")'
-            )
+            raise SettingsMissing(missing)
 
 
 @lru_cache(maxsize=1)
