@@ -31,6 +31,8 @@ def backup(
         settings=BACKUP_SETTINGS, tools=("pg_dump",), servers=("primary_dsn", "ops_dsn")
     )
     run = run_flow("backup", "logical_backup", operator=operator or settings.operator)
+    if not as_json:  # first: the backup exists whatever happens to its summary
+        print(run.result, flush=True)
     from wedefi_dr.catalog import listing
     from wedefi_dr.storage.s3 import ObjectStore
 
@@ -44,8 +46,6 @@ def backup(
     summarize(backup_summary(record), to=to_stderr)
     if as_json:
         print_json(record)
-    else:
-        print(run.result)
 
 
 def backup_summary(record: dict) -> list[str]:
