@@ -159,11 +159,11 @@ def summarize(lines: list[str], *, to: Callable[[str], None] | None = None) -> N
         say(line)
 
 
-def rto_line(what: str, seconds: float, objective: float) -> str:
-    """``<what> took 84.2 s of the 900 s RTO objective (within)``: the one figure that
-    tells an incident channel whether recovery is on time."""
+def rto_line(label: str, seconds: float, objective: float) -> str:
+    """``restore time: 84.2 s, RTO objective 900 s (within)``: the one figure that tells
+    an incident channel whether recovery is on time."""
     verdict = "within" if seconds <= objective else "OVER"
-    return f"{what} took {seconds:,.1f} s of the {objective:,.0f} s RTO objective ({verdict})"
+    return f"{label}: {seconds:,.1f} s, RTO objective {objective:,.0f} s ({verdict})"
 
 
 def to_stderr(line: str) -> None:

@@ -84,7 +84,7 @@ def run(
         [
             f"DR test {record['run']} {'PASSED' if record['success'] else 'FAILED'}: "
             f"backup {record['backup_id']} restored, validated, smoke-tested, benchmarked",
-            rto_line("RTO", record["rto_seconds"], record["rto_objective_seconds"]),
+            rto_line("DR test RTO", record["rto_seconds"], record["rto_objective_seconds"]),
             f"report: {record['report']} (local copy {record['report_html']})",
         ]
     )

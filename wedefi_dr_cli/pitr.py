@@ -126,7 +126,7 @@ def run(
             f"{record['target']} from base backup {record['base_backup_id']}: timeline "
             f"{record['timeline']}, {record['tables']} tables, {record['rows']:,} rows validated",
             rto_line(
-                "recovery (without the approval wait)",
+                "recovery time without the approval wait",
                 record["recovery_seconds"],
                 record["rto_objective_seconds"],
             ),

@@ -54,7 +54,7 @@ def restore(
         [
             f"restored backup {record['backup_id']} into {record['target']}: "
             f"{record['tables']} tables, {record['rows']:,} rows identical to the manifest",
-            rto_line("restore", record["seconds"], record["rto_objective_seconds"]),
+            rto_line("restore time", record["seconds"], record["rto_objective_seconds"]),
             f"report: flow run {record['flow_run_id']} (artifact restore-summary)",
         ]
     )
