@@ -19,17 +19,14 @@ from wedefi_dr_cli.common import err, out, print_json, ready, run_flow
 
 app = typer.Typer(help="Benchmarks: the flows measured against the bare tools.")
 
-# The seed scale that makes about 1 GB (wedefi_dr_dev/seed.py measures scale 40 at 1029 MB);
-# repeated here so that --help does not import the bench (and psycopg2 with it).
-DEFAULT_SCALE = 40.0
-
 
 @app.callback(invoke_without_command=True)
 def logical(
     ctx: typer.Context,
     scale: Annotated[
-        float, typer.Option(help="seed scale of the bench database (40 ≈ 1 GB)")
-    ] = DEFAULT_SCALE,
+        float | None,
+        typer.Option(help="seed scale of the bench database [default: 40, about 1 GB]"),
+    ] = None,
     reuse: Annotated[
         bool, typer.Option("--reuse/--no-reuse", help="keep wedefi_bench if already seeded")
     ] = True,
@@ -60,7 +57,13 @@ def logical(
     def say(message: str) -> None:
         err.print(f"[bold]bench[/] {message}")
 
-    report = bench.run_bench(settings, scale=scale, reuse=reuse, keep_backup=keep_backup, say=say)
+    report = bench.run_bench(
+        settings,
+        scale=bench.DEFAULT_SCALE if scale is None else scale,
+        reuse=reuse,
+        keep_backup=keep_backup,
+        say=say,
+    )
     bench.render(report, console)
     if json_file is not None:
         json_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
