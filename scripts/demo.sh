@@ -28,12 +28,13 @@ wedefi-dr restore "$backup_id" --target-dsn "$WEDEFI_DR_SCRATCH_DSN" \
 
 step "6. monthly DR test: fresh cluster, restore latest, GX suites + amcheck, smoke, benchmark, report"
 report_json=$(mktemp)
-wedefi-dr dr-test run latest --operator demo >"$report_json"
+wedefi-dr dr-test run latest --operator demo --json >"$report_json"
 python - "$report_json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"DR test {'passed' if r['success'] else 'FAILED'}: RTO {r['rto_seconds']:.1f} s "
-      f"(objective 900 s)\nreport: {r['report']}\nlocal copy: {r['report_html']}")
+      f"(objective {r['rto_objective_seconds']:.0f} s)\n"
+      f"report: {r['report']}\nlocal copy: {r['report_html']}")
 PY
 rm -f "$report_json"
 

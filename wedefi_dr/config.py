@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from wedefi_dr.errors import SettingsMissing
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -111,7 +113,11 @@ class Settings(BaseSettings):
         return Path(self.spool_dir or tempfile.gettempdir())
 
     def require(self, *names: str) -> None:
-        """Fail with one clear message naming every missing setting, before any side effect."""
+        """Fail with one clear message naming every missing setting, before any side effect.
+
+        Raises :class:`~wedefi_dr.errors.SettingsMissing` (a ``DRError``), so the CLI maps it
+        to its own exit code instead of a traceback.
+        """
         missing = []
         for name in names:
             value = getattr(self, name)
@@ -120,11 +126,7 @@ class Settings(BaseSettings):
             if not value:
                 missing.append(f"WEDEFI_DR_{name.upper()}")
         if missing:
-            raise ValueError(
-                "missing settings: "
-                + ", ".join(missing)
-                + ' (for the local stack: eval "$(wedefi-dr stack env)")'
-            )
+            raise SettingsMissing(missing)
 
 
 @lru_cache(maxsize=1)

@@ -2,7 +2,12 @@
 
 Every error that stops a backup or a restore is one of these, so the CLI and the flows
 can print one clear line (and the tests can assert the exact kind) instead of a stack
-trace from deep inside a subprocess.
+trace from deep inside a subprocess. The operator-caused classes (bad input, settings
+missing, a binary missing, a server unreachable) each get their own exit code from the
+CLI (``wedefi_dr_cli.common.EXIT_CODES``), so a script can tell "fix your command" from
+"fix your environment" from "the operation failed".
+
+This module imports nothing: ``archive_command`` imports it once per WAL segment.
 """
 
 
@@ -12,6 +17,33 @@ class DRError(Exception):
 
 class InvalidInput(DRError, ValueError):
     """Bad input, refused before any side effect."""
+
+
+class SettingsMissing(DRError):
+    """Settings a command needs are not set (usually: the stack's environment was not loaded).
+
+    ``names`` are the environment variables, so a caller can list them without parsing.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        super().__init__(
+            "missing settings: "
+            + ", ".join(self.names)
+            + ' (for the local stack: eval "$(wedefi-dr stack env)")'
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[list[str]]]:
+        # Prefect pickles a task's exception into its state: rebuild from the names.
+        return (type(self), (self.names,))
+
+
+class ToolNotFound(DRError):
+    """A binary (a PostgreSQL tool, gpg) is missing: says which, and how to get it."""
+
+
+class ServerUnreachable(DRError):
+    """A PostgreSQL server refused or did not answer a connection (the DSN is redacted)."""
 
 
 class UnknownBackup(InvalidInput):

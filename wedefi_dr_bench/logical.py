@@ -12,7 +12,8 @@ on one database, times
 
 and prints the ratios (DESIGN.md: "ratios against the bare tools run in the same process
 tree", never timed assertions in tests). A background thread samples the RSS of this
-process and of every descendant process, so memory is compared too.
+process and of every descendant process (``wedefi_dr_bench.memory``), so memory is
+compared too.
 
 The database is the WeDefiDaily seed (UUIDs, hashes, numerics), not pgbench, whose filler
 columns compress about 40:1 and flatter every tool. It lives in ``wedefi_bench`` on the
@@ -29,16 +30,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import psycopg2
-import typer
 from psycopg2 import sql
 from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 from rich.console import Console
@@ -49,163 +49,21 @@ from wedefi_dr.errors import DRError
 from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
+from wedefi_dr_bench.memory import SAMPLE_SECONDS, SELF_KIND, RssSampler, rss_by_kind
 
 # The seed scale that makes about 1 GB (wedefi_dr/seed.py measures scale 40 at 1029 MB).
 DEFAULT_SCALE = 40.0
 BENCH_DB = "wedefi_bench"
 BARE_DB = "wedefi_bench_bare"
 FLOW_DB = "wedefi_bench_flow"
-SAMPLE_SECONDS = 0.2
 COMMENT_KEY = "wedefi_dr_bench"
 PHASES = ("bare_dump", "bare_backup", "bare_restore", "flow_backup", "flow_restore")
 BARE_PHASES = ("bare_dump", "bare_backup", "bare_restore")
 FLOW_PHASES = ("flow_backup", "flow_restore")
-SELF_KIND = "python (bench)"
-TOOL_KINDS = ("pg_dump", "gpg", "pg_restore")
 
 
 class BenchFailed(DRError):
     """A bare tool failed or the bench database is unusable: the figures would be wrong."""
-
-
-# ---- memory ----------------------------------------------------------------------------
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, comm) for every process we can see in /proc."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:  # the process exited while we walked
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        head, _, rest = raw.rpartition(")")
-        comm = head.partition("(")[2]
-        fields = rest.split()
-        table[int(entry.name)] = (int(fields[1]), comm)
-    return table
-
-
-def _descendants(root: int, table: dict[int, tuple[int, str]]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _vm_rss(pid: int) -> int:
-    """Resident set size in bytes (0 when the process is gone or is a zombie)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
-def _kind(pid: int, comm: str, root: int) -> str | None:
-    """Which column a process counts in; None for processes that are not the project's.
-
-    PostgreSQL servers and the moto S3 server are infrastructure (they are not children
-    of this process anyway; the check only guards against a stack started from here).
-    """
-    if pid == root:
-        return SELF_KIND
-    if comm in TOOL_KINDS:
-        return comm
-    if comm.startswith("postgres"):
-        return None
-    cmdline = _cmdline(pid)
-    if "moto" in cmdline:
-        return None
-    if "prefect" in cmdline:
-        return "prefect server"
-    return comm
-
-
-def rss_by_kind(root: int | None = None) -> dict[str, int]:
-    """Summed VmRSS of ``root`` (default: this process) and its descendants, per kind."""
-    root = root or os.getpid()
-    table = _proc_table()
-    usage: dict[str, int] = {SELF_KIND: _vm_rss(root)}
-    for pid in _descendants(root, table):
-        kind = _kind(pid, table[pid][1], root)
-        if kind is not None:
-            usage[kind] = usage.get(kind, 0) + _vm_rss(pid)
-    return usage
-
-
-class RssSampler(threading.Thread):
-    """Samples :func:`rss_by_kind` every 0.2 s and keeps the peak of each kind per phase.
-
-    Peaks of short-lived children can fall between two samples; the tools' memory is
-    steady while they stream, so 0.2 s is enough to see it.
-    """
-
-    def __init__(self, interval: float = SAMPLE_SECONDS) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.interval = interval
-        self.phase: str | None = None
-        self.peaks: dict[str, dict[str, int]] = {}
-        self.samples = 0
-        self._lock = threading.Lock()
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            self.sample()
-
-    def sample(self) -> dict[str, int]:
-        usage = rss_by_kind()
-        with self._lock:
-            self.samples += 1
-            if self.phase is not None:
-                peaks = self.peaks.setdefault(self.phase, {})
-                for kind, rss in usage.items():
-                    peaks[kind] = max(peaks.get(kind, 0), rss)
-        return usage
-
-    @contextmanager
-    def measuring(self, phase: str) -> Iterator[None]:
-        with self._lock:
-            self.phase = phase
-        self.sample()
-        try:
-            yield
-        finally:
-            self.sample()
-            with self._lock:
-                self.phase = None
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=5)
-
-    def peak_over(self, phases: tuple[str, ...]) -> dict[str, int]:
-        """The highest RSS of each kind over several phases (the 'bare' or 'flow' variant)."""
-        result: dict[str, int] = {}
-        for phase in phases:
-            for kind, rss in self.peaks.get(phase, {}).items():
-                result[kind] = max(result.get(kind, 0), rss)
-        return result
 
 
 # ---- the bench database ----------------------------------------------------------------
@@ -331,7 +189,7 @@ def bare_dump(dsn: str, out: Path, work: Path) -> float:
     return elapsed
 
 
-def _gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> list[str]:
+def gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> list[str]:
     """Stock gpg with the plan's parameters (what the flow's encryption module runs)."""
     return [
         "gpg",
@@ -364,7 +222,7 @@ def bare_dump_encrypt(
                 _pg_dump_cmd(target), stdout=subprocess.PIPE, stderr=derr, env=target.tool_env()
             )
             gpg = subprocess.Popen(
-                _gpg_symmetric_cmd(gnupg_home, read_fd, params),
+                gpg_symmetric_cmd(gnupg_home, read_fd, params),
                 stdin=dump.stdout,
                 stdout=sink,
                 stderr=gerr,
@@ -475,137 +333,172 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.1f} MB"
 
 
-def run_bench(
-    scale: float = DEFAULT_SCALE,
-    reuse: bool = True,
-    keep_backup: bool = False,
-    say: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Every figure of one benchmark run, as a JSON-able dict (see the module docstring)."""
-    settings = get_settings()
+@dataclass
+class BenchRun:
+    """The state one benchmark run carries from phase to phase (and the finally clause)."""
+
+    settings: Settings
+    say: Callable[[str], None]
+    server_dsn: str
+    work: Path
+    database: dict[str, Any]
+    sampler: RssSampler = field(default_factory=RssSampler)
+    load_before: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    times: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    python_rss: dict[str, int] = field(default_factory=dict)
+    backup_id: str | None = None
+    restore_result: dict[str, Any] = field(default_factory=dict)
+
+    def dsn(self, name: str) -> str:
+        return with_dbname(self.server_dsn, name)
+
+    @property
+    def gnupg_home(self) -> Path:
+        return self.work / "gnupg"
+
+
+def prepare(settings: Settings, scale: float, reuse: bool, say: Callable[[str], None]) -> BenchRun:
+    """The seeded bench database, a work folder on the spool disk, the memory sampler."""
     settings.require("primary_dsn", "ops_dsn", "gpg_passphrase")
     server_dsn = settings.primary_dsn.get_secret_value()
-    bench_dsn = with_dbname(server_dsn, BENCH_DB)
-    bare_dsn = with_dbname(server_dsn, BARE_DB)
-    flow_dsn = with_dbname(server_dsn, FLOW_DB)
-    params = GpgParams.from_settings(settings)
     apply_prefect_run_defaults()
     say(f"server {ConnTarget.parse(_maintenance(server_dsn), allow_password=True).redacted}")
-
     database = ensure_seeded(server_dsn, scale, reuse, say)
     database.update(name=BENCH_DB, scale=scale, size_bytes=database_size(server_dsn, BENCH_DB))
     say(f"{BENCH_DB}: {_mb(database['size_bytes'])}")
-
-    # Other work on the host skews every figure: the load average says how much there was.
-    load_before = os.getloadavg()
-    sampler = RssSampler()
-    sampler.start()
-    times: dict[str, float] = {}
-    sizes: dict[str, int] = {"database_bytes": database["size_bytes"]}
-    python_rss: dict[str, int] = {"start": rss_by_kind()[SELF_KIND]}
-    backup_id: str | None = None
-    restore_result: dict[str, Any] = {}
     # Bare files go where the flow restore spools its download: the same disk for both.
     if settings.spool_dir:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="wedefi-bench-", dir=settings.spool_dir or None))
-    gnupg_home = work / "gnupg"
-    gnupg_home.mkdir(mode=0o700)
-    try:
-        # 2 and 4, bare variant first, before Prefect is imported, so the bare figures show
-        # this process as the plain tools would see it. pg_dump alone runs first: it also
-        # warms the page cache, so the denominator (pg_dump | gpg) and the flow both read
-        # from a warm cache.
-        plain, encrypted = work / "bare.pgc", work / "bare.pgc.gpg"
-        checkpoint(server_dsn)
-        say("bare pg_dump -Fc -Z9 > file")
-        with sampler.measuring("bare_dump"):
-            times["bare_pg_dump"] = bare_dump(bench_dsn, plain, work)
-        checkpoint(server_dsn)
-        say("bare pg_dump -Fc -Z9 | gpg --symmetric > file")
-        with sampler.measuring("bare_backup"):
-            times["bare_pg_dump_gpg"] = bare_dump_encrypt(
-                bench_dsn,
-                encrypted,
-                work,
-                settings.gpg_passphrase.get_secret_value(),
-                params,
-                gnupg_home,
+    run = BenchRun(settings=settings, say=say, server_dsn=server_dsn, work=work, database=database)
+    run.gnupg_home.mkdir(mode=0o700)
+    run.sizes["database_bytes"] = database["size_bytes"]
+    run.python_rss["start"] = rss_by_kind()[SELF_KIND]
+    run.sampler.start()
+    return run
+
+
+def run_bare_phases(run: BenchRun) -> None:
+    """Bare ``pg_dump``, ``pg_dump | gpg`` and ``pg_restore``, before Prefect is imported, so
+    the bare figures show this process as the plain tools would see it. ``pg_dump`` alone
+    runs first: it also warms the page cache, so the denominator (``pg_dump | gpg``) and the
+    flow both read from a warm cache."""
+    say, times, sizes = run.say, run.times, run.sizes
+    plain, encrypted = run.work / "bare.pgc", run.work / "bare.pgc.gpg"
+    checkpoint(run.server_dsn)
+    say("bare pg_dump -Fc -Z9 > file")
+    with run.sampler.measuring("bare_dump"):
+        times["bare_pg_dump"] = bare_dump(run.dsn(BENCH_DB), plain, run.work)
+    checkpoint(run.server_dsn)
+    say("bare pg_dump -Fc -Z9 | gpg --symmetric > file")
+    with run.sampler.measuring("bare_backup"):
+        times["bare_pg_dump_gpg"] = bare_dump_encrypt(
+            run.dsn(BENCH_DB),
+            encrypted,
+            run.work,
+            run.settings.gpg_passphrase.get_secret_value(),
+            GpgParams.from_settings(run.settings),
+            run.gnupg_home,
+        )
+    sizes["bare_dump_bytes"] = plain.stat().st_size
+    sizes["bare_encrypted_bytes"] = encrypted.stat().st_size
+    encrypted.unlink()
+
+    # The restore goes into a fresh empty database created outside the timing.
+    recreate_database(run.server_dsn, BARE_DB)
+    checkpoint(run.server_dsn)
+    say(f"bare pg_restore --clean --if-exists --single-transaction -> {BARE_DB}")
+    with run.sampler.measuring("bare_restore"):
+        times["bare_pg_restore"] = bare_restore(run.dsn(BARE_DB), plain, run.work)
+    sizes["restored_bytes"] = database_size(run.server_dsn, BARE_DB)
+    # Dropped now, so its autovacuum/analyze cannot steal CPU from the flow steps.
+    drop_database(run.server_dsn, BARE_DB)
+    plain.unlink()
+
+
+def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
+    """The backup and restore flows on the same database, after a throwaway flow has started
+    Prefect's ephemeral API (its start-up is not billed to either flow)."""
+    say, times, sizes = run.say, run.times, run.sizes
+    run.python_rss["before_prefect_warm_up"] = rss_by_kind()[SELF_KIND]
+    say("Prefect warm-up flow (ephemeral API start-up, not counted)")
+    times["prefect_warm_up"] = warm_up_prefect()
+    from flows.backup import logical_backup
+    from flows.restore import restore_backup
+    from wedefi_dr.catalog import listing
+    from wedefi_dr.storage.s3 import ObjectStore
+
+    with _primary_is(run.dsn(BENCH_DB)):
+        flow_settings = get_settings()
+        checkpoint(run.server_dsn)
+        run.python_rss["before_flow_backup"] = rss_by_kind()[SELF_KIND]
+        say("flow logical-backup")
+        with run.sampler.measuring("flow_backup"):
+            t0 = time.perf_counter()
+            run.backup_id = logical_backup(operator="bench")
+            times["flow_backup"] = time.perf_counter() - t0
+        run.python_rss["after_flow_backup"] = rss_by_kind()[SELF_KIND]
+        manifest = listing.resolve(ObjectStore(flow_settings), run.backup_id)
+        times["flow_backup_stream"] = manifest.duration_seconds
+        sizes["flow_dump_bytes"] = manifest.plaintext.size_bytes
+        sizes["stored_bytes"] = manifest.object.size_bytes
+
+        say("fingerprints alone (the flow takes them during the dump)")
+        checkpoint(run.server_dsn)
+        times["fingerprints_alone"] = fingerprint_seconds(run.dsn(BENCH_DB))
+
+        recreate_database(run.server_dsn, FLOW_DB)
+        checkpoint(run.server_dsn)
+        say(f"flow restore-backup -> {FLOW_DB}")
+        run.python_rss["before_flow_restore"] = rss_by_kind()[SELF_KIND]
+        with run.sampler.measuring("flow_restore"):
+            t0 = time.perf_counter()
+            run.restore_result = restore_backup(
+                backup_id=run.backup_id,
+                target_dsn=run.dsn(FLOW_DB),
+                operator="bench",
+                justification="wedefi-dr bench: restore timing against bare pg_restore",
             )
-        sizes["bare_dump_bytes"] = plain.stat().st_size
-        sizes["bare_encrypted_bytes"] = encrypted.stat().st_size
-        encrypted.unlink()
+            times["flow_restore"] = time.perf_counter() - t0
+        for step, seconds in run.restore_result["timings"].items():
+            times[f"flow_restore_{step}"] = seconds
+        if not keep_backup:
+            _delete_backup(flow_settings, run.backup_id)
 
-        # Each restore goes into a fresh empty database created outside the timing.
-        recreate_database(server_dsn, BARE_DB)
-        checkpoint(server_dsn)
-        say(f"bare pg_restore --clean --if-exists --single-transaction -> {BARE_DB}")
-        with sampler.measuring("bare_restore"):
-            times["bare_pg_restore"] = bare_restore(bare_dsn, plain, work)
-        sizes["restored_bytes"] = database_size(server_dsn, BARE_DB)
-        # Dropped now, so its autovacuum/analyze cannot steal CPU from the flow steps.
-        drop_database(server_dsn, BARE_DB)
-        plain.unlink()
 
-        # 3. Flow backup, after a throwaway flow has started Prefect's ephemeral API.
-        python_rss["before_prefect_warm_up"] = rss_by_kind()[SELF_KIND]
-        say("Prefect warm-up flow (ephemeral API start-up, not counted)")
-        times["prefect_warm_up"] = warm_up_prefect()
-        from flows.backup import logical_backup
-        from flows.restore import restore_backup
-        from wedefi_dr.catalog import listing
-        from wedefi_dr.storage.s3 import ObjectStore
+def cleanup(run: BenchRun) -> None:
+    """Stop sampling; drop the bench's scratch databases, its gpg agent and its files."""
+    run.sampler.stop()
+    for name in (BARE_DB, FLOW_DB):
+        with suppress(psycopg2.Error):
+            drop_database(run.server_dsn, name)
+    with suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(run.gnupg_home), "--kill", "gpg-agent"],
+            capture_output=True,
+            timeout=10,
+        )
+    shutil.rmtree(run.work, ignore_errors=True)
 
-        with _primary_is(bench_dsn):
-            flow_settings = get_settings()
-            checkpoint(server_dsn)
-            python_rss["before_flow_backup"] = rss_by_kind()[SELF_KIND]
-            say("flow logical-backup")
-            with sampler.measuring("flow_backup"):
-                t0 = time.perf_counter()
-                backup_id = logical_backup(operator="bench")
-                times["flow_backup"] = time.perf_counter() - t0
-            python_rss["after_flow_backup"] = rss_by_kind()[SELF_KIND]
-            manifest = listing.resolve(ObjectStore(flow_settings), backup_id)
-            times["flow_backup_stream"] = manifest.duration_seconds
-            sizes["flow_dump_bytes"] = manifest.plaintext.size_bytes
-            sizes["stored_bytes"] = manifest.object.size_bytes
 
-            say("fingerprints alone (the flow takes them during the dump)")
-            checkpoint(server_dsn)
-            times["fingerprints_alone"] = fingerprint_seconds(bench_dsn)
+NOTES = [
+    "The flow backup uploads to S3 (the local moto server, over HTTP on 127.0.0.1: "
+    "multipart, SSE, STANDARD_IA); the bare pipeline writes to a local file.",
+    "The flow backup also hashes plaintext and ciphertext and takes per-table row "
+    "counts and content hashes in pg_dump's snapshot, concurrently with the dump "
+    "(timed alone as fingerprints_alone).",
+    "The flow restore downloads with one streaming GET to a spool file (ciphertext), "
+    "checks its sha256, then runs gpg --decrypt | pg_restore and verifies every table; "
+    "the bare restore reads a plaintext dump from a local file.",
+    "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
+    "The moto and PostgreSQL server processes are excluded from the memory figures.",
+]
 
-            # 4, flow variant.
-            recreate_database(server_dsn, FLOW_DB)
-            checkpoint(server_dsn)
-            say(f"flow restore-backup -> {FLOW_DB}")
-            python_rss["before_flow_restore"] = rss_by_kind()[SELF_KIND]
-            with sampler.measuring("flow_restore"):
-                t0 = time.perf_counter()
-                restore_result = restore_backup(
-                    backup_id=backup_id,
-                    target_dsn=flow_dsn,
-                    operator="bench",
-                    justification="wedefi-dr bench: restore timing against bare pg_restore",
-                )
-                times["flow_restore"] = time.perf_counter() - t0
-            for step, seconds in restore_result["timings"].items():
-                times[f"flow_restore_{step}"] = seconds
-            if not keep_backup:
-                _delete_backup(flow_settings, backup_id)
-    finally:
-        sampler.stop()
-        for name in (BARE_DB, FLOW_DB):
-            with suppress(psycopg2.Error):
-                drop_database(server_dsn, name)
-        with suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(
-                ["gpgconf", "--homedir", str(gnupg_home), "--kill", "gpg-agent"],
-                capture_output=True,
-                timeout=10,
-            )
-        shutil.rmtree(work, ignore_errors=True)
 
+def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
+    """Every figure of the run, with the flow ÷ bare ratios, as a JSON-able dict."""
+    times = run.times
     restore_without_verify = times["flow_restore"] - times.get("flow_restore_verify", 0.0)
     times["flow_restore_without_verify"] = restore_without_verify
     ratios = {
@@ -615,42 +508,53 @@ def run_bench(
             restore_without_verify, times["bare_pg_restore"]
         ),
     }
+    sampler = run.sampler
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {
             "cpus": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_before": [round(x, 2) for x in run.load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
-        "database": database,
-        "backup_id": backup_id,
+        "database": run.database,
+        "backup_id": run.backup_id,
         "backup_kept": keep_backup,
-        "sizes": sizes,
+        "sizes": run.sizes,
         "times_seconds": {k: round(v, 3) for k, v in times.items()},
         "ratios": ratios,
         "memory_bytes": {
-            "python_rss": python_rss,
+            "python_rss": run.python_rss,
             "bare_peak": sampler.peak_over(BARE_PHASES),
             "flow_peak": sampler.peak_over(FLOW_PHASES),
             "per_phase_peak": {p: sampler.peaks.get(p, {}) for p in PHASES},
             "samples": sampler.samples,
             "sample_seconds": SAMPLE_SECONDS,
         },
-        "rows_verified": restore_result.get("rows"),
-        "tables_verified": restore_result.get("tables"),
-        "notes": [
-            "The flow backup uploads to S3 (the local moto server, over HTTP on 127.0.0.1: "
-            "multipart, SSE, STANDARD_IA); the bare pipeline writes to a local file.",
-            "The flow backup also hashes plaintext and ciphertext and takes per-table row "
-            "counts and content hashes in pg_dump's snapshot, concurrently with the dump "
-            "(timed alone as fingerprints_alone).",
-            "The flow restore downloads with one streaming GET to a spool file (ciphertext), "
-            "checks its sha256, then runs gpg --decrypt | pg_restore and verifies every table; "
-            "the bare restore reads a plaintext dump from a local file.",
-            "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
-            "The moto and PostgreSQL server processes are excluded from the memory figures.",
-        ],
+        "rows_verified": run.restore_result.get("rows"),
+        "tables_verified": run.restore_result.get("tables"),
+        "notes": NOTES,
     }
+
+
+def run_bench(
+    settings: Settings,
+    scale: float = DEFAULT_SCALE,
+    reuse: bool = True,
+    keep_backup: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every figure of one benchmark run, as a JSON-able dict (see the module docstring).
+
+    Other work on the host skews every figure: the load average before and after says how
+    much there was.
+    """
+    run = prepare(settings, scale, reuse, say)
+    try:
+        run_bare_phases(run)
+        run_flow_phases(run, keep_backup)
+    finally:
+        cleanup(run)
+    return summarize(run, keep_backup)
 
 
 def render(report: dict[str, Any], console: Console) -> None:
@@ -739,51 +643,3 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     for note in report["notes"]:
         console.print(f"[dim]note: {note}[/]")
-
-
-def register(bench_app: typer.Typer) -> None:
-    """Make bare ``wedefi-dr bench`` run this benchmark (cli.py calls this).
-
-    Other areas (retention, WAL archiving, the DR test) add their own subcommands to the
-    same ``bench`` group from their own modules: ``wedefi-dr bench retention`` etc.
-    """
-
-    @bench_app.callback(invoke_without_command=True)
-    def bench(
-        ctx: typer.Context,
-        scale: Annotated[
-            float, typer.Option(help="seed scale of the bench database (40 ≈ 1 GB)")
-        ] = DEFAULT_SCALE,
-        reuse: Annotated[
-            bool, typer.Option("--reuse/--no-reuse", help="keep wedefi_bench if already seeded")
-        ] = True,
-        json_file: Annotated[
-            Path | None, typer.Option("--json", help="write every figure to this file")
-        ] = None,
-        keep_backup: Annotated[
-            bool, typer.Option(help="keep the bench's backup in the bucket (default: delete)")
-        ] = False,
-    ) -> None:
-        """Time the flows against bare pg_dump | gpg and pg_restore on one database.
-
-        Without a subcommand: the backup and restore flows against the bare tools.
-        """
-        if ctx.invoked_subcommand is not None:
-            return
-        console = Console()
-        if not console.is_terminal:  # a file or a pipe: wide enough for the tables
-            console = Console(width=120)
-        err = Console(stderr=True)
-
-        def say(message: str) -> None:
-            err.print(f"[bold]bench[/] {message}")
-
-        try:
-            report = run_bench(scale=scale, reuse=reuse, keep_backup=keep_backup, say=say)
-        except (DRError, ValueError, psycopg2.Error) as exc:
-            err.print(f"[bold red]error[/] ({type(exc).__name__}): {exc}")
-            raise typer.Exit(1) from exc
-        render(report, console)
-        if json_file is not None:
-            json_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-            err.print(f"figures written to {json_file}")

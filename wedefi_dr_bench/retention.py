@@ -14,7 +14,6 @@ at the end: the run consumes it.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from psycopg2 import sql
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError
+from wedefi_dr.observability.stats import percentile
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.retention import batches
@@ -65,10 +65,6 @@ class _Writer(threading.Thread):
                     time.sleep(WRITER_PAUSE_SECONDS)
         except BaseException as exc:  # reported by the caller
             self.error = exc
-
-
-def _p(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
 
 
 def _sample_writer(dsn: str, seconds: float | None) -> _Writer:
@@ -149,7 +145,7 @@ def run(
             raise DRError(
                 f"rows do not add up: {before} + {inserted} written, {after} + {archived} found"
             )
-        p99_alone, p99_during = _p(alone.latencies, 0.99), _p(writer.latencies, 0.99)
+        p99_alone, p99_during = percentile(alone.latencies, 99), percentile(writer.latencies, 99)
         return {
             "price rows before": before,
             "rows archived": result.archived,
@@ -158,8 +154,8 @@ def run(
             "archive seconds": result.seconds,
             "archive rows/s": result.archived / result.seconds,
             "writer inserts alone / during": f"{len(alone.latencies)} / {len(writer.latencies)}",
-            "writer p50 alone (ms)": statistics.median(alone.latencies) * 1000,
-            "writer p50 during (ms)": statistics.median(writer.latencies) * 1000,
+            "writer p50 alone (ms)": percentile(alone.latencies, 50) * 1000,
+            "writer p50 during (ms)": percentile(writer.latencies, 50) * 1000,
             "writer p99 alone (ms)": p99_alone * 1000,
             "writer p99 during (ms)": p99_during * 1000,
             "writer p99 during / alone": p99_during / p99_alone,

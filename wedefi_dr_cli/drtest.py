@@ -1,112 +1,115 @@
-"""``wedefi-dr`` commands of the drtest area (registered by cli.py).
+"""``wedefi-dr dr-test``: the monthly DR test, and removal of an environment kept for a retry.
 
-Imports of Prefect, Great Expectations and the flows stay inside the command functions,
-so that ``wedefi-dr --help`` and the fast commands start in a fraction of a second.
+The summary answers the three questions of the monthly report: did it pass, where is the
+report, and was the RTO within the objective; ``--json`` gives the whole record.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from wedefi_dr.errors import InvalidInput
+from wedefi_dr_cli.common import err, print_json, ready, require_text, rto_line, run_flow, summarize
+
+app = typer.Typer(no_args_is_help=True, help="The monthly DR test.")
 DAMAGE_HELP = "drills only: delete_wallets, orphan_balance, remove_price_day (repeatable)"
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add this area's commands to ``app`` and its benchmark to ``bench_app``."""
-    dr_app = typer.Typer(no_args_is_help=True, help="The monthly DR test.")
-    app.add_typer(dr_app, name="dr-test")
+def check_request(
+    provider: str, target_dsn: str | None, random_within_days: int | None, backup_id: str
+) -> None:
+    """The refusals that need no server (the flow repeats them, for runs from Prefect)."""
+    from wedefi_dr.drtest.environments import PROVIDERS
+    from wedefi_dr.postgres.conninfo import refuse_password_in_dsn
 
-    @dr_app.command("run")
-    def dr_test_run(
-        backup_id: Annotated[str, typer.Argument(help="a backup id, or 'latest'")] = "latest",
-        random_within_days: Annotated[
-            int | None, typer.Option(help="test a random backup of the last N days instead")
-        ] = None,
-        provider: Annotated[str, typer.Option(help="local | dsn | docker")] = "local",
-        target_dsn: Annotated[
-            str | None, typer.Option(help="--provider dsn: the DR server (no password)")
-        ] = None,
-        operator: Annotated[str, typer.Option(help="who runs it (audit log)")] = "",
-        justification: Annotated[str, typer.Option(help="why (audit log)")] = "monthly DR test",
-        keep_environment: Annotated[bool, typer.Option(help="do not tear down")] = False,
-        damage: Annotated[list[str] | None, typer.Option(help=DAMAGE_HELP)] = None,
-    ) -> None:
-        """Restore → validate → smoke → benchmark → report → notify → metrics → teardown."""
-        from wedefi_dr.config import apply_prefect_run_defaults, get_settings
-        from wedefi_dr.errors import DRError
-
-        apply_prefect_run_defaults()
-        from flows.dr_test import DRTestFailed, dr_test
-
-        try:
-            result = dr_test(
-                backup_id=backup_id,
-                random_within_days=random_within_days,
-                provider=provider,
-                target_dsn=target_dsn,
-                operator=operator or get_settings().operator,
-                justification=justification,
-                keep_environment=keep_environment,
-                drill_damage=damage or None,
-            )
-        except DRTestFailed as exc:
-            err.print(f"[bold red]DR test failed[/]: {exc}")
-            raise typer.Exit(1) from exc
-        except (DRError, ValueError) as exc:
-            err.print(f"[bold red]error[/] ({type(exc).__name__}): {exc}")
-            raise typer.Exit(2) from exc
-        print(json.dumps(result, indent=2, default=str))
-
-    @dr_app.command("teardown")
-    def dr_test_teardown(
-        name: Annotated[str, typer.Argument(help="the environment (run) name, e.g. dr-2026...")],
-    ) -> None:
-        """Remove a local DR environment that was kept (keep_environment, or an errored run)."""
-        from tasks.dr_test import env_dir
-        from wedefi_dr.config import get_settings
-        from wedefi_dr.drtest.environments import DREnvironment, LocalClusterProvider
-
-        settings = get_settings()
-        home = env_dir(settings) / name
-        if not (home / "data").exists():
-            err.print(f"[bold red]error[/]: no local DR environment {name} under {home.parent}")
-            raise typer.Exit(2)
-        provider = LocalClusterProvider(env_dir(settings), settings.dr_app_role)
-        env = DREnvironment(
-            provider="local",
-            name=name,
-            admin_dsn="",
-            app_role=settings.dr_app_role,
-            home=str(home),
+    if provider not in PROVIDERS:
+        raise InvalidInput(f"unknown DR environment provider {provider!r}: one of {PROVIDERS}")
+    if provider == "dsn" and not target_dsn:
+        raise InvalidInput("--provider dsn needs --target-dsn (the DR server, no password)")
+    if target_dsn:
+        if provider != "dsn":
+            raise InvalidInput(f"--target-dsn is only for --provider dsn, not {provider!r}")
+        refuse_password_in_dsn(target_dsn)
+    if random_within_days is not None and (random_within_days < 1 or backup_id != "latest"):
+        raise InvalidInput(
+            "--random-within-days takes a positive number of days, without a backup id"
         )
-        provider.teardown(env)
-        err.print(f"removed {home}")
 
-    @bench_app.command("dr-test")
-    def bench_dr_test(
-        backup_id: Annotated[str, typer.Argument(help="a backup id, or 'latest'")] = "latest",
-    ) -> None:
-        """One DR test, printing the split: restore / validate / smoke / benchmark seconds."""
-        from wedefi_dr.config import apply_prefect_run_defaults
 
-        apply_prefect_run_defaults()
-        from flows.dr_test import dr_test
+@app.command("run")
+def run(
+    backup_id: Annotated[str, typer.Argument(help="a backup id, or 'latest'")] = "latest",
+    random_within_days: Annotated[
+        int | None, typer.Option(help="test a random backup of the last N days instead")
+    ] = None,
+    provider: Annotated[str, typer.Option(help="local | dsn | docker")] = "local",
+    target_dsn: Annotated[
+        str | None, typer.Option(help="--provider dsn: the DR server (no password)")
+    ] = None,
+    operator: Annotated[str, typer.Option(help="who runs it (audit log)")] = "",
+    justification: Annotated[str, typer.Option(help="why (audit log)")] = "monthly DR test",
+    keep_environment: Annotated[bool, typer.Option(help="do not tear down")] = False,
+    damage: Annotated[list[str] | None, typer.Option(help=DAMAGE_HELP)] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the full record instead of a summary")
+    ] = False,
+) -> None:
+    """Restore → validate → smoke → benchmark → report → notify → metrics → teardown."""
+    require_text(justification, "--justification", "why this DR test (audit log)")
+    check_request(provider, target_dsn, random_within_days, backup_id)
+    settings = ready(
+        settings=("primary_dsn", "ops_dsn", "gpg_passphrase"),
+        tools=("pg_restore",),
+        servers=("primary_dsn", "ops_dsn"),
+    )
+    flow_run = run_flow(
+        "dr_test",
+        "dr_test",
+        backup_id=backup_id,
+        random_within_days=random_within_days,
+        provider=provider,
+        target_dsn=target_dsn,
+        operator=operator or settings.operator,
+        justification=justification,
+        keep_environment=keep_environment,
+        drill_damage=damage or None,
+    )
+    record = {**flow_run.result, "flow_run_id": flow_run.run_id}
+    if as_json:
+        print_json(record)
+        return
+    summarize(
+        [
+            f"DR test {record['run']} {'PASSED' if record['success'] else 'FAILED'}: "
+            f"backup {record['backup_id']} restored, validated, smoke-tested, benchmarked",
+            rto_line("DR test RTO", record["rto_seconds"], record["rto_objective_seconds"]),
+            f"report: {record['report']} (local copy {record['report_html']})",
+        ]
+    )
 
-        result = dr_test(backup_id=backup_id, operator="bench", justification="DR test benchmark")
-        split = {s["key"]: round(s["seconds"], 2) for s in result["steps"] if s["seconds"]}
-        print(
-            json.dumps(
-                {
-                    "rto_seconds": result["rto_seconds"],
-                    "split_seconds": split,
-                    "validate_split_seconds": result["validation_seconds"],
-                    "report": result["report_html"],
-                },
-                indent=2,
-            )
-        )
+
+@app.command("teardown")
+def teardown(
+    name: Annotated[str, typer.Argument(help="the environment (run) name, e.g. dr-2026...")],
+) -> None:
+    """Remove a local DR environment that was kept (keep_environment, or an errored run)."""
+    from tasks.dr_test import env_dir
+    from wedefi_dr.config import get_settings
+    from wedefi_dr.drtest.environments import DREnvironment, LocalClusterProvider
+
+    settings = get_settings()
+    home = env_dir(settings) / name
+    if not (home / "data").exists():
+        raise InvalidInput(f"no local DR environment {name} under {home.parent}")
+    provider = LocalClusterProvider(env_dir(settings), settings.dr_app_role)
+    env = DREnvironment(
+        provider="local",
+        name=name,
+        admin_dsn="",
+        app_role=settings.dr_app_role,
+        home=str(home),
+    )
+    provider.teardown(env)
+    err.print(f"removed {home}")

@@ -10,19 +10,12 @@ Read-only on both sides; timings are reported, never asserted.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
 from wedefi_dr.drtest.smoke import APP_QUERIES
+from wedefi_dr.observability.stats import percentile
 from wedefi_dr.postgres.tools import connect
-
-
-def _percentile(samples: list[float], q: int) -> float:
-    """q-th percentile (inclusive method: exact for small samples, no extrapolation)."""
-    if len(samples) == 1:
-        return samples[0]
-    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
 
 def _timed(cur: Any, query: str) -> float:
@@ -50,15 +43,15 @@ def run_benchmark(
             for _ in range(iterations):
                 on_primary.append(_timed(pcur, query.sql))
                 on_dr.append(_timed(dcur, query.sql))
-            p50p, p50d = _percentile(on_primary, 50), _percentile(on_dr, 50)
+            p50p, p50d = percentile(on_primary, 50), percentile(on_dr, 50)
             ratio = p50d / p50p if p50p > 0 else float("inf")
             rows.append(
                 {
                     "query": query.name,
                     "primary_p50_ms": round(p50p, 3),
-                    "primary_p95_ms": round(_percentile(on_primary, 95), 3),
+                    "primary_p95_ms": round(percentile(on_primary, 95), 3),
                     "dr_p50_ms": round(p50d, 3),
-                    "dr_p95_ms": round(_percentile(on_dr, 95), 3),
+                    "dr_p95_ms": round(percentile(on_dr, 95), 3),
                     "ratio": round(ratio, 3),
                     "flagged": ratio > max_ratio,
                 }

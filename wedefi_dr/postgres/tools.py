@@ -19,9 +19,14 @@ from typing import Any
 
 import psycopg2
 
+from wedefi_dr.errors import InvalidInput, ServerUnreachable, ToolNotFound
+from wedefi_dr.postgres.conninfo import ConnTarget
 
-class ToolNotFound(RuntimeError):
-    """A PostgreSQL binary is missing: say which, and how to get it."""
+
+class _Unreachable(ServerUnreachable, psycopg2.OperationalError):
+    """What :func:`connect` raises: a ``DRError`` for the CLI's exit policy, and still a
+    ``psycopg2.OperationalError`` for the loops that poll a server until it accepts
+    connections (recovery start-up, a DR container coming up)."""
 
 
 @cache
@@ -33,7 +38,16 @@ def bindir() -> Path:
     and ``pg_ctl`` are (they are not on PATH on Debian).
     """
     explicit = os.environ.get("WEDEFI_DR_PG_BINDIR")
-    candidates: list[Path] = [Path(explicit)] if explicit else []
+    if explicit:
+        # An operator who names a directory means that one: falling back to another
+        # version's binaries would hide the mistake until a major-version check fails.
+        if (Path(explicit) / "initdb").is_file() and (Path(explicit) / "pg_dump").is_file():
+            return Path(explicit)
+        raise ToolNotFound(
+            f"WEDEFI_DR_PG_BINDIR={explicit} has no initdb and pg_dump: point it at a "
+            "PostgreSQL bin directory (e.g. /usr/lib/postgresql/15/bin) or unset it"
+        )
+    candidates: list[Path] = []
     debian = sorted(
         glob.glob("/usr/lib/postgresql/*/bin"),
         key=lambda p: int(re.sub(r"\D", "", p.split("/")[-2]) or 0),
@@ -89,10 +103,26 @@ def server_user_kwargs() -> dict[str, Any]:
     return {"user": "postgres", "group": "postgres", "extra_groups": []}
 
 
+def _redacted(dsn: str) -> str:
+    try:
+        return ConnTarget.parse(dsn, allow_password=True).redacted
+    except InvalidInput:
+        return "<unparseable conninfo>"
+
+
 @contextmanager
 def connect(dsn: str, *, autocommit: bool = False, application_name: str = "wedefi-dr"):
-    """A psycopg2 connection in UTC, closed on exit (committed unless an error escaped)."""
-    conn = psycopg2.connect(dsn, application_name=application_name, options="-c TimeZone=UTC")
+    """A psycopg2 connection in UTC, closed on exit (committed unless an error escaped).
+
+    A failed connection raises :class:`~wedefi_dr.errors.ServerUnreachable` naming the
+    server by its redacted DSN, so the operator learns which of the several servers
+    (primary, ops, a DR copy) it was, and never sees its password.
+    """
+    try:
+        conn = psycopg2.connect(dsn, application_name=application_name, options="-c TimeZone=UTC")
+    except psycopg2.OperationalError as exc:
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise _Unreachable(f"cannot connect to {_redacted(dsn)}: {reason}") from exc
     conn.autocommit = autocommit
     try:
         yield conn
