@@ -63,10 +63,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @pitr_app.command("window")
     def window(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         """The recoverable window: earliest base-backup end → newest archived WAL."""
-        from wedefi_dr.physical import pitr
+        from wedefi_dr.physical.pitr.window import recoverable_window
         from wedefi_dr_cli.app import _settings
 
-        w = pitr.recoverable_window(_settings())
+        w = recoverable_window(_settings())
         d = w.describe()
         if as_json:
             print(json.dumps(d, indent=2))
@@ -91,7 +91,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Run the point-in-time-recovery flow; it pauses for approval (Prefect UI)."""
         from wedefi_dr.config import apply_prefect_run_defaults
         from wedefi_dr.errors import DRError, InvalidInput
-        from wedefi_dr.physical.pitr import RecoveryTarget, validate_cluster_name
+        from wedefi_dr.physical.pitr.approval import validate_cluster_name
+        from wedefi_dr.physical.pitr.target import RecoveryTarget
         from wedefi_dr_cli.app import _fail
 
         try:
@@ -160,10 +161,12 @@ def run_bench(seconds: int, clients: int, pushes: int) -> dict:
     from pydantic import SecretStr
 
     from wedefi_dr.config import get_settings
-    from wedefi_dr.physical import basebackup, pitr, wal
+    from wedefi_dr.physical import archiving, basebackup, wal
+    from wedefi_dr.physical.pitr import recovery
+    from wedefi_dr.physical.pitr.target import RecoveryTarget
     from wedefi_dr.postgres.tools import connect, tool
     from wedefi_dr.storage.s3 import ObjectStore
-    from wedefi_dr_dev.stack import Stack, wal_command
+    from wedefi_dr_dev.stack import Stack
 
     hexid = uuid.uuid4().hex[:6]
     prefix = f"bench-pitr-{hexid}"
@@ -202,7 +205,7 @@ def run_bench(seconds: int, clients: int, pushes: int) -> dict:
         )
         load_s = time.monotonic() - t0
         end_lsn = one(dsn, "SELECT pg_current_wal_lsn()::text")[0]
-        status = src.data / "pg_wal" / "archive_status"
+        status = src.data_dir / "pg_wal" / "archive_status"
         backlog = len(list(status.glob("*.ready")))
         wal_mb = (basebackup.lsn_to_int(end_lsn) - basebackup.lsn_to_int(start_lsn)) / 1e6
         tps = next((ln for ln in run.stdout.splitlines() if ln.startswith("tps")), "")
@@ -221,11 +224,13 @@ def run_bench(seconds: int, clients: int, pushes: int) -> dict:
         }
 
         # 1. push latency, one process per segment, into a prefix of its own.
-        segs = sorted(p for p in (src.data / "pg_wal").iterdir() if wal.SEGMENT_RE.match(p.name))
+        segs = sorted(
+            p for p in (src.data_dir / "pg_wal").iterdir() if wal.SEGMENT_RE.match(p.name)
+        )
         segs = segs[-pushes:]
         pg_wal = work / "pg_wal"
         (pg_wal / "archive_status").mkdir(parents=True)
-        lat_env = pitr.write_wal_env(settings, work / "lat.env", prefix=f"{prefix}-latency")
+        lat_env = archiving.write_wal_env(settings, work / "lat.env", prefix=f"{prefix}-latency")
         push_s, bare_s = [], []
         for seg in segs:
             shutil.copy(seg, pg_wal / seg.name)
@@ -292,22 +297,19 @@ def run_bench(seconds: int, clients: int, pushes: int) -> dict:
         src.stop()
 
         def replay(cluster, restore_command: str) -> dict:
-            cluster.home.mkdir(parents=True, exist_ok=True)
-            pitr._chown_postgres(cluster.home)
             t = time.monotonic()
-            pitr.extract_base_backup(settings, base, cluster.data, work)
+            recovery.extract_base_backup(settings, base, cluster, work)
             extract_s = time.monotonic() - t
-            pitr.write_recovery_settings(
-                cluster.data,
-                pitr.RecoveryTarget.parse("latest"),
+            recovery.write_recovery_settings(
+                cluster,
+                RecoveryTarget.parse("latest"),
                 restore_command=restore_command,
-                socket_dir=cluster.home,
                 archive_command=None,
                 note="bench",
             )
             t = time.monotonic()
-            pitr.start_server(cluster.data, cluster.port, cluster.log)
-            reached = pitr.wait_for_target(cluster.dsn(), cluster.data, cluster.log, 1800)
+            cluster.start(wait=False)
+            reached = recovery.wait_for_target(cluster, 1800)
             seconds = time.monotonic() - t
             cluster.stop()
             shutil.rmtree(cluster.home, ignore_errors=True)
@@ -321,8 +323,8 @@ def run_bench(seconds: int, clients: int, pushes: int) -> dict:
                 "replay_mb_s": round(mb / seconds, 1),
             }
 
-        fetch_env = pitr.write_wal_env(settings, work / "fetch.env")
-        no_prefetch_env = pitr.write_wal_env(
+        fetch_env = archiving.write_wal_env(settings, work / "fetch.env")
+        no_prefetch_env = archiving.write_wal_env(
             settings.model_copy(update={"wal_prefetch": 0}), work / "fetch0.env"
         )
         plain_dir = work / "plain-wal"
@@ -336,9 +338,9 @@ def run_bench(seconds: int, clients: int, pushes: int) -> dict:
         subprocess.run(["chmod", "-R", "a+rX", str(plain_dir)], check=True)
         result["replay"] = {
             f"wal_fetch_prefetch_{settings.wal_prefetch}": replay(
-                dst, wal_command("fetch", fetch_env) + " %f %p"
+                dst, archiving.restore_command(fetch_env)
             ),
-            "wal_fetch_no_prefetch": replay(dst, wal_command("fetch", no_prefetch_env) + " %f %p"),
+            "wal_fetch_no_prefetch": replay(dst, archiving.restore_command(no_prefetch_env)),
             "bare_cp_local_plaintext": replay(dst, f"cp {plain_dir}/%f %p"),
         }
         fetched = result["replay"][f"wal_fetch_prefetch_{settings.wal_prefetch}"]
