@@ -24,7 +24,7 @@ from tests.test_pitr import switch_and_wait_archived as archived
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical import archiving
 from wedefi_dr.physical.pitr.approval import ApprovalRefused
-from wedefi_dr.postgres.cluster import cluster_handle, free_port
+from wedefi_dr.postgres.cluster import cluster_handle, free_port, read_clusters
 from wedefi_dr.postgres.tools import running_as_root, tool
 
 CTL = """#!/bin/sh
@@ -130,3 +130,13 @@ def test_pitr_of_a_cluster_described_only_by_settings(host, settings):
     assert sql1(dsn, "SHOW archive_mode") == "on"  # it is production again
     assert (home / archiving.RESTORE_ENV_NAME).stat().st_mode & 0o777 == 0o600
     assert set(result["timings"]) >= {"approval", "validate the recovered data"}
+
+
+def test_the_stack_describes_its_clusters_the_same_way_without_secrets(stack, settings):
+    """The stack is one more writer of the clusters file: production is its primary."""
+    assert settings.clusters_file == stack.clusters_file
+    described = read_clusters(stack.clusters_file)
+    assert described["primary"].production and described["primary"].port == stack.primary.port
+    assert not described["pitr-scratch"].production
+    text = stack.clusters_file.read_text()
+    assert stack.primary.password not in text and "password" not in text
