@@ -91,6 +91,7 @@ def test_pitr_of_a_cluster_described_only_by_settings(host, settings):
         WEDEFI_DR_PRIMARY_DSN=f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
         WEDEFI_DR_PREFIX=prefix,
         WEDEFI_DR_PITR_REPLAY_TIMEOUT_SECONDS="120",
+        WEDEFI_DR_DR_RTO_OBJECTIVE_SECONDS="600",
         PGPASSFILE=str(pgpass),
     )
 
@@ -130,6 +131,23 @@ def test_pitr_of_a_cluster_described_only_by_settings(host, settings):
     assert sql1(dsn, "SHOW archive_mode") == "on"  # it is production again
     assert (home / archiving.RESTORE_ENV_NAME).stat().st_mode & 0o777 == 0o600
     assert set(result["timings"]) >= {"approval", "validate the recovered data"}
+    report = latest_pitr_report()
+    assert f"of {name}: promoted" in report and "of the 600 s RTO objective" in report
+    assert "| start the server and wait for replay to reach the target |" in report
+
+
+def latest_pitr_report() -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pitr-report"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    return str(artifacts[0].data)
 
 
 def test_the_stack_describes_its_clusters_the_same_way_without_secrets(stack, settings):
