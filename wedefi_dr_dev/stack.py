@@ -37,10 +37,11 @@ from wedefi_dr.physical import archiving
 from wedefi_dr.postgres.cluster import (
     ClusterHandle,
     free_port,
+    os_user_kwargs,
     read_clusters,
     write_clusters,
 )
-from wedefi_dr.postgres.tools import connect, running_as_root, server_user_kwargs
+from wedefi_dr.postgres.tools import connect, running_as_root
 
 PRIMARY_DB = "wedefi"
 OPS_DB = "wedefi_ops"
@@ -211,7 +212,7 @@ class Stack:
         if (
             running_as_root()
             and subprocess.run(
-                ["test", "-x", str(self.root)], cwd="/", **server_user_kwargs()
+                ["test", "-x", str(self.root)], cwd="/", **os_user_kwargs()
             ).returncode
         ):
             raise PreflightFailed(
