@@ -213,8 +213,10 @@ def promote(dsn: str) -> dict[str, Any]:
         cur.execute("SELECT pg_is_in_recovery()")
         if cur.fetchone()[0]:
             raise RecoveryFailed("the server is still in recovery after pg_promote()")
-        # The targets served their purpose; a later restart must not look for them.
+        # The targets served their purpose; a later restart must not look for them, and
+        # listens where the cluster's own configuration says, not on recovery's loopback.
         for name in (
+            "listen_addresses",
             "recovery_target_time",
             "recovery_target_lsn",
             "recovery_target_name",
