@@ -1,23 +1,31 @@
 """Runbook: point-in-time recovery (the plan's PITR page, the PostgreSQL 12+ way).
 
-check the target lies in the recoverable window → approval (the run pauses for input;
-production is break-glass: emergency declared + two approvers) → audit row 'running' →
-stop application services → fetch the newest base backup before the target → write
-recovery settings → start and wait until replay pauses at the target → validate the
-recovered data → promote with pg_promote() and confirm pg_is_in_recovery() is false →
-start application services → audit row 'success' → report.
+1. check the target lies in the recoverable window (and the cluster is described)
+2. approval: the run pauses for input; production is break-glass (emergency declared +
+   two approvers other than the operator)
+3. audit row 'running'
+4. stop application services
+5. fetch the newest base backup before the target (server stopped, old data kept aside)
+6. write recovery settings (recovery.signal, restore_command, targets)
+7. start the server and wait for replay to reach the target
+8. validate the recovered data
+9. promote with pg_promote() and confirm pg_is_in_recovery() is false
+10. start application services; audit row 'success'; report against the RTO objective
 
-Resume a paused run from the UI (it shows the approval form) or with
+Each step is a task named by ``wedefi_dr.runbook.PITR``; the timings and the report use
+the same names. Resume a paused run from the UI (it shows the approval form) or with
 ``prefect.flow_runs.resume_flow_run(flow_run_id, run_input={...})``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -27,12 +35,12 @@ from tasks import pitr as steps
 from tasks.common import (
     attempt_scoped_uuid,
     audit_recovery_finished,
-    scrub,
-    send_notification,
+    audit_recovery_started,
+    failure_reported,
 )
-from wedefi_dr.physical.pitr import check_approval
-
-RTO_BUDGET_SECONDS = 15 * 60  # the plan's RTO
+from wedefi_dr.config import get_settings
+from wedefi_dr.physical.pitr.report import render_markdown
+from wedefi_dr.runbook import PITR
 
 
 class PitrApproval(RunInput):
@@ -42,6 +50,16 @@ class PitrApproval(RunInput):
     approvers: list[str] = []
     emergency_declared: bool = False
     note: str = ""
+
+
+@contextmanager
+def timed(timings: dict[str, float], step: PITR) -> Iterator[None]:
+    """Seconds spent in ``step``, recorded under the step's runbook name."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[step.value] = round(time.monotonic() - started, 3)
 
 
 @flow(name="point-in-time-recovery", log_prints=True)
@@ -58,117 +76,87 @@ def point_in_time_recovery(
 ) -> dict[str, Any]:
     """Recover ``cluster`` to a time, LSN, named restore point or the latest archived WAL.
 
-    ``cluster`` names a cluster of the stack: ``primary`` is production (its data is kept
-    aside, never deleted); any other name is a scratch copy that does not archive, unless
-    ``becomes_production`` (then it archives into the production archive on a new
-    timeline, and the approval is break-glass too).
+    ``cluster`` names a cluster of the clusters file (``WEDEFI_DR_CLUSTERS_FILE``). One
+    described ``production: true`` is recovered break-glass, its old data kept aside; any
+    other is a scratch copy that does not archive, unless ``becomes_production`` (then it
+    archives into the production archive on a new timeline, and the approval is
+    break-glass too).
     """
-    logger = get_run_logger()
-    t_start = time.monotonic()
     timings: dict[str, float] = {}
-
-    def step(name: str, t0: float) -> None:
-        timings[name] = round(time.monotonic() - t0, 3)
-
-    t = time.monotonic()
-    request = steps.check_request(
-        target_kind,
-        target_value,
-        inclusive,
-        timeline,
-        cluster,
-        operator,
-        justification,
-        becomes_production,
-    )
-    step("check request", t)
-    break_glass = request["production"] or request["archives_into_production"]
-    logger.info(
-        "recover cluster %s to %s from base backup %s; %s approval needed",
-        request["cluster"],
-        request["target_description"],
-        request["base_backup_id"],
-        "break-glass (emergency + two approvers)" if break_glass else "one",
-    )
-    t = time.monotonic()
-    approval = pause_flow_run(
-        wait_for_input=PitrApproval.with_initial_data(
-            description=(
-                f"Approve recovery of **{request['cluster']}** to "
-                f"{request['target_description']} (operator {operator}). "
-                + (
-                    "Production: declare the emergency and name two approvers."
-                    if break_glass
-                    else "Scratch copy: one approver."
-                )
-            ),
-            approve=False,
-        ),
-        timeout=approval_timeout_seconds,
-        poll_interval=2,
-        key="pitr-approval",
-    )
+    with timed(timings, PITR.CHECK_REQUEST):
+        request = steps.check_request(
+            target_kind,
+            target_value,
+            inclusive,
+            timeline,
+            cluster,
+            operator,
+            justification,
+            becomes_production,
+        )
+    subject = f"WeDefiDaily point-in-time recovery of {request['cluster']}"
+    details = {"cluster": request["cluster"], "target": request["target_description"]}
     audit_id = attempt_scoped_uuid("pitr-audit")
-    try:
-        approvers = check_approval(
-            production=break_glass,
-            approve=approval.approve,
-            approvers=approval.approvers,
-            emergency_declared=approval.emergency_declared,
-            operator=operator,
-        )
-    except Exception as exc:  # a refused request is on the record too; nothing changed
-        steps.audit_recovery_started(audit_id, request, operator, justification)
-        audit_recovery_finished(audit_id, "failed", error=scrub(str(exc)))
-        raise
-    step("approval", t)
-    logger.info("approved by %s", ", ".join(approvers))
 
-    steps.audit_recovery_started(
-        audit_id, request, operator, f"{justification} [approved by {', '.join(approvers)}]"
-    )
-    try:
-        t = time.monotonic()
-        steps.stop_application_services()
-        step("stop application services", t)
-        t = time.monotonic()
-        fetched = steps.fetch_base_backup(request)
-        step("fetch base backup", t)
-        t = time.monotonic()
-        steps.write_recovery_settings(request, f"flow run {flow_run.get_id()}")
-        step("write recovery settings", t)
-        t = time.monotonic()
-        reached = steps.start_and_wait(request)
-        step("replay to target", t)
-        t = time.monotonic()
-        validated = steps.validate_recovered(request)
-        step("validate", t)
-        t = time.monotonic()
-        promoted = steps.promote(request)
-        step("promote", t)
-        t = time.monotonic()
-        steps.start_application_services()
-        step("start application services", t)
-    except Exception as exc:
-        error = scrub(f"{type(exc).__name__}: {exc}")
-        audit_recovery_finished(audit_id, "failed", error=error)
-        send_notification(
-            f"WeDefiDaily point-in-time recovery of {request['cluster']} FAILED",
-            "failure",
-            {
-                "cluster": request["cluster"],
-                "target": request["target_description"],
-                "error": error,
-            },
+    def audit_started(why: str) -> None:
+        audit_recovery_started(
+            audit_id=audit_id,
+            recovery_type="pitr",
+            backup_id=request["base_backup_id"],
+            target=f"cluster {request['cluster']}: {request['target_description']}",
+            target_time=(
+                datetime.fromisoformat(request["target_time"]) if request["target_time"] else None
+            ),
+            operator=operator,
+            justification=why,
         )
-        raise
+
+    def record_refusal(error: str) -> None:
+        """A refused request is on the record too (nothing was changed)."""
+        audit_started(justification)
+        audit_recovery_finished(audit_id, "failed", error=error)
+
+    with timed(timings, PITR.APPROVAL):
+        question = steps.request_approval(request, operator)
+        answer = pause_flow_run(
+            wait_for_input=PitrApproval.with_initial_data(description=question, approve=False),
+            timeout=approval_timeout_seconds,
+            poll_interval=2,
+            key=PITR.APPROVAL.value,
+        )
+        with failure_reported(subject, details, close_audit=record_refusal):
+            approvers = steps.check_approval(
+                request, answer.approve, answer.approvers, answer.emergency_declared, operator
+            )
+
+    recovery_started = time.monotonic()
+    audit_started(f"{justification} [approved by {', '.join(approvers)}]")
+    with failure_reported(
+        subject,
+        details,
+        close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+    ):
+        with timed(timings, PITR.STOP_APPLICATION):
+            steps.stop_application_services()
+        with timed(timings, PITR.FETCH_BASE_BACKUP):
+            fetched = steps.fetch_base_backup(request)
+        with timed(timings, PITR.WRITE_RECOVERY_SETTINGS):
+            steps.write_recovery_settings(request, f"flow run {flow_run.get_id()}")
+        with timed(timings, PITR.START_AND_REPLAY):
+            reached = steps.start_and_wait(request)
+        with timed(timings, PITR.VALIDATE):
+            validated = steps.validate_recovered(request)
+        with timed(timings, PITR.PROMOTE):
+            promoted = steps.promote(request)
+        with timed(timings, PITR.START_APPLICATION):
+            steps.start_application_services()
     audit_recovery_finished(audit_id, "success")
-    total = round(time.monotonic() - t_start, 3)
-    recovery_seconds = round(total - timings.get("approval", 0) - timings["check request"], 3)
+
     result = {
         "cluster": request["cluster"],
         "port": request["cluster_port"],
         "base_backup_id": request["base_backup_id"],
+        "base_backup_end": request["base_backup_end"],
         "target": request["target_description"],
         "recovery_point": reached,
         "timeline": promoted["timeline"],
@@ -177,25 +165,13 @@ def point_in_time_recovery(
         "kept_aside": fetched["kept_aside"],
         "approvers": approvers,
         "timings": timings,
-        "recovery_seconds": recovery_seconds,
+        "recovery_seconds": round(time.monotonic() - recovery_started, 3),
+        "rto_objective_seconds": get_settings().dr_rto_objective_seconds,
         "finished_at": datetime.now(UTC).isoformat(),
     }
     create_markdown_artifact(
         key="pitr-report",
-        markdown=(
-            f"# Point-in-time recovery of {request['cluster']}: promoted\n\n"
-            f"- target: {request['target_description']}\n"
-            f"- base backup: {request['base_backup_id']} (ended {request['base_backup_end']})\n"
-            f"- recovery point reached: LSN {reached['replay_lsn']}, last commit replayed "
-            f"{reached['last_replayed_commit']}\n"
-            f"- new timeline: {promoted['timeline']}\n"
-            f"- validated: {validated['tables']} tables, {validated['rows']:,} rows\n"
-            f"- approved by: {', '.join(approvers)}\n"
-            f"- time taken (without the approval wait): {recovery_seconds:.1f} s of the "
-            f"{RTO_BUDGET_SECONDS // 60}-minute RTO budget\n\n"
-            "| step | seconds |\n|---|---|\n"
-            + "".join(f"| {k} | {v:.1f} |\n" for k, v in timings.items())
-        ),
+        markdown=render_markdown(result),
         description=f"PITR {request['cluster']}",
     )
     return result

@@ -1,38 +1,34 @@
 """The base-backup and point-in-time-recovery runbooks' steps as Prefect tasks.
 
-Tasks take and return plain values (ids, paths, dicts) so that a retried flow run
-re-uses the results of the steps that completed (DESIGN.md pitfalls).
+Tasks take and return plain values (ids, dicts) so that a retried flow run re-uses the
+results of the steps that completed (DESIGN.md pitfalls). The cluster is resolved from the
+clusters file once, by the first step, and travels in the request as its description: a
+retried or resumed run acts on the cluster that was checked and approved, even if the file
+changed meanwhile.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from wedefi_dr.config import get_settings
-from wedefi_dr.observability import audit
-from wedefi_dr.physical import basebackup, pitr
+from wedefi_dr.errors import InvalidInput
+from wedefi_dr.physical import archiving, basebackup
+from wedefi_dr.physical.pitr import approval, recovery, window
+from wedefi_dr.physical.pitr.target import RecoveryTarget
+from wedefi_dr.postgres.cluster import ClusterHandle, cluster_handle, conf_quote
+from wedefi_dr.runbook import PITR
 from wedefi_dr.storage.s3 import ObjectStore
-from wedefi_dr_dev.stack import WAL_ENV_NAME, Stack, conf_quote, wal_command
 
 
 # ---- base backup -------------------------------------------------------------------------
-@task(name="stream pg_basebackup to the object store")
-def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
-    """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; manifest written last."""
-    m = basebackup.take(get_settings(), operator, backup_id=backup_id)
-    return m.model_dump(mode="json", exclude={"pg_backup_manifest"})
+def _handle(request: dict[str, Any]) -> ClusterHandle:
+    return ClusterHandle.model_validate(request["cluster_handle"])
 
 
-# ---- point-in-time recovery --------------------------------------------------------------
-def _cluster(name: str):
-    return Stack().cluster(name)
-
-
-@task(name="check the target lies in the recoverable window")
+@task(name=PITR.CHECK_REQUEST.value)
 def check_request(
     target_kind: str,
     target_value: str,
@@ -45,17 +41,16 @@ def check_request(
 ) -> dict[str, Any]:
     """Every refusal happens here, before the approval and before anything changes."""
     if not operator.strip():
-        raise pitr.InvalidInput("operator is required: who is recovering (audit log)")
+        raise InvalidInput("operator is required: who is recovering (audit log)")
     if not justification.strip():
-        raise pitr.InvalidInput("justification is required: why this recovery (audit log)")
-    name = pitr.validate_cluster_name(cluster)
-    target = pitr.RecoveryTarget.parse(target_kind, target_value, inclusive, timeline)
+        raise InvalidInput("justification is required: why this recovery (audit log)")
+    name = approval.validate_cluster_name(cluster)
+    target = RecoveryTarget.parse(target_kind, target_value, inclusive, timeline)
     settings = get_settings()
     settings.require("gpg_passphrase", "ops_dsn")
-    window = pitr.recoverable_window(settings)
-    base = pitr.choose_base_backup(target, window)
-    c = _cluster(name)
-    production = pitr.is_production(settings, name, c.data)
+    handle = cluster_handle(settings.clusters_file, name)
+    w = window.recoverable_window(settings)
+    base = window.choose_base_backup(target, w)
     return {
         "target": {
             "kind": target.kind,
@@ -64,86 +59,109 @@ def check_request(
             "timeline": target.timeline,
         },
         "target_description": target.describe(),
+        "target_time": target.time.replace(tzinfo=None).isoformat() if target.time else None,
         "base_backup_id": base.backup_id,
         "base_backup_end": base.finished_at.isoformat(),
         "cluster": name,
-        "cluster_port": c.port,
-        "production": production,
-        "archives_into_production": production or becomes_production,
-        "window": window.describe(),
+        "cluster_port": handle.port,
+        "cluster_handle": handle.model_dump(mode="json"),
+        "production": handle.production,
+        "archives_into_production": handle.production or becomes_production,
+        "window": w.describe(),
     }
 
 
-@task(name="audit: recovery started", retries=3, retry_delay_seconds=2)
-def audit_recovery_started(
-    audit_id: str, request: dict[str, Any], operator: str, justification: str
-) -> str:
-    target = request["target"]
-    return audit.recovery_started(
-        get_settings().ops_dsn.get_secret_value(),
-        audit_id=audit_id,
-        recovery_type="pitr",
-        backup_id=request["base_backup_id"],
-        target=f"cluster {request['cluster']}: {request['target_description']}",
-        target_time=(
-            pitr.RecoveryTarget.parse(**target).time.replace(tzinfo=None)
-            if target["kind"] == "time"
-            else None
-        ),
-        operator=operator,
-        justification=justification,
+@task(name=f"{PITR.APPROVAL}: request")
+def request_approval(request: dict[str, Any], operator: str) -> str:
+    """What the approver is asked, shown on the paused run's form and in the log."""
+    break_glass = request["archives_into_production"]
+    rule = (
+        "Production: declare the emergency and name two approvers."
+        if break_glass
+        else "Scratch copy: one approver."
+    )
+    get_run_logger().info(
+        "recover cluster %s to %s from base backup %s; %s approval needed",
+        request["cluster"],
+        request["target_description"],
+        request["base_backup_id"],
+        "break-glass (emergency + two approvers)" if break_glass else "one",
+    )
+    return (
+        f"Approve recovery of **{request['cluster']}** to {request['target_description']} "
+        f"(operator {operator}). {rule}"
     )
 
 
-@task(name="stop application services")
+@task(name=PITR.APPROVAL.value)
+def check_approval(
+    request: dict[str, Any],
+    approve: bool,
+    approvers: list[str],
+    emergency_declared: bool,
+    operator: str,
+) -> list[str]:
+    """The approval rule applied to what the approver filled in; the distinct approvers."""
+    approved = approval.check_approval(
+        production=request["archives_into_production"],
+        approve=approve,
+        approvers=approvers,
+        emergency_declared=emergency_declared,
+        operator=operator,
+    )
+    get_run_logger().info("approved by %s", ", ".join(approved))
+    return approved
+
+
+@task(name=PITR.STOP_APPLICATION.value)
 def stop_application_services() -> list[str]:
-    return pitr.run_commands(get_settings().app_stop_commands)
+    return recovery.run_commands(get_settings().app_stop_commands)
 
 
-@task(name="start application services")
+@task(name=PITR.START_APPLICATION.value)
 def start_application_services() -> list[str]:
-    return pitr.run_commands(get_settings().app_start_commands)
+    return recovery.run_commands(get_settings().app_start_commands)
 
 
-@task(name="fetch the newest base backup before the target")
+@task(name=PITR.FETCH_BASE_BACKUP.value)
 def fetch_base_backup(request: dict[str, Any]) -> dict[str, Any]:
-    """Stop the cluster, keep its old data aside (never deleted), extract the base backup."""
+    """Stop the server, keep its old data aside (never deleted), extract the base backup."""
     logger = get_run_logger()
     settings = get_settings()
-    c = _cluster(request["cluster"])
-    if pitr.server_running(c.data):
-        c.stop()
-    aside = pitr.move_aside(c.data)
+    c = _handle(request)
+    c.stop()
+    aside = recovery.move_aside(c)
     if aside:
         logger.info("previous data directory kept at %s", aside)
-    c.home.mkdir(parents=True, exist_ok=True)
-    pitr._chown_postgres(c.home)
     manifest = basebackup.resolve(ObjectStore(settings), request["base_backup_id"])
-    spool = Path(settings.spool_dir or tempfile.gettempdir())
-    pitr.extract_base_backup(settings, manifest, c.data, spool)
+    recovery.extract_base_backup(settings, manifest, c, settings.spool_path)
     logger.info(
         "base backup %s extracted into %s (%.1f MB)",
         manifest.backup_id,
-        c.data,
+        c.data_dir,
         manifest.plaintext_size_bytes / 1e6,
     )
-    return {"data_dir": str(c.data), "kept_aside": str(aside) if aside else None}
+    return {"data_dir": str(c.data_dir), "kept_aside": str(aside) if aside else None}
 
 
-@task(name="write recovery settings (recovery.signal, restore_command, targets)")
+@task(name=PITR.WRITE_RECOVERY_SETTINGS.value)
 def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict[str, str]:
+    """restore_command always; archive_command only when the result is production."""
     settings = get_settings()
-    c = _cluster(request["cluster"])
-    restore_env = pitr.write_wal_env(settings, c.home / "wal-restore.env")
+    c = _handle(request)
+    restore_env = archiving.write_wal_env(
+        settings, c.home / archiving.RESTORE_ENV_NAME, os_user=c.os_user
+    )
     archive_command = None
     if request["archives_into_production"]:
-        archive_env = pitr.write_wal_env(settings, c.home / WAL_ENV_NAME)
-        archive_command = wal_command("push", archive_env) + " %p"
-    written = pitr.write_recovery_settings(
-        c.data,
-        pitr.RecoveryTarget.parse(**request["target"]),
-        restore_command=wal_command("fetch", restore_env) + " %f %p",
-        socket_dir=c.home,
+        archive_env = archiving.write_wal_env(
+            settings, c.home / archiving.ARCHIVE_ENV_NAME, os_user=c.os_user
+        )
+        archive_command = archiving.archive_command(archive_env)
+    written = recovery.write_recovery_settings(
+        c,
+        RecoveryTarget.parse(**request["target"]),
+        restore_command=archiving.restore_command(restore_env),
         archive_command=archive_command,
         note=flow_run_note,
     )
@@ -154,14 +172,11 @@ def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict
     return written
 
 
-@task(name="start the server and wait for replay to reach the target")
+@task(name=PITR.START_AND_REPLAY.value)
 def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
-    settings = get_settings()
-    c = _cluster(request["cluster"])
-    pitr.start_server(c.data, c.port, c.log)
-    reached = pitr.wait_for_target(
-        c.dsn(), c.data, c.log, float(settings.pitr_replay_timeout_seconds)
-    )
+    c = _handle(request)
+    c.start(wait=False)
+    reached = recovery.wait_for_target(c, float(get_settings().pitr_replay_timeout_seconds))
     get_run_logger().info(
         "replay reached %s (last commit replayed %s) in %.1f s",
         reached["replay_lsn"],
@@ -171,19 +186,21 @@ def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
     return reached
 
 
-@task(name="validate the recovered data")
+@task(name=PITR.VALIDATE.value)
 def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
     """Row counts of every table (the integrity suites run on restored copies elsewhere)."""
-    counts = pitr.row_counts(_cluster(request["cluster"]).dsn())
+    counts = recovery.row_counts(_handle(request).dsn())
     if not counts:
-        raise pitr.RecoveryFailed("the recovered cluster has no user tables: refusing to promote")
+        raise recovery.RecoveryFailed(
+            "the recovered cluster has no user tables: refusing to promote"
+        )
     return {"tables": len(counts), "rows": sum(counts.values()), "counts": counts}
 
 
-@task(name="promote with pg_promote() and confirm pg_is_in_recovery() is false")
+@task(name=PITR.PROMOTE.value)
 def promote(request: dict[str, Any]) -> dict[str, Any]:
-    c = _cluster(request["cluster"])
-    result = pitr.promote(c.dsn())
-    pitr.clear_prefetch(c.data)
-    result["timeline"] = pitr.current_timeline(c.dsn())
+    c = _handle(request)
+    result = recovery.promote(c.dsn())
+    recovery.clear_prefetch(c)
+    result["timeline"] = recovery.current_timeline(c.dsn())
     return result

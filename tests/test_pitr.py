@@ -27,7 +27,9 @@ from prefect.flow_runs import resume_flow_run
 
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical import wal
-from wedefi_dr.physical.pitr import ApprovalRefused, RecoveryFailed, TargetOutsideWindow
+from wedefi_dr.physical.pitr.approval import ApprovalRefused
+from wedefi_dr.physical.pitr.recovery import RecoveryFailed
+from wedefi_dr.physical.pitr.window import TargetOutsideWindow
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr_dev.stack import Cluster, Stack
 
@@ -213,7 +215,8 @@ def test_window_and_target_before_earliest_base_backup_refused(history, settings
     assert history["base"]["backup_id"] in shown.output
 
     before = history["base"]["started_at"]
-    name = f"never-{uuid.uuid4().hex[:6]}"
+    never = history["stack"].cluster(f"never-{uuid.uuid4().hex[:6]}")  # described, not made
+    name = never.name
     rows_before = audit_rows(settings.ops_dsn.get_secret_value())
     with pytest.raises(TargetOutsideWindow, match="before the earliest base backup"):
         recover(
@@ -222,7 +225,7 @@ def test_window_and_target_before_earliest_base_backup_refused(history, settings
             target_value=(datetime.fromisoformat(before) - timedelta(seconds=5)).isoformat(),
             cluster=name,
         )
-    assert not history["stack"].cluster(name).home.exists()  # nothing was created
+    assert not never.home.exists()  # nothing was created
     assert audit_rows(settings.ops_dsn.get_secret_value()) == rows_before
 
 
@@ -239,11 +242,11 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     assert result["timeline"] == 2
     assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
     assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
-    auto_conf = (c.data / "postgresql.auto.conf").read_text()
+    auto_conf = (c.data_dir / "postgresql.auto.conf").read_text()
     assert "wedefi_dr.physical.wal fetch" in auto_conf
     assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
     assert oct((c.home / "wal-restore.env").stat().st_mode & 0o777) == "0o600"
-    assert not (c.data / "recovery.signal").exists()  # promoted: recovery is over
+    assert not (c.data_dir / "recovery.signal").exists()  # promoted: recovery is over
     rows = audit_rows(settings.ops_dsn.get_secret_value())
     assert rows[-1][0:2] == ("pitr", "success") and c.name in rows[-1][3]
     c.stop()
@@ -314,7 +317,7 @@ def test_missing_segment_stops_recovery_naming_the_gap(history, store, settings)
                 cluster=c.name,
             )
         assert "GAP" in str(err.value) and missing in str(err.value)
-        assert not c.running()
+        assert not c.is_running()
         rows = audit_rows(get_settings().ops_dsn.get_secret_value())
         assert rows[-1][1] == "failed" and missing in rows[-1][2]
     finally:
@@ -334,7 +337,7 @@ def test_production_target_with_one_approver_is_refused(history, stack, settings
             target_kind="latest",
             cluster="primary",
         )
-    assert primary.pid() == pid and primary.running()  # untouched
+    assert primary.pid() == pid and primary.is_running()  # untouched
     assert not list(primary.home.glob("data.before-pitr-*"))
     row = audit_rows(settings.ops_dsn.get_secret_value())[-1]
     assert row[1] == "failed" and "two distinct approvers" in row[2]
@@ -392,7 +395,7 @@ def test_rpo_drill_kill_9_under_pgbench_then_recover_latest(history, stack):
             [
                 tool("pg_ctl"),
                 "-D",
-                str(src.data),
+                str(src.data_dir),
                 "-l",
                 str(src.log),
                 "-w",
@@ -487,7 +490,7 @@ def test_break_glass_recovery_of_production_keeps_old_data_and_archives_new_time
 )
 def test_bad_targets_are_refused_with_the_reason(kind, value, timeline, message):
     from wedefi_dr.errors import InvalidInput
-    from wedefi_dr.physical.pitr import RecoveryTarget
+    from wedefi_dr.physical.pitr.target import RecoveryTarget
 
     with pytest.raises(InvalidInput, match=message):
         RecoveryTarget.parse(kind, value, timeline=timeline)
@@ -507,7 +510,7 @@ def test_bad_targets_are_refused_with_the_reason(kind, value, timeline, message)
     ],
 )
 def test_approval_rules(production, approval, message):
-    from wedefi_dr.physical.pitr import check_approval
+    from wedefi_dr.physical.pitr.approval import check_approval
 
     with pytest.raises(ApprovalRefused, match=message):
         check_approval(
@@ -529,7 +532,7 @@ def test_approval_rules(production, approval, message):
 @pytest.mark.parametrize("name", ["ops", "Primary", "../etc", ""])
 def test_reserved_or_malformed_cluster_names_are_refused(name):
     from wedefi_dr.errors import InvalidInput
-    from wedefi_dr.physical.pitr import validate_cluster_name
+    from wedefi_dr.physical.pitr.approval import validate_cluster_name
 
     with pytest.raises(InvalidInput):
         validate_cluster_name(name)

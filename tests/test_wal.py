@@ -18,7 +18,7 @@ import pytest
 from pydantic import SecretStr
 
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import pitr, wal
+from wedefi_dr.physical import archiving, wal
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr_dev.stack import Stack
 
@@ -36,7 +36,7 @@ def segment_bytes(seed: int) -> bytes:
 def archive(settings: Settings, tmp_path: Path):
     """An env file pointing at a fresh prefix, and a fake pg_wal to push from."""
     prefix = f"test-wal-{uuid.uuid4().hex[:8]}"
-    env_file = pitr.write_wal_env(settings, tmp_path / "wal.env", prefix=prefix)
+    env_file = archiving.write_wal_env(settings, tmp_path / "wal.env", prefix=prefix)
     pg_wal = tmp_path / "pg_wal"
     (pg_wal / "archive_status").mkdir(parents=True)
     s = settings.model_copy(update={"prefix": prefix})
@@ -154,7 +154,7 @@ def test_corrupt_object_or_wrong_passphrase_aborts_recovery(archive, store, sett
     assert wal_cmd(archive, "push", f"pg_wal/{FIRST}").returncode == 0
 
     wrong = dict(archive)
-    wrong["env"] = pitr.write_wal_env(
+    wrong["env"] = archiving.write_wal_env(
         settings.model_copy(update={"gpg_passphrase": SecretStr("not-the-passphrase")}),
         tmp_path / "wrong.env",
         prefix=archive["prefix"],
@@ -229,6 +229,15 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
     env_file = primary.home / "wal-archive.env"
     st = env_file.stat()
     assert oct(st.st_mode & 0o777) == "0o600"
+    # The same keys as a recovered cluster's env file (one write_wal_env for both).
+    keys = {line.split("=", 1)[0] for line in env_file.read_text().splitlines()}
+    assert {
+        "WEDEFI_DR_SSE",
+        "WEDEFI_DR_STORAGE_CLASS",
+        "WEDEFI_DR_GPG_CIPHER",
+        "WEDEFI_DR_WAL_PREFETCH",
+        "AWS_ACCESS_KEY_ID",
+    } <= keys
     with connect(primary.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SHOW archive_command")
         command = cur.fetchone()[0]

@@ -78,9 +78,10 @@ class Settings(BaseSettings):
     # write bursts; PostgreSQL runs one archive_command at a time).
     wal_push_parallel: int = Field(default=4, ge=1, le=32)
     wal_segment_bytes: int = 16 * 1024 * 1024
-    # The protected cluster's data directory: recovering into it is a production recovery
-    # (break-glass). Empty: only the local stack's primary counts as production.
-    production_data_dir: Path | None = None
+    # The clusters a recovery may act on (YAML/JSON: name -> data_dir, port, socket_dir,
+    # os_user, start/stop commands, production; see wedefi_dr.postgres.cluster). The local
+    # stack writes its own; on a real host the operator writes it.
+    clusters_file: Path | None = None
     # Commands that stop/start the application around a recovery (none locally).
     app_stop_commands: list[str] = Field(default_factory=list)
     app_start_commands: list[str] = Field(default_factory=list)

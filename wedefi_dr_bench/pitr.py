@@ -32,13 +32,15 @@ from pydantic import SecretStr
 
 from wedefi_dr.config import Settings
 from wedefi_dr.observability.stats import percentile
-from wedefi_dr.physical import basebackup, pitr, wal
+from wedefi_dr.physical import archiving, basebackup, wal
 from wedefi_dr.physical.basebackup import BaseBackupManifest
+from wedefi_dr.physical.pitr import recovery
+from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
 from wedefi_dr.storage.s3 import ObjectStore
 from wedefi_dr_bench.logical import gpg_symmetric_cmd
-from wedefi_dr_dev.stack import Cluster, Stack, wal_command
+from wedefi_dr_dev.stack import Cluster, Stack
 
 SEGMENT_MB = 16.78
 DRAIN_TIMEOUT_SECONDS = 600
@@ -113,7 +115,7 @@ def archive_backlog(bench: PitrBench, seconds: int, clients: int) -> dict[str, A
     )
     load_s = time.monotonic() - t0
     end_lsn = _one(dsn, "SELECT pg_current_wal_lsn()::text")
-    status = bench.src.data / "pg_wal" / "archive_status"
+    status = bench.src.data_dir / "pg_wal" / "archive_status"
     backlog = len(list(status.glob("*.ready")))
     wal_mb = (basebackup.lsn_to_int(end_lsn) - basebackup.lsn_to_int(start_lsn)) / 1e6
     tps = next((ln for ln in run.stdout.splitlines() if ln.startswith("tps")), "")
@@ -162,12 +164,14 @@ def _bare_gzip_gpg(segment: Path, out: Path, gnupg_home: Path, settings: Setting
 def push_latency(bench: PitrBench, pushes: int) -> dict[str, Any]:
     """Figure 2: one ``wal-push`` process per segment, into a prefix of its own, against
     the bare pipeline on the same segment."""
-    segs = sorted(p for p in (bench.src.data / "pg_wal").iterdir() if wal.SEGMENT_RE.match(p.name))
+    segs = sorted(
+        p for p in (bench.src.data_dir / "pg_wal").iterdir() if wal.SEGMENT_RE.match(p.name)
+    )
     pg_wal = bench.work / "pg_wal"
     (pg_wal / "archive_status").mkdir(parents=True)
     gnupg_home = bench.work / "gnupg"
     gnupg_home.mkdir(mode=0o700)
-    env_file = pitr.write_wal_env(
+    env_file = archiving.write_wal_env(
         bench.settings, bench.work / "lat.env", prefix=f"{bench.prefix}-latency"
     )
     push_s, bare_s = [], []
@@ -203,22 +207,19 @@ def push_latency(bench: PitrBench, pushes: int) -> dict[str, Any]:
 def _replay(bench: PitrBench, base: BaseBackupManifest, restore_command: str) -> dict[str, Any]:
     """One recovery of the destination cluster to 'latest' with ``restore_command``."""
     cluster, settings = bench.dst, bench.settings
-    cluster.home.mkdir(parents=True, exist_ok=True)
-    pitr._chown_postgres(cluster.home)
     t = time.monotonic()
-    pitr.extract_base_backup(settings, base, cluster.data, bench.work)
+    recovery.extract_base_backup(settings, base, cluster, bench.work)
     extract_s = time.monotonic() - t
-    pitr.write_recovery_settings(
-        cluster.data,
-        pitr.RecoveryTarget.parse("latest"),
+    recovery.write_recovery_settings(
+        cluster,
+        RecoveryTarget.parse("latest"),
         restore_command=restore_command,
-        socket_dir=cluster.home,
         archive_command=None,
         note="bench",
     )
     t = time.monotonic()
-    pitr.start_server(cluster.data, cluster.port, cluster.log)
-    reached = pitr.wait_for_target(cluster.dsn(), cluster.data, cluster.log, 1800)
+    cluster.start(wait=False)
+    reached = recovery.wait_for_target(cluster, 1800)
     seconds = time.monotonic() - t
     cluster.stop()
     shutil.rmtree(cluster.home, ignore_errors=True)
@@ -236,8 +237,8 @@ def replay_rate(bench: PitrBench, base: BaseBackupManifest) -> dict[str, Any]:
     with bare ``cp`` from a local folder of the same segments, decrypted (the floor)."""
     settings, work = bench.settings, bench.work
     bench.src.stop()
-    fetch_env = pitr.write_wal_env(settings, work / "fetch.env")
-    no_prefetch_env = pitr.write_wal_env(
+    fetch_env = archiving.write_wal_env(settings, work / "fetch.env")
+    no_prefetch_env = archiving.write_wal_env(
         settings.model_copy(update={"wal_prefetch": 0}), work / "fetch0.env"
     )
     plain_dir = work / "plain-wal"
@@ -251,10 +252,8 @@ def replay_rate(bench: PitrBench, base: BaseBackupManifest) -> dict[str, Any]:
     subprocess.run(["chmod", "-R", "a+rX", str(plain_dir)], check=True)
     prefetched = f"wal_fetch_prefetch_{settings.wal_prefetch}"
     result: dict[str, Any] = {
-        prefetched: _replay(bench, base, wal_command("fetch", fetch_env) + " %f %p"),
-        "wal_fetch_no_prefetch": _replay(
-            bench, base, wal_command("fetch", no_prefetch_env) + " %f %p"
-        ),
+        prefetched: _replay(bench, base, archiving.restore_command(fetch_env)),
+        "wal_fetch_no_prefetch": _replay(bench, base, archiving.restore_command(no_prefetch_env)),
         "bare_cp_local_plaintext": _replay(bench, base, f"cp {plain_dir}/%f %p"),
     }
     result["ratio_vs_bare_cp"] = round(

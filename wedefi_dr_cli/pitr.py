@@ -63,9 +63,9 @@ def base_backup(
 @app.command("window")
 def window(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The recoverable window: earliest base-backup end → newest archived WAL."""
-    from wedefi_dr.physical import pitr
+    from wedefi_dr.physical.pitr.window import recoverable_window
 
-    w = pitr.recoverable_window(ready())
+    w = recoverable_window(ready())
     d = w.describe()
     if as_json:
         print(json.dumps(d, indent=2))
@@ -84,7 +84,9 @@ def run(
     value: Annotated[str, typer.Option(help="ISO time with zone, LSN, or name")] = "",
     operator: Annotated[str, typer.Option(help="who is recovering")] = "",
     justification: Annotated[str, typer.Option(help="why (audit log)")] = "",
-    cluster: Annotated[str, typer.Option(help="'primary' = production")] = "pitr-scratch",
+    cluster: Annotated[
+        str, typer.Option(help="a cluster named in the clusters file (WEDEFI_DR_CLUSTERS_FILE)")
+    ] = "pitr-scratch",
     inclusive: Annotated[bool, typer.Option(help="stop just after the target")] = False,
     timeline: Annotated[str, typer.Option(help="latest | current | N")] = "latest",
     as_json: Annotated[
@@ -92,7 +94,8 @@ def run(
     ] = False,
 ) -> None:
     """Run the point-in-time-recovery flow; it pauses for approval (Prefect UI)."""
-    from wedefi_dr.physical.pitr import RecoveryTarget, validate_cluster_name
+    from wedefi_dr.physical.pitr.approval import validate_cluster_name
+    from wedefi_dr.physical.pitr.target import RecoveryTarget
 
     require_text(operator, "--operator", "who is recovering (audit log)")
     require_text(justification, "--justification", "why (audit log)")

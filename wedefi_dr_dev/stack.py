@@ -24,19 +24,28 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 from botocore.exceptions import ClientError
+from pydantic import Field, SecretStr
 
-from wedefi_dr.config import PROJECT_ROOT
+from wedefi_dr.config import PROJECT_ROOT, Settings
 from wedefi_dr.errors import PreflightFailed
 from wedefi_dr.observability import audit
-from wedefi_dr.postgres.tools import connect, running_as_root, server_user_kwargs, tool
+from wedefi_dr.physical import archiving
+from wedefi_dr.postgres.cluster import (
+    ClusterHandle,
+    free_port,
+    os_user_kwargs,
+    read_clusters,
+    write_clusters,
+)
+from wedefi_dr.postgres.tools import connect, running_as_root
 
 PRIMARY_DB = "wedefi"
 OPS_DB = "wedefi_ops"
+SCRATCH_CLUSTER = "pitr-scratch"
 REGION = "us-west-2"
 BUCKETS = {
     "WEDEFI_DR_BUCKET": "wedefi-backup-primary",
@@ -51,12 +60,6 @@ LOCAL_AWS_SECRET = "wedefi-local-secret"
 
 def default_stack_dir() -> Path:
     return Path(os.environ.get("WEDEFI_DR_STACK_DIR", PROJECT_ROOT / ".stack"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
@@ -84,162 +87,26 @@ def pid_alive(pid: int | None) -> bool:
     return state != "Z"
 
 
-@dataclass
-class Cluster:
-    """One PostgreSQL cluster of the stack, run by ``pg_ctl`` as the ``postgres`` OS user."""
+class Cluster(ClusterHandle):
+    """One PostgreSQL cluster of the stack: a core handle plus the stack's own wiring (its
+    superuser password, fsync-off, extra settings written at initdb)."""
 
-    name: str
-    home: Path
-    port: int
-    password: str
-    fast: bool = False
-    extra_conf: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def data(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "server.log"
-
-    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
-        """A password-less DSN: libpq finds the password in the stack's PGPASSFILE."""
-        return f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}"
+    password: str = Field(default="", repr=False, exclude=True)
+    fast: bool = Field(default=False, exclude=True)
+    extra_conf: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     def admin_dsn(self, dbname: str = "postgres") -> str:
         """With the password inline, for the stack's own set-up connections only."""
         return f"{self.dsn(dbname)} password={self.password}"
 
-    def _as_server(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            cmd, capture_output=True, text=True, check=check, cwd="/", **server_user_kwargs()
-        )
-
-    def initialized(self) -> bool:
-        return (self.data / "PG_VERSION").exists()
-
     def init(self) -> None:
-        """initdb with data checksums and a password; the conf written once, here."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        if running_as_root():
-            os.chown(self.home, *_postgres_ids())
-        pwfile = self.home / ".pwfile"
-        pwfile.write_text(self.password + "\n")
-        pwfile.chmod(0o600)
-        if running_as_root():
-            os.chown(pwfile, *_postgres_ids())
-        try:
-            self._as_server(
-                [
-                    tool("initdb"),
-                    "-D",
-                    str(self.data),
-                    "-U",
-                    "postgres",
-                    "--data-checksums",
-                    "--auth-local=scram-sha-256",
-                    "--auth-host=scram-sha-256",
-                    f"--pwfile={pwfile}",
-                    "--encoding=UTF8",
-                    "--locale=C.UTF-8",
-                ]
-            )
-        finally:
-            pwfile.unlink(missing_ok=True)
-        conf = {
-            "listen_addresses": "'127.0.0.1'",
-            "unix_socket_directories": f"'{self.home}'",
-            "wal_level": "replica",
-            "max_wal_senders": "10",
-            "timezone": "'UTC'",
-            "log_timezone": "'UTC'",
-            **(
-                {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-                if self.fast
-                else {}
-            ),
-            **self.extra_conf,
-        }
-        with (self.data / "postgresql.conf").open("a") as f:
-            f.write("\n# --- written by wedefi-dr stack ---\n")
-            for key, value in conf.items():
-                f.write(f"{key} = {value}\n")
-
-    def running(self) -> bool:
-        if not self.initialized():
-            return False
-        return (
-            self._as_server([tool("pg_ctl"), "-D", str(self.data), "status"], False).returncode == 0
-        )
-
-    def start(self) -> None:
-        self._as_server(
-            [
-                tool("pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.log),
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                f"-p {self.port}",
-                "start",
-            ]
-        )
-
-    def stop(self) -> None:
-        if self.running():
-            self._as_server([tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
-
-    def pid(self) -> int | None:
-        pidfile = self.data / "postmaster.pid"
-        try:
-            return int(pidfile.read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError, PermissionError):
-            return None
+        self.initdb(self.password, self.extra_conf, fast=self.fast)
 
     def create_database(self, name: str) -> None:
         with connect(self.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
                 cur.execute(f'CREATE DATABASE "{name}"')
-
-
-WAL_ENV_NAME = "wal-archive.env"
-
-
-def wal_command(action: str, env_file: Path) -> str:
-    """The server-side command line of ``wal-push``/``wal-fetch`` (without ``%p``/``%f``).
-
-    ``python -I -m wedefi_dr.physical.wal``: the venv's interpreter (built on the system Python, so
-    ``postgres`` may execute it), isolated from the server's environment and working
-    directory, importing neither Prefect nor GX.
-    """
-    parts = (
-        sys.executable,
-        "-I",
-        "-m",
-        "wedefi_dr.physical.wal",
-        action,
-        "--env-file",
-        str(env_file),
-    )
-    return " ".join(shlex.quote(part) for part in parts)
-
-
-def conf_quote(value: str) -> str:
-    """A ``postgresql.conf`` string literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _postgres_ids() -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam("postgres")
-    return entry.pw_uid, entry.pw_gid
 
 
 class Stack:
@@ -273,14 +140,30 @@ class Stack:
             self._save()
         return port
 
+    @property
+    def clusters_file(self) -> Path:
+        return self.root / "clusters.json"
+
     def cluster(self, name: str) -> Cluster:
-        return Cluster(
+        """The stack's cluster ``name`` (``primary`` is production), described in the
+        clusters file so that recovery finds it the way it finds a real host's."""
+        cluster = Cluster(
             name=name,
-            home=self.root / "pg" / name,
+            data_dir=self.root / "pg" / name / "data",
             port=self._port(f"{name}_port"),
+            production=name == "primary",
             password=self._secret("pg_password"),
             fast=self.state.get("fast", self.fast),
         )
+        self._describe(cluster)
+        return cluster
+
+    def _describe(self, cluster: Cluster) -> None:
+        known = read_clusters(self.clusters_file) if self.clusters_file.exists() else {}
+        handle = ClusterHandle.model_validate(cluster.model_dump())
+        if known.get(cluster.name) != handle:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_clusters(self.clusters_file, {**known, cluster.name: handle})
 
     @property
     def primary(self) -> Cluster:
@@ -315,8 +198,9 @@ class Stack:
         for cluster in (primary, self.ops):
             if not cluster.initialized():
                 cluster.init()
-            if not cluster.running():
+            if not cluster.is_running():
                 cluster.start()
+        self.cluster(SCRATCH_CLUSTER)  # the default target of `wedefi-dr pitr run`
         primary.create_database(PRIMARY_DB)
         self.ops.create_database(OPS_DB)
         audit.install(self.ops.admin_dsn(OPS_DB), app_password=self._secret("ops_app_password"))
@@ -328,7 +212,7 @@ class Stack:
         if (
             running_as_root()
             and subprocess.run(
-                ["test", "-x", str(self.root)], cwd="/", **server_user_kwargs()
+                ["test", "-x", str(self.root)], cwd="/", **os_user_kwargs()
             ).returncode
         ):
             raise PreflightFailed(
@@ -338,50 +222,30 @@ class Stack:
                 "WEDEFI_DR_STACK_DIR to a folder it can reach."
             )
 
-    # ---- WAL archive (pitr area) ---------------------------------------------------------
-    def write_wal_env(self, cluster: Cluster, prefix: str | None = None, name: str = "") -> Path:
-        """The settings ``wal-push``/``wal-fetch`` need, in a file only ``postgres`` reads.
-
-        The server runs ``archive_command`` and ``restore_command`` as ``postgres``; the
-        passphrase and keys reach them through this file (mode 600), so none of them is
-        written into ``postgresql.conf`` or shown by ``SHOW archive_command``.
-        """
-        cluster.home.mkdir(parents=True, exist_ok=True)
-        path = cluster.home / (name or WAL_ENV_NAME)
-        env = self.env()
-        values = {
-            key: env[key]
-            for key in (
-                "WEDEFI_DR_AWS_ENDPOINT_URL",
-                "WEDEFI_DR_AWS_REGION",
-                "WEDEFI_DR_BUCKET",
-                "WEDEFI_DR_GPG_PASSPHRASE",
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_DEFAULT_REGION",
-            )
-        }
-        values["WEDEFI_DR_PREFIX"] = prefix or os.environ.get("WEDEFI_DR_PREFIX", "wedefi")
-        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-        path.chmod(0o600)
-        if running_as_root():
-            os.chown(path, *_postgres_ids())
-        return path
-
+    # ---- WAL archive -----------------------------------------------------------------
     def archiving_conf(self, cluster: Cluster, prefix: str | None = None) -> dict[str, str]:
         """``archive_mode``/``archive_command``/``archive_timeout`` for ``cluster``, archiving
         into ``<prefix>/wal/`` (default: the settings' prefix, the production archive)."""
-        env_file = self.write_wal_env(cluster, prefix)
-        return {
-            "archive_mode": "on",
-            "archive_command": conf_quote(wal_command("push", env_file) + " %p"),
-            "archive_timeout": "60",
-        }
+        env = self.env()
+        settings = Settings(
+            aws_endpoint_url=env["WEDEFI_DR_AWS_ENDPOINT_URL"],
+            aws_region=env["WEDEFI_DR_AWS_REGION"],
+            bucket=env["WEDEFI_DR_BUCKET"],
+            gpg_passphrase=SecretStr(env["WEDEFI_DR_GPG_PASSPHRASE"]),
+        )
+        env_file = archiving.write_wal_env(
+            settings,
+            cluster.home / archiving.ARCHIVE_ENV_NAME,
+            prefix,
+            os_user=cluster.os_user,
+            aws_env=env,
+        )
+        return archiving.archiving_conf(env_file)
 
     def _ensure_archiving(self, cluster: Cluster) -> None:
         """A cluster initialised before archiving was wired in gets the command now (a
         reload; its ``.ready`` segments are then archived)."""
-        command = wal_command("push", cluster.home / WAL_ENV_NAME) + " %p"
+        command = archiving.archive_command(cluster.home / archiving.ARCHIVE_ENV_NAME)
         with connect(cluster.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SHOW archive_command")
             if cur.fetchone()[0] != command:
@@ -438,7 +302,7 @@ class Stack:
         stopped = []
         for name in ("primary", "ops"):
             cluster = self.cluster(name)
-            if cluster.running():
+            if cluster.is_running():
                 cluster.stop()
                 stopped.append(f"postgres {name}")
         pid = self.state.get("s3_pid")
@@ -461,7 +325,7 @@ class Stack:
             cluster = self.cluster(name)
             result[f"postgres {name}"] = (
                 f"running pid {cluster.pid()} port {cluster.port}"
-                if cluster.running()
+                if cluster.is_running()
                 else "stopped"
             )
         pid = self.state.get("s3_pid")
@@ -509,9 +373,9 @@ class Stack:
             "WEDEFI_DR_SPOOL_DIR": str(self.root / "spool"),
             "PGPASSFILE": str(self.pgpass),
             "PREFECT_HOME": str(self.root / "prefect"),
-            # Where recovery clusters go, and which data directory is production (pitr).
             "WEDEFI_DR_STACK_DIR": str(self.root),
-            "WEDEFI_DR_PRODUCTION_DATA_DIR": str(self.primary.data),
+            # The clusters recovery may act on (the primary is described as production).
+            "WEDEFI_DR_CLUSTERS_FILE": str(self.clusters_file),
             "AWS_ACCESS_KEY_ID": LOCAL_AWS_KEY,
             "AWS_SECRET_ACCESS_KEY": LOCAL_AWS_SECRET,
             "AWS_DEFAULT_REGION": REGION,

@@ -2,11 +2,11 @@
 
 Three providers, one small contract (``provision(name) -> DREnvironment``, ``teardown(env)``):
 
-- ``local`` (default): a fresh PostgreSQL cluster made with the stack's own
-  :class:`wedefi_dr_dev.stack.Cluster` in a folder of its own. It is reached over its Unix
-  socket with ``peer`` authentication mapped from the OS user running the test to the
-  superuser and to the application role, so no password exists to leak: not in a DSN, a
-  flow parameter, a persisted task result or a report.
+- ``local`` (default): a fresh PostgreSQL cluster made by
+  :meth:`wedefi_dr.postgres.cluster.ClusterHandle.initdb` in a folder of its own. It is
+  reached over its Unix socket with ``peer`` authentication mapped from the OS user running
+  the test to the superuser and to the application role, so no password exists to leak:
+  not in a DSN, a flow parameter, a persisted task result or a report.
 - ``dsn``: an existing server named by a password-less DSN (PGPASSFILE holds the secret),
   e.g. the plan's ``wedefi-dr-test`` host. Its database is dropped at teardown only when
   the DR test created it.
@@ -37,9 +37,9 @@ from psycopg2 import sql
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
+from wedefi_dr.postgres.cluster import ClusterHandle, free_port
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
-from wedefi_dr_dev.stack import Cluster, free_port
 
 log = logging.getLogger(__name__)
 PROVIDERS = ("local", "dsn", "docker")
@@ -123,11 +123,8 @@ class LocalClusterProvider:
         self.app_role = app_role
         self.fast = fast
 
-    def _cluster(self, name: str, home: Path, port: int) -> Cluster:
-        # The superuser password exists only for initdb; it is never stored or used.
-        return Cluster(
-            name=name, home=home, port=port, password=secrets.token_urlsafe(24), fast=self.fast
-        )
+    def _cluster(self, name: str, home: Path, port: int) -> ClusterHandle:
+        return ClusterHandle(name=name, data_dir=home / "data", port=port)
 
     def provision(self, name: str) -> DREnvironment:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -138,13 +135,14 @@ class LocalClusterProvider:
         port = free_port()
         cluster = self._cluster(name, home, port)
         t0 = time.monotonic()
-        cluster.init()
+        # The superuser password exists only for initdb; it is never stored or used.
+        cluster.initdb(secrets.token_urlsafe(24), fast=self.fast)
         user = _os_user()
         # Peer authentication on the socket, first in pg_hba: the OS user running the DR
         # test may log in as the superuser and as the application role, nobody else.
-        hba = cluster.data / "pg_hba.conf"
+        hba = cluster.data_dir / "pg_hba.conf"
         hba.write_text(f"local all all peer map={PEER_MAP}\n" + hba.read_text())
-        ident = cluster.data / "pg_ident.conf"
+        ident = cluster.data_dir / "pg_ident.conf"
         with ident.open("a") as f:
             f.write(f"{PEER_MAP} {user} postgres\n{PEER_MAP} {user} {self.app_role}\n")
         cluster.start()

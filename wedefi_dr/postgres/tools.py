@@ -11,11 +11,9 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import psycopg2
 
@@ -92,17 +90,6 @@ def running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def server_user_kwargs() -> dict[str, Any]:
-    """subprocess keyword arguments that run a server binary as ``postgres`` when we are root.
-
-    PostgreSQL refuses to run as root; ``initdb``/``pg_ctl``/``postgres`` therefore run as
-    the ``postgres`` OS user (the Debian package creates it) when this process is root.
-    """
-    if not running_as_root():
-        return {}
-    return {"user": "postgres", "group": "postgres", "extra_groups": []}
-
-
 def _redacted(dsn: str) -> str:
     try:
         return ConnTarget.parse(dsn, allow_password=True).redacted
@@ -134,13 +121,3 @@ def connect(dsn: str, *, autocommit: bool = False, application_name: str = "wede
         raise
     finally:
         conn.close()
-
-
-def run(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run a tool, raising with its stderr (never its environment) when it fails."""
-    result = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
-    if result.returncode != 0:
-        raise subprocess.CalledProcessError(
-            result.returncode, cmd[0], output=result.stdout, stderr=result.stderr
-        )
-    return result

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -68,16 +67,6 @@ class HashingReader:
         if self._progress and data:
             self._progress(self.size)
         return data
-
-
-@dataclass
-class StoredObject:
-    bucket: str
-    key: str
-    size_bytes: int
-    sha256: str
-    storage_class: str
-    sse: str | None
 
 
 class ObjectStore:

@@ -1,0 +1,99 @@
+"""How a server is wired to the WAL archive: the env file and the command lines.
+
+The server runs ``archive_command`` and ``restore_command`` as its OS user, isolated from
+our environment (``python -I``). What they need (bucket, prefix, keys, the passphrase)
+reaches them through one env file per purpose, mode 600 and owned by that user, so no
+secret is written into ``postgresql.conf`` or shown by ``SHOW archive_command``. The
+local stack's primary, a recovered cluster and a real host are all wired by these same
+functions, so they archive with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from wedefi_dr.config import Settings
+from wedefi_dr.postgres.cluster import chown_to, conf_quote
+
+ARCHIVE_ENV_NAME = "wal-archive.env"
+RESTORE_ENV_NAME = "wal-restore.env"
+AWS_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def wal_command(action: str, env_file: Path) -> str:
+    """The server-side command line of ``wal-push``/``wal-fetch`` (without ``%p``/``%f``).
+
+    ``python -I -m wedefi_dr.physical.wal``: the venv's interpreter (built on the system
+    Python, so the server's OS user may execute it), isolated from the server's environment
+    and working directory, importing neither Prefect nor GX.
+    """
+    parts = (
+        sys.executable,
+        "-I",
+        "-m",
+        "wedefi_dr.physical.wal",
+        action,
+        "--env-file",
+        str(env_file),
+    )
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def write_wal_env(
+    settings: Settings,
+    path: Path,
+    prefix: str | None = None,
+    *,
+    os_user: str = "postgres",
+    aws_env: Mapping[str, str] | None = None,
+) -> Path:
+    """The settings ``wal-push``/``wal-fetch`` need, in a file only ``os_user`` reads.
+
+    AWS credentials come from ``aws_env`` (default: our environment), the way boto3 would
+    find them, since the server's isolated child would not.
+    """
+    values = {
+        "WEDEFI_DR_AWS_REGION": settings.aws_region,
+        "WEDEFI_DR_BUCKET": settings.bucket,
+        "WEDEFI_DR_PREFIX": prefix or settings.prefix,
+        "WEDEFI_DR_GPG_PASSPHRASE": settings.gpg_passphrase.get_secret_value(),
+        "WEDEFI_DR_GPG_CIPHER": settings.gpg_cipher,
+        "WEDEFI_DR_STORAGE_CLASS": settings.storage_class,
+        "WEDEFI_DR_SSE": settings.sse,
+        "WEDEFI_DR_WAL_PREFETCH": str(settings.wal_prefetch),
+    }
+    if settings.aws_endpoint_url:
+        values["WEDEFI_DR_AWS_ENDPOINT_URL"] = settings.aws_endpoint_url
+    source = os.environ if aws_env is None else aws_env
+    values.update({key: source[key] for key in AWS_ENV_KEYS if source.get(key)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in values.items()))
+    path.chmod(0o600)
+    chown_to(path, os_user)
+    return path
+
+
+def archive_command(env_file: Path) -> str:
+    """``archive_command`` as the server runs it (unquoted)."""
+    return wal_command("push", env_file) + " %p"
+
+
+def restore_command(env_file: Path) -> str:
+    """``restore_command`` as the server runs it (unquoted)."""
+    return wal_command("fetch", env_file) + " %f %p"
+
+
+def archiving_conf(env_file: Path) -> dict[str, str]:
+    """``archive_mode``/``archive_command``/``archive_timeout`` (the plan's 60 s) as
+    ``postgresql.conf`` lines, for a cluster whose env file is ``env_file``."""
+    return {
+        "archive_mode": "on",
+        "archive_command": conf_quote(archive_command(env_file)),
+        "archive_timeout": "60",
+    }

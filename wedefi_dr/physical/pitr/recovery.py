@@ -1,0 +1,252 @@
+"""Recovering a cluster in place, PostgreSQL 12+ style, through its handle.
+
+The plan's runbook writes a ``recovery.conf``; PostgreSQL 12 removed it (a server that
+finds one refuses to start). Recovery is now ``recovery.signal`` in the data directory
+plus ``restore_command`` and ``recovery_target_*`` as ordinary settings, here appended to
+``postgresql.auto.conf`` of the restored base backup.
+
+The steps, in runbook order: move the old data directory aside (never deleted), extract
+the base backup, write the recovery settings, start the server (through the handle: pg_ctl
+or the host's own commands) and wait until replay pauses at the target, count the rows,
+promote. Plain Python, no Prefect import: ``flows/pitr.py`` strings these together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from psycopg2 import sql
+
+from wedefi_dr.config import Settings
+from wedefi_dr.errors import DRError, IntegrityError
+from wedefi_dr.physical import wal
+from wedefi_dr.physical.basebackup import BaseBackupManifest
+from wedefi_dr.physical.pitr.target import RecoveryTarget
+from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
+from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage import encryption
+from wedefi_dr.storage.s3 import ObjectStore
+
+
+class RecoveryFailed(DRError):
+    """The server stopped or timed out before reaching the target."""
+
+
+def move_aside(cluster: ClusterHandle) -> Path | None:
+    """Keep what was there (nothing is lost): rename it, never delete it."""
+    data_dir = cluster.data_dir
+    if not data_dir.exists():
+        return None
+    aside = data_dir.with_name(f"{data_dir.name}.before-pitr-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    data_dir.rename(aside)
+    return aside
+
+
+def extract_base_backup(
+    settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
+) -> None:
+    """Verified download (encrypted, in the spool), then gpg -d | tar -xz as the cluster's
+    OS user into its (new, empty) data directory."""
+    data_dir = cluster.data_dir
+    store = ObjectStore(settings)
+    spool.mkdir(parents=True, exist_ok=True)
+    cipher = spool / f"{manifest.backup_id}.base.tar.gz.gpg"
+    store.download_verified(
+        manifest.object.key,
+        cipher,
+        size_bytes=manifest.object.size_bytes,
+        sha256=manifest.object.sha256,
+    )
+    try:
+        if not cluster.home.exists():  # a new scratch cluster: its socket goes here too
+            cluster.home.mkdir(parents=True)
+            cluster.give(cluster.home)
+        data_dir.mkdir(mode=0o700)
+        cluster.give(data_dir)
+        gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), cipher)
+        gpg.require_encrypted()  # before tar writes a byte into the data directory
+        tar = subprocess.Popen(
+            ["tar", "-xzf", "-", "-C", str(data_dir)],
+            stdin=gpg.stdout,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            **os_user_kwargs(cluster.os_user),
+        )
+        gpg.stdout.close()
+        tar_err = tar.communicate()[1].decode(errors="replace")
+        gpg_err = gpg.stderr.read()
+        if gpg.wait() != 0:
+            raise encryption.decrypt_error(gpg.returncode, gpg_err)
+        gpg.require_authentic()
+        if tar.returncode != 0:
+            raise IntegrityError(f"tar -xz of base backup {manifest.backup_id} failed: {tar_err}")
+    finally:
+        cipher.unlink(missing_ok=True)
+
+
+def write_recovery_settings(
+    cluster: ClusterHandle,
+    target: RecoveryTarget,
+    *,
+    restore_command: str,
+    archive_command: str | None,
+    note: str,
+) -> dict[str, str]:
+    """``recovery.signal`` plus the settings, appended to ``postgresql.auto.conf``.
+
+    ``archive_command`` None turns archiving off: a recovered copy must never write into
+    the production archive unless it becomes production. The server listens on loopback
+    only while it recovers, so no application reaches a half-recovered database.
+    """
+    data_dir = cluster.data_dir
+    settings = {
+        "restore_command": restore_command,
+        **target.settings(),
+        "port": str(cluster.port),
+        "unix_socket_directories": str(cluster.sockets),
+        "listen_addresses": "127.0.0.1",
+        "hot_standby": "on",
+    }
+    if archive_command is None:
+        settings["archive_mode"] = "off"
+    else:
+        settings["archive_mode"] = "on"
+        settings["archive_command"] = archive_command
+    lines = [f"\n# --- point-in-time recovery by wedefi-dr: {note} ---"]
+    for key, value in settings.items():
+        lines.append(f"{key} = {conf_quote(value)}")
+    auto = data_dir / "postgresql.auto.conf"
+    with auto.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    signal = data_dir / "recovery.signal"
+    signal.write_text("")
+    cluster.give(signal)
+    return {k: v for k, v in settings.items() if k != "restore_command"}
+
+
+def log_evidence(log_path: Path, limit: int = 12) -> str:
+    """The lines of the server log that say why recovery stopped."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no server log)"
+    keep = [
+        ln
+        for ln in lines
+        if any(w in ln for w in ("FATAL", "PANIC", "GAP", "wedefi-dr wal", "recovery", "ERROR"))
+    ]
+    return "\n".join(keep[-limit:])
+
+
+def wait_for_target(cluster: ClusterHandle, timeout: float) -> dict[str, Any]:
+    """Poll until replay pauses at the target (or the server promoted itself at 'latest').
+
+    Raises RecoveryFailed, with the server log's evidence (a named WAL gap, a target the
+    WAL never reached), when the server stops or time runs out.
+    """
+    import psycopg2
+
+    dsn = cluster.dsn()
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_is_in_recovery(),"
+                    " CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() END,"
+                    " pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()"
+                )
+                in_recovery, pause_state, lsn, ts = cur.fetchone()
+            if not in_recovery or pause_state == "paused":
+                return {
+                    "paused": bool(in_recovery),
+                    "replay_lsn": lsn,
+                    "last_replayed_commit": ts.isoformat() if ts else None,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+        except psycopg2.OperationalError:
+            pass  # not yet consistent, or starting up
+        if time.monotonic() - started > 2 and not cluster.is_running():
+            raise RecoveryFailed(
+                "the server stopped before reaching the recovery target; from its log:\n"
+                + log_evidence(cluster.log)
+            )
+        time.sleep(0.5)
+    raise RecoveryFailed(
+        f"replay did not reach the target within {timeout:.0f} s; from the server log:\n"
+        + log_evidence(cluster.log)
+    )
+
+
+def row_counts(dsn: str) -> dict[str, int]:
+    """Exact row counts of every user table in every database of the recovered cluster."""
+    counts: dict[str, int] = {}
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate")
+        dbs = [r[0] for r in cur.fetchall()]
+    for db in dbs:
+        with connect(with_dbname(dsn, db), autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT schemaname, relname FROM pg_stat_user_tables ORDER BY 1, 2")
+            for schema, table in cur.fetchall():
+                cur.execute(
+                    sql.SQL("SELECT count(*) FROM {}.{}").format(
+                        sql.Identifier(schema), sql.Identifier(table)
+                    )
+                )
+                counts[f"{db}.{schema}.{table}"] = cur.fetchone()[0]
+    return counts
+
+
+def promote(dsn: str) -> dict[str, Any]:
+    """``pg_promote()`` and proof: ``pg_is_in_recovery()`` is false afterwards."""
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        if cur.fetchone()[0]:
+            cur.execute("SELECT pg_promote(wait => true, wait_seconds => 120)")
+            if not cur.fetchone()[0]:
+                raise RecoveryFailed("pg_promote() did not finish within 120 s")
+        cur.execute("SELECT pg_is_in_recovery()")
+        if cur.fetchone()[0]:
+            raise RecoveryFailed("the server is still in recovery after pg_promote()")
+        # The targets served their purpose; a later restart must not look for them, and
+        # listens where the cluster's own configuration says, not on recovery's loopback.
+        for name in (
+            "listen_addresses",
+            "recovery_target_time",
+            "recovery_target_lsn",
+            "recovery_target_name",
+            "recovery_target_inclusive",
+            "recovery_target_action",
+        ):
+            cur.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+        cur.execute("SELECT pg_reload_conf()")
+        return {"in_recovery": False}
+
+
+def current_timeline(dsn: str) -> int:
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        return int(cur.fetchone()[0], 16)
+
+
+def run_commands(commands: list[str]) -> list[str]:
+    """The configured application stop/start commands (argument lists, no shell)."""
+    done = []
+    for command in commands:
+        subprocess.run(shlex.split(command), check=True, capture_output=True, timeout=300)
+        done.append(command.split()[0])
+    return done
+
+
+def clear_prefetch(cluster: ClusterHandle) -> None:
+    """Drop segments fetched ahead for a replay that is over."""
+    with contextlib.suppress(OSError):
+        wal.clear_spool(cluster.data_dir / "pg_wal")
