@@ -20,8 +20,6 @@ the same names. Resume a paused run from the UI (it shows the approval form) or 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +38,7 @@ from tasks.common import (
 )
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical.pitr.report import render_markdown
-from wedefi_dr.runbook import PITR
+from wedefi_dr.runbook import PITR, timed
 
 
 class PitrApproval(RunInput):
@@ -50,16 +48,6 @@ class PitrApproval(RunInput):
     approvers: list[str] = []
     emergency_declared: bool = False
     note: str = ""
-
-
-@contextmanager
-def timed(timings: dict[str, float], step: PITR) -> Iterator[None]:
-    """Seconds spent in ``step``, recorded under the step's runbook name."""
-    started = time.monotonic()
-    try:
-        yield
-    finally:
-        timings[step.value] = round(time.monotonic() - started, 3)
 
 
 @flow(name="point-in-time-recovery", log_prints=True)
@@ -82,8 +70,8 @@ def point_in_time_recovery(
     archives into the production archive on a new timeline, and the approval is
     break-glass too).
     """
-    timings: dict[str, float] = {}
-    with timed(timings, PITR.CHECK_REQUEST):
+    timings: dict[PITR, dict[str, float]] = {}
+    with timed() as timings[PITR.CHECK_REQUEST]:
         request = steps.check_request(
             target_kind,
             target_value,
@@ -116,7 +104,7 @@ def point_in_time_recovery(
         audit_started(justification)
         audit_recovery_finished(audit_id, "failed", error=error)
 
-    with timed(timings, PITR.APPROVAL):
+    with timed() as timings[PITR.APPROVAL]:
         question = steps.request_approval(request, operator)
         answer = pause_flow_run(
             wait_for_input=PitrApproval.with_initial_data(description=question, approve=False),
@@ -136,19 +124,19 @@ def point_in_time_recovery(
         details,
         close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
     ):
-        with timed(timings, PITR.STOP_APPLICATION):
+        with timed() as timings[PITR.STOP_APPLICATION]:
             steps.stop_application_services()
-        with timed(timings, PITR.FETCH_BASE_BACKUP):
+        with timed() as timings[PITR.FETCH_BASE_BACKUP]:
             fetched = steps.fetch_base_backup(request)
-        with timed(timings, PITR.WRITE_RECOVERY_SETTINGS):
+        with timed() as timings[PITR.WRITE_RECOVERY_SETTINGS]:
             steps.write_recovery_settings(request, f"flow run {flow_run.get_id()}")
-        with timed(timings, PITR.START_AND_REPLAY):
+        with timed() as timings[PITR.START_AND_REPLAY]:
             reached = steps.start_and_wait(request)
-        with timed(timings, PITR.VALIDATE):
+        with timed() as timings[PITR.VALIDATE]:
             validated = steps.validate_recovered(request)
-        with timed(timings, PITR.PROMOTE):
+        with timed() as timings[PITR.PROMOTE]:
             promoted = steps.promote(request)
-        with timed(timings, PITR.START_APPLICATION):
+        with timed() as timings[PITR.START_APPLICATION]:
             steps.start_application_services()
     audit_recovery_finished(audit_id, "success")
 
@@ -164,7 +152,7 @@ def point_in_time_recovery(
         "rows": validated["rows"],
         "kept_aside": fetched["kept_aside"],
         "approvers": approvers,
-        "timings": timings,
+        "timings": {step.value: round(t["seconds"], 3) for step, t in timings.items()},
         "recovery_seconds": round(time.monotonic() - recovery_started, 3),
         "rto_objective_seconds": get_settings().dr_rto_objective_seconds,
         "finished_at": datetime.now(UTC).isoformat(),

@@ -51,7 +51,7 @@ from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
 from wedefi_dr_bench.memory import SAMPLE_SECONDS, SELF_KIND, RssSampler, rss_by_kind
 
-# The seed scale that makes about 1 GB (wedefi_dr/seed.py measures scale 40 at 1029 MB).
+# The seed scale that makes about 1 GB (wedefi_dr_dev/seed.py measures scale 40 at 1029 MB).
 DEFAULT_SCALE = 40.0
 BENCH_DB = "wedefi_bench"
 BARE_DB = "wedefi_bench_bare"

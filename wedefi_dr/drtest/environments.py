@@ -164,8 +164,10 @@ class LocalClusterProvider:
         home = Path(env.home or "")
         if not env.home or not (home / "data").exists():
             return
-        cluster = self._cluster(env.name, home, env.port or 0)
-        cluster.stop()
+        pid_file = home / "data" / "postmaster.pid"
+        if pid_file.exists():  # running (or crashed): line 4 is the port it listens on
+            port = env.port or int(pid_file.read_text().splitlines()[3])
+            self._cluster(env.name, home, port).stop()
         shutil.rmtree(home)
         log.info("removed %s", env.describe())
 

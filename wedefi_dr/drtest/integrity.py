@@ -159,9 +159,9 @@ def validate_suites(
     Returns plain data (picklable, for persisted task results): per suite its success,
     statistics and each expectation's outcome with a reason, plus the Data Docs index path.
     """
-    parameters = suite_parameters(facts)
     from datetime import datetime
 
+    parameters = suite_parameters(facts)
     as_of = datetime.fromisoformat(facts["as_of"])
     documents = {name: load_suite_document(name, suites_dir) for name in suites}
     with connect(dsn) as conn:
@@ -169,15 +169,36 @@ def validate_suites(
             name: render_asset(conn, doc["meta"]["wedefi_dr"]["asset"], as_of)
             for name, doc in documents.items()
         }
+    context = _ephemeral_context(docs_dir)
+    datasource = context.data_sources.add_postgres(
+        name="restored_copy",
+        connection_string=sqlalchemy_url(dsn),
+        # Each asset query runs once into a temp table; the metrics read that table instead
+        # of re-running the query (the 7-day price scan) once per metric.
+        create_temp_table=True,
+        kwargs={"connect_args": {"options": "-c TimeZone=UTC", "application_name": "wedefi-dr gx"}},
+    )
+    outcome: dict[str, Any] = {"suites": {}, "parameters": parameters}
+    for name, document in documents.items():
+        outcome["suites"][name] = _run_suite(
+            context, datasource, name, document, queries[name], parameters
+        )
+    outcome["success"] = all(s["success"] for s in outcome["suites"].values())
+    outcome["data_docs"] = str(docs_dir / "index.html")
+    return outcome
 
+
+def _ephemeral_context(docs_dir: Path) -> Any:
+    """A GX context in memory whose only Data Docs site is ``docs_dir`` (beside the report).
+
+    ``import great_expectations`` takes seconds, so it happens here, not at module import.
+    """
     t0 = time.monotonic()
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     log.info("great_expectations %s imported in %.1f s", gx.__version__, time.monotonic() - t0)
     docs_dir.mkdir(parents=True, exist_ok=True)
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     # An ephemeral context comes with a default docs site in a fresh temp folder: drop it
@@ -198,88 +219,97 @@ def validate_suites(
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
-    datasource = context.data_sources.add_postgres(
-        name="restored_copy",
-        connection_string=sqlalchemy_url(dsn),
-        # Each asset query runs once into a temp table; the metrics read that table instead
-        # of re-running the query (the 7-day price scan) once per metric.
-        create_temp_table=True,
-        kwargs={"connect_args": {"options": "-c TimeZone=UTC", "application_name": "wedefi-dr gx"}},
+    return context
+
+
+def _run_suite(
+    context: Any,
+    datasource: Any,
+    name: str,
+    document: dict[str, Any],
+    query_sql: str,
+    parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """One suite as one checkpoint over its query asset; its summary as plain data."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    meta = document["meta"]["wedefi_dr"]
+    expectations = document["expectations"]
+    suite = gx.ExpectationSuite(
+        name=name,
+        expectations=expectations,
+        meta=document.get("meta"),
+        notes=document.get("notes"),
     )
-    outcome: dict[str, Any] = {"suites": {}, "parameters": parameters}
-    for name, document in documents.items():
-        meta = document["meta"]["wedefi_dr"]
-        expectations = document["expectations"]
-        suite = gx.ExpectationSuite(
-            name=name,
-            expectations=expectations,
-            meta=document.get("meta"),
-            notes=document.get("notes"),
+    if len(suite.expectations) != len(expectations):
+        raise SuiteLoadError(
+            f"suite {name}: GX accepted {len(suite.expectations)} of {len(expectations)} "
+            "expectations (see the GX log for the invalid one)"
         )
-        if len(suite.expectations) != len(expectations):
-            raise SuiteLoadError(
-                f"suite {name}: GX accepted {len(suite.expectations)} of {len(expectations)} "
-                "expectations (see the GX log for the invalid one)"
-            )
-        suite = context.suites.add(suite)
-        # GX wants the query to start with SELECT; the asset files start with comments/WITH.
-        query = f"SELECT * FROM (\n{queries[name]}\n) AS {meta['asset']}"
-        asset = datasource.add_query_asset(name=meta["asset"], query=query)
-        batch = asset.add_batch_definition_whole_table("whole asset")
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{name} on the restored copy", data=batch, suite=suite)
+    suite = context.suites.add(suite)
+    # GX wants the query to start with SELECT; the asset files start with comments/WITH.
+    query = f"SELECT * FROM (\n{query_sql}\n) AS {meta['asset']}"
+    asset = datasource.add_query_asset(name=meta["asset"], query=query)
+    batch = asset.add_batch_definition_whole_table("whole asset")
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=f"{name} on the restored copy", data=batch, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=f"dr test: {name}",
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="data docs", site_names=[DOCS_SITE])],
+            result_format={
+                # COMPLETE: UnexpectedRowsExpectation only reports its rows (at most
+                # 200) in this format; the lists stay out of the returned summary.
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": meta.get("index_columns", []),
+                "partial_unexpected_count": MAX_LISTED,
+            },
         )
-        checkpoint = context.checkpoints.add(
-            gx.Checkpoint(
-                name=f"dr test: {name}",
-                validation_definitions=[definition],
-                actions=[UpdateDataDocsAction(name="data docs", site_names=[DOCS_SITE])],
-                result_format={
-                    # COMPLETE: UnexpectedRowsExpectation only reports its rows (at most
-                    # 200) in this format; the lists stay out of the returned summary.
-                    "result_format": "COMPLETE",
-                    "unexpected_index_column_names": meta.get("index_columns", []),
-                    "partial_unexpected_count": MAX_LISTED,
-                },
-            )
+    )
+    t = time.monotonic()
+    result = checkpoint.run(expectation_parameters=parameters)
+    elapsed = time.monotonic() - t
+    (run_result,) = result.run_results.values()
+    checks = _checks_of(run_result, parameters)
+    failed = sum(1 for c in checks if not c["success"])
+    log.info(
+        "suite %s: %s (%d/%d expectations met) in %.1f s",
+        name,
+        "passed" if result.success else "FAILED",
+        len(checks) - failed,
+        len(checks),
+        elapsed,
+    )
+    return {
+        "success": bool(result.success),
+        "asset": meta["asset"],
+        "evaluated": len(checks),
+        "failed": failed,
+        "seconds": round(elapsed, 3),
+        "checks": checks,
+        "statistics": result.describe_dict()["statistics"],
+    }
+
+
+def _checks_of(run_result: Any, parameters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each expectation's outcome, with the threshold it was held to and why it failed."""
+    checks = []
+    for item in run_result.results:
+        config = item.expectation_config
+        checks.append(
+            {
+                "expectation": config.type,
+                "column": config.kwargs.get("column"),
+                "check": (config.meta or {}).get("check") or config.description or config.type,
+                "success": bool(item.success),
+                "expected": _expected_of(config.kwargs, parameters),
+                "reason": "" if item.success else _reason(item),
+            }
         )
-        t = time.monotonic()
-        result = checkpoint.run(expectation_parameters=parameters)
-        elapsed = time.monotonic() - t
-        (run_result,) = result.run_results.values()
-        checks = []
-        for item in run_result.results:
-            config = item.expectation_config
-            checks.append(
-                {
-                    "expectation": config.type,
-                    "column": config.kwargs.get("column"),
-                    "check": (config.meta or {}).get("check") or config.description or config.type,
-                    "success": bool(item.success),
-                    "expected": _expected_of(config.kwargs, parameters),
-                    "reason": "" if item.success else _reason(item),
-                }
-            )
-        outcome["suites"][name] = {
-            "success": bool(result.success),
-            "asset": meta["asset"],
-            "evaluated": len(checks),
-            "failed": sum(1 for c in checks if not c["success"]),
-            "seconds": round(elapsed, 3),
-            "checks": checks,
-            "statistics": result.describe_dict()["statistics"],
-        }
-        log.info(
-            "suite %s: %s (%d/%d expectations met) in %.1f s",
-            name,
-            "passed" if result.success else "FAILED",
-            len(checks) - outcome["suites"][name]["failed"],
-            len(checks),
-            elapsed,
-        )
-    outcome["success"] = all(s["success"] for s in outcome["suites"].values())
-    outcome["data_docs"] = str(docs_dir / "index.html")
-    return outcome
+    return checks
 
 
 def amcheck(dsn: str) -> dict[str, Any]:
