@@ -21,18 +21,10 @@ from tasks import retention as steps
 from tasks.common import run_scoped_uuid
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import DRError
-from wedefi_dr.postgres.timestamps import naive_utc
 
 
 class RetentionIncomplete(DRError):
     """Some tables failed; the others were applied. Rerun to finish."""
-
-
-def _as_of(as_of: datetime | None) -> datetime:
-    """The run's fixed moment: the scheduled start, so a retried run keeps its cutoffs."""
-    if as_of is not None:
-        return naive_utc(as_of)
-    return naive_utc(flow_run.get_scheduled_start_time() or None)
 
 
 @flow(name="retention")
@@ -45,7 +37,7 @@ def retention(
     """Apply ``deployments/retention.yaml`` to the primary (or only count, with ``dry_run``)."""
     logger = get_run_logger()
     policy = str(policy_path or get_settings().retention_policy)
-    moment = _as_of(as_of)
+    moment = steps.fix_moment(as_of)
     steps.validate_policy(policy, moment)
     preview = steps.preview(policy, moment, "retention-preview")
     logger.info(

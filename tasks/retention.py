@@ -14,11 +14,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 
 from tasks.common import scrub
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics
+from wedefi_dr.postgres.timestamps import naive_utc
 from wedefi_dr.retention import batches
 from wedefi_dr.retention import policy as retention
 from wedefi_dr.runbook import Retention
@@ -30,6 +31,17 @@ def _primary() -> str:
     settings = get_settings()
     settings.require("primary_dsn")
     return settings.primary_dsn.get_secret_value()
+
+
+@task(
+    name=Retention.FIX_MOMENT,
+    persist_result=True,
+    cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+)
+def fix_moment(as_of: datetime | None) -> datetime:
+    """``as_of``, or now, in the schema's frame. Cached per flow run: a Retry of the run
+    reuses the first attempt's moment, so its cutoffs (and its dry-run counts) stay put."""
+    return naive_utc(as_of)
 
 
 @task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE)

@@ -81,6 +81,7 @@ class PITR(StrEnum):
 class Retention(StrEnum):
     """Flow ``retention``: data retention by classification."""
 
+    FIX_MOMENT = "fix the moment the cutoffs count from"
     VALIDATE_POLICY = "validate policy against the live schema"
     PREVIEW = "preview: rows that would go"
     CREATE_TABLES = "create archive and summary tables"

@@ -42,6 +42,19 @@ class ObjectInfo(BaseModel):
     storage_class: str
     sse: str | None = None
 
+    @classmethod
+    def stored(cls, store: Any, key: str, size_bytes: int, sha256: str) -> ObjectInfo:
+        """The object just uploaded to ``store`` (an ObjectStore), with its settings'
+        storage class and server-side encryption."""
+        return cls(
+            bucket=store.bucket,
+            key=key,
+            size_bytes=size_bytes,
+            sha256=sha256,
+            storage_class=store.settings.storage_class,
+            sse=store.settings.sse or None,
+        )
+
 
 class PlaintextInfo(BaseModel):
     size_bytes: int

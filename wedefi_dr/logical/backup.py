@@ -163,14 +163,7 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
         pg_dump_version=str(tool_major_version("pg_dump")),
         snapshot=snapshot,
         encryption=params.describe(),
-        object=ObjectInfo(
-            bucket=store.bucket,
-            key=data_key,
-            size_bytes=streamed.stored_size,
-            sha256=streamed.stored_sha256,
-            storage_class=settings.storage_class,
-            sse=settings.sse or None,
-        ),
+        object=ObjectInfo.stored(store, data_key, streamed.stored_size, streamed.stored_sha256),
         plaintext=PlaintextInfo(
             size_bytes=streamed.plaintext_size,
             sha256=streamed.plaintext_sha256,

@@ -147,6 +147,11 @@ def scrub(message: str, secrets: tuple[str, ...] = ()) -> str:
     return message[:2000]
 
 
+def _require_final(status: str) -> None:
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -175,8 +180,7 @@ def backup_finished(
     error: str | None = None,
 ) -> None:
     """Move the row to its final state (only from ``running``; the trigger enforces it)."""
-    if status not in FINAL_STATUSES:
-        raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
+    _require_final(status)
     with connect(ops_dsn) as conn, conn.cursor() as cur:
         cur.execute(
             """UPDATE backup_audit_log SET end_time = %s, status = %s, size_bytes = %s,
@@ -221,8 +225,7 @@ def recovery_started(
 def recovery_finished(
     ops_dsn: str, audit_id: str, *, status: str, error: str | None = None
 ) -> None:
-    if status not in FINAL_STATUSES:
-        raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
+    _require_final(status)
     with connect(ops_dsn) as conn, conn.cursor() as cur:
         cur.execute(
             """UPDATE recovery_audit_log SET end_time = %s, status = %s, error_message = %s
@@ -281,8 +284,7 @@ def retention_finished(
     error: str | None = None,
 ) -> None:
     """Move the row to its final state with what the table's batches did (committed work)."""
-    if status not in FINAL_STATUSES:
-        raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
+    _require_final(status)
     with connect(ops_dsn) as conn, conn.cursor() as cur:
         cur.execute(
             """UPDATE retention_audit_log SET end_time = %s, status = %s, rows_removed = %s,
