@@ -1,6 +1,7 @@
 """Prefect flows: one module per runbook, each step one task named as the runbook names it."""
 
-import os
+from wedefi_dr.config import apply_prefect_run_defaults
 
-# The core logs through stdlib loggers named wedefi_dr.*; route them into the Prefect UI.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
+# However a flow starts (the CLI, a worker, a test), the same run defaults apply: results
+# persisted so a Retry skips finished steps, the core's loggers routed into the run's log.
+apply_prefect_run_defaults()

@@ -15,19 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from psycopg2 import sql
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
-os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
-
-from psycopg2 import sql  # noqa: E402
-
-from wedefi_dr.config import Settings, get_settings  # noqa: E402
-from wedefi_dr.postgres.conninfo import with_dbname  # noqa: E402
-from wedefi_dr.postgres.tools import connect  # noqa: E402
-from wedefi_dr.storage.s3 import ObjectStore  # noqa: E402
+from wedefi_dr.config import Settings, apply_prefect_run_defaults, get_settings
+from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage.s3 import ObjectStore
 from wedefi_dr_dev import seed as seeding
-from wedefi_dr_dev.stack import Stack  # noqa: E402
+from wedefi_dr_dev.stack import Stack
+
+# Before any test imports Prefect; persisted results whatever the caller's shell says.
+os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+apply_prefect_run_defaults()
 
 SEED_SCALE = float(os.environ.get("WEDEFI_DR_TEST_SCALE", "1"))
 

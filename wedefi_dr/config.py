@@ -137,9 +137,11 @@ def get_settings() -> Settings:
 
 
 def apply_prefect_run_defaults() -> None:
-    """Defaults for one-shot flow runs from the CLI or the bench: persisted results (so a
-    Retry skips finished steps), this project's log lines in the run's log, no analytics.
-    Set before Prefect is imported; an operator's own environment wins."""
+    """Defaults for every flow run (CLI, worker, bench, tests): persisted results (so a
+    Retry skips finished steps), this project's log lines in the run's log (and, outside a
+    run, only on the console), no analytics. Set before Prefect is imported; an operator's
+    own environment wins."""
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

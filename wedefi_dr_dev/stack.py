@@ -46,11 +46,12 @@ from wedefi_dr.postgres.tools import connect, running_as_root
 PRIMARY_DB = "wedefi"
 OPS_DB = "wedefi_ops"
 SCRATCH_CLUSTER = "pitr-scratch"
-REGION = "us-west-2"
+# The settings' defaults: the stack creates exactly what an unconfigured run expects.
+_DEFAULTS = Settings.model_fields
+REGION = _DEFAULTS["aws_region"].default
 BUCKETS = {
-    "WEDEFI_DR_BUCKET": "wedefi-backup-primary",
-    "WEDEFI_DR_DR_BUCKET": "wedefi-backup-dr-east",
-    "WEDEFI_DR_GLACIER_BUCKET": "wedefi-backup-glacier",
+    f"WEDEFI_DR_{name.upper()}": _DEFAULTS[name].default
+    for name in ("bucket", "dr_bucket", "glacier_bucket")
 }
 SNS_TOPIC = "wedefi-dr-notifications"
 # moto accepts any credentials; these only mark the local stack's requests.
