@@ -348,7 +348,7 @@ class Stack:
             f"127.0.0.1:{self.ops.port}:*:postgres:{self._secret('pg_password')}",
             f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
             f"{self._secret('ops_app_password')}",
-            # Clusters recovered from base backups of the primary (pitr area) share its
+            # Clusters recovered from base backups of the primary (PITR) share its
             # password and listen on ports chosen at recovery time.
             f"127.0.0.1:*:*:postgres:{self._secret('pg_password')}",
         ]
