@@ -24,8 +24,16 @@ def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):
         "WEDEFI_DR_GPG_PASSPHRASE",
     }
     assert "password" not in other.env()["WEDEFI_DR_PRIMARY_DSN"]
+    # A cluster recovered into by PITR lives in the stack's folder: down stops it too.
+    recovered = other.cluster("recovered-by-pitr")
+    recovered.init()
+    recovered.start()
+    pids.append(recovered.pid())
+    assert "postgres recovered-by-pitr" in other.status()
     stopped = other.down()
-    assert len(stopped) == 3
+    assert sorted(stopped) == sorted(
+        ["postgres primary", "postgres ops", "postgres recovered-by-pitr", "s3 (moto)"]
+    )
     assert not any(pid_alive(p) for p in pids)
     # The session's own stack is untouched by another stack's down.
     assert all(state.startswith("running") for state in stack.status().values())

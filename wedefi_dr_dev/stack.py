@@ -298,11 +298,22 @@ class Stack:
         self.state["sns_topic_arn"] = self._client("sns").create_topic(Name=SNS_TOPIC)["TopicArn"]
         self._save()
 
+    def _all_clusters(self) -> dict[str, ClusterHandle]:
+        """Primary, ops, and every other cluster under the stack's folder that the clusters
+        file describes (the scratch clusters PITR recovered into)."""
+        described = read_clusters(self.clusters_file) if self.clusters_file.exists() else {}
+        found: dict[str, ClusterHandle] = {"primary": self.primary, "ops": self.ops}
+        pg = (self.root / "pg").resolve()
+        for name, handle in sorted(described.items()):
+            if name not in found and handle.data_dir.resolve().is_relative_to(pg):
+                found[name] = handle
+        return found
+
     def down(self) -> list[str]:
-        """Stop what ``up`` started, by PID; the data stays (``destroy`` removes it)."""
+        """Stop everything the stack started — its clusters, including those recovered into
+        by PITR, and the S3 endpoint — each by its own PID; the data stays."""
         stopped = []
-        for name in ("primary", "ops"):
-            cluster = self.cluster(name)
+        for name, cluster in self._all_clusters().items():
             if cluster.is_running():
                 cluster.stop()
                 stopped.append(f"postgres {name}")
@@ -322,13 +333,13 @@ class Stack:
 
     def status(self) -> dict[str, str]:
         result = {}
-        for name in ("primary", "ops"):
-            cluster = self.cluster(name)
-            result[f"postgres {name}"] = (
-                f"running pid {cluster.pid()} port {cluster.port}"
-                if cluster.is_running()
-                else "stopped"
-            )
+        for name, cluster in self._all_clusters().items():
+            if name in ("primary", "ops") or cluster.is_running():  # scratch: when running
+                result[f"postgres {name}"] = (
+                    f"running pid {cluster.pid()} port {cluster.port}"
+                    if cluster.is_running()
+                    else "stopped"
+                )
         pid = self.state.get("s3_pid")
         result["s3 (moto)"] = (
             f"running pid {pid} {self.s3_endpoint}"
