@@ -88,3 +88,34 @@ def test_secrets_never_reach_logs_parameters_artifacts_or_audit(
     recorded += manifest.model_dump_json()
     for secret in _secrets(settings):
         assert secret not in recorded
+
+
+def test_setting_the_app_role_password_never_sends_the_password(stack, settings: Settings):
+    """The server logs DDL here (``log_statement=ddl``): what it logged for the password
+    change must be the SCRAM verifier, never the password, and the role must still log in."""
+    from wedefi_dr.observability import audit
+    from wedefi_dr.postgres.conninfo import with_dbname
+
+    admin = stack.ops.admin_dsn("wedefi_ops")
+    secret = "app-role-password-under-test"
+    log = stack.ops.log
+    with connect(admin, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("ALTER SYSTEM SET log_statement = 'ddl'")
+        cur.execute("SELECT pg_reload_conf()")
+    start = log.stat().st_size
+    try:
+        audit.install(admin, app_password=secret)
+        with connect(admin) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.2)")  # the log line is flushed by then
+    finally:
+        with connect(admin, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM RESET log_statement")
+            cur.execute("SELECT pg_reload_conf()")
+        audit.install(admin, app_password=stack._secret("ops_app_password"))
+    logged = log.read_bytes()[start:].decode(errors="replace")
+    assert "ALTER ROLE wedefi_dr_app PASSWORD 'SCRAM-SHA-256$" in logged
+    assert secret not in logged
+    app = with_dbname(settings.ops_dsn.get_secret_value(), "wedefi_ops")
+    with connect(app) as conn, conn.cursor() as cur:
+        cur.execute("SELECT current_user")
+        assert cur.fetchone()[0] == "wedefi_dr_app"

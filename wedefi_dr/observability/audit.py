@@ -15,6 +15,8 @@ import re
 import uuid
 from datetime import UTC, datetime
 
+from psycopg2.extensions import encrypt_password
+
 from wedefi_dr.postgres.tools import connect
 
 APP_ROLE = "wedefi_dr_app"
@@ -132,7 +134,10 @@ def install(admin_dsn: str, app_password: str | None = None) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('wedefi_dr_audit_install'))")
         cur.execute(DDL)
         if app_password is not None:
-            cur.execute(f"ALTER ROLE {APP_ROLE} PASSWORD %s", (app_password,))
+            # Only the SCRAM verifier travels: the password itself never reaches the server's
+            # statement text, its log (an erroring statement is logged) or pg_stat_statements.
+            verifier = encrypt_password(app_password, APP_ROLE, conn, "scram-sha-256")
+            cur.execute(f"ALTER ROLE {APP_ROLE} PASSWORD %s", (verifier,))
 
 
 _SECRETISH = re.compile(r"(password|passphrase|secret|aws_secret_access_key)\s*[=:]\s*\S+", re.I)
