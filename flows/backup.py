@@ -36,7 +36,7 @@ def logical_backup(operator: str = "scheduler") -> str:
         f"WeDefiDaily backup {backup_id}",
         {"backup_id": backup_id},
         close_audit=audit_failed,
-        also=lambda: publish_backup_metrics(database, None, None),
+        also=lambda: publish_backup_metrics("logical", database, None, None),
     ):
         database = steps.preflight()["database"]
         audit_backup_started(audit_id, backup_id, operator)
@@ -44,7 +44,7 @@ def logical_backup(operator: str = "scheduler") -> str:
         steps.write_manifest(manifest)
     obj = manifest["object"]
     audit_backup_finished(audit_id, "success", size_bytes=obj["size_bytes"], checksum=obj["sha256"])
-    publish_backup_metrics(database, manifest["duration_seconds"], obj["size_bytes"])
+    publish_backup_metrics("logical", database, manifest["duration_seconds"], obj["size_bytes"])
     publish_summary(
         "backup-summary",
         "backup_summary.md.j2",

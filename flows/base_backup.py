@@ -18,8 +18,12 @@ from tasks.common import (
     audit_backup_started,
     backup_id_for_this_run,
     failure_reported,
+    publish_backup_metrics,
     publish_summary,
 )
+
+# A base backup is of the whole cluster, not of one database.
+CLUSTER_LABEL = "cluster"
 
 
 @flow(name="base-backup", log_prints=True)
@@ -32,11 +36,13 @@ def base_backup(operator: str = "scheduler") -> dict[str, Any]:
         f"WeDefiDaily base backup {backup_id}",
         {"backup_id": backup_id},
         close_audit=lambda error: audit_backup_finished(audit_id, "failed", error=error),
+        also=lambda: publish_backup_metrics("base", CLUSTER_LABEL, None, None),
     ):
         manifest = steps.stream_base_backup(backup_id, operator)
         steps.write_manifest(manifest)
     obj = manifest["object"]
     audit_backup_finished(audit_id, "success", size_bytes=obj["size_bytes"], checksum=obj["sha256"])
+    publish_backup_metrics("base", CLUSTER_LABEL, manifest["duration_seconds"], obj["size_bytes"])
     get_run_logger().info(
         "base backup %s: WAL %s..%s on timeline %d, %.1f MB stored",
         backup_id,

@@ -117,17 +117,19 @@ def audit_backup_finished(
 
 @task(name=Shared.PUBLISH_BACKUP_METRICS, retries=2, retry_delay_seconds=2)
 def publish_backup_metrics(
-    database: str, duration_seconds: float | None, size_bytes: int | None
+    kind: str, database: str, duration_seconds: float | None, size_bytes: int | None
 ) -> list[str]:
+    """The metrics of one kind of backup (``logical``, ``base``), in a file of its own."""
     settings = get_settings()
-    totals = audit.backup_counts(settings.ops_dsn.get_secret_value())
+    totals = audit.backup_counts(settings.ops_dsn.get_secret_value(), kind)
     registry = metrics.backup_registry(
+        kind=kind,
         database=database,
         totals=totals,
         duration_seconds=duration_seconds,
         size_bytes=size_bytes,
     )
-    return metrics.publish(settings, "backup", registry)
+    return metrics.publish(settings, f"{kind}_backup", registry)
 
 
 @task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2)

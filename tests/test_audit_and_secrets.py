@@ -35,7 +35,7 @@ def test_audit_log_is_append_only_for_the_application_role(good_backup, settings
 
 
 def test_metrics_textfile_has_the_plans_metrics(good_backup, settings: Settings):
-    text = (Path(settings.metrics_dir) / "wedefi_dr_backup.prom").read_text()
+    text = (Path(settings.metrics_dir) / "wedefi_dr_logical_backup.prom").read_text()
     for name in (
         "backup_duration_seconds",
         "backup_size_bytes",
@@ -119,3 +119,37 @@ def test_setting_the_app_role_password_never_sends_the_password(stack, settings:
     with connect(app) as conn, conn.cursor() as cur:
         cur.execute("SELECT current_user")
         assert cur.fetchone()[0] == "wedefi_dr_app"
+
+
+def _metric(path: Path, name: str) -> float:
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith(name + "{")]
+    assert len(lines) == 1, (name, lines)
+    return float(lines[0].split()[-1])
+
+
+def test_a_good_base_backup_does_not_hide_a_failing_logical_backup(
+    good_backup, settings: Settings, env_override
+):
+    """Each kind counts its own runs: after a base backup succeeds and then a logical
+    backup fails, the logical backup's metrics still say failed and stale."""
+    from flows.backup import logical_backup
+    from flows.base_backup import base_backup
+    from wedefi_dr.postgres.conninfo import with_dbname
+
+    logical = Path(settings.metrics_dir) / "wedefi_dr_logical_backup.prom"
+    last_good = _metric(logical, "backup_last_success_timestamp_seconds")
+    failures = _metric(logical, "backup_failure_total")
+
+    base_backup(operator="pytest-metrics")
+    env_override(
+        WEDEFI_DR_PRIMARY_DSN=with_dbname(settings.primary_dsn.get_secret_value(), "no_such_db")
+    )
+    with pytest.raises(Exception, match="no_such_db"):
+        logical_backup(operator="pytest-metrics")
+
+    assert _metric(logical, "backup_failure_total") == failures + 1
+    assert _metric(logical, "backup_last_success_timestamp_seconds") == last_good
+    base = Path(settings.metrics_dir) / "wedefi_dr_base_backup.prom"
+    assert _metric(base, "backup_success_total") >= 1
+    assert _metric(base, "backup_last_success_timestamp_seconds") > last_good
+    assert 'kind="base"' in base.read_text() and 'kind="logical"' in logical.read_text()

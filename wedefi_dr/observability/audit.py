@@ -239,14 +239,17 @@ def recovery_finished(
         )
 
 
-def backup_counts(ops_dsn: str) -> dict[str, float]:
-    """Totals and the last success time, from the audit log: metrics that survive restarts."""
+def backup_counts(ops_dsn: str, backup_type: str) -> dict[str, float]:
+    """Totals and the last success time of one kind of backup (``logical``, ``base``), from
+    the audit log: metrics that survive restarts. Per kind, so that a good base backup can
+    never make a failing logical backup look recent."""
     with connect(ops_dsn) as conn, conn.cursor() as cur:
         cur.execute(
             """SELECT count(*) FILTER (WHERE status = 'success'),
                       count(*) FILTER (WHERE status = 'failed'),
                       extract(epoch FROM max(end_time) FILTER (WHERE status = 'success'))
-               FROM backup_audit_log"""
+               FROM backup_audit_log WHERE backup_type = %s""",
+            (backup_type,),
         )
         ok, failed, last = cur.fetchone()
     return {"success": ok, "failure": failed, "last_success": float(last or 0)}

@@ -42,13 +42,14 @@ def _counter(name: str, doc: str, value: float, labels: dict[str, str]) -> Count
 
 def backup_registry(
     *,
+    kind: str,
     database: str,
     totals: dict[str, float],
     duration_seconds: float | None,
     size_bytes: int | None,
 ) -> CollectorRegistry:
     """The backup job's metrics; ``totals`` comes from :func:`audit.backup_counts`."""
-    labels = {"database": database, "kind": "logical"}
+    labels = {"database": database, "kind": kind}
     families: list[Metric] = [
         _counter(
             "backup_success", "Backups that completed with a manifest.", totals["success"], labels
