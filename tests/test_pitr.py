@@ -242,6 +242,7 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     assert result["timeline"] == 2
     assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
     assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
+    assert not (c.home / archiving.ARCHIVE_ENV_NAME).exists()  # nor could it
     auto_conf = (c.data_dir / "postgresql.auto.conf").read_text()
     assert "wedefi_dr.physical.wal fetch" in auto_conf
     assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
