@@ -741,3 +741,12 @@ def test_approval_timeout_is_audited_and_changes_nothing(history):
         assert row[1] == "failed" and "approval timed out" in row[2]
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize("seconds", [0, 8 * 24 * 3600])
+def test_approval_timeout_outside_its_range_is_refused_before_the_pause(history, seconds):
+    from wedefi_dr.errors import InvalidInput
+
+    c = recovered_cluster(history, f"pitr-never-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(InvalidInput, match="approval_timeout_seconds must be"):
+        recover(None, target_kind="latest", cluster=c.name, approval_timeout_seconds=seconds)
