@@ -1,16 +1,24 @@
 """Runbook: point-in-time recovery (the plan's PITR page, the PostgreSQL 12+ way).
 
-1. check the target lies in the recoverable window (and the cluster is described)
+1. check the request: the target lies in the recoverable window (an LSN inside the
+   archive, a numeric timeline archived, a restore-point name the server can read), the
+   cluster is described
 2. approval: the run pauses for input; production is break-glass (emergency declared +
-   two approvers other than the operator)
+   two approvers other than the operator); a timeout is audited and changes nothing
 3. audit row 'running'
-4. stop application services
-5. fetch the newest base backup before the target (server stopped, old data kept aside)
-6. write recovery settings (recovery.signal, restore_command, targets)
-7. start the server and wait for replay to reach the target
-8. validate the recovered data
-9. promote with pg_promote() and confirm pg_is_in_recovery() is false
-10. start application services; audit row 'success'; report against the RTO objective
+4. stage and verify the base backup beside the data directory (the cluster still runs)
+5. stop application services
+6. stop the cluster, keep its data aside, rename the verified backup into place
+7. push WAL the old server had not archived (production; what fails is kept and named)
+8. write recovery settings (recovery.signal, restore_command, targets)
+9. start the server and wait for replay to reach the target
+10. validate the recovered data
+11. promote with pg_promote() and confirm pg_is_in_recovery() is false
+12. start application services; audit row 'success'; report against the RTO objective
+
+A failure after step 5 rolls back: the recovered server stopped and kept aside, the
+original data directory renamed back and started as it was, the application started
+again; the error and the audit row say so.
 
 Each step is a task named by ``wedefi_dr.runbook.PITR``; the timings and the report use
 the same names. Resume a paused run from the UI (it shows the approval form) or with
@@ -25,6 +33,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
@@ -37,6 +46,7 @@ from tasks.common import (
     failure_reported,
 )
 from wedefi_dr.config import get_settings
+from wedefi_dr.physical.pitr.recovery import ApprovalTimedOut, RolledBack
 from wedefi_dr.physical.pitr.report import render_markdown
 from wedefi_dr.runbook import PITR, timed
 
@@ -81,6 +91,7 @@ def point_in_time_recovery(
             operator,
             justification,
             becomes_production,
+            approval_timeout_seconds,
         )
     subject = f"WeDefiDaily point-in-time recovery of {request['cluster']}"
     details = {"cluster": request["cluster"], "target": request["target_description"]}
@@ -106,13 +117,20 @@ def point_in_time_recovery(
 
     with timed() as timings[PITR.APPROVAL]:
         question = steps.request_approval(request, operator)
-        answer = pause_flow_run(
-            wait_for_input=PitrApproval.with_initial_data(description=question, approve=False),
-            timeout=approval_timeout_seconds,
-            poll_interval=2,
-            key=PITR.APPROVAL.value,
-        )
         with failure_reported(subject, details, close_audit=record_refusal):
+            try:
+                answer = pause_flow_run(
+                    wait_for_input=PitrApproval.with_initial_data(
+                        description=question, approve=False
+                    ),
+                    timeout=approval_timeout_seconds,
+                    poll_interval=2,
+                    key=PITR.APPROVAL.value,
+                )
+            except FlowPauseTimeout as exc:
+                raise ApprovalTimedOut(
+                    f"approval timed out after {approval_timeout_seconds} s; nothing was changed"
+                ) from exc
             approvers = steps.check_approval(
                 request, answer.approve, answer.approvers, answer.emergency_declared, operator
             )
@@ -124,18 +142,40 @@ def point_in_time_recovery(
         details,
         close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
     ):
+        with timed() as timings[PITR.STAGE_BASE_BACKUP]:
+            staged = steps.stage_base_backup(request)
         with timed() as timings[PITR.STOP_APPLICATION]:
-            steps.stop_application_services()
-        with timed() as timings[PITR.FETCH_BASE_BACKUP]:
-            fetched = steps.fetch_base_backup(request)
-        with timed() as timings[PITR.WRITE_RECOVERY_SETTINGS]:
-            steps.write_recovery_settings(request, f"flow run {flow_run.get_id()}")
-        with timed() as timings[PITR.START_AND_REPLAY]:
-            reached = steps.start_and_wait(request)
-        with timed() as timings[PITR.VALIDATE]:
-            validated = steps.validate_recovered(request)
-        with timed() as timings[PITR.PROMOTE]:
-            promoted = steps.promote(request)
+            stopped_apps = steps.stop_application_services()
+        swapped: dict[str, Any] | None = None
+        try:
+            with timed() as timings[PITR.STOP_AND_SWAP]:
+                swapped = steps.stop_and_swap(request, staged)
+            with timed() as timings[PITR.PUSH_UNARCHIVED_WAL]:
+                salvaged = steps.push_unarchived_wal(request, swapped["kept_aside"])
+            with timed() as timings[PITR.WRITE_RECOVERY_SETTINGS]:
+                steps.write_recovery_settings(request, f"flow run {flow_run.get_id()}")
+            with timed() as timings[PITR.START_AND_REPLAY]:
+                reached = steps.start_and_wait(request)
+            with timed() as timings[PITR.VALIDATE]:
+                validated = steps.validate_recovered(request)
+            with timed() as timings[PITR.PROMOTE]:
+                promoted = steps.promote(request)
+        except Exception as exc:
+            if swapped is None:
+                rolled = "the data directory was not replaced"
+            else:
+                with timed() as timings[PITR.ROLL_BACK]:
+                    try:
+                        rolled = steps.roll_back(request, swapped)
+                    except Exception as failed:
+                        rolled = (
+                            f"ROLLBACK FAILED ({type(failed).__name__}: {failed}); the original "
+                            f"data directory is at {swapped['kept_aside']}"
+                        )
+            if stopped_apps:
+                steps.start_application_services()
+                rolled += "; application services started again"
+            raise RolledBack(f"{type(exc).__name__}: {exc}\n[{rolled}]") from exc
         with timed() as timings[PITR.START_APPLICATION]:
             steps.start_application_services()
     audit_recovery_finished(audit_id, "success")
@@ -150,7 +190,8 @@ def point_in_time_recovery(
         "timeline": promoted["timeline"],
         "tables": validated["tables"],
         "rows": validated["rows"],
-        "kept_aside": fetched["kept_aside"],
+        "kept_aside": swapped["kept_aside"],
+        "unarchived_wal": salvaged,
         "approvers": approvers,
         "timings": {step.value: round(t["seconds"], 3) for step, t in timings.items()},
         "recovery_seconds": round(time.monotonic() - recovery_started, 3),

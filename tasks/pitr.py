@@ -9,11 +9,13 @@ changed meanwhile.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from wedefi_dr.config import get_settings
+from wedefi_dr.drtest import drill
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical import archiving, basebackup
 from wedefi_dr.physical.pitr import approval, recovery, window
@@ -21,6 +23,8 @@ from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.postgres.cluster import ClusterHandle, cluster_handle, conf_quote
 from wedefi_dr.runbook import PITR
 from wedefi_dr.storage.s3 import ObjectStore
+
+MAX_APPROVAL_WAIT_SECONDS = 7 * 24 * 3600
 
 
 # ---- base backup -------------------------------------------------------------------------
@@ -38,8 +42,14 @@ def check_request(
     operator: str,
     justification: str,
     becomes_production: bool,
+    approval_timeout_seconds: int = 3600,
 ) -> dict[str, Any]:
     """Every refusal happens here, before the approval and before anything changes."""
+    if not 1 <= approval_timeout_seconds <= MAX_APPROVAL_WAIT_SECONDS:
+        raise InvalidInput(
+            f"approval_timeout_seconds must be 1-{MAX_APPROVAL_WAIT_SECONDS}, "
+            f"not {approval_timeout_seconds}"
+        )
     if not operator.strip():
         raise InvalidInput("operator is required: who is recovering (audit log)")
     if not justification.strip():
@@ -51,6 +61,7 @@ def check_request(
     handle = cluster_handle(settings.clusters_file, name)
     w = window.recoverable_window(settings)
     base = window.choose_base_backup(target, w)
+    window.check_timeline(target, w, base)
     return {
         "target": {
             "kind": target.kind,
@@ -123,25 +134,68 @@ def start_application_services() -> list[str]:
     return recovery.run_commands(get_settings().app_start_commands)
 
 
-@task(name=PITR.FETCH_BASE_BACKUP.value)
-def fetch_base_backup(request: dict[str, Any]) -> dict[str, Any]:
-    """Stop the server, keep its old data aside (never deleted), extract the base backup."""
-    logger = get_run_logger()
+@task(name=PITR.STAGE_BASE_BACKUP.value)
+def stage_base_backup(request: dict[str, Any]) -> str:
+    """Download, decrypt and verify the base backup beside the data directory, while the
+    cluster (production, for break-glass) still runs: a bad backup stops nothing."""
     settings = get_settings()
     c = _handle(request)
-    c.stop()
-    aside = recovery.move_aside(c)
-    if aside:
-        logger.info("previous data directory kept at %s", aside)
     manifest = basebackup.resolve(ObjectStore(settings), request["base_backup_id"])
-    recovery.extract_base_backup(settings, manifest, c, settings.spool_path)
-    logger.info(
-        "base backup %s extracted into %s (%.1f MB)",
+    staged = recovery.stage_base_backup(settings, manifest, c, settings.spool_path)
+    get_run_logger().info(
+        "base backup %s staged and verified in %s (%.1f MB: object sha256, gpg status, "
+        "plaintext sha256, pg_verifybackup)",
         manifest.backup_id,
-        c.data_dir,
+        staged,
         manifest.plaintext_size_bytes / 1e6,
     )
-    return {"data_dir": str(c.data_dir), "kept_aside": str(aside) if aside else None}
+    return str(staged)
+
+
+@task(name=PITR.STOP_AND_SWAP.value)
+def stop_and_swap(request: dict[str, Any], staged: str) -> dict[str, Any]:
+    """Stop the server, keep its old data aside (never deleted), rename the verified
+    backup into place. Whether it ran is kept: a rollback starts it only if it did."""
+    c = _handle(request)
+    was_running = c.is_running()
+    c.stop()
+    try:
+        aside = recovery.install_staged(c, Path(staged))
+    except Exception as exc:
+        if was_running:
+            c.start(wait=True)
+        raise recovery.RolledBack(
+            f"{type(exc).__name__}: {exc}; the data directory was not replaced"
+            + ("; the cluster was started again as it was" if was_running else "")
+        ) from exc
+    if aside:
+        get_run_logger().info("previous data directory kept at %s", aside)
+    return {"kept_aside": str(aside) if aside else None, "was_running": was_running}
+
+
+@task(name=PITR.PUSH_UNARCHIVED_WAL.value)
+def push_unarchived_wal(request: dict[str, Any], kept_aside: str | None) -> dict[str, list[str]]:
+    """Production's WAL that was still ``.ready`` goes to the archive before replay, so
+    ``latest`` loses none of it; what fails to push is kept and named. A scratch cluster's
+    old directory never archives into production."""
+    if not (request["production"] and kept_aside):
+        return {"pushed": [], "kept": []}
+    result = recovery.push_unarchived(get_settings(), Path(kept_aside))
+    logger = get_run_logger()
+    logger.info("pushed %d un-archived WAL file(s) from the old pg_wal", len(result["pushed"]))
+    for kept in result["kept"]:
+        logger.warning("NOT archived, kept in the old data directory: %s", kept)
+    return result
+
+
+@task(name=PITR.ROLL_BACK.value)
+def roll_back(request: dict[str, Any], swapped: dict[str, Any]) -> str:
+    """The original data directory back, started if it ran before; the failed one kept."""
+    c = _handle(request)
+    aside = Path(swapped["kept_aside"]) if swapped["kept_aside"] else None
+    what = recovery.roll_back(c, aside, restart=swapped["was_running"])
+    get_run_logger().warning(what)
+    return what
 
 
 @task(name=PITR.WRITE_RECOVERY_SETTINGS.value)
@@ -154,9 +208,7 @@ def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict
     )
     archive_command = None
     if request["archives_into_production"]:
-        archive_env = archiving.write_wal_env(
-            settings, c.home / archiving.ARCHIVE_ENV_NAME, os_user=c.os_user
-        )
+        archive_env = archiving.production_archive_env(settings, c.home, os_user=c.os_user)
         archive_command = archiving.archive_command(archive_env)
     written = recovery.write_recovery_settings(
         c,
@@ -189,6 +241,7 @@ def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
 @task(name=PITR.VALIDATE.value)
 def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
     """Row counts of every table (the integrity suites run on restored copies elsewhere)."""
+    drill.fault_once(get_settings(), PITR.VALIDATE.value)
     counts = recovery.row_counts(_handle(request).dsn())
     if not counts:
         raise recovery.RecoveryFailed(

@@ -26,7 +26,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.flow_runs import resume_flow_run
 
 from wedefi_dr.config import get_settings
-from wedefi_dr.physical import wal
+from wedefi_dr.physical import archiving, wal
 from wedefi_dr.physical.pitr.approval import ApprovalRefused
 from wedefi_dr.physical.pitr.recovery import RecoveryFailed
 from wedefi_dr.physical.pitr.window import TargetOutsideWindow
@@ -242,6 +242,7 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     assert result["timeline"] == 2
     assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
     assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
+    assert not (c.home / archiving.ARCHIVE_ENV_NAME).exists()  # nor could it
     auto_conf = (c.data_dir / "postgresql.auto.conf").read_text()
     assert "wedefi_dr.physical.wal fetch" in auto_conf
     assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
@@ -455,11 +456,15 @@ def test_break_glass_recovery_of_production_keeps_old_data_and_archives_new_time
         time.sleep(0.2)
         sql1(dsn, "INSERT INTO markers VALUES (2)")
         switch_and_wait_archived(dsn)
+        archive_env = other.primary.home / archiving.ARCHIVE_ENV_NAME
+        production_env = archive_env.read_text()
+        env.set(AWS_SESSION_TOKEN="the-workers-short-lived-token")  # never production's
 
         result = recover(
             BREAK_GLASS, target_kind="time", target_value=target.isoformat(), cluster="primary"
         )
         assert markers(dsn) == [1]
+        assert archive_env.read_text() == production_env  # production's settings, as they were
         kept = list(other.primary.home.glob("data.before-pitr-*"))
         assert len(kept) == 1 and result["kept_aside"] == str(kept[0])  # nothing lost
         assert (kept[0] / "PG_VERSION").exists()
@@ -484,6 +489,8 @@ def test_break_glass_recovery_of_production_keeps_old_data_and_archives_new_time
         ("time", "last tuesday", "latest", "not ISO 8601"),
         ("lsn", "5A000028", "latest", "not of the form"),
         ("name", "", "latest", "needs its name"),
+        ("name", "before\nm4", "latest", "control character or a backslash"),
+        ("name", "before\\m4", "latest", "control character or a backslash"),
         ("latest", "now", "latest", "takes no value"),
         ("latest", "", "newest", "timeline must be"),
     ],
@@ -536,3 +543,210 @@ def test_reserved_or_malformed_cluster_names_are_refused(name):
 
     with pytest.raises(InvalidInput):
         validate_cluster_name(name)
+
+
+# ---- what PITR restores is what this system wrote; a failure puts the cluster back ------
+def live_cluster(history: dict, name: str) -> Cluster:
+    """A running cluster with data of its own: what a recovery must not lose or stop."""
+    c = recovered_cluster(history, name)
+    c.fast = True
+    c.init()
+    c.start()
+    sql1(c.dsn(), "CREATE TABLE own (id int PRIMARY KEY)")
+    sql1(c.dsn(), "INSERT INTO own SELECT generate_series(1, 7)")
+    return c
+
+
+def own_rows(c: Cluster) -> list[int]:
+    with connect(c.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM own ORDER BY id")
+        return [r[0] for r in cur.fetchall()]
+
+
+def forge_base_backup(history: dict, store, planted: str | None, *, fix_plaintext_sum: bool) -> str:
+    """A copy of the archive whose base backup carries ``planted`` appended to its
+    ``postgresql.auto.conf`` (None: one data file under ``base/`` changed instead),
+    re-encrypted with the real passphrase and its manifest re-signed: every object checksum
+    and MAC is consistent; only the plaintext sha256 (unless ``fix_plaintext_sum``) and
+    the backup_manifest checks can tell."""
+    import gzip
+    import io
+    import tarfile
+
+    from wedefi_dr.catalog import listing
+    from wedefi_dr.catalog.manifest import ObjectInfo
+    from wedefi_dr.physical import basebackup
+    from wedefi_dr.storage import encryption
+    from wedefi_dr.storage.s3 import ObjectStore
+
+    src_prefix = history["prefix"]
+    forged_prefix = f"{src_prefix}-forged-{uuid.uuid4().hex[:4]}"
+    for obj in store.list_keys(src_prefix + "/"):
+        key = obj["Key"]
+        if "/wal/" in key:  # a base backup of its own; WAL copied as it is
+            store.client.copy_object(
+                Bucket=store.bucket,
+                Key=forged_prefix + key[len(src_prefix) :],
+                CopySource={"Bucket": store.bucket, "Key": key},
+            )
+    history["env"].set(WEDEFI_DR_PREFIX=src_prefix)
+    settings = get_settings()
+    original = basebackup.list_base_backups(ObjectStore(settings))[0]
+    body = store.client.get_object(Bucket=store.bucket, Key=original.object.key)["Body"].read()
+    cipher_in = Path(settings.spool_path) / f"forge-{uuid.uuid4().hex[:6]}.gpg"
+    cipher_in.parent.mkdir(parents=True, exist_ok=True)
+    cipher_in.write_bytes(body)
+    passphrase = settings.gpg_passphrase.get_secret_value()
+    try:
+        packed, _ = encryption.start_decrypt(passphrase, cipher_in).communicate()
+    finally:
+        cipher_in.unlink()
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(gzip.decompress(packed))) as src,
+        tarfile.open(fileobj=out, mode="w") as dst,
+    ):
+        flipped = False
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if planted is not None and member.name == "postgresql.auto.conf":
+                data += planted.encode()
+                member.size = len(data)
+            if planted is None and not flipped and member.name.startswith("base/") and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+                flipped = True
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    tar = out.getvalue()
+    params = encryption.GpgParams.from_settings(settings, compress_algo="none")
+    cipher, _ = encryption.start_encrypt(passphrase, params).communicate(gzip.compress(tar))
+
+    history["env"].set(WEDEFI_DR_PREFIX=forged_prefix)
+    forged_store = ObjectStore(get_settings())
+    key = basebackup.data_key(forged_store, original.backup_id)
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=cipher)
+    import hashlib
+
+    update: dict = {
+        "object": ObjectInfo.stored(
+            forged_store, key, len(cipher), hashlib.sha256(cipher).hexdigest()
+        )
+    }
+    if fix_plaintext_sum:
+        update["plaintext_sha256"] = hashlib.sha256(tar).hexdigest()
+        update["plaintext_size_bytes"] = len(tar)
+    listing.put_manifest(
+        forged_store,
+        basebackup.manifest_key(forged_store, original.backup_id),
+        original.model_copy(update=update),
+    )
+    return forged_prefix
+
+
+@pytest.mark.parametrize(
+    ("plant", "fix_plaintext_sum", "check"),
+    [
+        (True, False, "plaintext check failed"),
+        (True, True, "postgresql.auto.conf check failed"),
+        (False, True, "pg_verifybackup check failed"),
+    ],
+)
+def test_forged_base_backup_is_refused_before_the_cluster_is_stopped(
+    history, store, tmp_path, plant, fix_plaintext_sum, check
+):
+    """A re-encrypted, re-signed base backup (a planted archive_command, or a changed data
+    file): refused by the named check while the cluster still runs; its data untouched,
+    the planted command never run."""
+    from wedefi_dr.errors import IntegrityError  # the refusal is its BaseBackupRefused
+
+    pwned = tmp_path / "pwned"
+    tmp_path.chmod(0o777)
+    planted = f"\narchive_mode = on\narchive_command = 'touch {pwned}'\n" if plant else None
+    prefix = forge_base_backup(history, store, planted, fix_plaintext_sum=fix_plaintext_sum)
+    c = live_cluster(history, f"pitr-forged-{uuid.uuid4().hex[:6]}")
+    pid = c.pid()
+    try:
+        with pytest.raises(IntegrityError, match=check):
+            recover(ONE, target_kind="latest", cluster=c.name)
+        assert c.is_running() and c.pid() == pid  # never stopped
+        assert own_rows(c) == [1, 2, 3, 4, 5, 6, 7]
+        assert not list(c.home.glob("data.*"))  # no staging left, nothing moved aside
+        assert not pwned.exists()
+        row = audit_rows(get_settings().ops_dsn.get_secret_value())[-1]
+        assert row[1] == "failed" and check in row[2]
+    finally:
+        c.stop()
+        history["env"].set(WEDEFI_DR_PREFIX=history["prefix"])
+        assert prefix != history["prefix"]
+
+
+def test_failure_after_the_stop_rolls_back_to_the_running_original(history, tmp_path):
+    """A drill fault once the recovered server runs: the original data directory is back,
+    started, with its own rows; the failed recovery is kept aside; the audit says so."""
+    from wedefi_dr.runbook import PITR
+
+    c = live_cluster(history, f"pitr-rollback-{uuid.uuid4().hex[:6]}")
+    marker = tmp_path / "fault-once"
+    marker.write_text("")
+    history["env"].set(
+        WEDEFI_DR_DR_DRILL_FAULT_STEP=PITR.VALIDATE.value,
+        WEDEFI_DR_DR_DRILL_FAULT_MARKER=str(marker),
+    )
+    try:
+        with pytest.raises(RecoveryFailed, match="rolled back") as err:  # RolledBack
+            recover(
+                ONE,
+                target_kind="time",
+                target_value=history["between_2_and_3"].isoformat(),
+                cluster=c.name,
+            )
+        assert "injected fault" in str(err.value)
+        assert c.is_running()
+        assert own_rows(c) == [1, 2, 3, 4, 5, 6, 7]
+        failed = list(c.home.glob("data.failed-pitr-*"))
+        assert len(failed) == 1 and (failed[0] / "recovery.signal").exists()
+        assert not list(c.home.glob("data.before-pitr-*"))
+        row = audit_rows(get_settings().ops_dsn.get_secret_value())[-1]
+        assert row[1] == "failed" and "rolled back" in row[2]
+    finally:
+        history["env"].set(WEDEFI_DR_DR_DRILL_FAULT_STEP="", WEDEFI_DR_DR_DRILL_FAULT_MARKER="")
+        c.stop()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"target_kind": "lsn", "target_value": "FF/0"}, "beyond the newest archived WAL"),
+        ({"target_kind": "latest", "timeline": "7"}, "00000007.history is not in the archive"),
+    ],
+)
+def test_targets_the_archive_cannot_reach_are_refused_before_approval(history, params, message):
+    """Refused by the request check: no pause, no audit row, nothing touched."""
+    before = audit_rows(get_settings().ops_dsn.get_secret_value())
+    with pytest.raises(TargetOutsideWindow, match=message):
+        c = recovered_cluster(history, f"pitr-never-{uuid.uuid4().hex[:6]}")
+        recover(None, cluster=c.name, approval_timeout_seconds=5, **params)
+    assert audit_rows(get_settings().ops_dsn.get_secret_value()) == before
+
+
+def test_approval_timeout_is_audited_and_changes_nothing(history):
+    from wedefi_dr.errors import DRError  # ApprovalTimedOut
+
+    c = live_cluster(history, f"pitr-timeout-{uuid.uuid4().hex[:6]}")
+    pid = c.pid()
+    try:
+        with pytest.raises(DRError, match="approval timed out"):
+            recover(None, target_kind="latest", cluster=c.name, approval_timeout_seconds=3)
+        assert c.pid() == pid and own_rows(c) == [1, 2, 3, 4, 5, 6, 7]
+        row = audit_rows(get_settings().ops_dsn.get_secret_value())[-1]
+        assert row[1] == "failed" and "approval timed out" in row[2]
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("seconds", [0, 8 * 24 * 3600])
+def test_approval_timeout_outside_its_range_is_refused_before_the_pause(history, seconds):
+    from wedefi_dr.errors import InvalidInput
+
+    c = recovered_cluster(history, f"pitr-never-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(InvalidInput, match="approval_timeout_seconds must be"):
+        recover(None, target_kind="latest", cluster=c.name, approval_timeout_seconds=seconds)

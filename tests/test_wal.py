@@ -259,3 +259,60 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
             time.sleep(0.3)
     assert archived and archived >= segment, f"archiver did not reach {segment} ({failed} failed)"
     assert store.head(wal.archive_key(settings, segment)) is not None
+
+
+@pytest.mark.parametrize("forgery", ["no-mac", "mac-of-another-segment"])
+def test_planted_segment_without_our_mac_is_refused_by_fetch(archive, store, forgery):
+    """An object written by anyone but wal-push is refused (exit 128: abort, not end early),
+    even when it is real gpg under the right passphrase with consistent checksums: the MAC
+    over (name, sha256, size) is what only this system's key produces."""
+    genuine = FIRST[:-1] + "1"
+    put_file(archive, genuine, segment_bytes(20))
+    assert wal_cmd(archive, "push", f"pg_wal/{genuine}").returncode == 0
+    genuine_meta = head(store, archive, genuine)["Metadata"]
+
+    forged = segment_bytes(21)
+    cipher = wal.encode(archive["settings"], forged)
+    metadata = {
+        "plain-sha256": wal._sha256(forged),
+        "plain-size": str(len(forged)),
+        "object-sha256": wal._sha256(cipher),
+        "encoding": wal.ENCODING,
+    }
+    if forgery == "mac-of-another-segment":
+        metadata["mac"] = genuine_meta.get("mac", "")
+        metadata["mac-key-id"] = genuine_meta.get("mac-key-id", "")
+    store.client.put_object(
+        Bucket=store.bucket,
+        Key=wal.archive_key(archive["settings"], FIRST),
+        Body=cipher,
+        Metadata=metadata,
+    )
+    planted = wal_cmd(archive, "fetch", FIRST, "pg_wal/RECOVERYXLOG")
+    assert planted.returncode == wal.EXIT_FATAL, planted.stderr
+    assert FIRST in planted.stderr and "MAC" in planted.stderr
+    assert not (archive["pg_wal"] / "RECOVERYXLOG").exists()
+    ok = wal_cmd(archive, "fetch", genuine, "pg_wal/RECOVERYXLOG")
+    assert ok.returncode == 0, ok.stderr
+    assert genuine_meta["mac"] and genuine_meta["mac-key-id"]  # what wal-push stores
+
+
+def test_unarchived_wal_of_a_set_aside_directory_is_pushed_or_kept_and_named(archive, store):
+    """``.ready`` files of the old pg_wal reach the archive; one that cannot be archived
+    (different content under its name) is kept in place and named, never dropped."""
+    from wedefi_dr.physical.pitr.recovery import push_unarchived
+
+    aside = archive["pg_wal"].parent
+    fresh, clash = FIRST, FIRST[:-1] + "1"
+    put_file(archive, clash, segment_bytes(30))
+    assert wal_cmd(archive, "push", f"pg_wal/{clash}").returncode == 0
+    for name, seed in ((fresh, 31), (clash, 32)):
+        put_file(archive, name, segment_bytes(seed))
+        (archive["pg_wal"] / "archive_status" / f"{name}.ready").write_text("")
+
+    result = push_unarchived(archive["settings"], aside)
+    assert result["pushed"] == [fresh]
+    assert len(result["kept"]) == 1 and clash in result["kept"][0]
+    assert "different content" in result["kept"][0]
+    assert (archive["pg_wal"] / clash).exists()
+    assert head(store, archive, fresh) is not None

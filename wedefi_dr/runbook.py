@@ -69,13 +69,16 @@ class PITR(StrEnum):
 
     CHECK_REQUEST = "check the target lies in the recoverable window"
     APPROVAL = "approval"
+    STAGE_BASE_BACKUP = "stage and verify the base backup (the cluster still runs)"
     STOP_APPLICATION = "stop application services"
-    FETCH_BASE_BACKUP = "fetch the newest base backup before the target"
+    STOP_AND_SWAP = "stop the cluster, keep its data aside, put the verified backup in place"
+    PUSH_UNARCHIVED_WAL = "push WAL the old server had not archived"
     WRITE_RECOVERY_SETTINGS = "write recovery settings (recovery.signal, restore_command, targets)"
     START_AND_REPLAY = "start the server and wait for replay to reach the target"
     VALIDATE = "validate the recovered data"
     PROMOTE = "promote with pg_promote() and confirm pg_is_in_recovery() is false"
     START_APPLICATION = "start application services"
+    ROLL_BACK = "roll back: the original data directory back and started as it was"
 
 
 class Retention(StrEnum):

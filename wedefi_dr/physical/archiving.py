@@ -54,7 +54,11 @@ def write_wal_env(
     """The settings ``wal-push``/``wal-fetch`` need, in a file only ``os_user`` reads.
 
     AWS credentials come from ``aws_env`` (default: our environment), the way boto3 would
-    find them, since the server's isolated child would not.
+    find them, since the server's isolated child would not. A file a server keeps using
+    after we are gone (a new primary's archive env) gets ``aws_env={}``: a worker's keys,
+    session token or profile are short-lived or personal, and archiving with them stops,
+    silently, when they expire; the server then finds credentials the way boto3 does on
+    its host.
     """
     values = {
         "WEDEFI_DR_AWS_REGION": settings.aws_region,
@@ -77,6 +81,16 @@ def write_wal_env(
     path.chmod(0o600)
     chown_to(path, os_user)
     return path
+
+
+def production_archive_env(settings: Settings, home: Path, *, os_user: str) -> Path:
+    """The archive env file a new primary archives with: the one the cluster already had
+    (its own home, kept as it was: production's settings and credentials), else one
+    written without the worker's credentials."""
+    path = home / ARCHIVE_ENV_NAME
+    if path.is_file():
+        return path
+    return write_wal_env(settings, path, os_user=os_user, aws_env={})
 
 
 def archive_command(env_file: Path) -> str:

@@ -20,7 +20,12 @@ PostgreSQL's contract, which this module keeps exactly:
 
 Each object is ``gzip | gpg --symmetric`` (the backups' scheme; decryptable by hand with
 ``gpg -d | gunzip``), with the plaintext's and the object's sha256 and the plaintext size
-in its metadata.
+in its metadata, and an HMAC over (name, plaintext sha256, size) under the key derived from
+the passphrase (``storage/authentication.py``), with its key id. Whoever can write to the
+bucket can write metadata too, so ``fetch`` refuses (exit 128) any object whose MAC does not
+verify: only this system's own segments are replayed. The key is derived once per process
+(PBKDF2, ~0.06 s), small beside gzip and gpg of a 16 MB segment, so no derived key is
+written anywhere.
 
 Throughput: the server runs one ``archive_command`` at a time, and a process per 16 MB
 segment (start, gzip, gpg, PUT) can fall behind a write burst. So ``push`` also archives
@@ -53,7 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wedefi_dr.errors import DRError, NotAuthentic
-from wedefi_dr.storage import encryption
+from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.clients import aws_client
 
 if TYPE_CHECKING:  # pydantic costs ~0.3 s: a prefetched segment is handed over without it
@@ -70,6 +75,8 @@ PUSHED_DIR = ".wedefi-pushed"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
 ENCODING = "gzip+gpg"
+MAC = "mac"
+MAC_KEY_ID = "mac-key-id"
 
 
 class ArchiveConflict(DRError):
@@ -186,6 +193,7 @@ class Archive:
             self.settings, "s3", max_pool_connections=max(16, self.settings.wal_prefetch + 2)
         )
         self.bucket = self.settings.bucket
+        self.keyring = authentication.keyring_of(self.settings)
 
     def _missing(self, exc: Exception) -> bool:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
@@ -235,6 +243,8 @@ class Archive:
                     "plain-size": str(len(plain)),
                     "object-sha256": _sha256(cipher),
                     "encoding": ENCODING,
+                    MAC_KEY_ID: self.keyring.current.key_id,
+                    MAC: authentication.object_mac(self.keyring.current, name, sha, len(plain)),
                 },
                 **extra,
             )
@@ -265,6 +275,17 @@ class Archive:
             raise ArchiveCorrupt(f"{name}: object has no {ENCODING} checksums in its metadata")
         if _sha256(cipher) != meta.get("object-sha256"):
             raise ArchiveCorrupt(f"{name}: stored object fails its sha256: corrupt at rest")
+        try:  # before gpg reads a byte of it
+            authentication.verify_object_mac(
+                self.keyring,
+                name,
+                meta["plain-sha256"],
+                int(meta.get("plain-size", -1)),
+                meta.get(MAC_KEY_ID),
+                meta.get(MAC),
+            )
+        except NotAuthentic as exc:
+            raise ArchiveCorrupt(f"WAL object refused: {exc}") from exc
         plain = decode(self.settings, cipher, workdir)
         if len(plain) != int(meta.get("plain-size", -1)) or _sha256(plain) != meta["plain-sha256"]:
             raise ArchiveCorrupt(f"{name}: decrypted content fails its sha256")

@@ -119,3 +119,33 @@ def verify(document: Mapping[str, Any], keyring: Keyring, what: str) -> SigningK
             "system wrote it; refusing to trust it"
         )
     return key
+
+
+def object_mac(key: SigningKey, name: str, sha256: str, size: int) -> str:
+    """The MAC of an archived object's identity: its name, plaintext sha256 and size.
+
+    Why the name is covered: a genuine segment copied under another name would otherwise
+    verify, and replay would apply it at the wrong place in the WAL stream.
+    """
+    message = f"wedefi-dr/object/v1\n{name}\n{sha256}\n{int(size)}".encode()
+    return hmac.new(key.secret, message, hashlib.sha256).hexdigest()
+
+
+def verify_object_mac(
+    keyring: Keyring, name: str, sha256: str, size: int, key_id: str | None, tag: str | None
+) -> SigningKey:
+    """The key whose MAC ``tag`` covers (name, sha256, size); NotAuthentic naming ``name``."""
+    if not key_id or not tag:
+        raise NotAuthentic(
+            f"{name} carries no MAC this system wrote: refusing it (planted or written by "
+            "another tool)"
+        )
+    key = keyring.key(key_id)
+    if key is None:
+        raise NotAuthentic(
+            f"{name} is signed with key id {key_id!r}, but the configured passphrase derives "
+            f"{', '.join(keyring.key_ids)}: wrong passphrase, or not written by this system"
+        )
+    if not hmac.compare_digest(tag, object_mac(key, name, sha256, size)):
+        raise NotAuthentic(f"{name} does not match its MAC: changed after this system wrote it")
+    return key

@@ -5,90 +5,212 @@ finds one refuses to start). Recovery is now ``recovery.signal`` in the data dir
 plus ``restore_command`` and ``recovery_target_*`` as ordinary settings, here appended to
 ``postgresql.auto.conf`` of the restored base backup.
 
-The steps, in runbook order: move the old data directory aside (never deleted), extract
-the base backup, write the recovery settings, start the server (through the handle: pg_ctl
-or the host's own commands) and wait until replay pauses at the target, count the rows,
-promote. Plain Python, no Prefect import: ``flows/pitr.py`` strings these together.
+The steps, in runbook order: stage and verify the base backup beside the data directory
+(the cluster still runs), then stop it, move the old data directory aside (never deleted)
+and rename the verified one into place, push WAL the old server had not archived, write
+the recovery settings, start the server (through the handle: pg_ctl or the host's own
+commands) and wait until replay pauses at the target, count the rows, promote. A failure
+after the stop rolls back: the old directory returns and starts as it was. Plain Python,
+no Prefect import: ``flows/pitr.py`` strings these together.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shlex
+import shutil
 import subprocess
 import time
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from psycopg2 import sql
 
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import DRError, IntegrityError
+from wedefi_dr.errors import DRError
 from wedefi_dr.physical import wal
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.physical.pitr.target import RecoveryTarget
+from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
 
 class RecoveryFailed(DRError):
     """The server stopped or timed out before reaching the target."""
 
 
-def move_aside(cluster: ClusterHandle) -> Path | None:
+class RolledBack(RecoveryFailed):
+    """Recovery failed after the cluster was stopped; what the rollback did is in the
+    message (normally: the old data directory is back and running as it was)."""
+
+
+class ApprovalTimedOut(DRError):
+    """Nobody approved within the timeout; nothing was changed."""
+
+
+def _stamp() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+
+
+def move_aside(cluster: ClusterHandle, why: str = "before-pitr") -> Path | None:
     """Keep what was there (nothing is lost): rename it, never delete it."""
     data_dir = cluster.data_dir
     if not data_dir.exists():
         return None
-    aside = data_dir.with_name(f"{data_dir.name}.before-pitr-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    aside = data_dir.with_name(f"{data_dir.name}.{why}-{_stamp()}")
     data_dir.rename(aside)
     return aside
 
 
-def extract_base_backup(
+def staging_dir(cluster: ClusterHandle) -> Path:
+    """Beside the data directory (same file system, so putting it in place is a rename)."""
+    return cluster.data_dir.with_name(f"{cluster.data_dir.name}.pitr-staging")
+
+
+def _pump_hashed(source: IO[bytes], sink: IO[bytes]) -> tuple[str, int]:
+    """gunzip ``source`` into ``sink``; the sha256 and size of the tar that went through."""
+    inflate = zlib.decompressobj(31)
+    digest, size = hashlib.sha256(), 0
+    try:
+        while chunk := source.read(READ_CHUNK):
+            tar = inflate.decompress(chunk)
+            digest.update(tar)
+            size += len(tar)
+            sink.write(tar)
+        tail = inflate.flush()
+        digest.update(tail)
+        size += len(tail)
+        sink.write(tail)
+    finally:
+        sink.close()
+    return digest.hexdigest(), size
+
+
+def stage_base_backup(
     settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
-) -> None:
-    """Verified download (encrypted, in the spool), then gpg -d | tar -xz as the cluster's
-    OS user into its (new, empty) data directory."""
-    data_dir = cluster.data_dir
+) -> Path:
+    """Download, decrypt and verify the base backup into :func:`staging_dir`; the data
+    directory (a running production server) is not touched.
+
+    The checks, each named when it fails: the object's size and sha256; gpg's status (an
+    encrypted message before tar starts, an intact one at the end); the tar's sha256 and
+    size against the manifest's plaintext ones (hashed on its way to tar); PostgreSQL's own
+    ``backup_manifest`` (``pg_verifybackup``, WAL included, plus what it leaves out: see
+    ``verify.py``). Only a directory that passed all of them is returned.
+    """
+    staged = staging_dir(cluster)
+    if staged.exists():
+        shutil.rmtree(staged)  # an earlier attempt's leftovers: never a live data directory
     store = ObjectStore(settings)
     spool.mkdir(parents=True, exist_ok=True)
     cipher = spool / f"{manifest.backup_id}.base.tar.gz.gpg"
-    store.download_verified(
-        manifest.object.key,
-        cipher,
-        size_bytes=manifest.object.size_bytes,
-        sha256=manifest.object.sha256,
-    )
+    what = f"base backup {manifest.backup_id}"
     try:
+        store.download_verified(
+            manifest.object.key,
+            cipher,
+            size_bytes=manifest.object.size_bytes,
+            sha256=manifest.object.sha256,
+        )
         if not cluster.home.exists():  # a new scratch cluster: its socket goes here too
             cluster.home.mkdir(parents=True)
             cluster.give(cluster.home)
-        data_dir.mkdir(mode=0o700)
-        cluster.give(data_dir)
+        staged.mkdir(mode=0o700)
+        cluster.give(staged)
         gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), cipher)
-        gpg.require_encrypted()  # before tar writes a byte into the data directory
+        gpg.require_encrypted()  # before tar writes a byte
         tar = subprocess.Popen(
-            ["tar", "-xzf", "-", "-C", str(data_dir)],
-            stdin=gpg.stdout,
+            ["tar", "-xf", "-", "-C", str(staged)],
+            stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd="/",
             **os_user_kwargs(cluster.os_user),
         )
-        gpg.stdout.close()
-        tar_err = tar.communicate()[1].decode(errors="replace")
+        try:
+            sha, size = _pump_hashed(gpg.stdout, tar.stdin)
+        except (zlib.error, BrokenPipeError) as exc:
+            tar.kill()
+            gpg.kill()
+            raise BaseBackupRefused(
+                f"{what}: gunzip/tar of the decrypted stream failed: {exc}"
+            ) from exc
+        tar_err = tar.stderr.read().decode(errors="replace")
+        tar.wait()
         gpg_err = gpg.stderr.read()
         if gpg.wait() != 0:
             raise encryption.decrypt_error(gpg.returncode, gpg_err)
         gpg.require_authentic()
+        if (sha, size) != (manifest.plaintext_sha256, manifest.plaintext_size_bytes):
+            raise BaseBackupRefused(
+                f"{what}: plaintext check failed: the decrypted tar has sha256 {sha} and "
+                f"{size} bytes, its manifest says {manifest.plaintext_sha256} and "
+                f"{manifest.plaintext_size_bytes}: refusing to start a server on it"
+            )
         if tar.returncode != 0:
-            raise IntegrityError(f"tar -xz of base backup {manifest.backup_id} failed: {tar_err}")
+            raise BaseBackupRefused(f"{what}: tar -x failed: {tar_err[-500:]}")
+        verify_staged(cluster, staged, manifest.pg_backup_manifest, what)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     finally:
         cipher.unlink(missing_ok=True)
+    return staged
+
+
+def install_staged(cluster: ClusterHandle, staged: Path) -> Path | None:
+    """The stopped cluster's data directory aside, the verified one in its place."""
+    if not staged.is_dir():
+        raise RecoveryFailed(f"no staged base backup at {staged}: stage it first")
+    aside = move_aside(cluster)
+    try:
+        staged.rename(cluster.data_dir)
+    except OSError:
+        if aside is not None:
+            aside.rename(cluster.data_dir)
+        raise
+    return aside
+
+
+def roll_back(cluster: ClusterHandle, aside: Path | None, *, restart: bool) -> str:
+    """Undo :func:`install_staged`: the recovered server stopped, its directory kept aside
+    for forensics, the original renamed back and (``restart``) started as it was."""
+    with contextlib.suppress(Exception):
+        cluster.stop("immediate")
+    if aside is None:
+        return f"the failed recovery is left stopped in {cluster.data_dir}"
+    failed = move_aside(cluster, "failed-pitr")
+    aside.rename(cluster.data_dir)
+    if restart:
+        cluster.start(wait=True)
+    return (
+        f"rolled back: the original data directory is back in {cluster.data_dir}"
+        + (" and running" if restart else "")
+        + (f"; the failed recovery is kept at {failed}" if failed else "")
+    )
+
+
+def push_unarchived(settings: Settings, aside: Path) -> dict[str, list[str]]:
+    """WAL the old server had not archived yet (``.ready``), pushed with ``wal-push``'s
+    rules; what could not be pushed stays in ``aside`` and is named, never dropped."""
+    wal_dir = aside / "pg_wal"
+    names = sorted(p.name[: -len(".ready")] for p in (wal_dir / "archive_status").glob("*.ready"))
+    pushed, kept = [], []
+    archive = wal.Archive(settings) if names else None
+    for name in names:
+        try:
+            assert archive is not None
+            archive.push_bytes(wal.validate_name(name), (wal_dir / name).read_bytes())
+            pushed.append(name)
+        except Exception as exc:
+            kept.append(f"{wal_dir / name} ({type(exc).__name__}: {exc})")
+    return {"pushed": pushed, "kept": kept}
 
 
 def write_recovery_settings(

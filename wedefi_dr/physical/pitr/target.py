@@ -15,6 +15,9 @@ from wedefi_dr.errors import InvalidInput
 
 TARGET_KINDS = ("time", "lsn", "name", "latest")
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+# Printable, no backslash: postgresql.auto.conf unescapes backslashes and a newline inside a
+# quoted value is a syntax error (the server would refuse to start).
+NAME_RE = re.compile(r"^[^\x00-\x1f\x7f\\]+$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class RecoveryTarget:
             raise InvalidInput(f"target LSN {value!r} is not of the form 0/5A000028")
         elif kind == "name" and not (0 < len(value) < 64):
             raise InvalidInput("a named restore point needs its name (1-63 characters)")
+        elif kind == "name" and not NAME_RE.match(value):
+            raise InvalidInput(
+                f"restore point name {value!r} has a control character or a backslash: the "
+                "server would fail to start on it (newline) or look for another name "
+                "(backslash escapes)"
+            )
         elif kind == "latest" and value:
             raise InvalidInput("target 'latest' takes no value")
         timeline = (timeline or "latest").strip().lower()

@@ -26,6 +26,8 @@ class Window:
     newest_wal: str | None
     newest_wal_time: datetime | None
     wal_objects: int
+    newest_wal_end: int | None = None  # LSN (as int) where the highest archived segment ends
+    history_files: frozenset[str] = frozenset()
 
     @property
     def earliest(self) -> BaseBackupManifest | None:
@@ -50,24 +52,61 @@ def recoverable_window(settings: Settings) -> Window:
     backups = list_base_backups(store)
     newest: tuple | None = None
     count = 0
+    end: int | None = None
+    histories: set[str] = set()
     for obj in store.list_keys(wal.archive_prefix(settings) + "/"):
         name = obj["Key"].rsplit("/", 1)[-1]
         count += 1
+        if name.endswith(".history"):
+            histories.add(name)
         is_segment = wal.SEGMENT_RE.match(name[:24]) and not name.endswith(".backup")
         if is_segment and (newest is None or (obj["LastModified"], name) > newest):
             newest = (obj["LastModified"], name)
+        if is_segment:
+            seg_end = segment_end_lsn(name[:24], settings.wal_segment_bytes)
+            end = seg_end if end is None else max(end, seg_end)
     if newest is None:
-        return Window(backups, None, None, count)
+        return Window(backups, None, None, count, None, frozenset(histories))
     # S3 keeps LastModified to the second: the upload ended before the next second, and
     # every commit in the segment before its upload.
-    return Window(backups, newest[1], newest[0] + timedelta(seconds=1), count)
+    return Window(
+        backups, newest[1], newest[0] + timedelta(seconds=1), count, end, frozenset(histories)
+    )
+
+
+def segment_end_lsn(name: str, segment_bytes: int) -> int:
+    """The LSN just past the last byte of segment ``name`` (what replay can reach with it)."""
+    per_xlogid = 0x100000000 // segment_bytes
+    number = int(name[8:16], 16) * per_xlogid + int(name[16:24], 16)
+    return (number + 1) * segment_bytes
+
+
+def int_to_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def check_timeline(target: RecoveryTarget, window: Window, base: BaseBackupManifest) -> None:
+    """A numeric timeline must exist: the base backup's own, or one whose ``.history`` file
+    is archived (the server would otherwise fail only after replay started)."""
+    if not target.timeline.isdigit():
+        return
+    tli = int(target.timeline)
+    if tli != base.timeline and f"{tli:08X}.history" not in window.history_files:
+        raise TargetOutsideWindow(
+            f"timeline {tli} is neither the base backup's ({base.timeline}) nor archived "
+            f"({tli:08X}.history is not in the archive); nothing was changed"
+        )
 
 
 def choose_base_backup(target: RecoveryTarget, window: Window) -> BaseBackupManifest:
     """The newest base backup that ends before the target; refuse if there is none.
 
     A named restore point has no time or LSN to compare before replay, so it starts from
-    the earliest base backup (always correct, possibly a longer replay).
+    the earliest base backup (always correct, possibly a longer replay). Whether the name
+    exists is known only to the WAL: a misspelt name replays the whole archive and then
+    fails (on production, the rollback then puts the old cluster back). Searching the
+    archived WAL with ``pg_waldump`` first would mean downloading and decrypting all of
+    it before approval, so it is not done.
     """
     if not window.base_backups:
         raise TargetOutsideWindow("no base backups in the archive: run 'wedefi-dr base-backup'")
@@ -96,6 +135,13 @@ def choose_base_backup(target: RecoveryTarget, window: Window) -> BaseBackupMani
             raise TargetOutsideWindow(
                 f"target LSN {target.value} is before the end of the earliest base backup "
                 f"({earliest.backup_id}, {earliest.stop_lsn}); nothing was changed"
+            )
+        if window.newest_wal_end is None or lsn > window.newest_wal_end:
+            reach = int_to_lsn(window.newest_wal_end) if window.newest_wal_end else "nothing"
+            raise TargetOutsideWindow(
+                f"target LSN {target.value} is beyond the newest archived WAL "
+                f"({window.newest_wal}, which ends at {reach}): the archive cannot reach it; "
+                "nothing was changed"
             )
         return usable[-1]
     if target.kind == "name":
