@@ -21,11 +21,23 @@ import pytest
 
 from flows.retention import RetentionIncomplete, retention
 from tests.helpers import fingerprint
-from tests.test_retention import AS_OF, _back_up, _Env, _policy, _rule, copy_db, template
+from tests.test_retention import (
+    AS_OF,
+    POLICY,
+    _back_up,
+    _Env,
+    _policy,
+    _rule,
+    copy_db,
+    template,
+)
 from wedefi_dr.config import Settings
+from wedefi_dr.errors import InvalidInput
 from wedefi_dr.postgres.tools import connect
-from wedefi_dr.retention import guard
+from wedefi_dr.retention import batches, guard
+from wedefi_dr.retention import policy as core
 from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr_dev import seed as seeding
 
 __all__ = ["copy_db", "template"]  # module fixtures, shared with test_retention
 
@@ -210,7 +222,36 @@ def test_an_archived_row_back_in_the_table_is_removed_or_stops_the_table(
     # One attempt, not retried: one audit row for the table in that run, naming the row.
     rows = _audit_rows(settings, dsn)
     last_run = rows[-1][0]
-    (failure,) = [r for r in rows if r[0] == last_run]
+    attempts = [r for r in rows if r[0] == last_run]
+    assert len(attempts) == 1, attempts
+    failure = attempts[0]
     assert failure[1:3] == ("PriceSnapshot", "failed")
     assert "ArchiveConflict" in failure[3] and other in failure[3]
     assert seconds < 30  # the task's retry delay was not waited out
+
+
+# ---- sample-data resets --------------------------------------------------------------------
+def test_seed_reset_drops_the_product_tables_and_checks_the_scale_first(copy_db):
+    dsn = copy_db()
+    plans = core.plans_for(dsn, POLICY, AS_OF)
+    assert batches.ensure_targets(dsn, plans) == [
+        "PriceSnapshotArchive",
+        "PerformanceMetricMonthly",
+    ]
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            'INSERT INTO "PriceSnapshotArchive" SELECT * FROM "PriceSnapshot" ORDER BY id LIMIT 1'
+        )
+    before = fingerprint(dsn)
+    with pytest.raises(InvalidInput, match="scale must be positive"):
+        seeding.prepare(dsn, reset=True, scale=0)
+    assert fingerprint(dsn) == before  # nothing dropped
+    seeding.prepare(dsn, reset=True, scale=1)
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT to_regclass('\"PriceSnapshotArchive\"'), "
+            "to_regclass('\"PerformanceMetricMonthly\"')"
+        )
+        assert cur.fetchone() == (None, None)
+        cur.execute('SELECT count(*) FROM "PriceSnapshot"')
+        assert cur.fetchone()[0] == 0
