@@ -1,11 +1,14 @@
 """Runbook: weekly data retention by classification (the plan's Sunday 01:00 UTC job).
 
-validate the policy against the live schema → preview what would go (table artifact) →
-[dry run stops here] → create the archive and summary tables → apply retention, one
-table at a time, in policy order (batches; an audit row per table) → publish metrics.
+fix the moment (never in the future) → validate the policy against the live schema →
+preview what would go (table artifact) → [dry run stops here] → guard: no mass deletion
+unless allowed, a recent verified backup → create the archive and summary tables →
+apply retention, one table at a time, in policy order (batches; an audit row per table)
+→ publish metrics.
 
-A table that fails does not stop the others; the flow fails at the end naming them, and
-a rerun finishes the job (committed batches stay done; nothing is half-moved).
+A table that fails does not stop the others; the flow fails at the end naming them.
+Committed batches stay done and nothing is half-moved, so a rerun finishes the job,
+except for a table stopped by an archive conflict: that one needs a person first.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from tasks import retention as steps
 from tasks.common import run_scoped_uuid
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import DRError
+from wedefi_dr.retention.batches import ArchiveConflict
 
 
 class RetentionIncomplete(DRError):
-    """Some tables failed; the others were applied. Rerun to finish."""
+    """Some tables failed; the others were applied. The message says whether a rerun
+    can finish the job or a conflict has to be resolved first."""
 
 
 @flow(name="retention")
@@ -33,8 +38,13 @@ def retention(
     as_of: datetime | None = None,
     operator: str = "scheduler",
     policy_path: str | None = None,
+    allow_mass_deletion: bool = False,
 ) -> dict[str, Any]:
-    """Apply ``deployments/retention.yaml`` to the primary (or only count, with ``dry_run``)."""
+    """Apply ``deployments/retention.yaml`` to the primary (or only count, with ``dry_run``).
+
+    ``allow_mass_deletion`` lets a run remove more than the policy's ``max_share`` of a
+    table, or Tier 1 rows; it never lifts the need for a recent verified backup.
+    """
     logger = get_run_logger()
     policy = str(policy_path or get_settings().retention_policy)
     moment = steps.fix_moment(as_of)
@@ -55,18 +65,21 @@ def retention(
             "results": [],
             "flow_run_id": flow_run.get_id(),
         }
+    steps.guard_run(policy, moment, preview, allow_mass_deletion)
     steps.create_targets(policy, moment)
     run_id = run_scoped_uuid("retention-run")
-    results, failed = [], []
+    results, failed, conflicts = [], [], []
     for item in preview:
         state = steps.apply_table(
             policy, moment, item["table"], item["rows"], run_id, operator, return_state=True
         )
         if state.is_completed():
             results.append(state.result())
-        else:
-            failed.append(item["table"])
-            logger.error("%s failed: %s", item["table"], state.message)
+            continue
+        failed.append(item["table"])
+        if isinstance(state.result(raise_on_failure=False), ArchiveConflict):
+            conflicts.append(item["table"])
+        logger.error("%s failed: %s", item["table"], state.message)
     steps.publish_metrics(results)
     create_table_artifact(
         key="retention-result",
@@ -85,10 +98,7 @@ def retention(
         + (f"; FAILED: {', '.join(failed)}" if failed else ""),
     )
     if failed:
-        raise RetentionIncomplete(
-            f"retention failed for {', '.join(failed)} (the other tables were applied); "
-            "rerun to finish: committed batches stay done"
-        )
+        raise RetentionIncomplete(_incomplete(failed, conflicts))
     return {
         "as_of": moment,
         "dry_run": False,
@@ -96,3 +106,17 @@ def retention(
         "results": results,
         "flow_run_id": flow_run.get_id(),
     }
+
+
+def _incomplete(failed: list[str], conflicts: list[str]) -> str:
+    """The final word of a failed run: "rerun to finish" only where a rerun can finish."""
+    message = f"retention failed for {', '.join(failed)} (the other tables were applied)"
+    if conflicts:
+        message += (
+            f"; {', '.join(conflicts)}: rows already archived with a different copy (named "
+            "in the table's error), so a rerun cannot finish until that conflict is resolved"
+        )
+    retry = [t for t in failed if t not in conflicts]
+    if retry:
+        message += f"; {', '.join(retry)}: rerun to finish, committed batches stay done"
+    return message

@@ -16,13 +16,14 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 
-from tasks.common import scrub
+from tasks.common import scrub, unless
 from wedefi_dr.config import get_settings
+from wedefi_dr.errors import InvalidInput
 from wedefi_dr.observability import audit, metrics
-from wedefi_dr.postgres.timestamps import naive_utc
-from wedefi_dr.retention import batches
+from wedefi_dr.retention import batches, guard
 from wedefi_dr.retention import policy as retention
 from wedefi_dr.runbook import Retention
+from wedefi_dr.storage.s3 import ObjectStore
 
 PROGRESS_EVERY_SECONDS = 5.0
 
@@ -39,9 +40,10 @@ def _primary() -> str:
     cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
 )
 def fix_moment(as_of: datetime | None) -> datetime:
-    """``as_of``, or now, in the schema's frame. Cached per flow run: a Retry of the run
-    reuses the first attempt's moment, so its cutoffs (and its dry-run counts) stay put."""
-    return naive_utc(as_of)
+    """``as_of``, or now, in the schema's frame; a future ``as_of`` is refused here, before
+    anything reads the database. Cached per flow run: a Retry of the run reuses the first
+    attempt's moment, so its cutoffs (and its dry-run counts) stay put."""
+    return guard.check_moment(as_of)
 
 
 @task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE)
@@ -89,6 +91,38 @@ def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list
     return rows
 
 
+@task(name=Retention.GUARD, cache_policy=NO_CACHE)
+def guard_run(
+    policy_path: str, as_of: datetime, preview: list[dict[str, Any]], allow_mass_deletion: bool
+) -> dict[str, Any]:
+    """Before the first batch: no mass deletion unless the request allows it, and nothing
+    removed without a recent verified backup. Not cached: a Retry checks again."""
+    logger = get_run_logger()
+    settings = get_settings()
+    dsn = _primary()
+    items = [batches.TablePreview(**row) for row in preview]
+    removals = guard.removals(items)
+    if not any(removals.values()):
+        return {"mass_deletion": [], "backup": None}
+    plans = retention.plans_for(dsn, policy_path, as_of)
+    problems = guard.mass_deletions(plans, items, guard.table_sizes(dsn, removals))
+    if not allow_mass_deletion:
+        guard.refuse_mass_deletion(problems)
+    for problem in problems:
+        logger.warning("mass deletion allowed by the request: %s", problem)
+    backup = guard.recent_backup(
+        ObjectStore(settings),
+        retention.database_of(dsn),
+        settings.retention_requires_backup_within_hours,
+    )
+    logger.info(
+        "verified backup %s finished %.1f h ago: what this run removes can be restored",
+        backup.backup_id,
+        backup.age_hours,
+    )
+    return {"mass_deletion": problems, "backup": backup.backup_id}
+
+
 @task(name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5)
 def create_targets(policy_path: str, as_of: datetime) -> list[str]:
     dsn = _primary()
@@ -120,6 +154,9 @@ def _finish_audit(
     task_run_name=Retention.APPLY + ": {table}",
     retries=1,
     retry_delay_seconds=30,
+    # A conflict in the archive or a policy that no longer fits gives the same answer on
+    # every attempt: the table fails at once instead of after the delay.
+    retry_condition_fn=unless(batches.ArchiveConflict, InvalidInput),
 )
 def apply_table(
     policy_path: str, as_of: datetime, table: str, expected: int, run_id: str, operator: str

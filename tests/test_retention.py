@@ -37,8 +37,11 @@ from wedefi_dr.retention import policy as core
 from wedefi_dr_dev import seed as seeding
 
 POLICY = PROJECT_ROOT / "deployments" / "retention.yaml"
-SEED_NOW = datetime.now(UTC).replace(tzinfo=None, minute=0, second=0, microsecond=0)
-# The run's moment: an hour after the data was placed, as a weekly job would see it.
+# The data is placed an hour before the start of the current hour, so that the run's
+# moment, an hour after it as a weekly job would see it, is in the past (never refused).
+SEED_NOW = datetime.now(UTC).replace(tzinfo=None, minute=0, second=0, microsecond=0) - timedelta(
+    hours=1
+)
 AS_OF = SEED_NOW + timedelta(hours=1)
 LOCK_TIMEOUT_MS = 1000
 INDEFINITE = ("Chain", "Protocol", "Wallet", "Token", "TokenBalance", "PriceThreshold", "Alert")
@@ -109,6 +112,19 @@ class _Env:
         get_settings.cache_clear()
 
 
+def _back_up(dsn: str) -> str:
+    """A real backup of ``dsn`` by the ``logical-backup`` flow: a run that removes rows
+    needs one (the flow backs up ``WEDEFI_DR_PRIMARY_DSN``)."""
+    from flows.backup import logical_backup
+
+    env = _Env()
+    env.set(WEDEFI_DR_PRIMARY_DSN=dsn)
+    try:
+        return logical_backup(operator="pytest")
+    finally:
+        env.restore()
+
+
 def _policy(tmp: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> str:
     raw = yaml.safe_load(POLICY.read_text())
     if edit:
@@ -176,8 +192,12 @@ class Writer(threading.Thread):
 def applied(
     prefect_api: None, copy_db: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    """Dry run, then a real run (small batches, a writer inserting meanwhile), then again."""
+    """Dry run, then a real run (small batches, a writer inserting meanwhile), then again.
+
+    The run removes most of several tables and Tier 1 rows: it is started as a mass
+    deletion, after a backup of its copy."""
     dsn = copy_db()
+    _back_up(dsn)
     policy = _policy(
         tmp_path_factory.mktemp("retention"),
         lambda raw: raw["defaults"].update(batch_size=40, lock_timeout_ms=LOCK_TIMEOUT_MS),
@@ -194,7 +214,9 @@ def applied(
         artifact = Artifact.get("retention-preview")
         writer = Writer(dsn)
         writer.start()
-        run = retention(as_of=AS_OF, operator="pytest", policy_path=policy)
+        run = retention(
+            as_of=AS_OF, operator="pytest", policy_path=policy, allow_mass_deletion=True
+        )
         writer.stop.set()
         writer.join()
         after = _counts(dsn)
@@ -528,6 +550,7 @@ def test_killed_worker_loses_nothing_and_a_rerun_completes(prefect_api, copy_db,
         raw["tables"][0].update(batch_size=batch, lock_timeout_ms=30_000)
 
     policy = _policy(tmp_path, only_prices)
+    _back_up(dsn)
     expected = batches.dry_run(dsn, policy, AS_OF)[0].rows
     assert expected > 10 * batch
     total = sum(_totals(dsn))
@@ -537,7 +560,7 @@ def test_killed_worker_loses_nothing_and_a_rerun_completes(prefect_api, copy_db,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
     }
     cli = [str(Path(sys.executable).parent / "wedefi-dr"), "retention", "--policy", policy]
-    cli += ["--as-of", AS_OF.isoformat(), "--operator", "pytest-kill"]
+    cli += ["--as-of", AS_OF.isoformat(), "--operator", "pytest-kill", "--allow-mass-deletion"]
 
     def start(pause: float) -> subprocess.Popen:
         return subprocess.Popen(

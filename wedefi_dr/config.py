@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # leaves room for autovacuum, replication and other writers on a busy primary.
     retention_policy: Path = PROJECT_ROOT / "deployments" / "retention.yaml"
     retention_batch_pause_seconds: float = Field(default=0.0, ge=0)
+    # A run that removes anything needs a verified logical backup of the same database
+    # that finished this recently (the daily backup plus slack): what retention removes
+    # can then still be restored.
+    retention_requires_backup_within_hours: float = Field(default=26.0, gt=0)
 
     # WAL archive, base backups, point-in-time recovery.
     # gzip level for WAL segments and base backups before gpg (a mostly idle segment is

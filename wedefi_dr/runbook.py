@@ -87,6 +87,7 @@ class Retention(StrEnum):
     FIX_MOMENT = "fix the moment the cutoffs count from"
     VALIDATE_POLICY = "validate policy against the live schema"
     PREVIEW = "preview: rows that would go"
+    GUARD = "guard: no mass deletion, a recent verified backup"
     CREATE_TABLES = "create archive and summary tables"
     APPLY = "apply retention"
     PUBLISH_METRICS = "publish retention metrics"

@@ -24,8 +24,20 @@ def retention(
         datetime | None, typer.Option(help="the run's moment in UTC (default: now)")
     ] = None,
     operator: Annotated[str, typer.Option(help="who runs it (audit log)")] = "",
+    allow_mass_deletion: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mass-deletion",
+            help="allow removing more than a table's max_share, or Tier 1 rows (a recent "
+            "verified backup is still required)",
+        ),
+    ] = False,
 ) -> None:
     """Run the retention flow: validate the policy, preview, then apply it in batches."""
+    from wedefi_dr.retention.guard import check_moment
+
+    if as_of is not None:
+        check_moment(as_of)  # a future moment is refused before any server is asked
     settings = ready(settings=("primary_dsn", "ops_dsn"), servers=("primary_dsn", "ops_dsn"))
     path = policy or settings.retention_policy
     if not Path(path).is_file():
@@ -37,6 +49,7 @@ def retention(
         as_of=as_of,
         operator=operator or settings.operator,
         policy_path=str(path),
+        allow_mass_deletion=allow_mass_deletion,
     )
     print_preview(run.result["preview"], run.result["results"])
 

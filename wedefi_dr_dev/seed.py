@@ -185,26 +185,49 @@ _LABELS = ("treasury", "hot wallet", "cold storage", "farming", "ve-voter", "mul
 
 
 # ---- public API ------------------------------------------------------------------------
-def prepare(dsn: str, *, reset: bool = False) -> None:
+def check_scale(scale: float) -> float:
+    """The seed's size factor, refused unless positive (before anything is dropped)."""
+    if not scale > 0:
+        raise InvalidInput(f"scale must be positive, got {scale!r}")
+    return scale
+
+
+def product_tables() -> tuple[str, ...]:
+    """The tables the product creates beside the WeDefiDaily schema: the retention
+    policy's archive and summary targets. A reset that kept them would keep archived
+    copies of rows that the new sample data brings back into the hot tables."""
+    from wedefi_dr.config import get_settings
+    from wedefi_dr.retention.policy import load_policy
+
+    policy = load_policy(get_settings().retention_policy)
+    return tuple(target for rule in policy.tables if (target := rule.target()))
+
+
+def prepare(dsn: str, *, reset: bool = False, scale: float | None = None) -> None:
     """Make the database ready for :func:`seed`: the schema present and every table empty.
 
     The CLI, the bench and the tests call this before :func:`seed`. With ``reset`` the 33
-    WeDefiDaily tables are dropped first (sample databases only: this deletes their
+    WeDefiDaily tables and the tables the product made beside them
+    (:func:`product_tables`) are dropped first (sample databases only: this deletes their
     data). Without it, the schema is created when absent and an existing, empty schema
     is accepted; any data, or a partial schema, is refused rather than overwritten.
-    Dropping and creating happen in one transaction.
+    Dropping and creating happen in one transaction. ``scale``, when given, is the one
+    :func:`seed` will get: it is checked first, so a bad one drops nothing.
 
     Raises:
-        InvalidInput: some tables exist and hold rows (or only some exist) and ``reset``
-            is false.
+        InvalidInput: ``scale`` is not positive, or some tables exist and hold rows (or
+            only some exist) and ``reset`` is false.
     """
+    if scale is not None:
+        check_scale(scale)
+    dropped = (*TABLES, *product_tables()) if reset else ()
     conn = psycopg2.connect(dsn, application_name="wedefi-dr-seed")
     try:
         with conn, conn.cursor() as cur:
-            if reset:
+            if dropped:
                 cur.execute(
                     sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(
-                        sql.SQL(", ").join(sql.Identifier(t) for t in TABLES)
+                        sql.SQL(", ").join(sql.Identifier(t) for t in dropped)
                     )
                 )
             cur.execute(
@@ -257,8 +280,7 @@ def seed(
     Returns:
         ``{"TableName": rows}`` for the 33 tables, in load order.
     """
-    if not scale > 0:
-        raise InvalidInput(f"scale must be positive, got {scale!r}")
+    check_scale(scale)
     if now is None:
         now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     if now.tzinfo is not None:

@@ -8,7 +8,9 @@
   to the archive table or folded into the summary table in one statement. A worker
   killed at any moment leaves whole batches moved or none: nothing is lost or
   half-moved, and the next run continues where it stopped (idempotent by construction:
-  the rows it would act on are gone).
+  the rows it would act on are gone). A row that is back in the hot table although
+  it was archived is only deleted when its archived copy is identical; a different copy
+  stops the table (:class:`ArchiveConflict`) with both kept.
 - Batches walk the primary key (keyset, ``key > last key``) so that no batch rescans
   the index entries its predecessors left dead.
 
@@ -50,6 +52,18 @@ class RetentionBusy(DRError):
 
 class RetentionFailed(DRError):
     """A table's batches stopped (lock timeouts, a batch that did not add up)."""
+
+
+class ArchiveConflict(RetentionFailed):
+    """Rows to archive already have a different copy in the archive table.
+
+    Permanent: every rerun meets the same rows, so it is not retried. The batch is rolled
+    back, so both copies are kept until someone decides which one is right.
+    """
+
+
+CONFLICT_IDS_SHOWN = 10
+"""How many conflicting keys an ArchiveConflict names (the count says how many in all)."""
 
 
 _MIN_MAX_COUNT = {
@@ -344,6 +358,8 @@ class TableResult:
     cutoff: datetime
     removed: int = 0
     archived: int = 0
+    # Rows whose identical copy was already in the archive: only deleted from the table.
+    already_archived: int = 0
     summarized: int = 0
     cascaded: dict[str, int] = field(default_factory=dict)
     batches: int = 0
@@ -394,7 +410,11 @@ def _cascade_counts(p: TablePlan) -> list[tuple[str, sql.Composed]]:
 def _action_statement(p: TablePlan) -> sql.Composed:
     """One statement: delete the batch and (archive|summarize) exactly the deleted rows.
 
-    Returns ``(rows deleted, rows written to the target)``.
+    Returns ``(rows deleted, rows written to the target, rows already archived as they
+    are, rows whose archived copy differs, some of those keys)``. A row that comes back to
+    the hot table after it was archived (a table-level restore, a re-insert) is not
+    archived twice: an identical archived copy makes the move already done, so the row is
+    only deleted; a different one is reported and the caller rolls the batch back.
     """
     rule = p.rule
     src = sql.Identifier(rule.table)
@@ -402,15 +422,44 @@ def _action_statement(p: TablePlan) -> sql.Composed:
     if rule.action == "delete":
         return sql.SQL(
             "WITH gone AS (DELETE FROM {} WHERE {} = ANY(%(keys)s) RETURNING 1) "
-            "SELECT count(*), 0 FROM gone"
+            "SELECT count(*), 0, 0, 0, NULL FROM gone"
         ).format(src, key)
     if rule.action == "archive":
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in p.columns)
+        g, a = sql.Identifier("g"), sql.Identifier("a")
+
+        def row(alias: sql.Identifier) -> sql.Composable:
+            # As text: every type has one (json has no equality operator), and a copy
+            # is identical only if it reads back the same.
+            return sql.SQL("ROW({})::text").format(
+                sql.SQL(", ").join(_col(alias, c) for c in p.columns)
+            )
+
+        # The archive as it was before this statement (its snapshot): rows already there.
         return sql.SQL(
             "WITH gone AS (DELETE FROM {src} WHERE {key} = ANY(%(keys)s) RETURNING {cols}), "
-            "moved AS (INSERT INTO {dst} ({cols}) SELECT {cols} FROM gone RETURNING 1) "
-            "SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved)"
-        ).format(src=src, key=key, cols=cols, dst=sql.Identifier(rule.archive_table))
+            "moved AS (INSERT INTO {dst} ({cols}) SELECT {cols} FROM gone "
+            "ON CONFLICT ({key}) DO NOTHING RETURNING 1), "
+            "present AS (SELECT {gk} AS k, {grow} = {arow} AS same "
+            "FROM gone {g} JOIN {dst} {a} ON {ak} = {gk}) "
+            "SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved), "
+            "(SELECT count(*) FROM present WHERE same), "
+            "(SELECT count(*) FROM present WHERE NOT same), "
+            "(SELECT array_agg(k ORDER BY k) FROM (SELECT k FROM present WHERE NOT same "
+            "ORDER BY k LIMIT {shown}) d)"
+        ).format(
+            src=src,
+            key=key,
+            cols=cols,
+            dst=sql.Identifier(rule.archive_table),
+            g=g,
+            a=a,
+            gk=_col(g, p.key),
+            ak=_col(a, p.key),
+            grow=row(g),
+            arow=row(a),
+            shown=sql.Literal(CONFLICT_IDS_SHOWN),
+        )
     s = rule.summary
     assert s is not None
     dst = sql.Identifier(s.table)
@@ -435,7 +484,7 @@ def _action_statement(p: TablePlan) -> sql.Composed:
         "WITH gone AS (DELETE FROM {src} WHERE {key} = ANY(%(keys)s) RETURNING *), "
         "merged AS (INSERT INTO {dst} AS m ({names}) {select} "
         "ON CONFLICT ({keys}) DO UPDATE SET {sets} RETURNING 1) "
-        "SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM merged)"
+        "SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM merged), 0, 0, NULL"
     ).format(
         src=src,
         key=key,
@@ -501,11 +550,24 @@ def run_table(
                         cur.execute(statement, {"keys": keys})
                         counted[table] = cur.fetchone()[0]
                     cur.execute(action, {"keys": keys})
-                    gone, written = cur.fetchone()
-                    if gone != len(keys) or (p.rule.action == "archive" and written != gone):
+                    gone, written, identical, differing, some = cur.fetchone()
+                    if differing:
+                        raise ArchiveConflict(
+                            f"{p.table}: {differing} rows to archive already have a different "
+                            f"copy in {p.rule.archive_table} ({p.key} "
+                            f"{', '.join(map(str, some))}"
+                            f"{', ...' if differing > len(some) else ''}); batch rolled back, "
+                            "both copies kept. A rerun cannot finish this table until each "
+                            f"row is resolved: delete the copy from {p.table} or from "
+                            f"{p.rule.archive_table}"
+                        )
+                    if gone != len(keys) or (
+                        p.rule.action == "archive" and written + identical != gone
+                    ):
                         raise RetentionFailed(
                             f"{p.table}: batch after {after!r} locked {len(keys)} rows but "
-                            f"deleted {gone} and wrote {written}; rolled back"
+                            f"deleted {gone} and wrote {written} ({identical} already "
+                            "archived); rolled back"
                         )
                     conn.commit()
                 except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled) as exc:
@@ -531,6 +593,7 @@ def run_table(
                 result.removed += gone
                 if p.rule.action == "archive":
                     result.archived += written
+                    result.already_archived += identical
                 elif p.rule.action == "summarize":
                     result.summarized += gone
                 for table, n in counted.items():

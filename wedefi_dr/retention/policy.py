@@ -83,6 +83,10 @@ class Defaults(_Strict):
     lock_timeout_ms: int = Field(default=2000, ge=1)
     statement_timeout_ms: int = Field(default=60_000, ge=1)
     lock_retries: int = Field(default=3, ge=0, le=100)
+    # The largest share of a table one run may remove (directly or by cascade) unless the
+    # request allows a mass deletion: a wrong moment or a broken clock then stops the run
+    # before its first batch instead of emptying the table.
+    max_share: float = Field(default=0.25, gt=0, le=1)
 
 
 class Condition(_Strict):
@@ -132,6 +136,9 @@ class TableRule(_Strict):
     """One table's retention: which rows are old, and what happens to them."""
 
     table: Name
+    # The data classification: a Tier 1 row (financial history) is never removed unless
+    # the request allows a mass deletion, however few rows a run would take.
+    tier: Literal[1, 2, 3]
     timestamp: Name
     max_age: Age
     action: Literal["delete", "archive", "summarize"]
@@ -144,6 +151,7 @@ class TableRule(_Strict):
     lock_timeout_ms: int | None = Field(default=None, ge=1)
     statement_timeout_ms: int | None = Field(default=None, ge=1)
     lock_retries: int | None = Field(default=None, ge=0, le=100)
+    max_share: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _target_matches_action(self) -> TableRule:
@@ -325,6 +333,7 @@ class TablePlan:
     lock_timeout_ms: int
     statement_timeout_ms: int
     lock_retries: int
+    max_share: float
     cascade_fks: list[ForeignKey] = field(default_factory=list)
     skip_fks: list[ForeignKey] = field(default_factory=list)
     cascaded_tables: list[str] = field(default_factory=list)
@@ -401,6 +410,7 @@ def plan(conn, policy: RetentionPolicy, as_of: datetime | None = None) -> list[T
             lock_retries=(
                 rule.lock_retries if rule.lock_retries is not None else defaults.lock_retries
             ),
+            max_share=rule.max_share or defaults.max_share,
         )
         problems += _follow_foreign_keys(p, schema, set(policy.indefinite))
         problems += _check_target(p, schema)
@@ -495,6 +505,11 @@ def _check_target(p: TablePlan, schema: Schema) -> list[str]:
             problems.append(
                 f"rule {rule.table}: archive table {rule.archive_table} exists with other "
                 f"columns or types than {rule.table}: {diff}"
+            )
+        if schema.primary_keys.get(rule.archive_table) != (p.key,):
+            problems.append(
+                f"rule {rule.table}: archive table {rule.archive_table} needs the primary "
+                f"key ({p.key}), as {rule.table}: that is how a row already archived is found"
             )
     if rule.summary:
         s = rule.summary
