@@ -83,7 +83,7 @@ def restore_backup(
                 ),
                 timeout=approval_timeout_seconds,
                 poll_interval=2,
-                key=Restore.APPROVAL.value,
+                key="break-glass-approval",
             )
             approvers = steps.check_break_glass(
                 conn_target,
