@@ -103,7 +103,7 @@ def _server_identity(server: ConnTarget, what: str, *, maintenance: bool = True)
         raise InvalidInput(f"cannot reach {what} {server.redacted}: {str(exc).strip()}") from exc
 
 
-def _user_tables(target: ConnTarget) -> int:
+def user_tables(target: ConnTarget) -> int:
     """How many tables outside the system schemas the target holds (0: absent or empty)."""
     with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
@@ -168,7 +168,7 @@ def check_target(
             f"refusing to restore into {target.location}: it is the ops database, which "
             "holds the audit trail"
         )
-    tables = _user_tables(target)
+    tables = user_tables(target)
     if tables and not overwrite:
         raise TargetRefused(
             f"refusing to restore into {target.location}: it holds {tables} table(s). "
