@@ -137,5 +137,5 @@ def test_restore_refuses_a_backup_fingerprinted_another_way(
             )
     finally:
         drop_backup(store, old.backup_id)
-    assert recovery_audit_rows(ops) == audit_rows
+    assert recovery_audit_rows(ops) == audit_rows + 1  # the refusal, on the record
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
