@@ -35,9 +35,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from prefect.runtime import flow_run
 
+from flows.approval import Approval
 from tasks import pitr as steps
 from tasks.common import (
     attempt_scoped_uuid,
@@ -49,15 +49,6 @@ from wedefi_dr.config import get_settings
 from wedefi_dr.physical.pitr.recovery import ApprovalTimedOut, RolledBack
 from wedefi_dr.physical.pitr.report import render_markdown
 from wedefi_dr.runbook import PITR, timed
-
-
-class PitrApproval(RunInput):
-    """What an approver fills in to let a paused recovery continue."""
-
-    approve: bool
-    approvers: list[str] = []
-    emergency_declared: bool = False
-    note: str = ""
 
 
 @flow(name="point-in-time-recovery", log_prints=True)
@@ -120,9 +111,7 @@ def point_in_time_recovery(
         with failure_reported(subject, details, close_audit=record_refusal):
             try:
                 answer = pause_flow_run(
-                    wait_for_input=PitrApproval.with_initial_data(
-                        description=question, approve=False
-                    ),
+                    wait_for_input=Approval.with_initial_data(description=question, approve=False),
                     timeout=approval_timeout_seconds,
                     poll_interval=2,
                     key=PITR.APPROVAL.value,

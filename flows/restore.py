@@ -1,8 +1,10 @@
 """Runbook: restore a logical backup into a named database, and prove it.
 
-validate request → audit row 'running' → download and verify checksum → decrypt and
-pg_restore → verify row counts and content hashes → audit row 'success'.
-Failures after validation: audit row 'failed' and a notification.
+validate request → (overwriting production: pause for the break-glass approval) → audit
+row 'running' → download and verify checksum → decrypt and pg_restore → verify row counts
+and content hashes → audit row 'success'.
+A refused request (target policy, approval): audit row 'refused', nothing changed.
+Failures after that: audit row 'failed'. Both send a notification.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.flow_runs import pause_flow_run
 
+from flows.approval import Approval
 from tasks import restore as steps
 from tasks.common import (
     attempt_scoped_uuid,
@@ -29,28 +33,68 @@ def restore_backup(
     target_dsn: str,
     operator: str,
     justification: str,
-    overwrite_source: bool = False,
+    overwrite: bool = False,
+    approval_timeout_seconds: int = 3600,
 ) -> dict[str, Any]:
     """Restore ``backup_id`` (or ``latest``) into ``target_dsn`` and verify it exactly.
 
     ``target_dsn`` must not carry a password (flow parameters are visible in the UI):
     libpq finds it in PGPASSFILE. It is parsed here, once; the identity check and
-    pg_restore both receive that same parsed target.
+    pg_restore both receive that same parsed target. A target that holds tables is
+    replaced only with ``overwrite``; when it also counts as production the run pauses
+    for the break-glass approval (the same form and rule as PITR).
     """
     conn_target = ConnTarget.parse(target_dsn, allow_password=False)
-    manifest = steps.validate_request(
-        backup_id, conn_target, operator, justification, overwrite_source
-    )
-    resolved = manifest["backup_id"]
     target = conn_target.location
-    audit_id = audit_recovery_started(
-        audit_id=attempt_scoped_uuid("recovery-audit"),
-        recovery_type="logical_restore",
-        backup_id=resolved,
-        target=target,
-        operator=operator,
-        justification=justification,
-    )
+    audit_id = attempt_scoped_uuid("recovery-audit")
+
+    def audit_started(backup: str | None, why: str) -> None:
+        audit_recovery_started(
+            audit_id=audit_id,
+            recovery_type="logical_restore",
+            backup_id=backup,
+            target=target,
+            operator=operator,
+            justification=why,
+        )
+
+    def record_refusal(error: str) -> None:
+        """A refused request is on the record, unless it named no one to record."""
+        if operator.strip() and justification.strip():
+            audit_started(backup_id, justification)
+            audit_recovery_finished(audit_id, "refused", error=error)
+
+    subject = f"WeDefiDaily restore of {backup_id} into {target}"
+    with failure_reported(subject, {"backup_id": backup_id, "target": target}, record_refusal):
+        checked = steps.validate_request(backup_id, conn_target, operator, justification, overwrite)
+    manifest = checked["manifest"]
+    resolved = manifest["backup_id"]
+    why = justification
+    if checked["break_glass"]:
+        with failure_reported(subject, {"backup_id": resolved, "target": target}, record_refusal):
+            answer = pause_flow_run(
+                wait_for_input=Approval.with_initial_data(
+                    description=(
+                        f"Overwrite {target} with backup {resolved}? Break-glass: "
+                        f"{checked['break_glass']}. Declare the emergency and name two approvers "
+                        f"other than {operator}."
+                    ),
+                    approve=False,
+                ),
+                timeout=approval_timeout_seconds,
+                poll_interval=2,
+                key="break-glass-approval",
+            )
+            approvers = steps.check_break_glass(
+                conn_target,
+                checked["break_glass"],
+                answer.approve,
+                answer.approvers,
+                answer.emergency_declared,
+                operator,
+            )
+        why = f"{justification} [break-glass overwrite approved by {', '.join(approvers)}]"
+    audit_started(resolved, why)
     timings: dict[str, dict[str, float]] = {}
     with failure_reported(
         f"WeDefiDaily restore of {resolved} into {target}",

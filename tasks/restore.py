@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from tasks.common import unless
+from wedefi_dr import approval
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import IntegrityError, InvalidInput
@@ -18,13 +19,39 @@ from wedefi_dr.runbook import Restore
 
 @task(name=Restore.VALIDATE_REQUEST)
 def validate_request(
-    backup_id: str, target: ConnTarget, operator: str, justification: str, overwrite_source: bool
+    backup_id: str, target: ConnTarget, operator: str, justification: str, overwrite: bool
 ) -> dict[str, Any]:
-    """All refusals happen here, before anything is downloaded or changed."""
-    request = restore.RestoreRequest(
-        backup_id, target, operator, justification, allow_source_overwrite=overwrite_source
+    """All refusals happen here, before anything is downloaded or changed. Returns the
+    manifest and why the target counts as production when overwriting it is break-glass."""
+    request = restore.RestoreRequest(backup_id, target, operator, justification, overwrite)
+    manifest, check = restore.assess(get_settings(), request)
+    return {
+        "manifest": manifest.model_dump(mode="json"),
+        "break_glass": check.production if check.break_glass else "",
+    }
+
+
+@task(name=Restore.APPROVAL)
+def check_break_glass(
+    target: ConnTarget,
+    why: str,
+    approve: bool,
+    approvers: list[str],
+    emergency_declared: bool,
+    operator: str,
+) -> list[str]:
+    """The shared break-glass rule (emergency declared, two approvers other than the
+    operator) applied to what the approver filled in; the distinct approvers."""
+    approved = approval.check_approval(
+        production=True,
+        approve=approve,
+        approvers=approvers,
+        emergency_declared=emergency_declared,
+        operator=operator,
+        subject=f"overwriting {target.location} ({why})",
     )
-    return restore.validate(get_settings(), request).model_dump(mode="json")
+    get_run_logger().info("overwrite of %s approved by %s", target.location, ", ".join(approved))
+    return approved
 
 
 @task(

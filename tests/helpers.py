@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
+import uuid
 from collections.abc import Callable
 
 import boto3
+from prefect import tags
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.flow_runs import resume_flow_run
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
@@ -110,3 +117,47 @@ def sns_inbox(settings, queue_name: str) -> Callable[[], list[dict]]:
                 found.append(json.loads(message["Body"]))
 
     return drain
+
+
+def approve_when_paused(tag: str, run_input: dict, box: dict) -> threading.Thread:
+    """What an approver does in the UI: find the paused run tagged ``tag``, resume it with
+    ``run_input``. An error in the thread lands in ``box['error']`` for the test to raise."""
+
+    def worker() -> None:
+        deadline = time.monotonic() + 180
+        try:
+            with get_client(sync_client=True) as client:
+                while time.monotonic() < deadline:
+                    runs = client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+                    )
+                    state = runs[0].state if runs else None
+                    if state and state.is_paused():
+                        resume_flow_run(runs[0].id, run_input=run_input)
+                        box["resumed"] = runs[0].id
+                        return
+                    if state and state.is_final():
+                        return
+                    time.sleep(0.5)
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    return t
+
+
+def run_approved(flow: Callable[..., dict], run_input: dict, **params: object) -> dict:
+    """Run ``flow`` in this thread while a helper thread answers its approval pause."""
+    tag = f"approval-{uuid.uuid4().hex[:8]}"
+    box: dict = {}
+    helper = approve_when_paused(tag, run_input, box)
+    try:
+        with tags(tag):
+            return flow(**params)
+    finally:
+        helper.join(timeout=10)
+        assert "error" not in box, box.get("error")
+
+
+BREAK_GLASS = {"approve": True, "emergency_declared": True, "approvers": ["alice", "bob"]}

@@ -153,7 +153,7 @@ def test_forged_backup_is_refused_before_the_target_is_touched(
         store.delete(listing.manifest_key(store, forged_id))
         store.delete(key)
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
-    assert recovery_audit_rows(ops) == audits
+    assert recovery_audit_rows(ops) == audits + 1  # the refusal, on the record
 
 
 def test_planted_base_backup_manifest_is_refused(store) -> None:

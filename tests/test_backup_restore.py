@@ -8,7 +8,7 @@ import boto3
 import pytest
 
 from flows.restore import restore_backup
-from tests.helpers import fingerprint, schema_of
+from tests.helpers import BREAK_GLASS, fingerprint, run_approved, schema_of
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import VerificationFailed
@@ -67,11 +67,15 @@ def test_restore_latest_over_existing_database_replaces_it(
     )
     with connect(scratch_dsn) as conn, conn.cursor() as cur:
         cur.execute('DELETE FROM "AlertDelivery"')
-    restore_backup(
+    # The scratch database is on the primary's cluster: overwriting it is break-glass.
+    run_approved(
+        restore_backup,
+        BREAK_GLASS,
         backup_id="latest",
         target_dsn=scratch_dsn,
         operator="pytest",
         justification="second, --clean over a changed copy",
+        overwrite=True,
     )
     assert fingerprint(scratch_dsn) == fingerprint(settings.primary_dsn.get_secret_value())
 
@@ -80,8 +84,14 @@ def test_restore_latest_over_existing_database_replaces_it(
     with connect(scratch_dsn) as conn, conn.cursor() as cur:
         cur.execute('CREATE TABLE "Leftover" (id int)')
     with pytest.raises(VerificationFailed, match=r"public\.Leftover: present in the restore"):
-        restore_backup(
-            backup_id="latest", target_dsn=scratch_dsn, operator="pytest", justification="third"
+        run_approved(
+            restore_backup,
+            BREAK_GLASS,
+            backup_id="latest",
+            target_dsn=scratch_dsn,
+            operator="pytest",
+            justification="third",
+            overwrite=True,
         )
 
 

@@ -17,18 +17,20 @@ from wedefi_dr.postgres.conninfo import dbname_of
 
 
 @pytest.mark.parametrize(
-    ("overrides", "error", "message"),
+    ("overrides", "error", "message", "audited"),
     [
-        ({"backup_id": "20200101T000000Z-abcdef"}, UnknownBackup, "unknown backup id"),
-        ({"backup_id": "yesterday's"}, UnknownBackup, "is not a backup id"),
-        ({"operator": "   "}, InvalidInput, "--operator is required"),
-        ({"justification": ""}, InvalidInput, "--justification is required"),
+        ({"backup_id": "20200101T000000Z-abcdef"}, UnknownBackup, "unknown backup id", 1),
+        ({"backup_id": "yesterday's"}, UnknownBackup, "is not a backup id", 1),
+        ({"operator": "   "}, InvalidInput, "--operator is required", 0),
+        ({"justification": ""}, InvalidInput, "--justification is required", 0),
     ],
     ids=["unknown-id", "malformed-id", "empty-operator", "empty-justification"],
 )
 def test_restore_refuses_bad_input_before_any_side_effect(
-    good_backup, settings: Settings, scratch_dsn: str, overrides, error, message
+    good_backup, settings: Settings, scratch_dsn: str, overrides, error, message, audited
 ):
+    """Refused before anything is created; on the record as 'refused' when the request
+    says who and why, and not at all when it does not."""
     ops = settings.ops_dsn.get_secret_value()
     audit_rows = recovery_audit_rows(ops)
     args = {
@@ -40,7 +42,7 @@ def test_restore_refuses_bad_input_before_any_side_effect(
     }
     with pytest.raises(error, match=message):
         restore_backup(**args)
-    assert recovery_audit_rows(ops) == audit_rows
+    assert recovery_audit_rows(ops) == audit_rows + audited
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
 
 
@@ -48,21 +50,27 @@ def test_restore_refuses_the_backups_own_source(good_backup, settings: Settings)
     source = settings.primary_dsn.get_secret_value()
     ops = settings.ops_dsn.get_secret_value()
     audit_rows = recovery_audit_rows(ops)
-    with pytest.raises(TargetRefused, match="it is the database backup .* was taken from"):
+    with pytest.raises(TargetRefused, match=r"holds \d+ table\(s\).*--overwrite"):
         restore_backup(
             backup_id=good_backup,
             target_dsn=source,
             operator="pytest",
             justification="would overwrite production",
         )
-    assert recovery_audit_rows(ops) == audit_rows
+    assert recovery_audit_rows(ops) == audit_rows + 1  # the refusal, nothing else
 
 
-def test_restore_refuses_a_password_in_the_target_dsn(good_backup, scratch_dsn: str):
+def test_restore_refuses_a_password_in_the_target_dsn_before_a_flow_run(
+    good_backup, scratch_dsn: str
+):
+    """The command line refuses it before ``run_flow``: Prefect records a run's
+    parameters, so a flow that refused it itself would already have stored it."""
+    from wedefi_dr_cli.restore import restore as restore_command
+
     with pytest.raises(InvalidInput, match="contains a password"):
-        restore_backup(
-            backup_id=good_backup,
-            target_dsn=scratch_dsn + " password=hunter2",
+        restore_command(
+            good_backup,
+            target_dsn=scratch_dsn + " password=not-a-real-secret",
             operator="pytest",
             justification="secret in parameter",
         )
@@ -129,5 +137,5 @@ def test_restore_refuses_a_backup_fingerprinted_another_way(
             )
     finally:
         drop_backup(store, old.backup_id)
-    assert recovery_audit_rows(ops) == audit_rows
+    assert recovery_audit_rows(ops) == audit_rows + 1  # the refusal, on the record
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))

@@ -21,6 +21,7 @@ from tests.helpers import drop_backup
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BACKUP_ID_RE
 from wedefi_dr.config import PROJECT_ROOT
+from wedefi_dr.postgres.conninfo import dbname_of, with_dbname
 from wedefi_dr_cli.common import (
     EXIT_BAD_INPUT,
     EXIT_SERVER_UNREACHABLE,
@@ -192,6 +193,19 @@ def test_backup_prints_the_id_alone_and_a_summary_or_the_full_record(cli_env, st
             drop_backup(store, json.loads(as_json.stdout)["backup_id"])
 
 
+def _drop_database(dsn: str) -> None:
+    from psycopg2 import sql
+
+    from wedefi_dr.postgres.tools import connect
+
+    with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(dbname_of(dsn))
+            )
+        )
+
+
 def test_restore_prints_a_summary_or_the_full_record(cli_env, good_backup, scratch_dsn):
     args = ["restore", good_backup, "--target-dsn", scratch_dsn, "--operator", "pytest-cli"]
     args += ["--justification", "cli summary test"]
@@ -204,7 +218,12 @@ def test_restore_prints_a_summary_or_the_full_record(cli_env, good_backup, scrat
     assert "RTO objective" in lines[1] and "(within)" in lines[1]
     assert lines[2].startswith("report: flow run ")
 
-    as_json = cli(*args, "--json", env=cli_env)
+    # A second restore into the same database would be an overwrite: another new one.
+    args[3] = with_dbname(scratch_dsn, dbname_of(scratch_dsn) + "_json")
+    try:
+        as_json = cli(*args, "--json", env=cli_env)
+    finally:
+        _drop_database(args[3])
     assert as_json.returncode == 0, as_json.stderr[-2000:]
     record = json.loads(as_json.stdout)
     assert record["backup_id"] == good_backup

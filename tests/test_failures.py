@@ -10,7 +10,14 @@ import pytest
 
 from flows.backup import logical_backup
 from flows.restore import restore_backup
-from tests.helpers import clone_backup, drop_backup, fingerprint, sns_inbox
+from tests.helpers import (
+    BREAK_GLASS,
+    clone_backup,
+    drop_backup,
+    fingerprint,
+    run_approved,
+    sns_inbox,
+)
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, ChecksumMismatch, NotAuthentic, TruncatedObject
@@ -121,11 +128,15 @@ def test_damaged_object_fails_restore_and_leaves_target_untouched(
     before = _target_with_sentinel(scratch_dsn)
     try:
         with pytest.raises(error):
-            restore_backup(
+            # The target holds data on the primary's cluster: a break-glass overwrite.
+            run_approved(
+                restore_backup,
+                BREAK_GLASS,
                 backup_id=damaged.backup_id,
                 target_dsn=scratch_dsn,
                 operator="pytest",
                 justification="corruption test",
+                overwrite=True,
             )
     finally:
         drop_backup(store, damaged.backup_id)

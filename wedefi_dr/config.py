@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     # The ops database: audit tables live here, never in the protected database.
     ops_dsn: SecretStr = Field(default=SecretStr(""))
 
+    # Databases a restore may overwrite only break-glass, besides the backup's source and
+    # every database on the primary's cluster: each entry is a database name, a
+    # ``host:port/dbname`` location or a server's system identifier (a JSON list in the
+    # environment), e.g. the DR region's production replica.
+    production_targets: list[str] = Field(default_factory=list)
+
     # Object storage (S3 through boto3; an endpoint URL points at the local moto server).
     aws_endpoint_url: str | None = None
     aws_region: str = "us-west-2"

@@ -36,6 +36,7 @@ class Restore(StrEnum):
     """Flow ``restore-backup``: a verified restore of one logical backup."""
 
     VALIDATE_REQUEST = "validate restore request"
+    APPROVAL = "break-glass approval"
     DOWNLOAD_VERIFY = "download and verify checksum"
     DECRYPT_RESTORE = "decrypt and pg_restore"
     VERIFY = "verify row counts and content hashes"

@@ -93,16 +93,43 @@ def run(
 @app.command("teardown")
 def teardown(
     name: Annotated[str, typer.Argument(help="the environment (run) name, e.g. dr-2026...")],
+    operator: Annotated[str, typer.Option(help="who removes it (audit log)")] = "",
+    justification: Annotated[
+        str, typer.Option(help="why (audit log)")
+    ] = "remove a kept DR environment",
 ) -> None:
-    """Remove a local DR environment that was kept (keep_environment, or an errored run)."""
-    from tasks.dr_test import env_dir
-    from wedefi_dr.config import get_settings
-    from wedefi_dr.drtest.environments import DREnvironment, LocalClusterProvider
+    """Remove a local DR environment that was kept (keep_environment, or an errored run).
 
-    settings = get_settings()
-    home = env_dir(settings) / name
-    if not (home / "data").exists():
-        raise InvalidInput(f"no local DR environment {name} under {home.parent}")
+    Only a folder a DR test provisioned (its marker file) directly under the environments
+    folder, named by its plain name; anything else is refused before anything is stopped.
+    The refusal or the removal is in the audit log.
+    """
+    from wedefi_dr.drtest.environments import (
+        DREnvironment,
+        LocalClusterProvider,
+        env_dir,
+        kept_environment,
+    )
+    from wedefi_dr.observability import audit
+
+    require_text(justification, "--justification", "why remove it (audit log)")
+    settings = ready(settings=("ops_dsn",), servers=("ops_dsn",))
+    who = operator or settings.operator
+    require_text(who, "--operator", "who removes it (audit log)")
+    ops = settings.ops_dsn.get_secret_value()
+    audit_id = audit.recovery_started(
+        ops,
+        recovery_type="dr_teardown",
+        backup_id=None,
+        target=f"local:{name}"[:300],
+        operator=who,
+        justification=justification,
+    )
+    try:
+        home = kept_environment(env_dir(settings), name)
+    except InvalidInput as exc:
+        audit.recovery_finished(ops, audit_id, status="refused", error=audit.scrub(str(exc)))
+        raise
     provider = LocalClusterProvider(env_dir(settings), settings.dr_app_role)
     env = DREnvironment(
         provider="local",
@@ -111,5 +138,12 @@ def teardown(
         app_role=settings.dr_app_role,
         home=str(home),
     )
-    provider.teardown(env)
+    try:
+        provider.teardown(env)
+    except Exception as exc:
+        audit.recovery_finished(
+            ops, audit_id, status="failed", error=audit.scrub(f"{type(exc).__name__}: {exc}")
+        )
+        raise
+    audit.recovery_finished(ops, audit_id, status="success")
     err.print(f"removed {home}")

@@ -16,8 +16,14 @@ def restore(
     target_dsn: Annotated[str, typer.Option(help="database to restore into (no password)")],
     operator: Annotated[str, typer.Option(help="who is restoring")] = "",
     justification: Annotated[str, typer.Option(help="why (audit log)")] = "",
-    overwrite_source: Annotated[
-        bool, typer.Option(help="allow restoring over the backup's own source database")
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            "--overwrite-source",
+            help="replace a target that holds data; over production it waits for break-glass "
+            "approval",
+        ),
     ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the full record instead of a summary")
@@ -39,7 +45,7 @@ def restore(
         target_dsn=target_dsn,
         operator=operator,
         justification=justification,
-        overwrite_source=overwrite_source,
+        overwrite=overwrite,
     )
     record = {
         **run.result,

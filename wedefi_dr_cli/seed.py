@@ -16,10 +16,13 @@ def seed(
     ] = False,
 ) -> None:
     """Create the WeDefiDaily schema in the primary database and fill it deterministically."""
+    from wedefi_dr.errors import InvalidInput
     from wedefi_dr_dev import seed as seeding
 
+    if not scale > 0:  # before prepare: a reset must not drop tables it cannot refill
+        raise InvalidInput(f"--scale must be positive, got {scale!r}")
     settings = ready(settings=("primary_dsn",), servers=("primary_dsn",))
     dsn = settings.primary_dsn.get_secret_value()
-    seeding.prepare(dsn, reset=reset)
+    seeding.prepare(dsn, reset=reset, scale=scale)
     counts = seeding.seed(dsn, scale)
     err.print(f"seeded {len(counts)} tables, {sum(counts.values()):,} rows (scale {scale})")

@@ -184,6 +184,38 @@ _GS_POSITION_TYPES = ("long", "short", "lp")
 _LABELS = ("treasury", "hot wallet", "cold storage", "farming", "ve-voter", "multisig", "")
 
 
+# The comment the seed puts on a database it fills: ``--reset`` drops tables only there.
+SAMPLE_DATABASE_MARKER = "wedefi-dr sample database (made by wedefi-dr seed)"
+
+
+def _guard_sample_database(cur: psycopg2.extensions.cursor, reset: bool) -> None:
+    """Mark an empty database as a sample one (the seed is about to fill it); refuse a
+    reset of any database that is neither empty nor marked, before anything is dropped.
+
+    A reset drops the WeDefiDaily tables: pointed at production by mistake (the primary
+    DSN is the protected database), it must stop here.
+    """
+    cur.execute(
+        "SELECT current_database(), shobj_description(d.oid, 'pg_database'), "
+        "(SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT LIKE 'pg\\_%' "
+        " AND n.nspname <> 'information_schema') "
+        "FROM pg_database d WHERE d.datname = current_database()"
+    )
+    name, comment, tables = cur.fetchone()
+    if tables == 0:
+        cur.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(name), sql.Literal(SAMPLE_DATABASE_MARKER)
+            )
+        )
+    elif reset and comment != SAMPLE_DATABASE_MARKER:
+        raise InvalidInput(
+            f"refusing to reset database {name!r}: it holds {tables} table(s) and is not a "
+            "sample database the seed made (no sample marker comment); nothing was dropped"
+        )
+
+
 # ---- public API ------------------------------------------------------------------------
 def check_scale(scale: float) -> float:
     """The seed's size factor, refused unless positive (before anything is dropped)."""
@@ -224,6 +256,7 @@ def prepare(dsn: str, *, reset: bool = False, scale: float | None = None) -> Non
     conn = psycopg2.connect(dsn, application_name="wedefi-dr-seed")
     try:
         with conn, conn.cursor() as cur:
+            _guard_sample_database(cur, reset)
             if dropped:
                 cur.execute(
                     sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(

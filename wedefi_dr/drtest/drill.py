@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from wedefi_dr.config import Settings
+from wedefi_dr.drtest.environments import DATABASE_MARKER, is_marked_database
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.postgres.tools import connect
 
@@ -34,6 +35,11 @@ def damage_copy(admin_dsn: str, manifest: dict[str, Any], damage: list[str]) -> 
     """Apply ``damage`` to the restored copy at ``admin_dsn``; returns what was done."""
     done = []
     with connect(admin_dsn) as conn, conn.cursor() as cur:
+        if not is_marked_database(cur):
+            raise InvalidInput(
+                "refusing to damage a database the DR test did not create (it carries no "
+                f"{DATABASE_MARKER!r} comment); nothing was changed"
+            )
         if "delete_wallets" in damage:
             cur.execute(
                 'DELETE FROM "Wallet" WHERE "id" IN '

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import tempfile
@@ -36,7 +37,8 @@ import psycopg2
 from psycopg2 import sql
 
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import DRError, InvalidInput
+from wedefi_dr.errors import DRError, InvalidInput, TargetRefused
+from wedefi_dr.logical.restore import user_tables
 from wedefi_dr.postgres.cluster import ClusterHandle, free_port
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
@@ -45,6 +47,12 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("local", "dsn", "docker")
 DR_DATABASE = "wedefi_dr_test"  # the plan's name for the restored copy
 PEER_MAP = "wedefi_dr"
+# Written into every environment folder at provisioning: ``dr-test teardown`` removes only
+# folders that carry it, so no path handed to it can reach a cluster it did not make.
+ENV_MARKER = ".wedefi-dr-environment"
+# Put on every database the DR test creates: the damage drill runs only where it is.
+DATABASE_MARKER = "wedefi-dr DR test environment"
+ENV_NAME_RE = re.compile(r"^dr-[0-9A-Za-z][0-9A-Za-z-]{0,80}$")
 
 
 class ProvisioningFailed(DRError):
@@ -77,6 +85,51 @@ class DREnvironment:
     def admin(self) -> ConnTarget:
         """The admin DSN, parsed (it names no password: that is in PGPASSFILE)."""
         return ConnTarget.parse(self.admin_dsn, allow_password=False)
+
+
+def create_marked_database(cur: Any, dbname: str, env_name: str) -> None:
+    """``CREATE DATABASE`` plus the comment that says the DR test made it (``cur`` is an
+    autocommit cursor on the server's maintenance database)."""
+    ident = sql.Identifier(dbname)
+    cur.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    cur.execute(
+        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            ident, sql.Literal(f"{DATABASE_MARKER} {env_name}")
+        )
+    )
+
+
+def is_marked_database(cur: Any) -> bool:
+    """Whether the connected database is one the DR test created (its comment says so)."""
+    cur.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+        "WHERE datname = current_database()"
+    )
+    comment = cur.fetchone()[0] or ""
+    return comment.startswith(DATABASE_MARKER + " ")
+
+
+def kept_environment(base_dir: Path, name: str) -> Path:
+    """The folder of a kept local DR environment called ``name``, or InvalidInput.
+
+    ``name`` must be a plain environment name (``dr-...``: no ``/``, no ``..``, not a
+    path) of a folder directly under ``base_dir`` that carries :data:`ENV_MARKER`, so
+    ``dr-test teardown`` can only ever stop and remove what a DR test provisioned.
+    """
+    if not ENV_NAME_RE.match(name or ""):
+        raise InvalidInput(
+            f"{name!r} is not a DR environment name (dr-<timestamp>-<id>, letters, digits "
+            "and '-' only); nothing was stopped or removed"
+        )
+    base = Path(base_dir).resolve()
+    home = base / name
+    marker = home / ENV_MARKER
+    if home.is_symlink() or home.resolve().parent != base or not marker.is_file():
+        raise InvalidInput(
+            f"no DR environment {name} under {base} (a folder the DR test made carries "
+            f"{ENV_MARKER}); nothing was stopped or removed"
+        )
+    return home
 
 
 def _os_user() -> str:
@@ -137,6 +190,7 @@ class LocalClusterProvider:
         t0 = time.monotonic()
         # The superuser password exists only for initdb; it is never stored or used.
         cluster.initdb(secrets.token_urlsafe(24), fast=self.fast)
+        (home / ENV_MARKER).write_text(name + "\n")
         user = _os_user()
         # Peer authentication on the socket, first in pg_hba: the OS user running the DR
         # test may log in as the superuser and as the application role, nobody else.
@@ -157,6 +211,11 @@ class LocalClusterProvider:
             created_database=True,
         )
         ensure_app_role(env.admin, self.app_role, login=True)
+        with (
+            connect(env.admin.with_dbname("postgres").conninfo, autocommit=True) as conn,
+            conn.cursor() as cur,
+        ):
+            create_marked_database(cur, DR_DATABASE, name)
         log.info("provisioned %s in %.1f s", env.describe(), time.monotonic() - t0)
         return env
 
@@ -170,6 +229,17 @@ class LocalClusterProvider:
             self._cluster(env.name, home, port).stop()
         shutil.rmtree(home)
         log.info("removed %s", env.describe())
+
+
+def _require_empty(target: ConnTarget) -> None:
+    """An existing database is a DR target only while it holds no tables: the DR test
+    never restores over data it was not told to replace."""
+    tables = user_tables(target)
+    if tables:
+        raise TargetRefused(
+            f"refusing to use {target.location} as the DR copy: it exists and holds "
+            f"{tables} table(s). Name a database the DR test may create (or an empty one)"
+        )
 
 
 class ExistingServerProvider:
@@ -191,7 +261,9 @@ class ExistingServerProvider:
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
                 created = cur.fetchone() is None
                 if created:
-                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+                    create_marked_database(cur, target.dbname, name)
+            if not created:
+                _require_empty(target)
         except psycopg2.OperationalError as exc:
             raise ProvisioningFailed(
                 f"cannot reach the DR server {target.redacted}: {str(exc).strip()}"
@@ -243,6 +315,7 @@ class DockerProvider:
     def provision(self, name: str) -> DREnvironment:
         home = self.base_dir / name
         home.mkdir(parents=True, exist_ok=False)
+        (home / ENV_MARKER).write_text(name + "\n")
         password = secrets.token_urlsafe(24)
         port = free_port()
         container = self.client.containers.run(
@@ -268,7 +341,7 @@ class DockerProvider:
                     connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn,
                     conn.cursor() as cur,
                 ):
-                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DR_DATABASE)))
+                    create_marked_database(cur, DR_DATABASE, name)
                 break
             except psycopg2.OperationalError:
                 if time.monotonic() > deadline:

@@ -2,8 +2,8 @@
 
 Order matters, because the target must stay untouched by anything unverified:
 
-1. validate the request (backup exists, target named and not the source, operator and
-   justification given) — no side effect yet;
+1. validate the request (backup exists, operator and justification given, the target
+   allowed by :func:`check_target`) — no side effect yet;
 2. download the ciphertext to a spool file (it is encrypted; no plaintext on disk) and
    check its size and sha256 against the manifest: a flipped byte or a truncated object
    stops here;
@@ -48,13 +48,34 @@ log = logging.getLogger(__name__)
 PGDMP_MAGIC = b"PGDMP"
 
 
+# Never a restore target: the templates every new database is copied from, and the
+# maintenance database every tool connects to first.
+RESERVED_DATABASES = ("template0", "template1", "postgres")
+
+
 @dataclass
 class RestoreRequest:
+    """``overwrite``: the operator named the target for overwrite (it may hold data)."""
+
     backup_id: str
     target: ConnTarget
     operator: str
     justification: str
-    allow_source_overwrite: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """What the target policy found. ``production`` says why the target counts as
+    production ('' when it does not); overwriting such a target is break-glass."""
+
+    holds_data: bool
+    production: str
+
+    @property
+    def break_glass(self) -> bool:
+        """An overwrite of production: the restore waits for the break-glass approval."""
+        return self.holds_data and bool(self.production)
 
 
 def restore_command(target: ConnTarget) -> list[str]:
@@ -71,20 +92,96 @@ def restore_command(target: ConnTarget) -> list[str]:
     ]
 
 
-def _target_identity(target: ConnTarget) -> str:
-    """The target server's system identifier (read-only; the target db may not exist yet)."""
+def _server_identity(server: ConnTarget, what: str, *, maintenance: bool = True) -> str:
+    """A server's system identifier (read-only; the target db may not exist yet)."""
+    where = server.with_dbname("postgres") if maintenance else server
     try:
-        with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
+        with connect(where.conninfo) as conn, conn.cursor() as cur:
             cur.execute("SELECT system_identifier::text FROM pg_control_system()")
             return cur.fetchone()[0]
     except psycopg2.OperationalError as exc:
-        raise InvalidInput(
-            f"cannot reach the restore target {target.redacted}: {str(exc).strip()}"
-        ) from exc
+        raise InvalidInput(f"cannot reach {what} {server.redacted}: {str(exc).strip()}") from exc
 
 
-def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
-    """Every refusal, before anything is downloaded, created or changed."""
+def user_tables(target: ConnTarget) -> int:
+    """How many tables outside the system schemas the target holds (0: absent or empty)."""
+    with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
+        if cur.fetchone() is None:
+            return 0
+    with connect(target.conninfo) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT LIKE 'pg\\_%' "
+            "AND n.nspname <> 'information_schema'"
+        )
+        return int(cur.fetchone()[0])
+
+
+def _production_reason(
+    settings: Settings, target: ConnTarget, identity: str, manifest: BackupManifest
+) -> str:
+    """Why the target counts as production, or '' when nothing says it does."""
+    source = manifest.source
+    if identity == source.system_identifier:
+        if target.dbname == source.dbname:
+            return f"it is the database backup {manifest.backup_id} was taken from"
+        return f"it is on the server backup {manifest.backup_id} was taken from"
+    primary_dsn = settings.primary_dsn.get_secret_value()
+    if primary_dsn:
+        primary = ConnTarget.parse(primary_dsn, allow_password=True)
+        try:
+            primary_identity = _server_identity(primary, "the production primary")
+        except InvalidInput as exc:
+            # Production being down is when restores run; a target this process can
+            # reach while the primary cannot be reached is not the primary's server.
+            log.warning("%s; judging the target without it", exc)
+        else:
+            if identity == primary_identity:
+                return "it is on the production primary's cluster (WEDEFI_DR_PRIMARY_DSN)"
+    listed = {target.dbname, target.location, identity} & set(settings.production_targets)
+    if listed:
+        return f"WEDEFI_DR_PRODUCTION_TARGETS lists it ({', '.join(sorted(listed))})"
+    return ""
+
+
+def check_target(
+    settings: Settings, target: ConnTarget, manifest: BackupManifest, *, overwrite: bool
+) -> TargetCheck:
+    """The target policy: a restore touches only what it was told to.
+
+    Refused always: the templates, ``postgres`` and the ops database (the audit trail
+    must outlive any restore). Refused without ``overwrite``: a database that holds
+    tables. What the check returns says whether the overwrite is break-glass (the
+    target counts as production); the caller asks for that approval.
+    """
+    if target.dbname in RESERVED_DATABASES:
+        raise TargetRefused(
+            f"refusing to restore into {target.location}: {target.dbname!r} is never a "
+            "restore target (templates and the maintenance database stay as they are)"
+        )
+    identity = _server_identity(target, "the restore target")
+    ops = ConnTarget.parse(settings.ops_dsn.get_secret_value(), allow_password=True)
+    ops_identity = _server_identity(ops, "the ops database", maintenance=False)
+    if identity == ops_identity and target.dbname == ops.dbname:
+        raise TargetRefused(
+            f"refusing to restore into {target.location}: it is the ops database, which "
+            "holds the audit trail"
+        )
+    tables = user_tables(target)
+    if tables and not overwrite:
+        raise TargetRefused(
+            f"refusing to restore into {target.location}: it holds {tables} table(s). "
+            "Restore into a new or empty database, or pass --overwrite to replace it"
+        )
+    return TargetCheck(
+        holds_data=bool(tables), production=_production_reason(settings, target, identity, manifest)
+    )
+
+
+def assess(settings: Settings, request: RestoreRequest) -> tuple[BackupManifest, TargetCheck]:
+    """Every refusal, before anything is downloaded, created or changed; the manifest and
+    what the target policy found (whether the overwrite needs break-glass approval)."""
     if not request.operator or not request.operator.strip():
         raise InvalidInput("--operator is required: who is restoring (it goes in the audit log)")
     if not request.justification or not request.justification.strip():
@@ -99,15 +196,17 @@ def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
             f"this version computes {FINGERPRINT_METHOD!r}, so a restore could not be verified. "
             "Restore it with the version that took it, or by hand (README: break-glass)."
         )
-    if (
-        _target_identity(request.target) == manifest.source.system_identifier
-        and request.target.dbname == manifest.source.dbname
-        and not request.allow_source_overwrite
-    ):
+    return manifest, check_target(settings, request.target, manifest, overwrite=request.overwrite)
+
+
+def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
+    """:func:`assess` for callers that cannot pause for approval (the DR test): an
+    overwrite of production is refused outright."""
+    manifest, check = assess(settings, request)
+    if check.break_glass:
         raise TargetRefused(
-            f"refusing to restore over {request.target.location}: it is the "
-            f"database backup {manifest.backup_id} was taken from. Restore into another "
-            "database, or pass --overwrite-source if replacing the source is really intended"
+            f"refusing to overwrite {request.target.location}: {check.production}; that is "
+            "break-glass (the restore-backup flow asks for the approval)"
         )
     return manifest
 

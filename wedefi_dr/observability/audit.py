@@ -20,7 +20,8 @@ from psycopg2.extensions import encrypt_password
 from wedefi_dr.postgres.tools import connect
 
 APP_ROLE = "wedefi_dr_app"
-FINAL_STATUSES = ("success", "failed")
+# 'refused': a recovery request turned down before anything changed (recovery log only).
+FINAL_STATUSES = ("success", "failed", "refused")
 
 DDL = f"""
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
@@ -47,12 +48,16 @@ CREATE TABLE IF NOT EXISTS recovery_audit_log (
   target_time TIMESTAMP,
   start_time TIMESTAMP NOT NULL,
   end_time TIMESTAMP,
-  status VARCHAR(20) NOT NULL CHECK (status IN ('running', 'success', 'failed')),
+  status VARCHAR(20) NOT NULL,
   operator_id VARCHAR(100) NOT NULL CHECK (btrim(operator_id) <> ''),
   justification TEXT NOT NULL CHECK (btrim(justification) <> ''),
   error_message TEXT,
   created_at TIMESTAMP DEFAULT NOW()
 );
+
+ALTER TABLE recovery_audit_log DROP CONSTRAINT IF EXISTS recovery_audit_log_status_check;
+ALTER TABLE recovery_audit_log ADD CONSTRAINT recovery_audit_log_status_check
+  CHECK (status IN ('running', 'success', 'failed', 'refused'));
 
 CREATE OR REPLACE FUNCTION audit_guard() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
