@@ -83,6 +83,13 @@ def copy_db(settings: Settings, template: str) -> Iterator[Callable[[], str]]:
                     sql.Identifier(name), sql.Identifier(template)
                 )
             )
+            # A database's comment is not copied with it: the copy of a sample database is
+            # one too, and says so for seed --reset.
+            cur.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    sql.Identifier(name), sql.Literal(seeding.SAMPLE_DATABASE_MARKER)
+                )
+            )
         made.append(name)
         return with_dbname(settings.primary_dsn.get_secret_value(), name)
 
