@@ -18,6 +18,8 @@ from prefect.runtime import flow_run
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics, notify
+from wedefi_dr.postgres import locks
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Shared
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -191,6 +193,34 @@ def failure_reported(
             finally:
                 send_notification(f"{subject} FAILED", "failure", {**details, "error": error})
         raise
+
+
+@contextmanager
+def run_lock(operation: str, target: str) -> Iterator[None]:
+    """This run's lock on ``operation`` of ``target`` in the ops database, for the ``with``
+    block; a second run (CLI, UI or schedule alike) gets :class:`OperationBusy` at once.
+
+    Entered inside :func:`failure_reported`, so a refused run is on the record: its audit
+    row says failed with the holder's name, and the notification goes out (a scheduled
+    backup that did not run is news)."""
+    settings = get_settings()
+    settings.require("ops_dsn")
+    with locks.operation_lock(settings.ops_dsn.get_secret_value(), operation, target):
+        yield
+
+
+def protected_database() -> str:
+    """``host:port/dbname`` of the primary: what the logical backup locks."""
+    settings = get_settings()
+    settings.require("primary_dsn")
+    dsn = settings.primary_dsn.get_secret_value()
+    return ConnTarget.parse(dsn, allow_password=True).location
+
+
+def protected_cluster() -> str:
+    """``host:port`` of the primary's cluster: what a base backup locks (one per cluster,
+    whichever database its connection names)."""
+    return protected_database().rsplit("/", 1)[0]
 
 
 def publish_summary(key: str, template: str, description: str, **context: Any) -> None:
