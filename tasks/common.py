@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
+from tasks import timeouts
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics, notify
@@ -86,7 +87,12 @@ def scrub(message: str) -> str:
     return audit.scrub(message, secrets_to_scrub())
 
 
-@task(name=Shared.AUDIT_BACKUP_STARTED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_BACKUP_STARTED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_backup_started(
     audit_id: str, backup_id: str, operator: str, backup_type: str = "logical"
 ) -> str:
@@ -99,7 +105,12 @@ def audit_backup_started(
     )
 
 
-@task(name=Shared.AUDIT_BACKUP_FINISHED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_BACKUP_FINISHED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_backup_finished(
     audit_id: str,
     status: str,
@@ -117,7 +128,12 @@ def audit_backup_finished(
     )
 
 
-@task(name=Shared.PUBLISH_BACKUP_METRICS, retries=2, retry_delay_seconds=2)
+@task(
+    name=Shared.PUBLISH_BACKUP_METRICS,
+    retries=2,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def publish_backup_metrics(
     database: str, duration_seconds: float | None, size_bytes: int | None
 ) -> list[str]:
@@ -132,12 +148,17 @@ def publish_backup_metrics(
     return metrics.publish(settings, "backup", registry)
 
 
-@task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2)
+@task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT)
 def send_notification(subject: str, status: str, details: dict) -> str | None:
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
 
 
-@task(name=Shared.AUDIT_RECOVERY_STARTED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_RECOVERY_STARTED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_recovery_started(
     *,
     audit_id: str,
@@ -162,7 +183,12 @@ def audit_recovery_started(
     )
 
 
-@task(name=Shared.AUDIT_RECOVERY_FINISHED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_RECOVERY_FINISHED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:
     """Closes the row a restore, a PITR or a DR test opened (by run-stable ``audit_id``)."""
     audit.recovery_finished(

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tasks import timeouts
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical import archiving, basebackup
@@ -28,7 +29,7 @@ def _handle(request: dict[str, Any]) -> ClusterHandle:
     return ClusterHandle.model_validate(request["cluster_handle"])
 
 
-@task(name=PITR.CHECK_REQUEST.value)
+@task(name=PITR.CHECK_REQUEST.value, timeout_seconds=timeouts.SHORT)
 def check_request(
     target_kind: str,
     target_value: str,
@@ -71,7 +72,7 @@ def check_request(
     }
 
 
-@task(name=f"{PITR.APPROVAL}: request")
+@task(name=f"{PITR.APPROVAL}: request", timeout_seconds=timeouts.SHORT)
 def request_approval(request: dict[str, Any], operator: str) -> str:
     """What the approver is asked, shown on the paused run's form and in the log."""
     break_glass = request["archives_into_production"]
@@ -93,7 +94,7 @@ def request_approval(request: dict[str, Any], operator: str) -> str:
     )
 
 
-@task(name=PITR.APPROVAL.value)
+@task(name=PITR.APPROVAL.value, timeout_seconds=timeouts.SHORT)
 def check_approval(
     request: dict[str, Any],
     approve: bool,
@@ -113,17 +114,17 @@ def check_approval(
     return approved
 
 
-@task(name=PITR.STOP_APPLICATION.value)
+@task(name=PITR.STOP_APPLICATION.value, timeout_seconds=timeouts.MEDIUM)
 def stop_application_services() -> list[str]:
     return recovery.run_commands(get_settings().app_stop_commands)
 
 
-@task(name=PITR.START_APPLICATION.value)
+@task(name=PITR.START_APPLICATION.value, timeout_seconds=timeouts.MEDIUM)
 def start_application_services() -> list[str]:
     return recovery.run_commands(get_settings().app_start_commands)
 
 
-@task(name=PITR.FETCH_BASE_BACKUP.value)
+@task(name=PITR.FETCH_BASE_BACKUP.value, timeout_seconds=timeouts.RESTORE)
 def fetch_base_backup(request: dict[str, Any]) -> dict[str, Any]:
     """Stop the server, keep its old data aside (never deleted), extract the base backup."""
     logger = get_run_logger()
@@ -144,7 +145,7 @@ def fetch_base_backup(request: dict[str, Any]) -> dict[str, Any]:
     return {"data_dir": str(c.data_dir), "kept_aside": str(aside) if aside else None}
 
 
-@task(name=PITR.WRITE_RECOVERY_SETTINGS.value)
+@task(name=PITR.WRITE_RECOVERY_SETTINGS.value, timeout_seconds=timeouts.SHORT)
 def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict[str, str]:
     """restore_command always; archive_command only when the result is production."""
     settings = get_settings()
@@ -172,7 +173,7 @@ def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict
     return written
 
 
-@task(name=PITR.START_AND_REPLAY.value)
+@task(name=PITR.START_AND_REPLAY.value, timeout_seconds=timeouts.REPLAY)
 def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
     c = _handle(request)
     c.start(wait=False)
@@ -186,7 +187,7 @@ def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
     return reached
 
 
-@task(name=PITR.VALIDATE.value)
+@task(name=PITR.VALIDATE.value, timeout_seconds=timeouts.CHECKS)
 def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
     """Row counts of every table (the integrity suites run on restored copies elsewhere)."""
     counts = recovery.row_counts(_handle(request).dsn())
@@ -197,7 +198,7 @@ def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
     return {"tables": len(counts), "rows": sum(counts.values()), "counts": counts}
 
 
-@task(name=PITR.PROMOTE.value)
+@task(name=PITR.PROMOTE.value, timeout_seconds=timeouts.MEDIUM)
 def promote(request: dict[str, Any]) -> dict[str, Any]:
     c = _handle(request)
     result = recovery.promote(c.dsn())

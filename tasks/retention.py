@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 
+from tasks import timeouts
 from tasks.common import scrub
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics
@@ -37,6 +38,7 @@ def _primary() -> str:
     name=Retention.FIX_MOMENT,
     persist_result=True,
     cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+    timeout_seconds=timeouts.SHORT,
 )
 def fix_moment(as_of: datetime | None) -> datetime:
     """``as_of``, or now, in the schema's frame. Cached per flow run: a Retry of the run
@@ -44,7 +46,7 @@ def fix_moment(as_of: datetime | None) -> datetime:
     return naive_utc(as_of)
 
 
-@task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE)
+@task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE, timeout_seconds=timeouts.SHORT)
 def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
     """Every table, column and foreign-key consequence checked; refuses before any change."""
     plans = retention.plans_for(_primary(), policy_path, as_of)
@@ -65,7 +67,7 @@ def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
     ]
 
 
-@task(name=Retention.PREVIEW, cache_policy=NO_CACHE)
+@task(name=Retention.PREVIEW, cache_policy=NO_CACHE, timeout_seconds=timeouts.CHECKS)
 def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list[dict[str, Any]]:
     """Counts per table (and per cascade), in policy order; published as a table artifact."""
     rows = [p.as_dict() for p in batches.dry_run(_primary(), policy_path, as_of)]
@@ -89,7 +91,9 @@ def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list
     return rows
 
 
-@task(name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5)
+@task(
+    name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5, timeout_seconds=timeouts.SHORT
+)
 def create_targets(policy_path: str, as_of: datetime) -> list[str]:
     dsn = _primary()
     created = batches.ensure_targets(dsn, retention.plans_for(dsn, policy_path, as_of))
@@ -120,6 +124,7 @@ def _finish_audit(
     task_run_name=Retention.APPLY + ": {table}",
     retries=1,
     retry_delay_seconds=30,
+    timeout_seconds=timeouts.RETENTION,
 )
 def apply_table(
     policy_path: str, as_of: datetime, table: str, expected: int, run_id: str, operator: str
@@ -185,7 +190,9 @@ def apply_table(
     return result.as_dict()
 
 
-@task(name=Retention.PUBLISH_METRICS, retries=2, retry_delay_seconds=2)
+@task(
+    name=Retention.PUBLISH_METRICS, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT
+)
 def publish_metrics(results: list[dict[str, Any]]) -> list[str]:
     settings = get_settings()
     database = retention.database_of(_primary())
