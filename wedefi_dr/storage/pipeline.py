@@ -177,6 +177,15 @@ class EncryptedUpload:
         order, so the first cause is named (a dead producer, not the pipe it broke)."""
         pump.join()
         name = self.producer.name
+        if pump.error is not None and proc.poll() is None:
+            # The stream broke downstream (gpg gone) while the producer still runs: nobody
+            # reads its stdout any more, so it would block on a full pipe and its stderr
+            # would never end. Stop it, and name what broke first.
+            _kill(proc)
+            if gpg.wait() != 0:
+                gerr = gpg.stderr.read().decode(errors="replace")
+                raise BackupFailed(f"gpg --symmetric failed (exit {gpg.returncode}): {gerr}")
+            raise BackupFailed(f"streaming {name}'s output to gpg failed: {pump.error!r}")
         err = proc.stderr.read().decode(errors="replace")
         if proc.wait() != 0:
             raise BackupFailed(f"{name} failed (exit {proc.returncode}): {err[-STDERR_TAIL:]}")
