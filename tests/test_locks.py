@@ -15,10 +15,13 @@ from tasks.common import protected_database
 from tests.helpers import sns_inbox
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import OperationBusy
+from wedefi_dr.errors import BackupFailed, OperationBusy
+from wedefi_dr.logical import restore
 from wedefi_dr.postgres import locks
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage import encryption
+from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
 from wedefi_dr_cli.common import EXIT_BUSY, exit_code
 
 
@@ -113,3 +116,33 @@ def test_restores_of_two_targets_run_while_one_target_is_busy(
             justification="lock test: free target",
         )
     assert result["rows"] > 0
+
+
+def test_an_upload_never_replaces_an_object_already_at_its_key(settings: Settings, store):
+    """An earlier attempt's object (which a manifest may point at) is neither overwritten
+    nor deleted by a later attempt under the same key (F15)."""
+    key = store.key("pipeline-test", uuid.uuid4().hex, "data.gpg")
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"an earlier backup")
+    upload = EncryptedUpload(
+        producer=Producer("producer", ["head", "-c", "1000", "/dev/urandom"]),
+        passphrase=settings.gpg_passphrase.get_secret_value(),
+        gpg=encryption.GpgParams.from_settings(settings),
+    )
+    with pytest.raises(BackupFailed, match="already holds an object: not overwriting"):
+        upload.run(store, key)
+    body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    assert body == b"an earlier backup"
+    store.delete(key)
+
+
+def test_two_downloads_of_one_backup_spool_to_two_files(good_backup, settings: Settings, store):
+    """Two restores of the same backup at once never share, or unlink, one spool file."""
+    manifest = listing.resolve(store, good_backup)
+    first = restore.fetch_verified(settings, manifest, settings.spool_path)
+    second = restore.fetch_verified(settings, manifest, settings.spool_path)
+    try:
+        assert first != second
+        assert first.stat().st_size == second.stat().st_size == manifest.object.size_bytes
+    finally:
+        first.unlink(missing_ok=True)
+        second.unlink(missing_ok=True)
