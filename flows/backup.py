@@ -15,8 +15,10 @@ from tasks.common import (
     audit_backup_started,
     backup_id_for_this_run,
     failure_reported,
+    protected_database,
     publish_backup_metrics,
     publish_summary,
+    run_lock,
 )
 
 
@@ -32,11 +34,14 @@ def logical_backup(operator: str = "scheduler") -> str:
         audit_backup_started(audit_id, backup_id, operator)  # a no-op when already there
         audit_backup_finished(audit_id, "failed", error=error)
 
-    with failure_reported(
-        f"WeDefiDaily backup {backup_id}",
-        {"backup_id": backup_id},
-        close_audit=audit_failed,
-        also=lambda: publish_backup_metrics("logical", database, None, None),
+    with (
+        failure_reported(
+            f"WeDefiDaily backup {backup_id}",
+            {"backup_id": backup_id},
+            close_audit=audit_failed,
+            also=lambda: publish_backup_metrics("logical", database, None, None),
+        ),
+        run_lock("backup", protected_database()),
     ):
         database = steps.preflight()["database"]
         audit_backup_started(audit_id, backup_id, operator)

@@ -18,8 +18,10 @@ from tasks.common import (
     audit_backup_started,
     backup_id_for_this_run,
     failure_reported,
+    protected_cluster,
     publish_backup_metrics,
     publish_summary,
+    run_lock,
 )
 
 # A base backup is of the whole cluster, not of one database.
@@ -32,11 +34,14 @@ def base_backup(operator: str = "scheduler") -> dict[str, Any]:
     backup_id = backup_id_for_this_run("base-backup-id")
     audit_id = attempt_scoped_uuid("base-backup-audit")
     audit_backup_started(audit_id, backup_id, operator, backup_type="base")
-    with failure_reported(
-        f"WeDefiDaily base backup {backup_id}",
-        {"backup_id": backup_id},
-        close_audit=lambda error: audit_backup_finished(audit_id, "failed", error=error),
-        also=lambda: publish_backup_metrics("base", CLUSTER_LABEL, None, None),
+    with (
+        failure_reported(
+            f"WeDefiDaily base backup {backup_id}",
+            {"backup_id": backup_id},
+            close_audit=lambda error: audit_backup_finished(audit_id, "failed", error=error),
+            also=lambda: publish_backup_metrics("base", CLUSTER_LABEL, None, None),
+        ),
+        run_lock("base-backup", protected_cluster()),
     ):
         manifest = steps.stream_base_backup(backup_id, operator)
         steps.write_manifest(manifest)

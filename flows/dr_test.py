@@ -22,6 +22,7 @@ from tasks.common import (
     audit_recovery_started,
     failure_reported,
     run_created_at,
+    run_lock,
     run_scoped_uuid,
     scrub,
 )
@@ -30,6 +31,7 @@ from wedefi_dr.drtest.record import DRTestFailed, StepRecord
 from wedefi_dr.drtest.report import report_dir
 from wedefi_dr.drtest.request import check_request
 from wedefi_dr.observability.drtest_metrics import AUDIT_KIND
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import DRTest
 
 __all__ = ["DRTestFailed", "dr_test"]
@@ -39,6 +41,11 @@ def run_name_for_this_run() -> str:
     """``dr-<created>-<id>``: the same on every retry of this flow run (a Retry moves the
     scheduled start time, not the creation time), so the cached steps line up."""
     return f"dr-{run_created_at():%Y%m%dT%H%M%SZ}-{run_scoped_uuid('dr-test')[:6]}"
+
+
+def dr_target_location(target_dsn: str | None) -> str | None:
+    """The DSN provider's database as ``host:port/dbname``: one DR test per database."""
+    return target_dsn and ConnTarget.parse(target_dsn, allow_password=False).location
 
 
 @flow(name="dr-test", log_prints=True)
@@ -80,10 +87,13 @@ def dr_test(
         justification=justification,
     )
     rec = StepRecord(fail_when_slower=settings.dr_bench_fail_when_slower, scrub=scrub)
-    with failure_reported(
-        f"WeDefiDaily DR test {run_name}",
-        {"run": run_name, "backup_id": manifest["backup_id"]},
-        close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+    with (
+        failure_reported(
+            f"WeDefiDaily DR test {run_name}",
+            {"run": run_name, "backup_id": manifest["backup_id"]},
+            close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+        ),
+        run_lock("dr-test", f"{provider}:{dr_target_location(target_dsn) or run_name}"),
     ):
         # 1. provision → 2. restore → (drill) → 3. validate → 4. smoke → 5. benchmark
         env = rec.run(DRTest.PROVISION, steps.provision_environment, provider, target_dsn, run_name)

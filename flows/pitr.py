@@ -44,6 +44,7 @@ from tasks.common import (
     audit_recovery_finished,
     audit_recovery_started,
     failure_reported,
+    run_lock,
 )
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical.pitr.recovery import ApprovalTimedOut, RolledBack
@@ -126,10 +127,13 @@ def point_in_time_recovery(
 
     recovery_started = time.monotonic()
     audit_started(f"{justification} [approved by {', '.join(approvers)}]")
-    with failure_reported(
-        subject,
-        details,
-        close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+    with (
+        failure_reported(
+            subject,
+            details,
+            close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+        ),
+        run_lock("pitr", request["cluster"]),
     ):
         with timed() as timings[PITR.STAGE_BASE_BACKUP]:
             staged = steps.stage_base_backup(request)

@@ -22,6 +22,7 @@ from tasks.common import (
     audit_recovery_started,
     failure_reported,
     publish_summary,
+    run_lock,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Restore, step_key, timed
@@ -96,10 +97,13 @@ def restore_backup(
         why = f"{justification} [break-glass overwrite approved by {', '.join(approvers)}]"
     audit_started(resolved, why)
     timings: dict[str, dict[str, float]] = {}
-    with failure_reported(
-        f"WeDefiDaily restore of {resolved} into {target}",
-        {"backup_id": resolved, "target": target},
-        close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+    with (
+        failure_reported(
+            f"WeDefiDaily restore of {resolved} into {target}",
+            {"backup_id": resolved, "target": target},
+            close_audit=lambda error: audit_recovery_finished(audit_id, "failed", error=error),
+        ),
+        run_lock("restore", target),
     ):
         with timed() as timings[Restore.DOWNLOAD_VERIFY]:
             ciphertext = steps.download_and_verify(manifest)

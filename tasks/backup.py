@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 
+from tasks import timeouts
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
@@ -14,7 +15,9 @@ from wedefi_dr.runbook import LogicalBackup
 from wedefi_dr.storage.s3 import ObjectStore
 
 
-@task(name=LogicalBackup.PREFLIGHT, retries=2, retry_delay_seconds=5)
+@task(
+    name=LogicalBackup.PREFLIGHT, retries=2, retry_delay_seconds=5, timeout_seconds=timeouts.SHORT
+)
 def preflight() -> dict[str, Any]:
     """Server reachable, pg_dump >= server major, bucket writable (read-only checks)."""
     return backup.preflight(get_settings())
@@ -23,14 +26,23 @@ def preflight() -> dict[str, Any]:
 # One retry: a failed attempt aborts its upload and writes no manifest, so starting over
 # is safe. Persisted, so a flow-run retry after a later failure does not dump again.
 @task(
-    name=LogicalBackup.DUMP_ENCRYPT_UPLOAD, retries=1, retry_delay_seconds=10, persist_result=True
+    name=LogicalBackup.DUMP_ENCRYPT_UPLOAD,
+    retries=1,
+    retry_delay_seconds=10,
+    persist_result=True,
+    timeout_seconds=timeouts.DUMP,
 )
 def dump_encrypt_upload(backup_id: str, operator: str) -> dict[str, Any]:
     manifest = backup.dump_encrypt_upload(get_settings(), backup_id, operator)
     return manifest.model_dump(mode="json")
 
 
-@task(name=LogicalBackup.WRITE_MANIFEST, retries=3, retry_delay_seconds=2)
+@task(
+    name=LogicalBackup.WRITE_MANIFEST,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def write_manifest(manifest: dict[str, Any]) -> str:
     """Written last: from this moment the backup exists."""
     return listing.write_manifest(ObjectStore(get_settings()), BackupManifest(**manifest))

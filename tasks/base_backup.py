@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 
+from tasks import timeouts
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical import basebackup
 from wedefi_dr.physical.basebackup import BaseBackupManifest
@@ -13,14 +14,16 @@ from wedefi_dr.runbook import BaseBackup
 from wedefi_dr.storage.s3 import ObjectStore
 
 
-@task(name=BaseBackup.STREAM, persist_result=True)
+@task(name=BaseBackup.STREAM, persist_result=True, timeout_seconds=timeouts.BASE_BACKUP)
 def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
     """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; returns the manifest
     (with PostgreSQL's own backup manifest), not yet written."""
     return basebackup.stream(get_settings(), operator, backup_id).model_dump(mode="json")
 
 
-@task(name=BaseBackup.WRITE_MANIFEST, retries=3, retry_delay_seconds=2)
+@task(
+    name=BaseBackup.WRITE_MANIFEST, retries=3, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT
+)
 def write_manifest(manifest: dict[str, Any]) -> str:
     """Written last: from this moment the base backup exists."""
     m = BaseBackupManifest.model_validate(manifest)

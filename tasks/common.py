@@ -15,9 +15,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
+from tasks import timeouts
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics, notify
+from wedefi_dr.postgres import locks
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Shared
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -84,7 +87,12 @@ def scrub(message: str) -> str:
     return audit.scrub(message, secrets_to_scrub())
 
 
-@task(name=Shared.AUDIT_BACKUP_STARTED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_BACKUP_STARTED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_backup_started(
     audit_id: str, backup_id: str, operator: str, backup_type: str = "logical"
 ) -> str:
@@ -97,7 +105,12 @@ def audit_backup_started(
     )
 
 
-@task(name=Shared.AUDIT_BACKUP_FINISHED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_BACKUP_FINISHED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_backup_finished(
     audit_id: str,
     status: str,
@@ -115,7 +128,12 @@ def audit_backup_finished(
     )
 
 
-@task(name=Shared.PUBLISH_BACKUP_METRICS, retries=2, retry_delay_seconds=2)
+@task(
+    name=Shared.PUBLISH_BACKUP_METRICS,
+    retries=2,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def publish_backup_metrics(
     kind: str, database: str, duration_seconds: float | None, size_bytes: int | None
 ) -> list[str]:
@@ -132,12 +150,17 @@ def publish_backup_metrics(
     return metrics.publish(settings, f"{kind}_backup", registry)
 
 
-@task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2)
+@task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT)
 def send_notification(subject: str, status: str, details: dict) -> str | None:
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
 
 
-@task(name=Shared.AUDIT_RECOVERY_STARTED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_RECOVERY_STARTED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_recovery_started(
     *,
     audit_id: str,
@@ -162,7 +185,12 @@ def audit_recovery_started(
     )
 
 
-@task(name=Shared.AUDIT_RECOVERY_FINISHED, retries=3, retry_delay_seconds=2)
+@task(
+    name=Shared.AUDIT_RECOVERY_FINISHED,
+    retries=3,
+    retry_delay_seconds=2,
+    timeout_seconds=timeouts.SHORT,
+)
 def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:
     """Closes the row a restore, a PITR or a DR test opened (by run-stable ``audit_id``)."""
     audit.recovery_finished(
@@ -193,6 +221,34 @@ def failure_reported(
             finally:
                 send_notification(f"{subject} FAILED", "failure", {**details, "error": error})
         raise
+
+
+@contextmanager
+def run_lock(operation: str, target: str) -> Iterator[None]:
+    """This run's lock on ``operation`` of ``target`` in the ops database, for the ``with``
+    block; a second run (CLI, UI or schedule alike) gets :class:`OperationBusy` at once.
+
+    Entered inside :func:`failure_reported`, so a refused run is on the record: its audit
+    row says failed with the holder's name, and the notification goes out (a scheduled
+    backup that did not run is news)."""
+    settings = get_settings()
+    settings.require("ops_dsn")
+    with locks.operation_lock(settings.ops_dsn.get_secret_value(), operation, target):
+        yield
+
+
+def protected_database() -> str:
+    """``host:port/dbname`` of the primary: what the logical backup locks."""
+    settings = get_settings()
+    settings.require("primary_dsn")
+    dsn = settings.primary_dsn.get_secret_value()
+    return ConnTarget.parse(dsn, allow_password=True).location
+
+
+def protected_cluster() -> str:
+    """``host:port`` of the primary's cluster: what a base backup locks (one per cluster,
+    whichever database its connection names)."""
+    return protected_database().rsplit("/", 1)[0]
 
 
 def publish_summary(key: str, template: str, description: str, **context: Any) -> None:

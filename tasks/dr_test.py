@@ -22,6 +22,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 
+from tasks import timeouts
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
@@ -42,7 +43,12 @@ __all__ = ["env_dir"]  # the CLI's ``dr-test teardown`` finds kept environments 
 PER_RUN = INPUTS + TASK_SOURCE + RUN_ID
 
 
-@task(name=DRTest.SELECT_BACKUP, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.SELECT_BACKUP,
+    persist_result=True,
+    cache_policy=PER_RUN,
+    timeout_seconds=timeouts.SHORT,
+)
 def select_backup(backup_id: str, random_within_days: int | None, seed: str) -> dict[str, Any]:
     """``latest``, a given id, or a random backup of the last N days (so older backups get
     tested too); the choice is seeded by the flow run, so a retry picks the same one."""
@@ -56,14 +62,21 @@ def select_backup(backup_id: str, random_within_days: int | None, seed: str) -> 
     return random.Random(seed).choice(candidates).model_dump(mode="json")
 
 
-@task(name=DRTest.PROVISION, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.PROVISION,
+    persist_result=True,
+    cache_policy=PER_RUN,
+    timeout_seconds=timeouts.MEDIUM,
+)
 def provision_environment(provider: str, target_dsn: str | None, name: str) -> dict[str, Any]:
     with timed() as t:
         env = provider_from_settings(get_settings(), provider, target_dsn).provision(name)
     return {"environment": env.to_dict(), "description": env.describe(), **t}
 
 
-@task(name=DRTest.RESTORE, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.RESTORE, persist_result=True, cache_policy=PER_RUN, timeout_seconds=timeouts.RESTORE
+)
 def restore_backup(
     manifest: dict[str, Any], environment: dict[str, Any], operator: str, justification: str
 ) -> dict[str, Any]:
@@ -75,7 +88,12 @@ def restore_backup(
     return {"status": "passed", **counts, **t}
 
 
-@task(name=DRTest.DRILL_DAMAGE, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.DRILL_DAMAGE,
+    persist_result=True,
+    cache_policy=PER_RUN,
+    timeout_seconds=timeouts.SHORT,
+)
 def damage_restored_copy(
     environment: dict[str, Any], manifest: dict[str, Any], damage: list[str]
 ) -> dict[str, Any]:
@@ -85,7 +103,9 @@ def damage_restored_copy(
     return {"damage": done, **t}
 
 
-@task(name=DRTest.VALIDATE, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.VALIDATE, persist_result=True, cache_policy=PER_RUN, timeout_seconds=timeouts.CHECKS
+)
 def validate_copy(
     environment: dict[str, Any], manifest: dict[str, Any], docs_dir: str
 ) -> dict[str, Any]:
@@ -98,7 +118,7 @@ def validate_copy(
     return {**result, **t}
 
 
-@task(name=DRTest.SMOKE, persist_result=True, cache_policy=PER_RUN)
+@task(name=DRTest.SMOKE, persist_result=True, cache_policy=PER_RUN, timeout_seconds=timeouts.CHECKS)
 def smoke_tests(environment: dict[str, Any]) -> dict[str, Any]:
     from wedefi_dr.drtest.smoke import run_smoke_tests
 
@@ -109,7 +129,12 @@ def smoke_tests(environment: dict[str, Any]) -> dict[str, Any]:
     return {**result, **t}
 
 
-@task(name=DRTest.BENCHMARK, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.BENCHMARK,
+    persist_result=True,
+    cache_policy=PER_RUN,
+    timeout_seconds=timeouts.CHECKS,
+)
 def benchmark(environment: dict[str, Any]) -> dict[str, Any]:
     from wedefi_dr.drtest.querybench import run_benchmark
 
@@ -126,7 +151,7 @@ def benchmark(environment: dict[str, Any]) -> dict[str, Any]:
     return {**result, **t}
 
 
-@task(name=DRTest.REPORT, persist_result=True, cache_policy=PER_RUN)
+@task(name=DRTest.REPORT, persist_result=True, cache_policy=PER_RUN, timeout_seconds=timeouts.SHORT)
 def write_report(
     run_name: str,
     manifest: dict[str, Any],
@@ -163,13 +188,18 @@ def write_report(
 
 
 @task(
-    name=DRTest.NOTIFY, retries=2, retry_delay_seconds=2, persist_result=True, cache_policy=PER_RUN
+    name=DRTest.NOTIFY,
+    retries=2,
+    retry_delay_seconds=2,
+    persist_result=True,
+    cache_policy=PER_RUN,
+    timeout_seconds=timeouts.SHORT,
 )
 def notify_result(subject: str, status: str, details: dict[str, Any]) -> str | None:
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
 
 
-@task(name=DRTest.METRICS, retries=2, retry_delay_seconds=2)
+@task(name=DRTest.METRICS, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT)
 def publish_metrics(
     database: str, success: bool, duration_seconds: float, rto_seconds: float | None
 ) -> list[str]:
@@ -186,7 +216,9 @@ def publish_metrics(
     return metrics.publish(settings, "dr_test", registry)
 
 
-@task(name=DRTest.TEARDOWN, persist_result=True, cache_policy=PER_RUN)
+@task(
+    name=DRTest.TEARDOWN, persist_result=True, cache_policy=PER_RUN, timeout_seconds=timeouts.MEDIUM
+)
 def teardown_environment(
     provider: str, target_dsn: str | None, environment: dict[str, Any]
 ) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tasks import timeouts
 from wedefi_dr.config import get_settings
 from wedefi_dr.drtest import drill
 from wedefi_dr.errors import InvalidInput
@@ -32,7 +33,7 @@ def _handle(request: dict[str, Any]) -> ClusterHandle:
     return ClusterHandle.model_validate(request["cluster_handle"])
 
 
-@task(name=PITR.CHECK_REQUEST.value)
+@task(name=PITR.CHECK_REQUEST.value, timeout_seconds=timeouts.SHORT)
 def check_request(
     target_kind: str,
     target_value: str,
@@ -82,7 +83,7 @@ def check_request(
     }
 
 
-@task(name=f"{PITR.APPROVAL}: request")
+@task(name=f"{PITR.APPROVAL}: request", timeout_seconds=timeouts.SHORT)
 def request_approval(request: dict[str, Any], operator: str) -> str:
     """What the approver is asked, shown on the paused run's form and in the log."""
     break_glass = request["archives_into_production"]
@@ -104,7 +105,7 @@ def request_approval(request: dict[str, Any], operator: str) -> str:
     )
 
 
-@task(name=PITR.APPROVAL.value)
+@task(name=PITR.APPROVAL.value, timeout_seconds=timeouts.SHORT)
 def check_approval(
     request: dict[str, Any],
     approve: bool,
@@ -124,17 +125,17 @@ def check_approval(
     return approved
 
 
-@task(name=PITR.STOP_APPLICATION.value)
+@task(name=PITR.STOP_APPLICATION.value, timeout_seconds=timeouts.MEDIUM)
 def stop_application_services() -> list[str]:
     return recovery.run_commands(get_settings().app_stop_commands)
 
 
-@task(name=PITR.START_APPLICATION.value)
+@task(name=PITR.START_APPLICATION.value, timeout_seconds=timeouts.MEDIUM)
 def start_application_services() -> list[str]:
     return recovery.run_commands(get_settings().app_start_commands)
 
 
-@task(name=PITR.STAGE_BASE_BACKUP.value)
+@task(name=PITR.STAGE_BASE_BACKUP.value, timeout_seconds=timeouts.RESTORE)
 def stage_base_backup(request: dict[str, Any]) -> str:
     """Download, decrypt and verify the base backup beside the data directory, while the
     cluster (production, for break-glass) still runs: a bad backup stops nothing."""
@@ -152,7 +153,7 @@ def stage_base_backup(request: dict[str, Any]) -> str:
     return str(staged)
 
 
-@task(name=PITR.STOP_AND_SWAP.value)
+@task(name=PITR.STOP_AND_SWAP.value, timeout_seconds=timeouts.MEDIUM)
 def stop_and_swap(request: dict[str, Any], staged: str) -> dict[str, Any]:
     """Stop the server, keep its old data aside (never deleted), rename the verified
     backup into place. Whether it ran is kept: a rollback starts it only if it did."""
@@ -173,7 +174,7 @@ def stop_and_swap(request: dict[str, Any], staged: str) -> dict[str, Any]:
     return {"kept_aside": str(aside) if aside else None, "was_running": was_running}
 
 
-@task(name=PITR.PUSH_UNARCHIVED_WAL.value)
+@task(name=PITR.PUSH_UNARCHIVED_WAL.value, timeout_seconds=timeouts.MEDIUM)
 def push_unarchived_wal(request: dict[str, Any], kept_aside: str | None) -> dict[str, list[str]]:
     """Production's WAL that was still ``.ready`` goes to the archive before replay, so
     ``latest`` loses none of it; what fails to push is kept and named. A scratch cluster's
@@ -188,7 +189,7 @@ def push_unarchived_wal(request: dict[str, Any], kept_aside: str | None) -> dict
     return result
 
 
-@task(name=PITR.ROLL_BACK.value)
+@task(name=PITR.ROLL_BACK.value, timeout_seconds=timeouts.MEDIUM)
 def roll_back(request: dict[str, Any], swapped: dict[str, Any]) -> str:
     """The original data directory back, started if it ran before; the failed one kept."""
     c = _handle(request)
@@ -198,7 +199,7 @@ def roll_back(request: dict[str, Any], swapped: dict[str, Any]) -> str:
     return what
 
 
-@task(name=PITR.WRITE_RECOVERY_SETTINGS.value)
+@task(name=PITR.WRITE_RECOVERY_SETTINGS.value, timeout_seconds=timeouts.SHORT)
 def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict[str, str]:
     """restore_command always; archive_command only when the result is production."""
     settings = get_settings()
@@ -224,7 +225,7 @@ def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict
     return written
 
 
-@task(name=PITR.START_AND_REPLAY.value)
+@task(name=PITR.START_AND_REPLAY.value, timeout_seconds=timeouts.REPLAY)
 def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
     c = _handle(request)
     c.start(wait=False)
@@ -238,7 +239,7 @@ def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
     return reached
 
 
-@task(name=PITR.VALIDATE.value)
+@task(name=PITR.VALIDATE.value, timeout_seconds=timeouts.CHECKS)
 def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
     """Row counts of every table (the integrity suites run on restored copies elsewhere)."""
     drill.fault_once(get_settings(), PITR.VALIDATE.value)
@@ -250,7 +251,7 @@ def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
     return {"tables": len(counts), "rows": sum(counts.values()), "counts": counts}
 
 
-@task(name=PITR.PROMOTE.value)
+@task(name=PITR.PROMOTE.value, timeout_seconds=timeouts.MEDIUM)
 def promote(request: dict[str, Any]) -> dict[str, Any]:
     c = _handle(request)
     result = recovery.promote(c.dsn())

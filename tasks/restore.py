@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tasks import timeouts
 from tasks.common import unless
 from wedefi_dr import approval
 from wedefi_dr.catalog.manifest import BackupManifest
@@ -17,7 +18,7 @@ from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Restore
 
 
-@task(name=Restore.VALIDATE_REQUEST)
+@task(name=Restore.VALIDATE_REQUEST, timeout_seconds=timeouts.SHORT)
 def validate_request(
     backup_id: str, target: ConnTarget, operator: str, justification: str, overwrite: bool
 ) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def validate_request(
     }
 
 
-@task(name=Restore.APPROVAL)
+@task(name=Restore.APPROVAL, timeout_seconds=timeouts.SHORT)
 def check_break_glass(
     target: ConnTarget,
     why: str,
@@ -59,6 +60,7 @@ def check_break_glass(
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=unless(IntegrityError, InvalidInput),
+    timeout_seconds=timeouts.RESTORE,
 )
 def download_and_verify(manifest: dict[str, Any]) -> str:
     """Streamed download; size and sha256 checked against the manifest."""
@@ -66,7 +68,7 @@ def download_and_verify(manifest: dict[str, Any]) -> str:
     return str(restore.fetch_verified(settings, BackupManifest(**manifest), settings.spool_path))
 
 
-@task(name=Restore.DECRYPT_RESTORE)
+@task(name=Restore.DECRYPT_RESTORE, timeout_seconds=timeouts.RESTORE)
 def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target: ConnTarget) -> None:
     """gpg --decrypt | pg_restore --clean --if-exists --single-transaction."""
     settings = get_settings()
@@ -85,6 +87,7 @@ def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target: ConnT
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=unless(IntegrityError),
+    timeout_seconds=timeouts.CHECKS,
 )
 def verify_restore(manifest: dict[str, Any], target: ConnTarget) -> dict[str, int]:
     return restore.verify(BackupManifest(**manifest), target)

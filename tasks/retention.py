@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 
+from tasks import timeouts
 from tasks.common import scrub, unless
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
@@ -38,6 +39,7 @@ def _primary() -> str:
     name=Retention.FIX_MOMENT,
     persist_result=True,
     cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+    timeout_seconds=timeouts.SHORT,
 )
 def fix_moment(as_of: datetime | None) -> datetime:
     """``as_of``, or now, in the schema's frame; a future ``as_of`` is refused here, before
@@ -46,7 +48,7 @@ def fix_moment(as_of: datetime | None) -> datetime:
     return guard.check_moment(as_of)
 
 
-@task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE)
+@task(name=Retention.VALIDATE_POLICY, cache_policy=NO_CACHE, timeout_seconds=timeouts.SHORT)
 def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
     """Every table, column and foreign-key consequence checked; refuses before any change."""
     plans = retention.plans_for(_primary(), policy_path, as_of)
@@ -67,7 +69,7 @@ def validate_policy(policy_path: str, as_of: datetime) -> list[dict[str, Any]]:
     ]
 
 
-@task(name=Retention.PREVIEW, cache_policy=NO_CACHE)
+@task(name=Retention.PREVIEW, cache_policy=NO_CACHE, timeout_seconds=timeouts.CHECKS)
 def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list[dict[str, Any]]:
     """Counts per table (and per cascade), in policy order; published as a table artifact."""
     rows = [p.as_dict() for p in batches.dry_run(_primary(), policy_path, as_of)]
@@ -91,7 +93,7 @@ def preview(policy_path: str, as_of: datetime, artifact_key: str | None) -> list
     return rows
 
 
-@task(name=Retention.GUARD, cache_policy=NO_CACHE)
+@task(name=Retention.GUARD, cache_policy=NO_CACHE, timeout_seconds=timeouts.CHECKS)
 def guard_run(
     policy_path: str, as_of: datetime, preview: list[dict[str, Any]], allow_mass_deletion: bool
 ) -> dict[str, Any]:
@@ -123,7 +125,9 @@ def guard_run(
     return {"mass_deletion": problems, "backup": backup.backup_id}
 
 
-@task(name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5)
+@task(
+    name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5, timeout_seconds=timeouts.SHORT
+)
 def create_targets(policy_path: str, as_of: datetime) -> list[str]:
     dsn = _primary()
     created = batches.ensure_targets(dsn, retention.plans_for(dsn, policy_path, as_of))
@@ -157,6 +161,7 @@ def _finish_audit(
     # A conflict in the archive or a policy that no longer fits gives the same answer on
     # every attempt: the table fails at once instead of after the delay.
     retry_condition_fn=unless(batches.ArchiveConflict, InvalidInput),
+    timeout_seconds=timeouts.RETENTION,
 )
 def apply_table(
     policy_path: str, as_of: datetime, table: str, expected: int, run_id: str, operator: str
@@ -222,7 +227,9 @@ def apply_table(
     return result.as_dict()
 
 
-@task(name=Retention.PUBLISH_METRICS, retries=2, retry_delay_seconds=2)
+@task(
+    name=Retention.PUBLISH_METRICS, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT
+)
 def publish_metrics(results: list[dict[str, Any]]) -> list[str]:
     settings = get_settings()
     database = retention.database_of(_primary())

@@ -97,6 +97,16 @@ class Settings(BaseSettings):
     app_start_commands: list[str] = Field(default_factory=list)
     pitr_replay_timeout_seconds: int = 1800
 
+    # Timeouts of the long tasks (seconds): a step that exceeds one fails the run (audit
+    # row failed, a notification) and its child processes are killed. Set them well above
+    # the longest good run: a backup or restore of the whole database, a base backup
+    # stream, a retention table, the DR test's validation, smoke tests and benchmark.
+    dump_timeout_seconds: int = Field(default=6 * 3600, gt=0)
+    restore_timeout_seconds: int = Field(default=6 * 3600, gt=0)
+    base_backup_timeout_seconds: int = Field(default=6 * 3600, gt=0)
+    checks_timeout_seconds: int = Field(default=2 * 3600, gt=0)
+    retention_timeout_seconds: int = Field(default=6 * 3600, gt=0)
+
     # The monthly DR test (restore, validate, smoke, benchmark, report).
     # Where local DR clusters and reports go (default: under the system temp dir).
     dr_env_dir: Path | None = None

@@ -92,3 +92,12 @@ class RestoreFailed(DRError):
 
 class VerificationFailed(IntegrityError):
     """The restored database does not reproduce the manifest's row counts and hashes."""
+
+
+class OperationBusy(DRError):
+    """Another run of the same operation on the same target holds its lock: refused at once,
+    so two backups never share a snapshot window and two PITRs never race on one cluster."""
+
+
+class SpoolFull(DRError):
+    """The spool's filesystem ran out of space while a download was written to it."""

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from wedefi_dr.errors import DRError, InvalidInput, ServerUnreachable, SettingsMissing, ToolNotFound
+from wedefi_dr.errors import (
+    DRError,
+    InvalidInput,
+    OperationBusy,
+    ServerUnreachable,
+    SettingsMissing,
+    ToolNotFound,
+)
 
 if TYPE_CHECKING:
     from wedefi_dr.config import Settings
@@ -34,6 +41,7 @@ EXIT_BAD_INPUT = 2
 EXIT_SETTINGS_MISSING = 3
 EXIT_TOOL_MISSING = 4
 EXIT_SERVER_UNREACHABLE = 5
+EXIT_BUSY = 6
 
 # Most specific first: the first class the error is an instance of decides.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -41,6 +49,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (SettingsMissing, EXIT_SETTINGS_MISSING),
     (ToolNotFound, EXIT_TOOL_MISSING),
     (ServerUnreachable, EXIT_SERVER_UNREACHABLE),
+    (OperationBusy, EXIT_BUSY),
 )
 
 

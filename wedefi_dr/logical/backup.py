@@ -14,6 +14,7 @@ left behind.
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -98,11 +99,39 @@ def preflight(settings: Settings) -> dict[str, Any]:
             f"install the postgresql-client-{server_major} package"
         )
     ObjectStore(settings).check_writable()
+    check_gpg_params(settings)
     return {
         "server_version": info.server_version,
         "pg_dump_major": dump_major,
         "database": info.dbname,
     }
+
+
+GPG_PROBE = b"wedefi-dr gpg preflight"
+GPG_PROBE_TIMEOUT_SECONDS = 30
+
+
+def check_gpg_params(settings: Settings) -> None:
+    """Encrypt a few bytes with the configured cipher, digest and compression: a typo
+    (``AES257``) is refused here with gpg's own words, not found by the backup's stream."""
+    params = encryption.GpgParams.from_settings(settings)
+    gpg = encryption.start_encrypt(settings.gpg_passphrase.get_secret_value(), params)
+    try:
+        ciphertext, stderr = gpg.communicate(GPG_PROBE, timeout=GPG_PROBE_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as exc:
+        gpg.kill()
+        gpg.communicate()
+        raise PreflightFailed(
+            f"gpg --symmetric did not finish {len(GPG_PROBE)} bytes within "
+            f"{GPG_PROBE_TIMEOUT_SECONDS} s"
+        ) from exc
+    if gpg.returncode != 0 or not ciphertext:
+        raise PreflightFailed(
+            f"gpg cannot encrypt with cipher {params.cipher!r}, digest {params.s2k_digest!r}, "
+            f"compression {params.compress_algo!r} (WEDEFI_DR_GPG_CIPHER, "
+            f"WEDEFI_DR_GPG_S2K_DIGEST, WEDEFI_DR_GPG_COMPRESS_ALGO): exit {gpg.returncode}: "
+            f"{stderr.decode(errors='replace').strip()}"
+        )
 
 
 def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> BackupManifest:

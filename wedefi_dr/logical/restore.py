@@ -21,6 +21,7 @@ import hashlib
 import logging
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +215,8 @@ def validate(settings: Settings, request: RestoreRequest) -> BackupManifest:
 def fetch_verified(settings: Settings, manifest: BackupManifest, spool_dir: Path) -> Path:
     """Download the ciphertext and prove it is byte-for-byte what was stored."""
     spool_dir.mkdir(parents=True, exist_ok=True)
-    path = spool_dir / f"{manifest.backup_id}.pgc.gpg"
+    # One file per download: two restores of one backup never share (or unlink) a spool file.
+    path = spool_dir / f"{manifest.backup_id}.{uuid.uuid4().hex[:12]}.pgc.gpg"
     store = ObjectStore(settings, bucket=manifest.object.bucket)
     t0 = time.monotonic()
     store.download_verified(

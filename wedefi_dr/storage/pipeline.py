@@ -11,6 +11,12 @@ the ciphertext reaches EOF, before EOF is reported: a failed producer raises the
 transfer manager aborts the multipart upload, and nothing is left at the key. On any
 failure every process still running is killed and the error is a :class:`BackupFailed`
 naming the part that failed, with its stderr.
+
+The upload runs in a thread of its own while the calling thread only waits for it, so an
+interruption of the caller (the task's timeout, a KeyboardInterrupt) lands in this
+module, not inside boto3's transfer manager, whose shutdown would wait for a stream that
+never ends: the producer and gpg are killed first, which ends the stream, and the upload
+then aborts as after any other failure. No orphan pg_dump keeps a snapshot open.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from wedefi_dr.storage.s3 import READ_CHUNK, HashingReader, ObjectStore
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 64 * 1024 * 1024
 STDERR_TAIL = 800
+# How long an interrupted run waits for its upload to abort once the stream was killed.
+ABORT_WAIT_SECONDS = 60
 
 Transform = Callable[[IO[bytes], IO[bytes]], None]
 
@@ -109,7 +117,7 @@ class EncryptedUpload:
 
     def run(self, store: ObjectStore, key: str) -> Streamed:
         """Stream, encrypt and upload; raises BackupFailed with nothing left at ``key``."""
-        proc = gpg = None
+        proc = gpg = upload = None
         try:
             proc = subprocess.Popen(
                 list(self.producer.argv),
@@ -128,12 +136,18 @@ class EncryptedUpload:
                 on_eof=_once(lambda: self._check(proc, pump, gpg, jobs)),
                 progress=progress_logger(f"{self.label} uploaded"),
             )
-            # Returns only after the reader hit EOF, i.e. after every producer passed.
-            store.upload_all_or_nothing(key, reader)
+            # Completes only after the reader hit EOF, i.e. after every producer passed.
+            upload = _Thread("upload", lambda: store.upload_all_or_nothing(key, reader))
+            upload.start()
+            upload.join()  # a signal's exception (the task's timeout) interrupts this wait
+            if upload.error is not None:
+                raise upload.error
         except BaseException as exc:
             _kill(proc, gpg)
+            if upload is not None:
+                upload.join(ABORT_WAIT_SECONDS)  # the killed stream ends it: it aborts
             log.error("%s failed; nothing kept at %s", self.label, key)
-            if isinstance(exc, BackupFailed):
+            if isinstance(exc, BackupFailed | TimeoutError) or not isinstance(exc, Exception):
                 raise
             raise BackupFailed(f"{self.label} failed: {type(exc).__name__}: {exc}") from exc
         return Streamed(
@@ -163,6 +177,15 @@ class EncryptedUpload:
         order, so the first cause is named (a dead producer, not the pipe it broke)."""
         pump.join()
         name = self.producer.name
+        if pump.error is not None and proc.poll() is None:
+            # The stream broke downstream (gpg gone) while the producer still runs: nobody
+            # reads its stdout any more, so it would block on a full pipe and its stderr
+            # would never end. Stop it, and name what broke first.
+            _kill(proc)
+            if gpg.wait() != 0:
+                gerr = gpg.stderr.read().decode(errors="replace")
+                raise BackupFailed(f"gpg --symmetric failed (exit {gpg.returncode}): {gerr}")
+            raise BackupFailed(f"streaming {name}'s output to gpg failed: {pump.error!r}")
         err = proc.stderr.read().decode(errors="replace")
         if proc.wait() != 0:
             raise BackupFailed(f"{name} failed (exit {proc.returncode}): {err[-STDERR_TAIL:]}")

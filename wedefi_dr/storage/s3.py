@@ -9,6 +9,7 @@ transfer manager's parallel ranged GETs ran at 17 MB/s where one stream ran at 2
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,7 +21,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import BackupFailed, ChecksumMismatch, PreflightFailed, TruncatedObject
+from wedefi_dr.errors import (
+    BackupFailed,
+    ChecksumMismatch,
+    PreflightFailed,
+    SpoolFull,
+    TruncatedObject,
+)
 from wedefi_dr.storage.clients import aws_client
 
 log = logging.getLogger(__name__)
@@ -112,12 +119,22 @@ class ObjectStore:
     def upload_all_or_nothing(self, key: str, reader: HashingReader) -> None:
         """Upload ``reader`` to ``key``: complete and the right size, or nothing at all.
 
-        On any failure (a producer's error raised at EOF, the network, a short object) the
-        multipart upload is aborted and any object at ``key`` removed, so nothing
-        half-written is left for a manifest to point at, and no orphaned parts are billed.
+        A key that already holds an object is refused before anything is sent: it may be
+        an earlier attempt's object that a manifest already points at, and a failure of
+        this attempt must never take that backup with it. So on a failure (a producer's
+        error raised at EOF, the network, a short object) the multipart upload is aborted
+        and only an object this attempt completed is removed; nothing half-written is left
+        for a manifest to point at, and no orphaned parts are billed.
         """
+        if self.head(key) is not None:
+            raise BackupFailed(
+                f"s3://{self.bucket}/{key} already holds an object: not overwriting it "
+                "(it may be a backup a manifest points at); this run writes nothing"
+            )
+        completed = False
         try:
             self.upload_stream(key, reader)
+            completed = True
             head = self.head(key)
             if head is None or head["ContentLength"] != reader.size:
                 raise BackupFailed(
@@ -126,7 +143,7 @@ class ObjectStore:
                 )
         except BaseException:
             aborted = self.abort_multipart_uploads(key)
-            if self.head(key) is not None:
+            if completed:
                 self.delete(key)
             log.error(
                 "upload of %s failed: %d multipart upload(s) aborted, nothing kept", key, aborted
@@ -218,6 +235,15 @@ class ObjectStore:
                     f"s3://{self.bucket}/{key} sha256 {digest.hexdigest()} does not match the "
                     f"manifest's {sha256}: the stored object is corrupt"
                 )
+        except OSError as exc:
+            dest.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise SpoolFull(
+                    f"no space left in the spool {dest.parent} for s3://{self.bucket}/{key} "
+                    f"({size_bytes} bytes, {size} written): free space there or point "
+                    "WEDEFI_DR_SPOOL_DIR at a larger disk"
+                ) from exc
+            raise
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
