@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from flows.backup import logical_backup
 from flows.restore import restore_backup
-from tests.helpers import fingerprint, sns_inbox
+from tests.helpers import BREAK_GLASS, fingerprint, run_approved, sns_inbox
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, PreflightFailed, SpoolFull
@@ -186,11 +186,15 @@ def test_a_full_spool_fails_the_restore_naming_the_spool_and_leaves_the_target(
         before = fingerprint(scratch_dsn)
         env_override(WEDEFI_DR_SPOOL_DIR=str(spool))
         with pytest.raises(SpoolFull, match=rf"no space left in the spool {spool}"):
-            restore_backup(
+            # The target holds data on the primary's cluster: a break-glass overwrite.
+            run_approved(
+                restore_backup,
+                BREAK_GLASS,
                 backup_id=good_backup,
                 target_dsn=scratch_dsn,
                 operator="pytest-spool",
                 justification="disk-full spool test",
+                overwrite=True,
             )
         assert fingerprint(scratch_dsn) == before
         assert list(spool.iterdir()) == []

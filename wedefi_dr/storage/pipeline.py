@@ -146,6 +146,9 @@ class EncryptedUpload:
             _kill(proc, gpg)
             if upload is not None:
                 upload.join(ABORT_WAIT_SECONDS)  # the killed stream ends it: it aborts
+                # A multipart upload created while the first abort listed the key's uploads
+                # would outlive it: abort once more, after the upload thread has ended.
+                store.abort_multipart_uploads(key)
             log.error("%s failed; nothing kept at %s", self.label, key)
             if isinstance(exc, BackupFailed | TimeoutError) or not isinstance(exc, Exception):
                 raise

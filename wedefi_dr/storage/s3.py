@@ -171,9 +171,14 @@ class ObjectStore:
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
             for upload in page.get("Uploads", []):
-                self.client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
+                try:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                except ClientError as exc:
+                    # The transfer manager aborting the same upload at the same moment.
+                    if exc.response["Error"]["Code"] != "NoSuchUpload":
+                        raise
                 aborted += 1
         return aborted
 
