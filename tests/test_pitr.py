@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,10 +20,8 @@ from pathlib import Path
 
 import pytest
 from prefect import tags
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.flow_runs import resume_flow_run
 
+from tests.helpers import approve_when_paused
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical import archiving, wal
 from wedefi_dr.physical.pitr.approval import ApprovalRefused
@@ -94,32 +91,6 @@ def markers(dsn: str) -> list[int]:
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SELECT id FROM markers ORDER BY id")
         return [r[0] for r in cur.fetchall()]
-
-
-def approve_when_paused(tag: str, run_input: dict, box: dict) -> threading.Thread:
-    """What an approver does in the UI: find the paused run, resume it with input."""
-
-    def worker() -> None:
-        deadline = time.monotonic() + 180
-        try:
-            with get_client(sync_client=True) as client:
-                while time.monotonic() < deadline:
-                    runs = client.read_flow_runs(
-                        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
-                    )
-                    if runs and runs[0].state and runs[0].state.is_paused():
-                        resume_flow_run(runs[0].id, run_input=run_input)
-                        box["resumed"] = runs[0].id
-                        return
-                    if runs and runs[0].state and runs[0].state.is_final():
-                        return
-                    time.sleep(0.5)
-        except BaseException as exc:  # surfaced by the test
-            box["error"] = exc
-
-    t = threading.Thread(target=worker, daemon=True)
-    t.start()
-    return t
 
 
 def recover(run_input: dict | None, **params) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -212,10 +211,8 @@ def test_an_archived_row_back_in_the_table_is_removed_or_stops_the_table(
         )
         cur.execute('SELECT * FROM "PriceSnapshot" WHERE id = %s', (other,))
         (changed,) = cur.fetchall()
-    t0 = time.monotonic()
     with pytest.raises(RetentionIncomplete) as failed:
         _run(dsn, as_of=AS_OF, policy_path=policy)
-    seconds = time.monotonic() - t0
     assert "rerun cannot finish until that conflict is resolved" in str(failed.value)
     assert "rerun to finish" not in str(failed.value)
     assert _copies(dsn, other) == ([changed], [archived_other])
@@ -227,7 +224,6 @@ def test_an_archived_row_back_in_the_table_is_removed_or_stops_the_table(
     failure = attempts[0]
     assert failure[1:3] == ("PriceSnapshot", "failed")
     assert "ArchiveConflict" in failure[3] and other in failure[3]
-    assert seconds < 30  # the task's retry delay was not waited out
 
 
 # ---- sample-data resets --------------------------------------------------------------------
