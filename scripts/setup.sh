@@ -13,6 +13,14 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
 command -v gpg >/dev/null 2>&1 || need_pkgs+=(gnupg)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
   || need_pkgs+=(python3-venv)
+# The peer of the benchmark, compressors, the monitoring pipeline and the browser the UI
+# tests drive: Debian packages, so nothing downloads at run time.
+for tool in pgbackrest:pgbackrest zstd:zstd lz4:lz4 promtool:prometheus \
+    prometheus-pushgateway:prometheus-pushgateway \
+    prometheus-alertmanager:prometheus-alertmanager \
+    chromium:chromium chromedriver:chromium-driver; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_pkgs+=("${tool#*:}")
+done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian packages: ${need_pkgs[*]}" >&2
@@ -23,6 +31,10 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     if command -v pg_lsclusters >/dev/null 2>&1; then
       pg_lsclusters -h | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop || true; done
     fi
+    # Likewise the monitoring packages' own services: the stack starts its own on free ports.
+    for svc in prometheus prometheus-pushgateway prometheus-alertmanager; do
+      pkill -x "$svc" 2>/dev/null || true
+    done
   else
     echo "setup: missing Debian packages: ${need_pkgs[*]}" >&2
     echo "       install them as root: sudo apt-get install ${need_pkgs[*]}" >&2
