@@ -204,7 +204,11 @@ class Stack:
         self.cluster(SCRATCH_CLUSTER)  # the default target of `wedefi-dr pitr run`
         primary.create_database(PRIMARY_DB)
         self.ops.create_database(OPS_DB)
-        audit.install(self.ops.admin_dsn(OPS_DB), app_password=self._secret("ops_app_password"))
+        audit.install(
+            self.ops.admin_dsn(OPS_DB),
+            app_password=self._secret("ops_app_password"),
+            owner_password=self._audit_owner_password(),
+        )
         self._ensure_archiving(primary)
         self._write_pgpass()
 
@@ -365,6 +369,20 @@ class Stack:
         ]
         self.pgpass.write_text("\n".join(lines) + "\n")
         self.pgpass.chmod(0o600)
+
+    @property
+    def audit_owner_password_file(self) -> Path:
+        return self.root / "audit-owner.password"
+
+    def _audit_owner_password(self) -> str:
+        """The audit owner's password, in a file of its own (created mode 600) for set-up by
+        hand: never in the state file, the pgpass or the environment the flows run with."""
+        path = self.audit_owner_password_file
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24) + "\n")
+        return path.read_text().strip()
 
     def ops_app_dsn(self) -> str:
         """The ops database as the application role (append-only on the audit tables)."""

@@ -1,148 +1,57 @@
 """The audit trail: ``backup_audit_log``, ``recovery_audit_log`` and ``retention_audit_log``
-in the ops database.
+in the ops database, hash-chained in ``audit_chain`` (:mod:`.audit_schema`).
 
-The tables carry the plan's columns plus the backup id and an error message. They are
-append-only for the application role: it may insert a row and move it once from
-``running`` to a final state, never delete or rewrite history (a trigger refuses, and the
-role has no DELETE/TRUNCATE privilege). Secrets never go in: targets are stored as
-redacted DSNs and error messages are passed through :func:`scrub`.
+The application cannot forge it: it holds no write privilege on any table, only the
+``audit_start``/``audit_finish``/``audit_abandon`` functions, which set times and status
+themselves. Each start is bound to a random token that only this process knows (the
+server keeps its sha256), so a run finishes only the rows it started; a retried start or
+finish in the same process reuses the token and changes nothing twice.
+
+A run that dies (SIGKILL, a lost worker) cannot finish its row: the next start of the
+same operation and target, or ``wedefi-dr audit sweep``, marks it ``abandoned`` — a new
+chain event naming the evidence (the starter's process is gone, it holds no lock session).
+
+Secrets never go in: targets are stored as redacted DSNs and error messages are passed
+through :func:`scrub`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import secrets
+import socket
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-from psycopg2.extensions import encrypt_password
+import psycopg2
 
+from wedefi_dr.errors import DRError, InvalidInput
+from wedefi_dr.observability.audit_schema import APP_ROLE, LOGS, OWNER_ROLE, install
 from wedefi_dr.postgres.tools import connect
 
-APP_ROLE = "wedefi_dr_app"
-# 'refused': a recovery request turned down before anything changed (recovery log only).
+__all__ = ["APP_ROLE", "OWNER_ROLE", "install"]
+
+log = logging.getLogger(__name__)
+
+# 'refused': a request turned down before anything changed.
 FINAL_STATUSES = ("success", "failed", "refused")
+OPERATOR_MAX = 100
+# The database's own refusals (wrong token, a field the caller may not set, a live starter).
+_REFUSALS = {"42501", "22023", "55006"}
 
-DDL = f"""
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
-
-CREATE TABLE IF NOT EXISTS backup_audit_log (
-  id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-  backup_type VARCHAR(50) NOT NULL,
-  backup_id VARCHAR(100),
-  start_time TIMESTAMP NOT NULL,
-  end_time TIMESTAMP,
-  status VARCHAR(20) NOT NULL CHECK (status IN ('running', 'success', 'failed')),
-  size_bytes BIGINT,
-  checksum VARCHAR(128),
-  operator_id VARCHAR(100),
-  error_message TEXT,
-  created_at TIMESTAMP DEFAULT NOW()
-);
-
-CREATE TABLE IF NOT EXISTS recovery_audit_log (
-  id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-  recovery_type VARCHAR(50) NOT NULL,
-  backup_id VARCHAR(100),
-  target VARCHAR(300),
-  target_time TIMESTAMP,
-  start_time TIMESTAMP NOT NULL,
-  end_time TIMESTAMP,
-  status VARCHAR(20) NOT NULL,
-  operator_id VARCHAR(100) NOT NULL CHECK (btrim(operator_id) <> ''),
-  justification TEXT NOT NULL CHECK (btrim(justification) <> ''),
-  error_message TEXT,
-  created_at TIMESTAMP DEFAULT NOW()
-);
-
-ALTER TABLE recovery_audit_log DROP CONSTRAINT IF EXISTS recovery_audit_log_status_check;
-ALTER TABLE recovery_audit_log ADD CONSTRAINT recovery_audit_log_status_check
-  CHECK (status IN ('running', 'success', 'failed', 'refused'));
-
-CREATE OR REPLACE FUNCTION audit_guard() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF TG_OP = 'DELETE' OR TG_OP = 'TRUNCATE' THEN
-    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
-  END IF;
-  IF OLD.status <> 'running' THEN
-    RAISE EXCEPTION '% row % is final (%): history is not rewritten',
-      TG_TABLE_NAME, OLD.id, OLD.status;
-  END IF;
-  IF NEW.id <> OLD.id OR NEW.start_time <> OLD.start_time
-     OR NEW.operator_id IS DISTINCT FROM OLD.operator_id THEN
-    RAISE EXCEPTION '% row %: id, start_time and operator are immutable', TG_TABLE_NAME, OLD.id;
-  END IF;
-  RETURN NEW;
-END $$;
-
-DO $$
-DECLARE t text;
-BEGIN
-  FOREACH t IN ARRAY ARRAY['backup_audit_log', 'recovery_audit_log'] LOOP
-    EXECUTE format('DROP TRIGGER IF EXISTS %I_guard ON %I', t, t);
-    EXECUTE format('CREATE TRIGGER %I_guard BEFORE UPDATE OR DELETE ON %I '
-                   'FOR EACH ROW EXECUTE FUNCTION audit_guard()', t, t);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I_no_truncate ON %I', t, t);
-    EXECUTE format('CREATE TRIGGER %I_no_truncate BEFORE TRUNCATE ON %I '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION audit_guard()', t, t);
-  END LOOP;
-END $$;
-
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-    CREATE ROLE {APP_ROLE} LOGIN;
-  END IF;
-END $$;
-REVOKE ALL ON backup_audit_log, recovery_audit_log FROM {APP_ROLE};
-GRANT SELECT, INSERT ON backup_audit_log, recovery_audit_log TO {APP_ROLE};
-GRANT UPDATE (end_time, status, size_bytes, checksum, error_message)
-  ON backup_audit_log TO {APP_ROLE};
-GRANT UPDATE (end_time, status, error_message) ON recovery_audit_log TO {APP_ROLE};
-
--- Data retention: one row per table per run, same append-only guard as above.
-CREATE TABLE IF NOT EXISTS retention_audit_log (
-  id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-  run_id VARCHAR(100) NOT NULL,
-  database_name VARCHAR(100) NOT NULL,
-  table_name VARCHAR(100) NOT NULL,
-  action VARCHAR(20) NOT NULL CHECK (action IN ('delete', 'archive', 'summarize')),
-  cutoff TIMESTAMP NOT NULL,
-  start_time TIMESTAMP NOT NULL,
-  end_time TIMESTAMP,
-  status VARCHAR(20) NOT NULL CHECK (status IN ('running', 'success', 'failed')),
-  rows_removed BIGINT,
-  rows_archived BIGINT,
-  rows_summarized BIGINT,
-  rows_cascaded JSONB,
-  batches INTEGER,
-  operator_id VARCHAR(100) NOT NULL CHECK (btrim(operator_id) <> ''),
-  error_message TEXT,
-  created_at TIMESTAMP DEFAULT NOW()
-);
-
-DROP TRIGGER IF EXISTS retention_audit_log_guard ON retention_audit_log;
-CREATE TRIGGER retention_audit_log_guard BEFORE UPDATE OR DELETE ON retention_audit_log
-  FOR EACH ROW EXECUTE FUNCTION audit_guard();
-DROP TRIGGER IF EXISTS retention_audit_log_no_truncate ON retention_audit_log;
-CREATE TRIGGER retention_audit_log_no_truncate BEFORE TRUNCATE ON retention_audit_log
-  FOR EACH STATEMENT EXECUTE FUNCTION audit_guard();
-REVOKE ALL ON retention_audit_log FROM {APP_ROLE};
-GRANT SELECT, INSERT ON retention_audit_log TO {APP_ROLE};
-GRANT UPDATE (end_time, status, rows_removed, rows_archived, rows_summarized, rows_cascaded,
-              batches, error_message) ON retention_audit_log TO {APP_ROLE};
-"""
+# audit id -> the token its start was bound to; only this process ever knows it.
+_TOKENS: dict[str, str] = {}
 
 
-def install(admin_dsn: str, app_password: str | None = None) -> None:
-    """Create the audit tables, guard and application role (idempotent; needs an admin)."""
-    with connect(admin_dsn) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('wedefi_dr_audit_install'))")
-        cur.execute(DDL)
-        if app_password is not None:
-            # Only the SCRAM verifier travels: the password itself never reaches the server's
-            # statement text, its log (an erroring statement is logged) or pg_stat_statements.
-            verifier = encrypt_password(app_password, APP_ROLE, conn, "scram-sha-256")
-            cur.execute(f"ALTER ROLE {APP_ROLE} PASSWORD %s", (verifier,))
+class AuditRefused(DRError):
+    """The ops database refused an audit write: a row another run started, a field the
+    application may not set, a starter that is still alive."""
 
 
 _SECRETISH = re.compile(r"(password|passphrase|secret|aws_secret_access_key)\s*[=:]\s*\S+", re.I)
@@ -162,21 +71,193 @@ def _require_final(status: str) -> None:
         raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
 
 
+def _require_operator(operator: str | None) -> None:
+    """Refused here, before the audit write, with the limit named (not a driver error)."""
+    if operator is not None and len(operator) > OPERATOR_MAX:
+        raise InvalidInput(
+            f"operator is {len(operator)} characters long; the audit log keeps at most "
+            f"{OPERATOR_MAX}"
+        )
+
+
+# ---- who started a row ------------------------------------------------------------------
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None when it is gone
+    or a zombie: with the boot id it tells a live starter from a reused pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def starter() -> dict[str, Any]:
+    """This process as the starter of a row: host, pid, its start time and the boot."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pid_start": _process_start(pid),
+        "boot_id": _boot_id(),
+    }
+
+
+def starter_gone(started_by: dict[str, Any] | None) -> str | None:
+    """Why the starter of a row is known to be gone, or None when it may still run (it is
+    alive, or on another host, where this process cannot look)."""
+    if not started_by or started_by.get("host") != socket.gethostname():
+        return None
+    pid = int(started_by.get("pid") or 0)
+    if started_by.get("boot_id") and started_by["boot_id"] != _boot_id():
+        return f"host {started_by['host']} rebooted since pid {pid} started it"
+    now = _process_start(pid) if pid else None
+    if now is None:
+        return f"process {pid} on {started_by['host']} is gone"
+    if now != started_by.get("pid_start"):
+        return f"process {pid} on {started_by['host']} is gone (the pid now names another)"
+    return None
+
+
+# ---- the three database functions ---------------------------------------------------------
+def _call(ops_dsn: str, sql: str, args: tuple) -> Any:
+    try:
+        with connect(ops_dsn) as conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchone()
+    except psycopg2.Error as exc:
+        if exc.pgcode in _REFUSALS:
+            primary = exc.diag.message_primary or str(exc).strip()
+            raise AuditRefused(f"audit trail refused: {primary}") from None
+        raise
+
+
+def _start(ops_dsn: str, log_name: str, audit_id: str, fields: dict[str, Any]) -> str:
+    """Open (or, on a retry in this process, find again) the ``running`` row ``audit_id``."""
+    _require_operator(fields.get("operator_id"))
+    token = _TOKENS.setdefault(audit_id, secrets.token_urlsafe(32))
+    _call(
+        ops_dsn,
+        "SELECT audit_id FROM audit_start(%s, %s, %s, %s::jsonb, %s::jsonb)",
+        (log_name, audit_id, token, json.dumps(fields, default=str), json.dumps(starter())),
+    )
+    return audit_id
+
+
+def _finish(ops_dsn: str, log_name: str, audit_id: str, status: str, fields: dict) -> None:
+    """Close the row with the token its start was bound to (a row started by another
+    process, or never, is refused by the database)."""
+    _require_final(status)
+    _call(
+        ops_dsn,
+        "SELECT audit_finish(%s, %s, %s, %s, %s::jsonb)",
+        (log_name, audit_id, _TOKENS.get(audit_id), status, json.dumps(fields, default=str)),
+    )
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+# ---- abandoned runs -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Abandoned:
+    """A ``running`` row marked abandoned, and why."""
+
+    log: str
+    audit_id: str
+    started_at: datetime
+    evidence: str
+
+
+def sweep(
+    ops_dsn: str,
+    *,
+    log_name: str | None = None,
+    match: dict[str, Any] | None = None,
+    older_than_seconds: float | None = None,
+    exclude: str | None = None,
+) -> list[Abandoned]:
+    """Mark abandoned every ``running`` row whose starter is gone.
+
+    A starter on this host is checked directly (its process, start time and boot). A row
+    from another host is marked only when ``older_than_seconds`` says how old is too old.
+    The database refuses either while the starter still holds a lock session. ``match``
+    narrows to one operation and target (columns of the row)."""
+    found: list[Abandoned] = []
+    for name, table in LOGS.items():
+        if log_name not in (None, name):
+            continue
+        where, args = ["status = 'running'"], []
+        for column, value in (match or {}).items():
+            where.append(f"{column} IS NOT DISTINCT FROM %s")
+            args.append(value)
+        with connect(ops_dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT id::text, start_time, started_by, "
+                f"extract(epoch FROM (now() AT TIME ZONE 'UTC') - start_time) "
+                f"FROM {table} WHERE {' AND '.join(where)} ORDER BY start_time",
+                args,
+            )
+            rows = cur.fetchall()
+        for audit_id, started_at, started_by, age in rows:
+            if audit_id == exclude:
+                continue
+            why = starter_gone(started_by)
+            if why is None and older_than_seconds is not None and float(age) > older_than_seconds:
+                host = (started_by or {}).get("host", "an unknown host")
+                why = (
+                    f"started {float(age):.0f} s ago on {host}, older than {older_than_seconds:g} s"
+                )
+            if why is None:
+                continue
+            summary = (
+                f"{why}; no lock session of it is connected "
+                f"(started {started_at:%Y-%m-%d %H:%M:%S} UTC)"
+            )
+            evidence = {"summary": summary, "checked_by": starter()}
+            try:
+                marked = _call(
+                    ops_dsn,
+                    "SELECT audit_abandon(%s, %s, %s::jsonb)",
+                    (name, audit_id, json.dumps(evidence)),
+                )[0]
+            except AuditRefused as exc:
+                log.warning("audit row %s left running: %s", audit_id, exc)
+                continue
+            if marked:
+                log.warning("audit row %s (%s) marked abandoned: %s", audit_id, name, summary)
+                found.append(Abandoned(name, audit_id, started_at, summary))
+    return found
+
+
+def _sweep_before(ops_dsn: str, log_name: str, match: dict[str, Any], audit_id: str) -> None:
+    """The next run of an operation closes the rows its dead predecessors left running;
+    a failure here never stops the run itself."""
+    try:
+        sweep(ops_dsn, log_name=log_name, match=match, exclude=audit_id)
+    except (DRError, psycopg2.Error) as exc:
+        log.warning("could not sweep abandoned %s audit rows: %s", log_name, exc)
+
+
+# ---- backups -------------------------------------------------------------------------------
 def backup_started(
     ops_dsn: str, *, audit_id: str, backup_type: str, backup_id: str, operator: str
 ) -> str:
-    """Insert the ``running`` row. Keyed by ``audit_id`` so a retried task inserts once."""
-    with connect(ops_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            """INSERT INTO backup_audit_log (id, backup_type, backup_id, start_time, status,
-                                             operator_id)
-               VALUES (%s, %s, %s, %s, 'running', %s) ON CONFLICT (id) DO NOTHING""",
-            (audit_id, backup_type, backup_id, _now(), operator),
-        )
+    """Open the ``running`` row. Keyed by ``audit_id`` so a retried task opens it once."""
+    _start(
+        ops_dsn,
+        "backup",
+        audit_id,
+        {"backup_type": backup_type, "backup_id": backup_id, "operator_id": operator},
+    )
+    _sweep_before(ops_dsn, "backup", {"backup_type": backup_type}, audit_id)
     return audit_id
 
 
@@ -189,17 +270,17 @@ def backup_finished(
     checksum: str | None = None,
     error: str | None = None,
 ) -> None:
-    """Move the row to its final state (only from ``running``; the trigger enforces it)."""
-    _require_final(status)
-    with connect(ops_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            """UPDATE backup_audit_log SET end_time = %s, status = %s, size_bytes = %s,
-                      checksum = %s, error_message = %s
-               WHERE id = %s AND status = 'running'""",
-            (_now(), status, size_bytes, checksum, error, audit_id),
-        )
+    """Move the row this process started to its final state (once; the database enforces it)."""
+    _finish(
+        ops_dsn,
+        "backup",
+        audit_id,
+        status,
+        {"size_bytes": size_bytes, "checksum": checksum, "error_message": error},
+    )
 
 
+# ---- restores, DR tests, PITR -------------------------------------------------------------
 def recovery_started(
     ops_dsn: str,
     *,
@@ -211,47 +292,63 @@ def recovery_started(
     target_time: datetime | None = None,
     audit_id: str | None = None,
 ) -> str:
+    """Open the ``running`` row of a restore, a DR test, a PITR, a teardown or a refusal."""
     audit_id = audit_id or str(uuid.uuid4())
-    with connect(ops_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            """INSERT INTO recovery_audit_log (id, recovery_type, backup_id, target, target_time,
-                   start_time, status, operator_id, justification)
-               VALUES (%s, %s, %s, %s, %s, %s, 'running', %s, %s)
-               ON CONFLICT (id) DO NOTHING""",
-            (
-                audit_id,
-                recovery_type,
-                backup_id,
-                target,
-                target_time,
-                _now(),
-                operator,
-                justification,
-            ),
-        )
+    _start(
+        ops_dsn,
+        "recovery",
+        audit_id,
+        {
+            "recovery_type": recovery_type,
+            "backup_id": backup_id,
+            "target": target,
+            "target_time": target_time.isoformat() if target_time else None,
+            "operator_id": operator,
+            "justification": justification,
+        },
+    )
+    _sweep_before(ops_dsn, "recovery", {"recovery_type": recovery_type, "target": target}, audit_id)
     return audit_id
 
 
 def recovery_finished(
     ops_dsn: str, audit_id: str, *, status: str, error: str | None = None
 ) -> None:
-    _require_final(status)
-    with connect(ops_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            """UPDATE recovery_audit_log SET end_time = %s, status = %s, error_message = %s
-               WHERE id = %s AND status = 'running'""",
-            (_now(), status, error, audit_id),
-        )
+    _finish(ops_dsn, "recovery", audit_id, status, {"error_message": error})
+
+
+def recovery_refused(
+    ops_dsn: str,
+    *,
+    recovery_type: str,
+    target: str,
+    operator: str,
+    justification: str,
+    error: str,
+    backup_id: str | None = None,
+) -> str:
+    """A refusal on the record in one call: a row opened and closed ``refused`` (nothing
+    was changed). Blank operator or justification cannot be recorded and are named so."""
+    audit_id = recovery_started(
+        ops_dsn,
+        recovery_type=recovery_type,
+        backup_id=backup_id,
+        target=target[:300],
+        operator=operator.strip() or "(not given)",
+        justification=justification.strip() or "(not given)",
+    )
+    recovery_finished(ops_dsn, audit_id, status="refused", error=error)
+    return audit_id
 
 
 def backup_counts(ops_dsn: str, backup_type: str) -> dict[str, float]:
     """Totals and the last success time of one kind of backup (``logical``, ``base``), from
     the audit log: metrics that survive restarts. Per kind, so that a good base backup can
-    never make a failing logical backup look recent."""
+    never make a failing logical backup look recent. An abandoned run is a failure."""
     with connect(ops_dsn) as conn, conn.cursor() as cur:
         cur.execute(
             """SELECT count(*) FILTER (WHERE status = 'success'),
-                      count(*) FILTER (WHERE status = 'failed'),
+                      count(*) FILTER (WHERE status IN ('failed', 'abandoned')),
                       extract(epoch FROM max(end_time) FILTER (WHERE status = 'success'))
                FROM backup_audit_log WHERE backup_type = %s""",
             (backup_type,),
@@ -272,15 +369,22 @@ def retention_started(
     operator: str,
     audit_id: str | None = None,
 ) -> str:
-    """Insert the ``running`` row for one table of one retention run."""
+    """Open the ``running`` row for one table of one retention run."""
     audit_id = audit_id or str(uuid.uuid4())
-    with connect(ops_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            """INSERT INTO retention_audit_log (id, run_id, database_name, table_name, action,
-                   cutoff, start_time, status, operator_id)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, 'running', %s) ON CONFLICT (id) DO NOTHING""",
-            (audit_id, run_id, database, table, action, cutoff, _now(), operator),
-        )
+    _start(
+        ops_dsn,
+        "retention",
+        audit_id,
+        {
+            "run_id": run_id,
+            "database_name": database,
+            "table_name": table,
+            "action": action,
+            "cutoff": cutoff.isoformat(),
+            "operator_id": operator,
+        },
+    )
+    _sweep_before(ops_dsn, "retention", {"database_name": database, "table_name": table}, audit_id)
     return audit_id
 
 
@@ -297,25 +401,20 @@ def retention_finished(
     error: str | None = None,
 ) -> None:
     """Move the row to its final state with what the table's batches did (committed work)."""
-    _require_final(status)
-    with connect(ops_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            """UPDATE retention_audit_log SET end_time = %s, status = %s, rows_removed = %s,
-                      rows_archived = %s, rows_summarized = %s, rows_cascaded = %s,
-                      batches = %s, error_message = %s
-               WHERE id = %s AND status = 'running'""",
-            (
-                _now(),
-                status,
-                removed,
-                archived,
-                summarized,
-                json.dumps(cascaded or {}, sort_keys=True),
-                batches,
-                error,
-                audit_id,
-            ),
-        )
+    _finish(
+        ops_dsn,
+        "retention",
+        audit_id,
+        status,
+        {
+            "rows_removed": removed,
+            "rows_archived": archived,
+            "rows_summarized": summarized,
+            "rows_cascaded": dict(sorted((cascaded or {}).items())),
+            "batches": batches,
+            "error_message": error,
+        },
+    )
 
 
 def retention_totals(ops_dsn: str, database: str) -> list[dict[str, object]]:
@@ -329,7 +428,7 @@ def retention_totals(ops_dsn: str, database: str) -> list[dict[str, object]]:
                       coalesce(sum(rows_removed) FILTER (WHERE status = 'success'), 0),
                       coalesce(sum(rows_archived) FILTER (WHERE status = 'success'), 0),
                       coalesce(sum(rows_summarized) FILTER (WHERE status = 'success'), 0),
-                      count(*) FILTER (WHERE status = 'failed'),
+                      count(*) FILTER (WHERE status IN ('failed', 'abandoned')),
                       extract(epoch FROM max(end_time) FILTER (WHERE status = 'success'))
                FROM retention_audit_log WHERE database_name = %s
                GROUP BY table_name, action ORDER BY table_name""",
@@ -347,3 +446,20 @@ def retention_totals(ops_dsn: str, database: str) -> list[dict[str, object]]:
             }
             for t, a, rm, ar, su, f, last in cur.fetchall()
         ]
+
+
+def recent(ops_dsn: str, *, log_name: str | None = None, limit: int = 20) -> list[dict]:
+    """The latest rows of one log or all three, newest first (``wedefi-dr audit list``)."""
+    parts = []
+    for name, table in LOGS.items():
+        if log_name in (None, name):
+            kind = {"backup": "backup_type", "recovery": "recovery_type"}.get(name, "action")
+            target = {"backup": "backup_id", "recovery": "target"}.get(name, "table_name")
+            parts.append(
+                f"SELECT '{name}' AS log, id::text, {kind} AS kind, {target}::text AS target, "
+                f"status, operator_id, start_time, end_time, error_message FROM {table}"
+            )
+    with connect(ops_dsn) as conn, conn.cursor() as cur:
+        cur.execute(" UNION ALL ".join(parts) + " ORDER BY start_time DESC LIMIT %s", (limit,))
+        columns = [d[0] for d in cur.description]
+        return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
