@@ -54,6 +54,8 @@ def _secrets(settings: Settings) -> list[str]:
     found = [settings.gpg_passphrase.get_secret_value(), os.environ["AWS_SECRET_ACCESS_KEY"]]
     for line in Path(os.environ["PGPASSFILE"]).read_text().splitlines():
         found.append(line.rsplit(":", 1)[1])
+    owner = Path(os.environ["WEDEFI_DR_STACK_DIR"]) / "audit-owner.password"
+    found.append(owner.read_text().strip())
     return [s for s in found if s]
 
 
@@ -98,23 +100,29 @@ def test_setting_the_app_role_password_never_sends_the_password(stack, settings:
 
     admin = stack.ops.admin_dsn("wedefi_ops")
     secret = "app-role-password-under-test"
+    owner_secret = "owner-role-password-under-test"
     log = stack.ops.log
     with connect(admin, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("ALTER SYSTEM SET log_statement = 'ddl'")
         cur.execute("SELECT pg_reload_conf()")
     start = log.stat().st_size
     try:
-        audit.install(admin, app_password=secret)
+        audit.install(admin, app_password=secret, owner_password=owner_secret)
         with connect(admin) as conn, conn.cursor() as cur:
             cur.execute("SELECT pg_sleep(0.2)")  # the log line is flushed by then
     finally:
         with connect(admin, autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("ALTER SYSTEM RESET log_statement")
             cur.execute("SELECT pg_reload_conf()")
-        audit.install(admin, app_password=stack._secret("ops_app_password"))
+        audit.install(
+            admin,
+            app_password=stack._secret("ops_app_password"),
+            owner_password=stack._audit_owner_password(),
+        )
     logged = log.read_bytes()[start:].decode(errors="replace")
     assert "ALTER ROLE wedefi_dr_app PASSWORD 'SCRAM-SHA-256$" in logged
-    assert secret not in logged
+    assert "ALTER ROLE dr_audit_owner LOGIN PASSWORD 'SCRAM-SHA-256$" in logged
+    assert secret not in logged and owner_secret not in logged
     app = with_dbname(settings.ops_dsn.get_secret_value(), "wedefi_ops")
     with connect(app) as conn, conn.cursor() as cur:
         cur.execute("SELECT current_user")

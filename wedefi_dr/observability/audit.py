@@ -232,7 +232,7 @@ def sweep(
                 log.warning("audit row %s left running: %s", audit_id, exc)
                 continue
             if marked:
-                log.warning("audit row %s (%s) marked abandoned: %s", audit_id, name, summary)
+                log.info("audit row %s (%s) marked abandoned: %s", audit_id, name, summary)
                 found.append(Abandoned(name, audit_id, started_at, summary))
     return found
 
@@ -241,9 +241,14 @@ def _sweep_before(ops_dsn: str, log_name: str, match: dict[str, Any], audit_id: 
     """The next run of an operation closes the rows its dead predecessors left running;
     a failure here never stops the run itself."""
     try:
-        sweep(ops_dsn, log_name=log_name, match=match, exclude=audit_id)
+        marked = sweep(ops_dsn, log_name=log_name, match=match, exclude=audit_id)
     except (DRError, psycopg2.Error) as exc:
         log.warning("could not sweep abandoned %s audit rows: %s", log_name, exc)
+        return
+    for m in marked:
+        log.warning(
+            "audit row %s of a dead earlier run marked abandoned: %s", m.audit_id, m.evidence
+        )
 
 
 # ---- backups -------------------------------------------------------------------------------
