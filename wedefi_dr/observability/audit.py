@@ -165,6 +165,16 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _utc_text(moment: datetime | None) -> str | None:
+    """A moment for a ``TIMESTAMP`` (UTC) column, sent as text: an aware one converted to
+    UTC first, since PostgreSQL ignores an offset written into a timestamp literal."""
+    if moment is None:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat()
+
+
 # ---- abandoned runs -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Abandoned:
@@ -307,7 +317,7 @@ def recovery_started(
             "recovery_type": recovery_type,
             "backup_id": backup_id,
             "target": target,
-            "target_time": target_time.isoformat() if target_time else None,
+            "target_time": _utc_text(target_time),
             "operator_id": operator,
             "justification": justification,
         },
@@ -385,7 +395,7 @@ def retention_started(
             "database_name": database,
             "table_name": table,
             "action": action,
-            "cutoff": cutoff.isoformat(),
+            "cutoff": _utc_text(cutoff),
             "operator_id": operator,
         },
     )
