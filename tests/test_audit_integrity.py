@@ -403,3 +403,16 @@ def test_the_audit_owner_is_a_role_the_flows_cannot_log_in_as(stack, settings: S
     for name, definer, config in functions:
         assert definer and "search_path=pg_catalog, public, pg_temp" in config, name
     assert member is False
+
+
+def test_an_ops_dsn_that_could_rewrite_the_trail_is_refused(stack):
+    """The superuser (or the owner) as the flows' ops login is a misconfiguration that
+    would make every guarantee above void: the first audit write says so."""
+    with pytest.raises(audit.AuditRefused, match="point WEDEFI_DR_OPS_DSN at the application"):
+        audit.backup_started(
+            stack.ops.admin_dsn("wedefi_ops"),
+            audit_id=str(uuid.uuid4()),
+            backup_type="pytest_misconfigured",
+            backup_id="none",
+            operator="pytest",
+        )

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.observability.audit_schema import APP_ROLE, LOGS, OWNER_ROLE, install
@@ -204,17 +205,18 @@ def sweep(
     for name, table in LOGS.items():
         if log_name not in (None, name):
             continue
-        where, args = ["status = 'running'"], []
+        where = [sql.SQL("status = 'running'")]
+        args = []
         for column, value in (match or {}).items():
-            where.append(f"{column} IS NOT DISTINCT FROM %s")
+            where.append(sql.SQL("{} IS NOT DISTINCT FROM %s").format(sql.Identifier(column)))
             args.append(value)
+        query = sql.SQL(
+            "SELECT id::text, start_time, started_by, "
+            "extract(epoch FROM (now() AT TIME ZONE 'UTC') - start_time) "
+            "FROM {} WHERE {} ORDER BY start_time"
+        ).format(sql.Identifier(table), sql.SQL(" AND ").join(where))
         with connect(ops_dsn) as conn, conn.cursor() as cur:
-            cur.execute(
-                f"SELECT id::text, start_time, started_by, "
-                f"extract(epoch FROM (now() AT TIME ZONE 'UTC') - start_time) "
-                f"FROM {table} WHERE {' AND '.join(where)} ORDER BY start_time",
-                args,
-            )
+            cur.execute(query, args)
             rows = cur.fetchall()
         for audit_id, started_at, started_by, age in rows:
             if audit_id == exclude:

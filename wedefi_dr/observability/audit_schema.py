@@ -235,6 +235,12 @@ DECLARE
   now_utc timestamp := clock_timestamp() AT TIME ZONE 'UTC';
   stored jsonb;
 BEGIN
+  IF session_user::text = '{OWNER_ROLE}'
+     OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user) THEN
+    RAISE EXCEPTION 'the ops DSN logs in as %, who can rewrite the audit trail: point '
+      'WEDEFI_DR_OPS_DSN at the application role {APP_ROLE}', session_user
+      USING ERRCODE = '42501';
+  END IF;
   IF length(tok) < 32 THEN
     RAISE EXCEPTION 'audit_start: the token must be at least 32 characters'
       USING ERRCODE = '22023';
