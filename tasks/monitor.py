@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from tasks import timeouts
 from wedefi_dr.config import get_settings
-from wedefi_dr.observability import alerts, health, metrics, notify
+from wedefi_dr.observability import alerts, health, metrics
 from wedefi_dr.runbook import Monitor
 
 # The monitor runs every minute: a step that cannot answer within this is itself news.
@@ -39,46 +39,12 @@ def evaluate_alerts(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
 
 @task(name=Monitor.PAGE, retries=2, retry_delay_seconds=5, timeout_seconds=timeouts.SHORT)
 def page_changes(firing: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Trigger what newly fires, resolve what stopped, each once: the state file records a
-    page only after PagerDuty (or, without a routing key, the console and SNS) took it."""
-    settings = get_settings()
-    path = alerts.state_path(settings)
-    paged = alerts.load_state(path)
-    new, resolved = alerts.changes(paged, [alerts.Alert.from_dict(a) for a in firing])
-    log = get_run_logger()
-    for alert in new:
-        notify.page(
-            settings,
-            "trigger",
-            alert.dedup_key,
-            summary=f"{alert.name}: {alert.summary}",
-            severity=alert.severity,
-            details=alert.labels,
-        )
-        notify.notify(
-            settings,
-            subject=f"ALERT {alert.name}",
-            status="failure",
-            details={"summary": alert.summary, "dedup_key": alert.dedup_key, **alert.labels},
-        )
-        paged[alert.dedup_key] = alert.as_dict()
-        alerts.save_state(path, paged)
-    for previous in resolved:
-        notify.page(
-            settings,
-            "resolve",
-            previous["dedup_key"],
-            summary=f"{previous['name']} resolved",
-            severity=previous["severity"],
-            details=previous["labels"],
-        )
-        notify.notify(
-            settings,
-            subject=f"RESOLVED {previous['name']}",
-            status="success",
-            details={"dedup_key": previous["dedup_key"], **previous["labels"]},
-        )
-        paged.pop(previous["dedup_key"])
-        alerts.save_state(path, paged)
-    log.info("alerts: %d firing, %d triggered, %d resolved", len(firing), len(new), len(resolved))
-    return {"triggered": [a.dedup_key for a in new], "resolved": [p["dedup_key"] for p in resolved]}
+    """Trigger what newly fires, resolve what stopped, each once (see alerts.dispatch)."""
+    result = alerts.dispatch(get_settings(), [alerts.Alert.from_dict(a) for a in firing])
+    get_run_logger().info(
+        "alerts: %d firing, %d triggered, %d resolved",
+        len(firing),
+        len(result["triggered"]),
+        len(result["resolved"]),
+    )
+    return result

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wedefi_dr.config import Settings
+from wedefi_dr.observability import notify
 from wedefi_dr.observability.health import BACKUP_KINDS, Health, backup_label
 
 DAY = 86400.0
@@ -173,3 +174,48 @@ def changes(
     new = [a for key, a in now_firing.items() if key not in paged]
     resolved = [p for key, p in paged.items() if key not in now_firing]
     return new, resolved
+
+
+def dispatch(settings: Settings, firing: list[Alert]) -> dict[str, list[str]]:
+    """Page what newly fires and resolve what stopped, each once. A page is recorded in the
+    state file only after PagerDuty (or, without a routing key, the console and SNS) took
+    it, one at a time: a send that fails is tried again on the next evaluation, and what
+    was sent is never sent twice."""
+    path = state_path(settings)
+    paged = load_state(path)
+    new, resolved = changes(paged, firing)
+    for alert in new:
+        notify.page(
+            settings,
+            "trigger",
+            alert.dedup_key,
+            summary=f"{alert.name}: {alert.summary}",
+            severity=alert.severity,
+            details={"alertname": alert.name, **alert.labels},
+        )
+        notify.notify(
+            settings,
+            subject=f"ALERT {alert.name}",
+            status="failure",
+            details={"summary": alert.summary, "dedup_key": alert.dedup_key, **alert.labels},
+        )
+        paged[alert.dedup_key] = alert.as_dict()
+        save_state(path, paged)
+    for previous in resolved:
+        notify.page(
+            settings,
+            "resolve",
+            previous["dedup_key"],
+            summary=f"{previous['name']} resolved",
+            severity=previous["severity"],
+            details={"alertname": previous["name"], **previous["labels"]},
+        )
+        notify.notify(
+            settings,
+            subject=f"RESOLVED {previous['name']}",
+            status="success",
+            details={"dedup_key": previous["dedup_key"], **previous["labels"]},
+        )
+        paged.pop(previous["dedup_key"])
+        save_state(path, paged)
+    return {"triggered": [a.dedup_key for a in new], "resolved": [p["dedup_key"] for p in resolved]}
