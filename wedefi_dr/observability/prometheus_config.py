@@ -16,7 +16,7 @@ from wedefi_dr.config import PROJECT_ROOT
 
 DEPLOYMENT = PROJECT_ROOT / "deployments" / "prometheus"
 RULES_FILE = DEPLOYMENT / "rules.yml"
-RULE_TESTS = DEPLOYMENT / "tests" / "rules_test.yml"
+RULE_TESTS = (DEPLOYMENT / "tests" / "rules_test.yml", DEPLOYMENT / "tests" / "rules_long_test.yml")
 
 
 def _env() -> Environment:
