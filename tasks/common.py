@@ -149,7 +149,13 @@ def publish_backup_metrics(
         duration_seconds=duration_seconds,
         size_bytes=size_bytes,
     )
-    return metrics.publish(settings, "backup", registry, {"kind": kind, "database": database})
+    return metrics.publish(
+        settings,
+        "backup",
+        registry,
+        {"kind": kind, "database": database},
+        textfile=f"{kind}_backup",
+    )
 
 
 def metrics_database() -> str:

@@ -14,7 +14,6 @@ series, and a restarted worker publishes the same totals it would have published
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -103,25 +102,22 @@ def backup_registry(
     return m.registry()
 
 
-def _file_name(job: str, grouping: Mapping[str, str]) -> str:
-    parts = [job, *grouping.values()]
-    return JOB_PREFIX + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", p) for p in parts) + ".prom"
-
-
 def publish(
     settings: Settings,
     job: str,
     registry: CollectorRegistry,
     grouping: Mapping[str, str] | None = None,
+    textfile: str | None = None,
 ) -> list[str]:
     """Push and/or write ``registry`` as job ``wedefi_dr_<job>`` with ``grouping`` (labels
-    that name the group a push replaces); returns where the metrics went."""
+    that name the group a push replaces); the textfile is ``wedefi_dr_<textfile>.prom``
+    (default: the job's name), one per group on a host. Returns where the metrics went."""
     grouping = dict(grouping or {})
     targets = []
     if settings.metrics_dir:
         directory = Path(settings.metrics_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / _file_name(job, grouping)
+        path = directory / f"{JOB_PREFIX}{textfile or job}.prom"
         write_to_textfile(str(path), registry)
         targets.append(str(path))
     if settings.pushgateway_url:
