@@ -25,6 +25,7 @@ import pytest
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import OperationBusy
 from wedefi_dr.observability import prometheus_config
+from wedefi_dr.observability.status import alertmanager_alerts
 from wedefi_dr.postgres import locks
 from wedefi_dr.postgres.cluster import free_port
 
@@ -237,6 +238,11 @@ def test_failed_backup_pages_once_and_the_next_good_backup_resolves_it(
         if a["labels"]["alertname"] == "BackupFailed" and a["state"] == "firing"
     ]
     assert [a["labels"]["kind"] for a in firing] == ["logical"], firing
+    # What `wedefi-dr status` shows when Alertmanager is configured: the open page.
+    open_pages = alertmanager_alerts(f"http://127.0.0.1:{prom.am_port}")
+    assert {(a["name"], a["labels"].get("kind")) for a in open_pages} >= {
+        ("BackupFailed", "logical")
+    }
 
     logical_backup(operator="pytest-alerting")
     wait_for(

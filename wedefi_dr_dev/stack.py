@@ -10,6 +10,7 @@ lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), w
   protected database can never rewrite the record of doing so.
 - ``s3``: a moto server process (real HTTP, SigV4, multipart, SSE, storage classes, SNS);
   three buckets stand for the primary region, the DR region and the Glacier tier.
+- ``pushgateway``: Debian's Prometheus Pushgateway, where every run pushes its metrics.
 """
 
 from __future__ import annotations
