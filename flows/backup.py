@@ -15,6 +15,7 @@ from tasks.common import (
     audit_backup_started,
     backup_id_for_this_run,
     failure_reported,
+    metrics_database,
     protected_database,
     publish_backup_metrics,
     publish_summary,
@@ -28,7 +29,7 @@ def logical_backup(operator: str = "scheduler") -> str:
     backup_id = backup_id_for_this_run("backup-id")
     audit_id = attempt_scoped_uuid("backup-audit")
     get_run_logger().info("backup %s starting (operator %s)", backup_id, operator)
-    database = "unknown"
+    database = metrics_database()  # labelled alike whether or not preflight is reached
 
     def audit_failed(error: str) -> None:
         audit_backup_started(audit_id, backup_id, operator)  # a no-op when already there

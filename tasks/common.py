@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from tasks import timeouts
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings
-from wedefi_dr.observability import audit, metrics, notify
+from wedefi_dr.observability import audit, health, metrics, notify, records
 from wedefi_dr.postgres import locks
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Shared
@@ -137,9 +137,11 @@ def audit_backup_finished(
 def publish_backup_metrics(
     kind: str, database: str, duration_seconds: float | None, size_bytes: int | None
 ) -> list[str]:
-    """The metrics of one kind of backup (``logical``, ``base``), in a file of its own."""
+    """The metrics of one kind of backup (``logical``, ``base``) of one database, pushed as
+    a group of its own (job, kind, database): a base backup never replaces the logical
+    backup's series. Totals come from the audit log, so counters survive any restart."""
     settings = get_settings()
-    totals = audit.backup_counts(settings.ops_dsn.get_secret_value(), kind)
+    totals = records.backup_totals(settings.ops_dsn.get_secret_value(), kind)
     registry = metrics.backup_registry(
         kind=kind,
         database=database,
@@ -147,7 +149,19 @@ def publish_backup_metrics(
         duration_seconds=duration_seconds,
         size_bytes=size_bytes,
     )
-    return metrics.publish(settings, f"{kind}_backup", registry)
+    return metrics.publish(
+        settings,
+        "backup",
+        registry,
+        {"kind": kind, "database": database},
+        textfile=f"{kind}_backup",
+    )
+
+
+def metrics_database() -> str:
+    """The protected database's name as the metrics label it (from the DSN: a backup that
+    fails before reaching the server is labelled like the ones that succeed)."""
+    return health.database_label(get_settings())
 
 
 @task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT)

@@ -213,7 +213,7 @@ def publish_metrics(
         rto_seconds=rto_seconds,
         rto_objective_seconds=settings.dr_rto_objective_seconds,
     )
-    return metrics.publish(settings, "dr_test", registry)
+    return metrics.publish(settings, "dr_test", registry, {"database": database})
 
 
 @task(

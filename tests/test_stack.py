@@ -13,10 +13,21 @@ def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):
     root.chmod(0o755)
     other = Stack(root, fast=True)
     other.up()
-    pids = [other.primary.pid(), other.ops.pid(), other.state["s3_pid"]]
+    pids = [
+        other.primary.pid(),
+        other.ops.pid(),
+        other.state["s3_pid"],
+        other.state["pushgateway_pid"],
+    ]
     assert all(pid_alive(p) for p in pids)
     other.up()  # again: nothing restarted
-    assert [other.primary.pid(), other.ops.pid(), other.state["s3_pid"]] == pids
+    assert [
+        other.primary.pid(),
+        other.ops.pid(),
+        other.state["s3_pid"],
+        other.state["pushgateway_pid"],
+    ] == pids
+    assert other.env()["WEDEFI_DR_PUSHGATEWAY_URL"] == other.pushgateway_url
     assert set(other.env()) >= {
         "WEDEFI_DR_PRIMARY_DSN",
         "WEDEFI_DR_OPS_DSN",
@@ -32,7 +43,13 @@ def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):
     assert "postgres recovered-by-pitr" in other.status()
     stopped = other.down()
     assert sorted(stopped) == sorted(
-        ["postgres primary", "postgres ops", "postgres recovered-by-pitr", "s3 (moto)"]
+        [
+            "postgres primary",
+            "postgres ops",
+            "postgres recovered-by-pitr",
+            "s3 (moto)",
+            "pushgateway",
+        ]
     )
     assert not any(pid_alive(p) for p in pids)
     # The session's own stack is untouched by another stack's down.

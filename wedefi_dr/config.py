@@ -11,6 +11,7 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -126,6 +127,26 @@ class Settings(BaseSettings):
     # step removes it), to rehearse a retry of the same flow run.
     dr_drill_fault_step: str | None = None
     dr_drill_fault_marker: Path | None = None
+
+    # Monitoring and alerting (wedefi_dr.observability). Metrics go to the Pushgateway
+    # when ``pushgateway_url`` is set and/or to ``metrics_dir`` as textfiles.
+    # ``alerting``: "prometheus" (the rules in deployments/prometheus/ fire, Alertmanager
+    # pages) or "direct" (the monitor flow evaluates the same alerts and pages itself).
+    alerting: Literal["prometheus", "direct"] = "prometheus"
+    alertmanager_url: str | None = None  # firing alerts for `wedefi-dr status`
+    pagerduty_routing_key: SecretStr = Field(default=SecretStr(""))
+    pagerduty_events_url: str = "https://events.pagerduty.com/v2/enqueue"
+    # What the direct evaluation last paged, so a firing alert pages once and resolves once
+    # (default: beside the spool).
+    alert_state_file: Path | None = None
+    # The alerts' thresholds (the rules file carries the same numbers; the RPO is
+    # published, so WALArchiveStale follows this setting).
+    rpo_seconds: float = Field(default=300.0, gt=0)  # the plan's RPO: 5 min
+    backup_max_age_seconds: float = Field(default=86400.0, gt=0)
+    replication_lag_warning_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    replication_lag_critical_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    dr_test_max_age_days: float = Field(default=35.0, gt=0)
+    sync_max_lag_seconds: float = Field(default=26 * 3600.0, gt=0)  # daily sync + slack
 
     @property
     def spool_path(self) -> Path:

@@ -94,6 +94,15 @@ class Retention(StrEnum):
     PUBLISH_METRICS = "publish retention metrics"
 
 
+class Monitor(StrEnum):
+    """Flow ``monitor``: every minute, what no run reports by itself."""
+
+    COLLECT = "collect: standbys, slots, archiver, catalog ages, audit"
+    PUBLISH_METRICS = "publish monitor metrics"
+    EVALUATE_ALERTS = "evaluate alerts (no Prometheus)"
+    PAGE = "page and resolve alerts"
+
+
 def step_key(step: StrEnum) -> str:
     """``download_verify`` for ``Restore.DOWNLOAD_VERIFY``: the short, stable name that
     results, scripts and the benchmarks select a step by (the value is for people)."""

@@ -16,6 +16,7 @@ import typer
 
 from wedefi_dr_cli import audit as audit_cli
 from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
+from wedefi_dr_cli import status as status_cli
 from wedefi_dr_cli.common import report
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ app.add_typer(drtest.app, name="dr-test")
 app.command("retention")(retention.retention)
 app.add_typer(bench.app, name="bench")
 app.add_typer(audit_cli.app, name="audit")
+app.command("status")(status_cli.status)
 
 
 def main() -> None:

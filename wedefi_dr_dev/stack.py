@@ -10,6 +10,7 @@ lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), w
   protected database can never rewrite the record of doing so.
 - ``s3``: a moto server process (real HTTP, SigV4, multipart, SSE, storage classes, SNS);
   three buckets stand for the primary region, the DR region and the Glacier tier.
+- ``pushgateway``: Debian's Prometheus Pushgateway, where every run pushes its metrics.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ BUCKETS = {
     for name in ("bucket", "dr_bucket", "glacier_bucket")
 }
 SNS_TOPIC = "wedefi-dr-notifications"
+PUSHGATEWAY_BIN = "/usr/bin/prometheus-pushgateway"  # Debian's prometheus-pushgateway
 # moto accepts any credentials; these only mark the local stack's requests.
 LOCAL_AWS_KEY = "wedefi-local"
 LOCAL_AWS_SECRET = "wedefi-local-secret"
@@ -194,6 +196,7 @@ class Stack:
         # S3 first: the primary's archive_command pushes to it from its first segment on.
         self._start_s3()
         self._create_buckets()
+        self._start_pushgateway()
         primary = self.primary
         primary.extra_conf = self.archiving_conf(primary)
         for cluster in (primary, self.ops):
@@ -332,6 +335,8 @@ class Stack:
                 os.killpg(pid, signal.SIGKILL)
             stopped.append("s3 (moto)")
         self.state.pop("s3_pid", None)
+        if self._stop_pushgateway():
+            stopped.append("pushgateway")
         self._save()
         return stopped
 
@@ -350,6 +355,13 @@ class Stack:
             if pid_alive(pid) and port_open(self.s3_port)
             else "stopped"
         )
+        if Path(PUSHGATEWAY_BIN).exists():
+            pid = self.state.get("pushgateway_pid")
+            result["pushgateway"] = (
+                f"running pid {pid} {self.pushgateway_url}"
+                if pid_alive(pid) and port_open(self.pushgateway_port)
+                else "stopped"
+            )
         return result
 
     @property
@@ -413,7 +425,65 @@ class Stack:
         }
         if self.state.get("sns_topic_arn"):
             env["WEDEFI_DR_SNS_TOPIC_ARN"] = self.state["sns_topic_arn"]
+        if self.state.get("pushgateway_pid"):
+            env["WEDEFI_DR_PUSHGATEWAY_URL"] = self.pushgateway_url
         return env
 
     def export_lines(self) -> str:
         return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in self.env().items())
+
+    # ---- metrics: the Pushgateway -----------------------------------------------------
+    @property
+    def pushgateway_port(self) -> int:
+        return self._port("pushgateway_port")
+
+    @property
+    def pushgateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.pushgateway_port}"
+
+    def _start_pushgateway(self) -> None:
+        """Debian's Pushgateway on a free loopback port, its values kept in the stack's
+        folder across restarts (the counters come from the audit log anyway). Skipped when
+        the package is not installed: metrics then go to the textfiles alone."""
+        pid = self.state.get("pushgateway_pid")
+        if pid_alive(pid) and port_open(self.pushgateway_port):
+            return
+        self.state.pop("pushgateway_pid", None)
+        if not Path(PUSHGATEWAY_BIN).exists():
+            self._save()
+            return
+        log = (self.root / "pushgateway.log").open("ab")
+        proc = subprocess.Popen(
+            [
+                PUSHGATEWAY_BIN,
+                f"--web.listen-address=127.0.0.1:{self.pushgateway_port}",
+                f"--persistence.file={self.root / 'pushgateway.db'}",
+                "--persistence.interval=5s",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.state["pushgateway_pid"] = proc.pid
+        self._save()
+        deadline = time.monotonic() + 30
+        while not port_open(self.pushgateway_port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"pushgateway did not start; see {self.root / 'pushgateway.log'}"
+                )
+            time.sleep(0.1)
+
+    def _stop_pushgateway(self) -> bool:
+        """Stop the Pushgateway ``up`` started (by its PID); True when it was running."""
+        pid = self.state.pop("pushgateway_pid", None)
+        if not pid_alive(pid):
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+        return True

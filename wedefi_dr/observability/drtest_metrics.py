@@ -7,11 +7,13 @@ of every DR test is a row there, so the rate is right after any restart.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
+from wedefi_dr.observability.metrics import MetricSet
+from wedefi_dr.observability.records import DR_TEST_KIND
 from wedefi_dr.postgres.tools import connect
 
-AUDIT_KIND = "dr_test"
+AUDIT_KIND = DR_TEST_KIND
 RATE_WINDOW = 12  # the last 12 attempts: a year of monthly tests
 
 
@@ -38,35 +40,33 @@ def dr_test_registry(
     rto_seconds: float | None,
     rto_objective_seconds: float,
 ) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    labels = ["database"]
-    Gauge(
+    """The DR test job's group (``wedefi_dr_dr_test``, by database)."""
+    db = {"database": database}
+    m = MetricSet()
+    m.gauge(
         "recovery_test_success_rate",
         f"Share of successful DR tests among the last {RATE_WINDOW} attempts.",
-        labels,
-        registry=registry,
-    ).labels(database).set(rate)
-    Gauge(
+        rate,
+        **db,
+    )
+    m.gauge(
         "recovery_test_last_success",
         "1 when the last DR test passed, 0 when it failed.",
-        labels,
-        registry=registry,
-    ).labels(database).set(1 if success else 0)
-    Gauge(
+        1 if success else 0,
+        **db,
+    )
+    m.gauge(
         "dr_test_duration_seconds",
         "Wall time of the last DR test run, provisioning to teardown.",
-        labels,
-        registry=registry,
-    ).labels(database).set(duration_seconds)
-    rto = Gauge(
+        duration_seconds,
+        **db,
+    )
+    m.gauge(
         "rto_seconds",
         "Measured recovery time of the last DR test (restore start to validated); "
         "-1 when the copy was never validated.",
-        labels,
-        registry=registry,
+        rto_seconds if rto_seconds is not None else -1,
+        **db,
     )
-    rto.labels(database).set(rto_seconds if rto_seconds is not None else -1)
-    Gauge(
-        "rto_objective_seconds", "The recovery time objective.", labels, registry=registry
-    ).labels(database).set(rto_objective_seconds)
-    return registry
+    m.gauge("rto_objective_seconds", "The recovery time objective.", rto_objective_seconds, **db)
+    return m.registry()
