@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     dr_drill_fault_step: str | None = None
     dr_drill_fault_marker: Path | None = None
 
+    # An approver's own connection to the ops database (`wedefi-dr approve`): their login
+    # role, a member of dr_approver; never a password inline (libpq reads it from the
+    # approver's passfile), and never the flows' PGPASSFILE.
+    approver_dsn: str = ""
+    approver_passfile: Path | None = None
+
     @property
     def spool_path(self) -> Path:
         """Where verified downloads wait (encrypted) before use: ``spool_dir``, else the

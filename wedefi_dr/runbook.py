@@ -94,6 +94,14 @@ class Retention(StrEnum):
     PUBLISH_METRICS = "publish retention metrics"
 
 
+class Approvals(StrEnum):
+    """The approval every runbook that can change production pauses for."""
+
+    OPEN_REQUEST = "approval: open the request"
+    DECIDE = "approval: decide from the authenticated approvals"
+    EXPIRE = "approval: the wait timed out"
+
+
 def step_key(step: StrEnum) -> str:
     """``download_verify`` for ``Restore.DOWNLOAD_VERIFY``: the short, stable name that
     results, scripts and the benchmarks select a step by (the value is for people)."""

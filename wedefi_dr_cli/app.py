@@ -14,6 +14,7 @@ import sys
 
 import typer
 
+from wedefi_dr_cli import approve as approvals
 from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
 from wedefi_dr_cli.common import report
 
@@ -38,6 +39,8 @@ app.add_typer(pitr.app, name="pitr")
 app.add_typer(drtest.app, name="dr-test")
 app.command("retention")(retention.retention)
 app.add_typer(bench.app, name="bench")
+app.command("approve")(approvals.approve)
+app.add_typer(approvals.runs_app, name="runs")
 
 
 def main() -> None:
