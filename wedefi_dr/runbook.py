@@ -119,3 +119,11 @@ def timed() -> Iterator[dict[str, float]]:
     finally:
         timing["finished"] = time.time()
         timing["seconds"] = timing["finished"] - timing["started"]
+
+
+class Fleet(StrEnum):
+    """Flow ``fleet-backup``: the logical backup of every database in the fleet file."""
+
+    LOAD = "load the fleet file"
+    HOST_LIMITS = "set the per-host concurrency limits"
+    BACK_UP = "back up one database (preflight, dump, encrypt, upload, manifest)"
