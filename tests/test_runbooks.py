@@ -88,3 +88,18 @@ def test_every_runbook_names_commands_that_exist():
             sub = getattr(command, "commands", None)
             if sub and len(words) > 1 and not words[1].startswith("-"):
                 assert words[1] in sub, f"{page.name}: `wedefi-dr {line}` does not exist"
+
+
+def test_work_pool_templates_declare_every_variable_they_use():
+    """Each ``{{ name }}`` a job template uses is a declared variable, and no secret has a
+    default (secrets come from the platform's secret store)."""
+    import json
+
+    pools = Path(__file__).resolve().parent.parent / "deployments" / "work-pools"
+    for kind in ("docker", "kubernetes"):
+        template = json.loads((pools / f"{kind}.json").read_text())
+        used = set(re.findall(r"\{\{ *(\w+) *\}\}", json.dumps(template["job_configuration"])))
+        declared = set(template["variables"]["properties"])
+        assert used <= declared, f"{kind}: undeclared {used - declared}"
+        defaults = json.dumps(template["variables"]).lower()
+        assert 'passphrase": ' not in defaults and "password" not in defaults
