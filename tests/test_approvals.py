@@ -273,3 +273,19 @@ def test_break_glass_with_two_approvers_on_the_command_line(prefect_api, stack, 
     assert result == ["alice", "bob"] and marker.read_text() == "alice,bob"
     [(status, who, _)] = _approval_audit(settings.ops_dsn.get_secret_value(), out["run_id"])
     assert (status, who) == ("success", "alice, bob")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["not-a-run-id", "--justification", "x"], "not a flow run id"),
+        ([str(uuid.UUID(int=1)), "--as-dsn", "user=alice"], "--justification is required"),
+        (
+            [str(uuid.UUID(int=1)), "--justification", "x", "--as-dsn", "user=alice password=pw"],
+            "must not carry a password",
+        ),
+    ],
+)
+def test_approve_refuses_bad_input_with_exit_2(stack, args, message):
+    result = CliRunner().invoke(app, ["approve", *args])
+    assert exit_code(result.exception) == 2 and message in str(result.exception)
