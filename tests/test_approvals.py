@@ -159,12 +159,16 @@ def test_an_expired_request_cannot_be_approved(settings):
 
 
 # ---- through the flow ------------------------------------------------------------------
-def test_self_approval_is_refused(prefect_api, settings, tmp_path):
-    marker, box, outcome = _drill(
-        tmp_path, {"approve": True, "approvers": ["carol"]}, production=False
-    )
+def test_self_approval_and_a_role_that_is_not_an_approver_are_refused(
+    prefect_api, settings, tmp_path, mallory
+):
+    """The operator (carol) and a login outside dr_approver (mallory) both try: the server
+    refuses each, so no approval exists and the run is refused."""
+    run_input = {"approve": True, "approvers": ["carol", mallory]}
+    marker, box, outcome = _drill(tmp_path, run_input, production=False)
     assert isinstance(outcome, ApprovalRefused) and "one approver other than" in str(outcome)
     assert "carol requested run" in box["refused"][0]
+    assert "permission denied" in box["refused"][1]
     assert not marker.exists()
     [(status, _, error)] = _approval_audit(settings.ops_dsn.get_secret_value(), box["run_id"])
     assert status == "refused" and "no authenticated approval" in error
@@ -189,15 +193,6 @@ def test_a_forged_identity_is_refused(prefect_api, settings, tmp_path):
     assert not marker.exists()
     [(status, _, _)] = _approval_audit(settings.ops_dsn.get_secret_value(), box["run_id"])
     assert status == "refused"
-
-
-def test_a_role_that_is_not_an_approver_is_refused(prefect_api, settings, tmp_path, mallory):
-    marker, box, outcome = _drill(
-        tmp_path, {"approve": True, "approvers": [mallory]}, production=False
-    )
-    assert isinstance(outcome, ApprovalRefused) and "one approver other than" in str(outcome)
-    assert "permission denied" in box["refused"][0]
-    assert not marker.exists()
 
 
 def test_a_pause_that_times_out_is_audited_and_changes_nothing(prefect_api, settings, tmp_path):

@@ -56,7 +56,10 @@ def test_fleet_backs_up_the_rest_and_names_the_failure(
     fleet_file.write_text(
         yaml.safe_dump(
             {
-                "hosts": {"primary": {"max_concurrent_backups": 1}, "second": {}},
+                "hosts": {
+                    "primary": {"max_concurrent_backups": 1},
+                    "second": {"max_concurrent_backups": 2},
+                },
                 "databases": [
                     {"name": f"{n}-{tag}", "host": h, "dsn": d, "prefix": f"fleet/{tag}/{n}"}
                     for n, h, d in entries
