@@ -1,16 +1,90 @@
-"""What an approver fills in to let a paused run continue: one form for every runbook
-that needs approval (PITR, a restore over production), checked by
-:func:`wedefi_dr.approval.check_approval`."""
+"""Request approval and wait: the one pause every runbook that needs approval calls (PITR,
+a restore over production, failover, deleting a backup by hand).
+
+The run opens a request in the ops database, then pauses. Approvers answer with
+``wedefi-dr approve RUN_ID`` (which connects as their own PostgreSQL role, inserts the
+approval and resumes the run) or insert their approval as themselves and press Resume in
+the UI. When the run resumes it reads the approvals from the database and decides with
+:func:`wedefi_dr.approval.decide`: the form carries nothing trusted. Names typed into its
+``approvers`` field must match authenticated approvals (or the run is refused as forged);
+``approve: false`` stops the run. A pause that times out is audited and changes nothing.
+"""
 
 from __future__ import annotations
 
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.runtime import flow_run
+
+from tasks import approval as steps
+from tasks.common import attempt_scoped_uuid
+from wedefi_dr.approval import ApprovalTimedOut
 
 
 class Approval(RunInput):
-    """The paused run's form: approve, who approves, and whether an emergency is declared."""
+    """The paused run's form. Nothing here is trusted: who approved is what the ops
+    database recorded for each approver's own login role."""
 
-    approve: bool
+    approve: bool = True
     approvers: list[str] = []
     emergency_declared: bool = False
     note: str = ""
+
+
+def request_approval_and_wait(
+    *,
+    operation: str,
+    subject: str,
+    question: str,
+    production: bool,
+    operator: str,
+    justification: str,
+    timeout_seconds: int,
+    key: str,
+) -> list[str]:
+    """Open the request, pause up to ``timeout_seconds``, then decide from the database.
+
+    ``production`` makes it break-glass (a declared emergency and two distinct approvers
+    other than ``operator``). Returns the approvers' roles; raises ``ApprovalRefused`` or
+    ``ApprovalTimedOut`` (each audited, the request closed) for the caller's failure path.
+    Call it inside the flow, before anything changes.
+    """
+    run_id = str(flow_run.get_id())
+    request_id = steps.open_request(
+        attempt_scoped_uuid(f"approval-request:{key}"),
+        run_id,
+        operation,
+        subject,
+        production,
+        operator,
+        justification,
+        timeout_seconds,
+    )
+    how = (
+        f" Approvers: `wedefi-dr approve {run_id} --justification ...` "
+        "(two, and an emergency declared)"
+        if production
+        else f" Approver: `wedefi-dr approve {run_id} --justification ...`"
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(description=question + how),
+            timeout=timeout_seconds,
+            poll_interval=1,
+            key=key,
+        )
+    except FlowPauseTimeout as exc:
+        steps.expire(request_id, run_id, subject, operator, timeout_seconds)
+        raise ApprovalTimedOut(
+            f"approval timed out after {timeout_seconds} s; nothing was changed"
+        ) from exc
+    return steps.decide(
+        request_id,
+        run_id,
+        subject,
+        production,
+        operator,
+        list(answer.approvers),
+        not answer.approve,
+    )

@@ -59,3 +59,53 @@ def logical_backup(operator: str = "scheduler") -> str:
         database=database,
     )
     return backup_id
+
+
+@flow(name="fleet-backup", log_prints=True)
+def fleet_backup(fleet_file: str = "deployments/fleet.yaml", operator: str = "scheduler") -> dict:
+    """Back up every database of ``fleet_file`` concurrently, within each host's limit.
+
+    One database failing does not stop the others: each ends with its own audit row, and
+    the run then fails naming every database that did not complete (one notification).
+    Returns ``{name: backup record}`` when all completed.
+    """
+    from tasks import fleet as fleet_steps
+    from wedefi_dr.errors import BackupFailed
+
+    fleet = fleet_steps.load(fleet_file)
+    fleet_steps.set_host_limits(
+        {host: spec["max_concurrent_backups"] for host, spec in fleet["hosts"].items()}
+    )
+    futures = {
+        entry["name"]: fleet_steps.back_up_database.submit(
+            entry,
+            backup_id_for_this_run(f"backup-id:{entry['name']}"),
+            attempt_scoped_uuid(f"backup-audit:{entry['name']}"),
+            operator,
+        )
+        for entry in fleet["databases"]
+    }
+    done: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            done[name] = future.result()
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    lines = [f"- {name}: {r['backup_id']} ({r['size_bytes']:,} bytes)" for name, r in done.items()]
+    lines += [f"- {name}: FAILED {error}" for name, error in failed.items()]
+    get_run_logger().info(
+        "fleet backup: %d completed, %d failed\n%s", len(done), len(failed), "\n".join(lines)
+    )
+    with failure_reported(
+        f"WeDefiDaily fleet backup ({len(failed)} of {len(futures)} failed)",
+        {"completed": sorted(done), "failed": sorted(failed)},
+        close_audit=lambda error: None,  # each database closed its own audit row
+    ):
+        if failed:
+            raise BackupFailed(
+                "fleet backup: "
+                + "; ".join(f"{name} failed ({error})" for name, error in failed.items())
+                + f"; completed: {', '.join(sorted(done)) or 'none'}"
+            )
+    return done

@@ -3,8 +3,10 @@
 1. check the request: the target lies in the recoverable window (an LSN inside the
    archive, a numeric timeline archived, a restore-point name the server can read), the
    cluster is described
-2. approval: the run pauses for input; production is break-glass (emergency declared +
-   two approvers other than the operator); a timeout is audited and changes nothing
+2. approval: the run opens a request and pauses; approvers answer as their own database
+   role (``wedefi-dr approve RUN_ID``); production is break-glass (emergency declared +
+   two authenticated approvers other than the operator); a timeout is audited and changes
+   nothing
 3. audit row 'running'
 4. stage and verify the base backup beside the data directory (the cluster still runs)
 5. stop application services
@@ -21,8 +23,8 @@ original data directory renamed back and started as it was, the application star
 again; the error and the audit row say so.
 
 Each step is a task named by ``wedefi_dr.runbook.PITR``; the timings and the report use
-the same names. Resume a paused run from the UI (it shows the approval form) or with
-``prefect.flow_runs.resume_flow_run(flow_run_id, run_input={...})``.
+the same names. ``wedefi-dr approve RUN_ID`` records an approval and resumes the run once
+the rule is met; the UI's Resume works too, but only approvals in the database count.
 """
 
 from __future__ import annotations
@@ -33,11 +35,9 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
-from flows.approval import Approval
+from flows.approval import request_approval_and_wait
 from tasks import pitr as steps
 from tasks.common import (
     attempt_scoped_uuid,
@@ -47,7 +47,7 @@ from tasks.common import (
     run_lock,
 )
 from wedefi_dr.config import get_settings
-from wedefi_dr.physical.pitr.recovery import ApprovalTimedOut, RolledBack
+from wedefi_dr.physical.pitr.recovery import RolledBack
 from wedefi_dr.physical.pitr.report import render_markdown
 from wedefi_dr.runbook import PITR, timed
 
@@ -110,19 +110,15 @@ def point_in_time_recovery(
     with timed() as timings[PITR.APPROVAL]:
         question = steps.request_approval(request, operator)
         with failure_reported(subject, details, close_audit=record_refusal):
-            try:
-                answer = pause_flow_run(
-                    wait_for_input=Approval.with_initial_data(description=question, approve=False),
-                    timeout=approval_timeout_seconds,
-                    poll_interval=2,
-                    key=PITR.APPROVAL.value,
-                )
-            except FlowPauseTimeout as exc:
-                raise ApprovalTimedOut(
-                    f"approval timed out after {approval_timeout_seconds} s; nothing was changed"
-                ) from exc
-            approvers = steps.check_approval(
-                request, answer.approve, answer.approvers, answer.emergency_declared, operator
+            approvers = request_approval_and_wait(
+                operation="pitr",
+                subject=subject,
+                question=question,
+                production=request["archives_into_production"],
+                operator=operator,
+                justification=justification,
+                timeout_seconds=approval_timeout_seconds,
+                key=PITR.APPROVAL.value,
             )
 
     recovery_started = time.monotonic()

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.flow_runs import pause_flow_run
 
-from flows.approval import Approval
+from flows.approval import request_approval_and_wait
 from tasks import restore as steps
 from tasks.common import (
     attempt_scoped_uuid,
@@ -43,7 +42,7 @@ def restore_backup(
     libpq finds it in PGPASSFILE. It is parsed here, once; the identity check and
     pg_restore both receive that same parsed target. A target that holds tables is
     replaced only with ``overwrite``; when it also counts as production the run pauses
-    for the break-glass approval (the same form and rule as PITR).
+    for the break-glass approval (the same request, pause and rule as PITR).
     """
     conn_target = ConnTarget.parse(target_dsn, allow_password=False)
     target = conn_target.location
@@ -73,26 +72,19 @@ def restore_backup(
     why = justification
     if checked["break_glass"]:
         with failure_reported(subject, {"backup_id": resolved, "target": target}, record_refusal):
-            answer = pause_flow_run(
-                wait_for_input=Approval.with_initial_data(
-                    description=(
-                        f"Overwrite {target} with backup {resolved}? Break-glass: "
-                        f"{checked['break_glass']}. Declare the emergency and name two approvers "
-                        f"other than {operator}."
-                    ),
-                    approve=False,
+            approvers = request_approval_and_wait(
+                operation="restore",
+                subject=f"overwrite {target} with backup {resolved} ({checked['break_glass']})",
+                question=(
+                    f"Overwrite {target} with backup {resolved}? Break-glass: "
+                    f"{checked['break_glass']}. Two approvers other than {operator}, "
+                    "emergency declared."
                 ),
-                timeout=approval_timeout_seconds,
-                poll_interval=2,
+                production=True,
+                operator=operator,
+                justification=justification,
+                timeout_seconds=approval_timeout_seconds,
                 key="break-glass-approval",
-            )
-            approvers = steps.check_break_glass(
-                conn_target,
-                checked["break_glass"],
-                answer.approve,
-                answer.approvers,
-                answer.emergency_declared,
-                operator,
             )
         why = f"{justification} [break-glass overwrite approved by {', '.join(approvers)}]"
     audit_started(resolved, why)

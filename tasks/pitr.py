@@ -88,9 +88,9 @@ def request_approval(request: dict[str, Any], operator: str) -> str:
     """What the approver is asked, shown on the paused run's form and in the log."""
     break_glass = request["archives_into_production"]
     rule = (
-        "Production: declare the emergency and name two approvers."
+        "Production: break-glass, two authenticated approvers and a declared emergency."
         if break_glass
-        else "Scratch copy: one approver."
+        else "Scratch copy: one authenticated approver."
     )
     get_run_logger().info(
         "recover cluster %s to %s from base backup %s; %s approval needed",
@@ -103,26 +103,6 @@ def request_approval(request: dict[str, Any], operator: str) -> str:
         f"Approve recovery of **{request['cluster']}** to {request['target_description']} "
         f"(operator {operator}). {rule}"
     )
-
-
-@task(name=PITR.APPROVAL.value, timeout_seconds=timeouts.SHORT)
-def check_approval(
-    request: dict[str, Any],
-    approve: bool,
-    approvers: list[str],
-    emergency_declared: bool,
-    operator: str,
-) -> list[str]:
-    """The approval rule applied to what the approver filled in; the distinct approvers."""
-    approved = approval.check_approval(
-        production=request["archives_into_production"],
-        approve=approve,
-        approvers=approvers,
-        emergency_declared=emergency_declared,
-        operator=operator,
-    )
-    get_run_logger().info("approved by %s", ", ".join(approved))
-    return approved
 
 
 @task(name=PITR.STOP_APPLICATION.value, timeout_seconds=timeouts.MEDIUM)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from tasks import timeouts
 from tasks.common import unless
-from wedefi_dr import approval
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import IntegrityError, InvalidInput
@@ -30,29 +29,6 @@ def validate_request(
         "manifest": manifest.model_dump(mode="json"),
         "break_glass": check.production if check.break_glass else "",
     }
-
-
-@task(name=Restore.APPROVAL, timeout_seconds=timeouts.SHORT)
-def check_break_glass(
-    target: ConnTarget,
-    why: str,
-    approve: bool,
-    approvers: list[str],
-    emergency_declared: bool,
-    operator: str,
-) -> list[str]:
-    """The shared break-glass rule (emergency declared, two approvers other than the
-    operator) applied to what the approver filled in; the distinct approvers."""
-    approved = approval.check_approval(
-        production=True,
-        approve=approve,
-        approvers=approvers,
-        emergency_declared=emergency_declared,
-        operator=operator,
-        subject=f"overwriting {target.location} ({why})",
-    )
-    get_run_logger().info("overwrite of %s approved by %s", target.location, ", ".join(approved))
-    return approved
 
 
 @task(

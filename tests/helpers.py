@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import boto3
 from prefect import tags
@@ -119,9 +121,38 @@ def sns_inbox(settings, queue_name: str) -> Callable[[], list[dict]]:
     return drain
 
 
-def approve_when_paused(tag: str, run_input: dict, box: dict) -> threading.Thread:
-    """What an approver does in the UI: find the paused run tagged ``tag``, resume it with
-    ``run_input``. An error in the thread lands in ``box['error']`` for the test to raise."""
+def approve_as(name: str, run_id: str, *, approve: bool = True, emergency: bool = False) -> str:
+    """Approve ``run_id`` as the login role ``name`` (created as a ``dr_approver`` of the
+    test stack when missing), with that role's own password file. Returns what the server
+    said: ``ok`` or the refusal."""
+    from wedefi_dr.approval import ApprovalRefused
+    from wedefi_dr.approval_records import approver_dsn, record_approval
+    from wedefi_dr_dev.stack import Stack
+
+    stack = Stack(Path(os.environ["WEDEFI_DR_STACK_DIR"]))
+    passfile = stack.approver_passfile(name)
+    if not passfile.exists():
+        stack.add_approver(name)
+    try:
+        record_approval(
+            approver_dsn(stack.approver_dsn(name), passfile),
+            run_id,
+            approve=approve,
+            emergency_declared=emergency,
+            justification=f"test approval by {name}",
+        )
+    except ApprovalRefused as exc:
+        return str(exc)
+    return "ok"
+
+
+def approve_when_paused(
+    tag: str, run_input: dict, box: dict, authenticate: list[str] | None = None
+) -> threading.Thread:
+    """What approvers do: find the paused run tagged ``tag``; each name in ``authenticate``
+    (default: ``run_input['approvers']``) that can be a role approves it with its own
+    credentials (what the server refuses is kept in ``box['refused']``); then the run is
+    resumed with ``run_input`` as its form. An error in the thread lands in ``box['error']``."""
 
     def worker() -> None:
         deadline = time.monotonic() + 180
@@ -133,6 +164,22 @@ def approve_when_paused(tag: str, run_input: dict, box: dict) -> threading.Threa
                     )
                     state = runs[0].state if runs else None
                     if state and state.is_paused():
+                        box["run_id"] = str(runs[0].id)
+                        names = (
+                            run_input.get("approvers", []) if authenticate is None else authenticate
+                        )
+                        for name in names:
+                            role = name.strip().lower()
+                            if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", role):
+                                continue
+                            said = approve_as(
+                                role,
+                                str(runs[0].id),
+                                approve=run_input.get("approve", True),
+                                emergency=run_input.get("emergency_declared", False),
+                            )
+                            if said != "ok":
+                                box.setdefault("refused", []).append(said)
                         resume_flow_run(runs[0].id, run_input=run_input)
                         box["resumed"] = runs[0].id
                         return

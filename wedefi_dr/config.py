@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     replication_lag_critical_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     dr_test_max_age_days: float = Field(default=35.0, gt=0)
     sync_max_lag_seconds: float = Field(default=26 * 3600.0, gt=0)  # daily sync + slack
+    # An approver's own connection to the ops database (`wedefi-dr approve`): their login
+    # role, a member of dr_approver; never a password inline (libpq reads it from the
+    # approver's passfile), and never the flows' PGPASSFILE.
+    approver_dsn: str = ""
+    approver_passfile: Path | None = None
 
     @property
     def spool_path(self) -> Path:

@@ -103,6 +103,14 @@ class Monitor(StrEnum):
     PAGE = "page and resolve alerts"
 
 
+class Approvals(StrEnum):
+    """The approval every runbook that can change production pauses for."""
+
+    OPEN_REQUEST = "approval: open the request"
+    DECIDE = "approval: decide from the authenticated approvals"
+    EXPIRE = "approval: the wait timed out"
+
+
 def step_key(step: StrEnum) -> str:
     """``download_verify`` for ``Restore.DOWNLOAD_VERIFY``: the short, stable name that
     results, scripts and the benchmarks select a step by (the value is for people)."""
@@ -120,3 +128,11 @@ def timed() -> Iterator[dict[str, float]]:
     finally:
         timing["finished"] = time.time()
         timing["seconds"] = timing["finished"] - timing["started"]
+
+
+class Fleet(StrEnum):
+    """Flow ``fleet-backup``: the logical backup of every database in the fleet file."""
+
+    LOAD = "load the fleet file"
+    HOST_LIMITS = "set the per-host concurrency limits"
+    BACK_UP = "back up one database (preflight, dump, encrypt, upload, manifest)"

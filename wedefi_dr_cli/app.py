@@ -14,6 +14,7 @@ import sys
 
 import typer
 
+from wedefi_dr_cli import approve as approvals
 from wedefi_dr_cli import audit as audit_cli
 from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
 from wedefi_dr_cli import status as status_cli
@@ -42,6 +43,8 @@ app.command("retention")(retention.retention)
 app.add_typer(bench.app, name="bench")
 app.add_typer(audit_cli.app, name="audit")
 app.command("status")(status_cli.status)
+app.command("approve")(approvals.approve)
+app.add_typer(approvals.runs_app, name="runs")
 
 
 def main() -> None:

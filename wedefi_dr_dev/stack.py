@@ -43,6 +43,7 @@ from wedefi_dr.postgres.cluster import (
     write_clusters,
 )
 from wedefi_dr.postgres.tools import connect, running_as_root
+from wedefi_dr_dev import approvers
 
 PRIMARY_DB = "wedefi"
 OPS_DB = "wedefi_ops"
@@ -212,6 +213,7 @@ class Stack:
             app_password=self._secret("ops_app_password"),
             owner_password=self._audit_owner_password(),
         )
+        self._install_approvals()
         self._ensure_archiving(primary)
         self._write_pgpass()
 
@@ -395,6 +397,30 @@ class Stack:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(24) + "\n")
         return path.read_text().strip()
+
+    # ---- approvals -----------------------------------------------------------------------
+    def _install_approvals(self) -> None:
+        """The approval tables in the ops database and the demo approvers (``alice``,
+        ``bob``), each with a generated password in its own passfile (mode 600)."""
+        approvers.install(self.ops.admin_dsn(OPS_DB))
+        for name in approvers.DEMO_APPROVERS:
+            self.add_approver(name)
+
+    def approver_passfile(self, name: str) -> Path:
+        return self.root / "approvers" / f"{name}.pgpass"
+
+    def approver_dsn(self, name: str) -> str:
+        """The ops database as approver ``name`` (the password is in their passfile)."""
+        return self.ops.dsn(OPS_DB, user=name)
+
+    def add_approver(self, name: str, *, approver: bool = True) -> Path:
+        """A LOGIN role ``name`` on the ops cluster (in ``dr_approver`` when ``approver``);
+        returns its passfile."""
+        password = self._secret(f"approver_{name}_password")
+        approvers.create_login(self.ops.admin_dsn(OPS_DB), name, password, approver=approver)
+        return approvers.write_passfile(
+            self.approver_passfile(name), "127.0.0.1", self.ops.port, OPS_DB, name, password
+        )
 
     def ops_app_dsn(self) -> str:
         """The ops database as the application role (append-only on the audit tables)."""
