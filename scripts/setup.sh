@@ -14,11 +14,12 @@ command -v gpg >/dev/null 2>&1 || need_pkgs+=(gnupg)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
   || need_pkgs+=(python3-venv)
 # The peer of the benchmark, compressors, the monitoring pipeline and the browser the UI
-# tests drive: Debian packages, so nothing downloads at run time.
+# tests drive, the aws CLI of the by-hand runbook: Debian packages, so nothing downloads at
+# run time.
 for tool in pgbackrest:pgbackrest zstd:zstd lz4:lz4 promtool:prometheus \
     prometheus-pushgateway:prometheus-pushgateway \
     prometheus-alertmanager:prometheus-alertmanager \
-    chromium:chromium chromedriver:chromium-driver; do
+    chromium:chromium chromedriver:chromium-driver aws:awscli; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_pkgs+=("${tool#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
