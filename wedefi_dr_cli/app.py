@@ -15,6 +15,7 @@ import sys
 import typer
 
 from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
+from wedefi_dr_cli import standby as tier1
 from wedefi_dr_cli.common import report
 
 app = typer.Typer(
@@ -38,6 +39,9 @@ app.add_typer(pitr.app, name="pitr")
 app.add_typer(drtest.app, name="dr-test")
 app.command("retention")(retention.retention)
 app.add_typer(bench.app, name="bench")
+app.add_typer(tier1.app, name="standby")
+app.command("failover")(tier1.failover)
+app.command("wal-stream")(tier1.wal_stream)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from wedefi_dr.postgres.cluster import (
     chown_to,
     conf_quote,
 )
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
 
 SLOT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -204,7 +205,8 @@ def provision(
         "--checkpoint=fast",
         "--no-password",
     ]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout)
+    env = ConnTarget.parse(primary.dsn()).tool_env()  # libpq's variables, none of ours
+    result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout, env=env)
     if result.returncode != 0:
         raise StandbyFailed(
             f"pg_basebackup from {primary.name} exited {result.returncode}: "

@@ -209,15 +209,20 @@ class Uploader:
         return done
 
 
-def receivewal_argv(
-    settings: Settings, conninfo: str, directory: Path, slot: str, *, synchronous: bool
-) -> list[str]:
+def _target(conninfo: str):  # noqa: ANN202 - a ConnTarget
+    from wedefi_dr.postgres.conninfo import ConnTarget
+
+    return ConnTarget.parse(conninfo, allow_password=True)
+
+
+def receivewal_argv(conninfo: str, directory: Path, slot: str, *, synchronous: bool) -> list[str]:
+    """pg_receivewal's command line: the conninfo without its password (that goes in the
+    child's ``PGPASSWORD``, never on a command line ``ps`` shows)."""
     from wedefi_dr.postgres.tools import tool
 
     return [
         tool("pg_receivewal"),
-        "-d",
-        conninfo,
+        *_target(conninfo).tool_args(),
         "-D",
         str(directory),
         "-S",
@@ -232,20 +237,14 @@ def create_slot(conninfo: str, slot: str) -> None:
     """The stream's own physical slot (the server keeps what it has not received)."""
     from wedefi_dr.postgres.tools import tool
 
+    target = _target(conninfo)
+    argv = [tool("pg_receivewal"), *target.tool_args(), "-S", slot]
     result = subprocess.run(
-        [
-            tool("pg_receivewal"),
-            "-d",
-            conninfo,
-            "-S",
-            slot,
-            "--create-slot",
-            "--if-not-exists",
-            "--no-password",
-        ],
+        [*argv, "--create-slot", "--if-not-exists", "--no-password"],
         capture_output=True,
         text=True,
         timeout=60,
+        env=target.tool_env(),
     )
     if result.returncode != 0:
         raise StreamFailed(f"pg_receivewal --create-slot {slot}: {result.stderr.strip()[-500:]}")
@@ -280,7 +279,6 @@ class WalStream:
         log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             receivewal_argv(
-                self.settings,
                 self.conninfo,
                 self.directory,
                 self.slot,
@@ -290,6 +288,7 @@ class WalStream:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            env=_target(self.conninfo).tool_env(),
         )
         time.sleep(0.3)
         if self.proc.poll() is not None:
