@@ -20,7 +20,7 @@ from tests.helpers import BREAK_GLASS, run_approved
 from tests.test_pitr import EnvPatch, sql1
 from wedefi_dr.approval import ApprovalRefused
 from wedefi_dr.config import get_settings
-from wedefi_dr.physical import archiving, standby, wal, walstream
+from wedefi_dr.physical import archiving, standby, wal, walreceiver, walstream
 from wedefi_dr.postgres.cluster import (
     FENCE_MARKER,
     ClusterFenced,
@@ -102,7 +102,7 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
     settings = get_settings()
     archive = wal.Archive(settings)
     stream_dir = p.home / "wal-stream"
-    stream = walstream.WalStream(
+    stream = walreceiver.WalStream(
         settings, p.dsn(), stream_dir, "wedefi_wal_stream_test", log_path=p.home / "rw.log"
     )
     stream.start()

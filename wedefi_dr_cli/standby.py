@@ -132,14 +132,14 @@ def wal_stream(
     """pg_receivewal from the primary into the archive until stopped (near-zero RPO)."""
     from pathlib import Path
 
-    from wedefi_dr.physical import walstream
+    from wedefi_dr.physical import walreceiver
     from wedefi_dr.physical.standby import validate_slot
     from wedefi_dr.postgres.conninfo import ConnTarget
 
     settings = ready(settings=("primary_dsn", "gpg_passphrase"), tools=("pg_receivewal",))
     target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     where = Path(directory or settings.wal_stream_dir or settings.spool_path / "wal-stream")
-    stream = walstream.WalStream(
+    stream = walreceiver.WalStream(
         settings,
         settings.primary_dsn.get_secret_value(),
         where,

@@ -265,7 +265,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "wedefi_dr.physical.walstream",
+                "wedefi_dr.physical.walreceiver",
                 "--env-file",
                 str(self.primary.home / archiving.ARCHIVE_ENV_NAME),
                 "--dir",
