@@ -72,7 +72,7 @@ class Acker(threading.Thread):
 def _one(dsn: str, query: str) -> Any:
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(query)
-        return cur.fetchone()[0]
+        return cur.fetchone()[0] if cur.description else None
 
 
 def drill(

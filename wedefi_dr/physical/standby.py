@@ -30,11 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
+from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.postgres.cluster import (
     FENCE_MARKER,
     ClusterHandle,
     chown_to,
+    cluster_handle,
     conf_quote,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
@@ -205,7 +209,9 @@ def provision(
         "--checkpoint=fast",
         "--no-password",
     ]
-    env = ConnTarget.parse(primary.dsn()).tool_env()  # libpq's variables, none of ours
+    env = ConnTarget.parse(
+        primary.dsn(), allow_password=False
+    ).tool_env()  # libpq's variables, none of ours
     result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout, env=env)
     if result.returncode != 0:
         raise StandbyFailed(
@@ -405,3 +411,23 @@ def drop_slot(primary: ClusterHandle, slot: str) -> bool:
             (slot,),
         )
         return cur.rowcount > 0
+
+
+def backup_source(settings: Settings) -> Settings:
+    """The settings a base backup reads with: the primary's, or, with
+    ``WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER`` set, the standby's (pgBackRest's
+    backup-standby: the copy's I/O lands on the standby, not on the primary). The standby
+    must have replayed WAL written with ``full_page_writes=on`` (PostgreSQL refuses
+    otherwise, and says so)."""
+    name = settings.base_backup_source_cluster
+    if not name:
+        return settings
+    source = cluster_handle(settings.clusters_file, name)
+    with connect(source.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        if not cur.fetchone()[0]:
+            raise InvalidInput(
+                f"base_backup_source_cluster {name!r} is not a standby (not in recovery): "
+                "unset it to back up the primary"
+            )
+    return settings.model_copy(update={"primary_dsn": SecretStr(source.dsn())})
