@@ -178,16 +178,19 @@ def drill(
         recovered = _one(dst.admin_dsn(), "SELECT coalesce(max(n), 0) FROM rpo_acks")
         used_partial = "streamed partial" in dst.log.read_text(errors="replace")
         when = dict(acker.acked)
-        lost_seconds = acked_at - when[recovered] if recovered in when else None
+        # Nothing recovered: at least the whole acknowledged window was lost.
+        first_at = acker.acked[0][1] if acker.acked else acked_at
+        lost_seconds = acked_at - when.get(recovered, first_at)
         return {
             "mode": "pg_receivewal + archive_command" if streaming else "archive_command",
             "acked_commits": acked_n,
             "recovered_commits": recovered,
             "lost_commits": acked_n - recovered,
-            "lost_seconds": round(lost_seconds, 3) if lost_seconds is not None else None,
+            "lost_seconds": round(lost_seconds, 3),
             "recovery_used_streamed_partial": used_partial,
             "recovery_seconds": round(recover_s, 1),
             "stream_uploads": stream.uploader.uploads if stream else None,
+            "settle_seconds_after_kill": SETTLE_SECONDS if stream else 0,
         }
     finally:
         if stream is not None and stream.alive():
