@@ -20,6 +20,7 @@ from tests.helpers import BREAK_GLASS, run_approved
 from tests.test_pitr import EnvPatch, sql1
 from wedefi_dr.approval import ApprovalRefused
 from wedefi_dr.config import get_settings
+from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical import archiving, standby, wal, walreceiver, walstream
 from wedefi_dr.postgres.cluster import (
     FENCE_MARKER,
@@ -62,7 +63,9 @@ def pair(stack, settings, prefect_api):
     try:
         s_env = get_settings()
         primary_env = archiving.write_wal_env(s_env, p.home / archiving.ARCHIVE_ENV_NAME)
-        p.initdb(stack.primary.password, archiving.archiving_conf(primary_env), fast=True)
+        # Fast, but with full_page_writes on: a base backup from a standby needs it.
+        quick = {"fsync": "off", "synchronous_commit": "off"}
+        p.initdb(stack.primary.password, {**quick, **archiving.archiving_conf(primary_env)})
         p.start()
         # What the standby archives with once promoted: production's settings (this test's
         # prefix), written the way the stack writes its own clusters' env files.
@@ -95,6 +98,22 @@ def test_standby_provisioned_streaming_and_lag_reported(pair, settings):
     assert (s.home / standby.PASSFILE_NAME).stat().st_mode & 0o777 == 0o600
     prom = Path(settings.metrics_dir) / "wedefi_dr_replication.prom"
     assert f'replication_lag_bytes{{primary="{PRIMARY}",standby="{STANDBY}"}}' in prom.read_text()
+
+
+def test_base_backup_reads_from_the_standby_when_configured(pair, env_override):
+    from flows.base_backup import base_backup
+
+    p, s = pair["primary"], pair["standby"]
+    env_override(WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER=PRIMARY)
+    with pytest.raises(InvalidInput, match="is not a standby"):
+        standby.backup_source(get_settings())
+    env_override(WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER=STANDBY)
+    assert f"port={s.port}" in standby.backup_source(get_settings()).primary_dsn.get_secret_value()
+    manifest = base_backup(operator="pytest")
+    assert manifest["system_identifier"] == str(
+        sql1(p.dsn(), "SELECT system_identifier FROM pg_control_system()")
+    )
+    assert manifest["object"]["size_bytes"] > 0
 
 
 def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_resort(pair):
