@@ -14,6 +14,9 @@
 7. confirm the archive: a segment of the new timeline (after its ``.history``) archived
 8. audit row 'success'; report the new primary
 
+A failure between the fence and a finished promotion rolls back: the old primary is
+unfenced and started again if it ran (the standby, not promoted, stays a standby).
+
 The fence comes before the promotion, so there is never a moment with two primaries.
 """
 
@@ -39,7 +42,7 @@ from tasks.common import (
     run_lock,
     send_notification,
 )
-from wedefi_dr.physical.pitr.recovery import ApprovalTimedOut
+from wedefi_dr.physical.pitr.recovery import ApprovalTimedOut, RolledBack
 from wedefi_dr.runbook import Failover, timed
 
 
@@ -113,10 +116,17 @@ def failover(
             fenced = steps.fence_old_primary(
                 request, f"failover to {standby} by {operator} (flow run {flow_run.get_id()})"
             )
-        with timed() as timings[Failover.ARCHIVING]:
-            archive_env = steps.configure_archiving(request)
-        with timed() as timings[Failover.PROMOTE]:
-            promoted = steps.promote(request)
+        try:
+            with timed() as timings[Failover.ARCHIVING]:
+                archive_env = steps.configure_archiving(request)
+            with timed() as timings[Failover.PROMOTE]:
+                promoted = steps.promote(request)
+        except Exception as exc:
+            if not fenced["fenced"]:
+                raise
+            with timed() as timings[Failover.ROLL_BACK]:
+                rolled = steps.roll_back(request, fenced)
+            raise RolledBack(f"{type(exc).__name__}: {exc}\n[{rolled}]") from exc
         with timed() as timings[Failover.CONFIRM_ARCHIVE]:
             archived = steps.confirm_archive(request, promoted["timeline"])
     audit_recovery_finished(

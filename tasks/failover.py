@@ -106,3 +106,13 @@ def confirm_archive(request: dict[str, Any], timeline: int) -> dict[str, Any]:
     )
     get_run_logger().error(problem)
     return {"last_archived_wal": row[1] if row else None, "problem": problem}
+
+
+@task(name=Failover.ROLL_BACK.value, timeout_seconds=timeouts.MEDIUM)
+def roll_back(request: dict[str, Any], fenced: dict[str, Any]) -> str:
+    """The promotion failed: the old primary is unfenced and started as it was."""
+    what = standby.unfence(
+        handle(request["primary"]), restart=fenced["stopped"].startswith("stopped")
+    )
+    get_run_logger().warning(what)
+    return what

@@ -111,6 +111,7 @@ class Failover(StrEnum):
     ARCHIVING = "configure production archiving on the standby"
     PROMOTE = "promote the standby with pg_promote() and confirm it is writable"
     CONFIRM_ARCHIVE = "confirm the new timeline reaches the archive"
+    ROLL_BACK = "roll back: unfence the old primary and start it as it was"
 
 
 def step_key(step: StrEnum) -> str:

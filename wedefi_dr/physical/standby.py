@@ -188,7 +188,9 @@ def provision(
     standby.home.mkdir(parents=True, exist_ok=True)
     standby.give(standby.home)
     if standby.data_dir.exists():
-        standby.data_dir.rmdir()  # empty: pg_basebackup creates it with mode 700
+        if any(standby.data_dir.iterdir()):
+            raise InvalidInput(f"{standby.data_dir} is not empty: refused")
+        standby.data_dir.rmdir()  # pg_basebackup creates it with mode 700
     t0 = time.monotonic()
     argv = [
         standby.tool("pg_basebackup"),
@@ -399,6 +401,17 @@ def fence(old: ClusterHandle, new_primary: ClusterHandle, *, reason: str) -> dic
         "fenced": True,
         "marker": str(data / FENCE_MARKER),
     }
+
+
+def unfence(old: ClusterHandle, *, restart: bool) -> str:
+    """Undo :func:`fence` when the promotion failed: the old primary is the only one
+    there is, so its marker and ``standby.signal`` go and it starts again if it ran."""
+    (old.data_dir / FENCE_MARKER).unlink(missing_ok=True)
+    (old.data_dir / "standby.signal").unlink(missing_ok=True)
+    if restart:
+        old.start(wait=True)
+        return f"the old primary {old.name} was unfenced and started again"
+    return f"the old primary {old.name} was unfenced (it was not running)"
 
 
 def drop_slot(primary: ClusterHandle, slot: str) -> bool:
