@@ -21,6 +21,14 @@ StandbyName = Annotated[str, typer.Option("--standby", help="the standby's name 
 AsJson = Annotated[bool, typer.Option("--json", help="the full record instead of a summary")]
 
 
+def _described(settings, *names: str) -> None:  # noqa: ANN001 - Settings
+    """Every named cluster is in the clusters file (refused before Prefect starts)."""
+    from wedefi_dr.postgres.cluster import cluster_handle
+
+    for name in names:
+        cluster_handle(settings.clusters_file, name)
+
+
 @app.command("provision")
 def provision(
     primary: Primary = "primary",
@@ -36,7 +44,10 @@ def provision(
     validate_cluster_name(standby)
     if slot is not None:
         validate_slot(slot)
-    ready(settings=("ops_dsn", "clusters_file"), tools=("pg_basebackup",), servers=("ops_dsn",))
+    settings = ready(
+        settings=("ops_dsn", "clusters_file"), tools=("pg_basebackup",), servers=("ops_dsn",)
+    )
+    _described(settings, primary, standby)
     record = run_flow("standby", "provision_standby", primary=primary, standby=standby, slot=slot)
     if as_json:
         print_json({**record.result, "flow_run_id": record.run_id})
@@ -94,7 +105,8 @@ def failover(
     require_text(justification, "--justification", "why (audit log)")
     validate_cluster_name(primary)
     validate_cluster_name(standby)
-    ready(settings=("ops_dsn", "clusters_file"), tools=("pg_ctl",), servers=("ops_dsn",))
+    settings = ready(settings=("ops_dsn", "clusters_file"), tools=("pg_ctl",), servers=("ops_dsn",))
+    _described(settings, primary, standby)
     record = run_flow(
         "failover",
         "failover",
