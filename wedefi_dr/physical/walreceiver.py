@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from psycopg2.extensions import make_dsn, parse_dsn
+
 from wedefi_dr.errors import DRError
 from wedefi_dr.physical import wal
 from wedefi_dr.physical.walstream import Uploader
@@ -34,6 +36,10 @@ class StreamFailed(DRError):
 
 
 def _target(conninfo: str) -> ConnTarget:
+    """The stream's connection, named ``wedefi-wal-stream`` unless the conninfo names it:
+    the name ``synchronous_standby_names`` lists to make the primary wait for it."""
+    if "application_name" not in parse_dsn(conninfo):
+        conninfo = make_dsn(conninfo, application_name=APP_NAME)
     return ConnTarget.parse(conninfo, allow_password=True)
 
 
