@@ -35,7 +35,7 @@ from wedefi_dr.config import Settings
 from wedefi_dr.physical import archiving, basebackup
 from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.target import RecoveryTarget
-from wedefi_dr.physical.walreceiver import WalStream
+from wedefi_dr.physical.walreceiver import APP_NAME, WalStream
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.s3 import ObjectStore
 from wedefi_dr_dev.stack import Cluster, Stack
@@ -123,6 +123,9 @@ def drill(
                 log_path=work / "pg_receivewal.log",
             )
             stream.start()
+            if settings.wal_stream_synchronous:  # commits wait for the stream's flush
+                _one(src.admin_dsn(), f"ALTER SYSTEM SET synchronous_standby_names = '{APP_NAME}'")
+                _one(src.admin_dsn(), "SELECT pg_reload_conf()")
         load = subprocess.Popen(
             [
                 *pgbench,
@@ -191,6 +194,7 @@ def drill(
             "recovery_seconds": round(recover_s, 1),
             "stream_uploads": stream.uploader.uploads if stream else None,
             "settle_seconds_after_kill": SETTLE_SECONDS if stream else 0,
+            "synchronous": bool(stream and settings.wal_stream_synchronous),
         }
     finally:
         if stream is not None and stream.alive():
