@@ -135,6 +135,18 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
             return found and marker.encode() in found[0]
 
         poll("the commit in the streamed .partial", partial_has_marker)
+        # Whoever can write to the bucket cannot plant a partial: its MAC binds the name.
+        other = wal.next_segments(segment, 5, settings.wal_segment_bytes)[-1]
+        archive.client.copy_object(
+            Bucket=archive.bucket,
+            Key=walstream.stream_key(settings, other),
+            CopySource={"Bucket": archive.bucket, "Key": walstream.stream_key(settings, segment)},
+        )
+        with pytest.raises(wal.ArchiveCorrupt, match="refused"):
+            walstream.fetch_partial(archive, other, p.home)
+        archive.client.delete_object(
+            Bucket=archive.bucket, Key=walstream.stream_key(settings, other)
+        )
         assert archive.head(segment) is None  # not archived yet: the partial is the best
         dest = p.home / "restored-segment"
         assert wal.fetch(settings, segment, dest) is True
