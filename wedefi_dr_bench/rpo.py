@@ -124,7 +124,10 @@ def drill(
             )
             stream.start()
             if settings.wal_stream_synchronous:  # commits wait for the stream's flush
-                _one(src.admin_dsn(), f"ALTER SYSTEM SET synchronous_standby_names = '{APP_NAME}'")
+                _one(
+                    src.admin_dsn(),
+                    f"""ALTER SYSTEM SET synchronous_standby_names = '"{APP_NAME}"'""",
+                )
                 _one(src.admin_dsn(), "SELECT pg_reload_conf()")
         load = subprocess.Popen(
             [
