@@ -184,14 +184,16 @@ def drill(
         recovered = _one(dst.admin_dsn(), "SELECT coalesce(max(n), 0) FROM rpo_acks")
         used_partial = "streamed partial" in dst.log.read_text(errors="replace")
         when = dict(acker.acked)
-        # Nothing recovered: at least the whole acknowledged window was lost.
+        # Nothing recovered: at least the whole acknowledged window was lost. More than
+        # acknowledged: the last commit was durable, its answer died with the server.
         first_at = acker.acked[0][1] if acker.acked else acked_at
-        lost_seconds = acked_at - when.get(recovered, first_at)
+        lost_seconds = 0.0 if recovered >= acked_n else acked_at - when.get(recovered, first_at)
         return {
             "mode": "pg_receivewal + archive_command" if streaming else "archive_command",
             "acked_commits": acked_n,
             "recovered_commits": recovered,
-            "lost_commits": acked_n - recovered,
+            "lost_commits": max(0, acked_n - recovered),
+            "committed_not_acknowledged": max(0, recovered - acked_n),
             "lost_seconds": round(lost_seconds, 3),
             "recovery_used_streamed_partial": used_partial,
             "recovery_seconds": round(recover_s, 1),
