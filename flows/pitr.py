@@ -49,7 +49,7 @@ from tasks.common import (
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical.pitr.recovery import RolledBack
 from wedefi_dr.physical.pitr.report import render_markdown
-from wedefi_dr.runbook import PITR, timed
+from wedefi_dr.runbook import PITR, step_key, timed
 
 
 @flow(name="point-in-time-recovery", log_prints=True)
@@ -118,7 +118,7 @@ def point_in_time_recovery(
                 operator=operator,
                 justification=justification,
                 timeout_seconds=approval_timeout_seconds,
-                key=PITR.APPROVAL.value,
+                key=step_key(PITR.APPROVAL),
             )
 
     recovery_started = time.monotonic()

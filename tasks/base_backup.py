@@ -8,7 +8,7 @@ from prefect import task
 
 from tasks import timeouts
 from wedefi_dr.config import get_settings
-from wedefi_dr.physical import basebackup
+from wedefi_dr.physical import basebackup, standby
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.runbook import BaseBackup
 from wedefi_dr.storage.s3 import ObjectStore
@@ -18,7 +18,8 @@ from wedefi_dr.storage.s3 import ObjectStore
 def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
     """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; returns the manifest
     (with PostgreSQL's own backup manifest), not yet written."""
-    return basebackup.stream(get_settings(), operator, backup_id).model_dump(mode="json")
+    settings = standby.backup_source(get_settings())
+    return basebackup.stream(settings, operator, backup_id).model_dump(mode="json")
 
 
 @task(

@@ -152,6 +152,19 @@ class Settings(BaseSettings):
     # approver's passfile), and never the flows' PGPASSFILE.
     approver_dsn: str = ""
     approver_passfile: Path | None = None
+    # Tier 1: the streaming standby and near-zero RPO (wedefi_dr.physical.standby,
+    # wedefi_dr.physical.walstream). The standby's and the WAL stream's replication slots;
+    # where pg_receivewal writes (default: a folder under the spool); --synchronous (the
+    # primary then waits for it when synchronous_standby_names lists 'wedefi-wal-stream');
+    # how often the segment being written is re-uploaded at most.
+    standby_slot: str = "wedefi_standby"
+    wal_stream_slot: str = "wedefi_wal_stream"
+    wal_stream_dir: Path | None = None
+    wal_stream_synchronous: bool = False
+    wal_stream_interval_seconds: float = Field(default=1.0, ge=0.2, le=60)
+    # Base backups read from this cluster (a standby of the clusters file) instead of the
+    # primary, as pgBackRest's backup-standby does; unset: from the primary.
+    base_backup_source_cluster: str | None = None
 
     @property
     def spool_path(self) -> Path:

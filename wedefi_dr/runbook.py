@@ -111,6 +111,26 @@ class Approvals(StrEnum):
     EXPIRE = "approval: the wait timed out"
 
 
+class Standby(StrEnum):
+    """Flow ``standby``: a streaming standby of the primary, provisioned and verified."""
+
+    CHECK_REQUEST = "check the primary and the standby's cluster"
+    PROVISION = "pg_basebackup -R -X stream onto the standby with its own slot"
+    VERIFY_STREAMING = "verify streaming: pg_stat_replication and pg_is_in_recovery()"
+
+
+class Failover(StrEnum):
+    """Flow ``failover``: promote the standby break-glass, fence the old primary."""
+
+    CHECK_REQUEST = "check the standby streams and the old primary is described"
+    APPROVAL = "break-glass approval"
+    FENCE = "stop and fence the old primary"
+    ARCHIVING = "configure production archiving on the standby"
+    PROMOTE = "promote the standby with pg_promote() and confirm it is writable"
+    CONFIRM_ARCHIVE = "confirm the new timeline reaches the archive"
+    ROLL_BACK = "roll back: unfence the old primary and start it as it was"
+
+
 def step_key(step: StrEnum) -> str:
     """``download_verify`` for ``Restore.DOWNLOAD_VERIFY``: the short, stable name that
     results, scripts and the benchmarks select a step by (the value is for people)."""

@@ -17,6 +17,7 @@ import typer
 from wedefi_dr_cli import approve as approvals
 from wedefi_dr_cli import audit as audit_cli
 from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
+from wedefi_dr_cli import standby as tier1
 from wedefi_dr_cli import status as status_cli
 from wedefi_dr_cli.common import report
 
@@ -45,6 +46,9 @@ app.add_typer(audit_cli.app, name="audit")
 app.command("status")(status_cli.status)
 app.command("approve")(approvals.approve)
 app.add_typer(approvals.runs_app, name="runs")
+app.add_typer(tier1.app, name="standby")
+app.command("failover")(tier1.failover)
+app.command("wal-stream")(tier1.wal_stream)
 
 
 def main() -> None:

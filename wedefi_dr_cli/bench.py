@@ -134,3 +134,21 @@ def pitr(
 
     settings = ready(settings=("gpg_passphrase",), tools=("pgbench", "pg_basebackup", "initdb"))
     print_json(pitr_bench.run_bench(settings, seconds=seconds, clients=clients, pushes=pushes))
+
+
+@app.command("rpo")
+def rpo(
+    seconds: Annotated[float, typer.Option(help="seconds of load before the kill -9")] = 20.0,
+    clients: Annotated[int, typer.Option(help="pgbench clients beside the acking one")] = 2,
+) -> None:
+    """The RPO drill: commits lost at a kill -9, with and without pg_receivewal streaming."""
+    from wedefi_dr_bench import rpo as rpo_bench
+
+    settings = ready(
+        settings=("gpg_passphrase",), tools=("pgbench", "pg_basebackup", "pg_receivewal")
+    )
+    print_json(
+        rpo_bench.run_bench(
+            settings, seconds=seconds, clients=clients, say=lambda m: err.print(f"[bold]rpo[/] {m}")
+        )
+    )

@@ -18,12 +18,22 @@ app = typer.Typer(no_args_is_help=True, help="The embedded local stack.")
 @app.command("up")
 def up(
     fast: Annotated[bool, typer.Option(help="fsync off (tests, demos on slow disks)")] = False,
+    with_standby: Annotated[
+        bool, typer.Option(help="also a streaming standby of the primary (cluster 'standby')")
+    ] = False,
+    with_wal_stream: Annotated[
+        bool, typer.Option(help="also pg_receivewal into the archive (near-zero RPO)")
+    ] = False,
 ) -> None:
     """Start (creating when missing) the primary and ops clusters and the S3 endpoint."""
     from wedefi_dr_dev.stack import Stack
 
     stack = Stack(fast=fast)
     stack.up()
+    if with_standby:
+        stack.up_standby()
+    if with_wal_stream:
+        stack.start_wal_stream()
     for name, state in stack.status().items():
         err.print(f"{name:18} {state}")
     err.print(f'point commands at it: eval "$(wedefi-dr stack env)"  (state in {stack.root})')

@@ -48,6 +48,7 @@ from wedefi_dr_dev import approvers
 PRIMARY_DB = "wedefi"
 OPS_DB = "wedefi_ops"
 SCRATCH_CLUSTER = "pitr-scratch"
+STANDBY_CLUSTER = "standby"
 # The settings' defaults: the stack creates exactly what an unconfigured run expects.
 _DEFAULTS = Settings.model_fields
 REGION = _DEFAULTS["aws_region"].default
@@ -89,6 +90,21 @@ def pid_alive(pid: int | None) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` in the environment for the block (libpq reads PGPASSFILE from it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Cluster(ClusterHandle):
@@ -217,6 +233,82 @@ class Stack:
         self._ensure_archiving(primary)
         self._write_pgpass()
 
+    # ---- Tier 1: the standby and the WAL stream ------------------------------------------
+    @property
+    def standby(self) -> Cluster:
+        return self.cluster(STANDBY_CLUSTER)
+
+    def up_standby(self) -> dict:
+        """A streaming standby of the primary (``stack up --with-standby``): provisioned by
+        the product's own code on its first start, started afterwards."""
+        from wedefi_dr.physical import standby as tier1
+
+        replica = self.standby
+        if replica.initialized():
+            if not replica.is_running():
+                replica.start()
+            return {"standby": "running", "port": replica.port}
+        replica.home.mkdir(parents=True, exist_ok=True)
+        # What it archives with once promoted: the stack's archive, the stack's keys.
+        self.archiving_conf(replica)
+        env_file = replica.home / archiving.ARCHIVE_ENV_NAME
+        with _environ({"PGPASSFILE": str(self.pgpass)}):
+            return tier1.provision(
+                self.primary,
+                replica,
+                Settings().standby_slot,
+                archive_command=archiving.archive_command(env_file),
+            )
+
+    def start_wal_stream(self) -> int:
+        """``pg_receivewal`` into the archive as a resident process (``--with-wal-stream``),
+        with the primary's archive env file (same bucket, prefix and keys)."""
+        pid = self.state.get("wal_stream_pid")
+        if pid_alive(pid):
+            return pid
+        directory = self.root / "wal-stream"
+        directory.mkdir(exist_ok=True)
+        log = (self.root / "wal-stream.log").open("ab")
+        env = {**os.environ, "PGPASSFILE": str(self.pgpass)}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wedefi_dr.physical.walreceiver",
+                "--env-file",
+                str(self.primary.home / archiving.ARCHIVE_ENV_NAME),
+                "--dir",
+                str(directory),
+                "--slot",
+                Settings().wal_stream_slot,
+                "--conninfo",
+                self.primary.dsn(),
+                "--log",
+                str(self.root / "pg_receivewal.log"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        self.state["wal_stream_pid"] = proc.pid
+        self._save()
+        return proc.pid
+
+    def stop_wal_stream(self) -> bool:
+        pid = self.state.pop("wal_stream_pid", None)
+        self._save()
+        if not pid_alive(pid):
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+        return True
+
     def _check_server_user_can_enter(self) -> None:
         """Fail with the fix, not with initdb's "Permission denied" three calls later."""
         if (
@@ -322,6 +414,8 @@ class Stack:
         """Stop everything the stack started — its clusters, including those recovered into
         by PITR, and the S3 endpoint — each by its own PID; the data stays."""
         stopped = []
+        if self.stop_wal_stream():
+            stopped.append("wal-stream (pg_receivewal)")
         for name, cluster in self._all_clusters().items():
             if cluster.is_running():
                 cluster.stop()
@@ -364,6 +458,9 @@ class Stack:
                 if pid_alive(pid) and port_open(self.pushgateway_port)
                 else "stopped"
             )
+        if self.state.get("wal_stream_pid"):
+            pid = self.state["wal_stream_pid"]
+            result["wal-stream"] = f"running pid {pid}" if pid_alive(pid) else "stopped"
         return result
 
     @property

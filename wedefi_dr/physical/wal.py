@@ -488,9 +488,19 @@ def fetch(settings: Settings, name: str, dest: str | Path) -> bool:
             if later:  # it arrived meanwhile (a live primary archiving)
                 plain = archive.fetch_bytes(name, spool)
         if plain is None:
+            plain = streamed_partial(archive, name, spool)
+        if plain is None:
             return False
     _atomic_write(dest, plain)
     return True
+
+
+def streamed_partial(archive: Archive, name: str, spool: Path) -> bytes | None:
+    """The last resort for a segment not archived: its streamed partial, when it is the
+    best data there is (``wedefi_dr.physical.walstream.best_partial``, which logs it)."""
+    from wedefi_dr.physical import walstream
+
+    return walstream.best_partial(archive, name, spool)
 
 
 def clear_spool(pg_wal: Path) -> None:

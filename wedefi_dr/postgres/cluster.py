@@ -44,6 +44,9 @@ from wedefi_dr.postgres.tools import bindir, running_as_root
 STOP_MODES = ("smart", "fast", "immediate")
 # A scratch cluster's durability traded for speed (tests, local DR environments).
 FAST_CONF = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# Left in the data directory of a primary a failover replaced (wedefi_dr.physical.standby):
+# starting it would make a second primary, so start() refuses while the file is there.
+FENCE_MARKER = "wedefi-dr.fenced"
 
 
 class UnknownCluster(InvalidInput):
@@ -56,6 +59,10 @@ class ClustersFileInvalid(InvalidInput):
 
 class ServerControlFailed(DRError):
     """Starting, stopping or initialising a server failed; the tool's own words follow."""
+
+
+class ClusterFenced(ServerControlFailed):
+    """The cluster was fenced by a failover: starting it could make a second primary."""
 
 
 def conf_quote(value: str) -> str:
@@ -176,7 +183,8 @@ class ClusterHandle(BaseModel):
 
     def start(self, wait: bool = True, timeout: int = 60) -> None:
         """Start the server; ``wait`` False returns at once (recovery replay may outlast any
-        fixed timeout, so the caller polls instead)."""
+        fixed timeout, so the caller polls instead). A fenced cluster is refused."""
+        self.refuse_if_fenced()
         if self.start_command:
             self._run(self.start_command, as_os_user=False)
         else:
@@ -197,6 +205,18 @@ class ClusterHandle(BaseModel):
             )
         if wait and self.start_command:
             self._wait_running(timeout)
+
+    def refuse_if_fenced(self) -> None:
+        """:class:`ClusterFenced` with the marker's words when a failover fenced this one."""
+        marker = self.data_dir / FENCE_MARKER
+        if marker.exists():
+            try:
+                why = " ".join(marker.read_text().split())[:400]
+            except OSError:
+                why = "(marker unreadable)"
+            raise ClusterFenced(
+                f"cluster {self.name} was fenced by a failover and is not started: {why}"
+            )
 
     def _wait_running(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

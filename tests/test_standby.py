@@ -1,0 +1,204 @@
+"""Tier 1: a streaming standby, the break-glass failover with its fence, streamed WAL.
+
+The module makes its own primary and standby (small clusters in fast mode, described in a
+clusters file of their own, archiving into a prefix of their own), so the failover never
+touches the session's primary. The tests run in file order: stream the standby, stream WAL
+from the primary, then fail over.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import BREAK_GLASS, run_approved
+from tests.test_pitr import EnvPatch, sql1
+from wedefi_dr.approval import ApprovalRefused
+from wedefi_dr.config import get_settings
+from wedefi_dr.errors import InvalidInput
+from wedefi_dr.physical import archiving, standby, wal, walreceiver, walstream
+from wedefi_dr.postgres.cluster import (
+    FENCE_MARKER,
+    ClusterFenced,
+    ClusterHandle,
+    free_port,
+    write_clusters,
+)
+
+PRIMARY, STANDBY = "sb-primary", "sb-standby"
+
+
+def poll(what: str, check, timeout: float = 60.0):  # noqa: ANN001 - a predicate
+    """``check()`` until it returns something truthy; a generous deadline, no timing claim."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not seen within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def pair(stack, settings, prefect_api):
+    root = Path(tempfile.mkdtemp(prefix="wedefi-dr-standby-"))
+    root.chmod(0o755)
+    env = EnvPatch()
+    handles = {
+        PRIMARY: ClusterHandle(
+            name=PRIMARY, data_dir=root / PRIMARY / "data", port=free_port(), production=True
+        ),
+        STANDBY: ClusterHandle(name=STANDBY, data_dir=root / STANDBY / "data", port=free_port()),
+    }
+    clusters = root / "clusters.json"
+    write_clusters(clusters, handles)
+    prefix = f"standby-{uuid.uuid4().hex[:6]}"
+    env.set(WEDEFI_DR_CLUSTERS_FILE=str(clusters), WEDEFI_DR_PREFIX=prefix)
+    p, s = handles[PRIMARY], handles[STANDBY]
+    try:
+        s_env = get_settings()
+        primary_env = archiving.write_wal_env(s_env, p.home / archiving.ARCHIVE_ENV_NAME)
+        # Fast, but with full_page_writes on: a base backup from a standby needs it.
+        quick = {"fsync": "off", "synchronous_commit": "off"}
+        p.initdb(stack.primary.password, {**quick, **archiving.archiving_conf(primary_env)})
+        p.start()
+        # What the standby archives with once promoted: production's settings (this test's
+        # prefix), written the way the stack writes its own clusters' env files.
+        s.home.mkdir(parents=True)
+        archiving.write_wal_env(s_env, s.home / archiving.ARCHIVE_ENV_NAME)
+        sql1(p.dsn(), "CREATE TABLE acks (n int PRIMARY KEY, note text)")
+        from flows.standby import provision_standby
+
+        result = provision_standby(primary=PRIMARY, standby=STANDBY)
+        yield {"primary": p, "standby": s, "prefix": prefix, "provisioned": result}
+    finally:
+        for h in (s, p):
+            if h.is_running():
+                h.stop("immediate")
+        env.restore()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_standby_provisioned_streaming_and_lag_reported(pair, settings):
+    p, s, result = pair["primary"], pair["standby"], pair["provisioned"]
+    assert result["state"] == "streaming" and result["standby_in_recovery"] is True
+    assert isinstance(result["lag_bytes"], int) and result["lag_bytes"] >= 0
+    sql1(p.dsn(), "INSERT INTO acks VALUES (1, 'replicated')")
+    poll("row on the standby", lambda: sql1(s.dsn(), "SELECT count(*) FROM acks") == 1)
+    status = standby.replication_status(p, s, result["slot"])
+    assert status["state"] == "streaming" and status["lag_bytes"] is not None
+    # No password in the standby's configuration: it is in a passfile of the server's user.
+    auto = (s.data_dir / "postgresql.auto.conf").read_text()
+    assert "password" not in auto and "passfile=" in auto
+    assert (s.home / standby.PASSFILE_NAME).stat().st_mode & 0o777 == 0o600
+    prom = Path(settings.metrics_dir) / "wedefi_dr_replication.prom"
+    assert f'replication_lag_bytes{{primary="{PRIMARY}",standby="{STANDBY}"}}' in prom.read_text()
+
+
+def test_base_backup_reads_from_the_standby_when_configured(pair, env_override):
+    from flows.base_backup import base_backup
+
+    p, s = pair["primary"], pair["standby"]
+    env_override(WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER=PRIMARY)
+    with pytest.raises(InvalidInput, match="is not a standby"):
+        standby.backup_source(get_settings())
+    env_override(WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER=STANDBY)
+    assert f"port={s.port}" in standby.backup_source(get_settings()).primary_dsn.get_secret_value()
+    manifest = base_backup(operator="pytest")
+    assert manifest["system_identifier"] == str(
+        sql1(p.dsn(), "SELECT system_identifier FROM pg_control_system()")
+    )
+    assert manifest["object"]["size_bytes"] > 0
+
+
+def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_resort(pair):
+    p = pair["primary"]
+    settings = get_settings()
+    archive = wal.Archive(settings)
+    stream_dir = p.home / "wal-stream"
+    stream = walreceiver.WalStream(
+        settings, p.dsn(), stream_dir, "wedefi_wal_stream_test", log_path=p.home / "rw.log"
+    )
+    stream.start()
+    try:
+        marker = f"acked-{uuid.uuid4().hex}"
+        sql1(p.dsn(), f"INSERT INTO acks VALUES (2, '{marker}')")
+        segment = sql1(p.dsn(), "SELECT pg_walfile_name(pg_current_wal_lsn())")
+
+        def partial_has_marker():
+            found = walstream.fetch_partial(archive, segment, p.home)
+            return found and marker.encode() in found[0]
+
+        poll("the commit in the streamed .partial", partial_has_marker)
+        # Whoever can write to the bucket cannot plant a partial: its MAC binds the name.
+        other = wal.next_segments(segment, 5, settings.wal_segment_bytes)[-1]
+        archive.client.copy_object(
+            Bucket=archive.bucket,
+            Key=walstream.stream_key(settings, other),
+            CopySource={"Bucket": archive.bucket, "Key": walstream.stream_key(settings, segment)},
+        )
+        with pytest.raises(wal.ArchiveCorrupt, match="refused"):
+            walstream.fetch_partial(archive, other, p.home)
+        archive.client.delete_object(
+            Bucket=archive.bucket, Key=walstream.stream_key(settings, other)
+        )
+        assert archive.head(segment) is None  # not archived yet: the partial is the best
+        dest = p.home / "restored-segment"
+        assert wal.fetch(settings, segment, dest) is True
+        assert marker.encode() in dest.read_bytes()
+        # Once a later segment is archived, the partial is no longer the best data there is.
+        sql1(p.dsn(), "SELECT pg_switch_wal()")
+        later = wal.next_segments(segment, 1, settings.wal_segment_bytes)[0]
+        sql1(p.dsn(), "INSERT INTO acks VALUES (3, 'next segment')")
+        poll("the next segment's partial", lambda: walstream.fetch_partial(archive, later, p.home))
+        poll("the switched segment archived", lambda: archive.head(segment))
+        assert walstream.best_partial(archive, later, p.home) is not None
+        archive.push_bytes(wal.next_segments(later, 1, settings.wal_segment_bytes)[0], b"x" * 16)
+        assert walstream.best_partial(archive, later, p.home) is None
+    finally:
+        stream.stop()
+        poll("slot inactive", lambda: standby.drop_slot(p, "wedefi_wal_stream_test"), 30)
+
+
+def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pair, settings):
+    from flows.failover import failover
+
+    p, s, prefix = pair["primary"], pair["standby"], pair["prefix"]
+    params = {
+        "operator": "pytest",
+        "justification": "drill",
+        "primary": PRIMARY,
+        "standby": STANDBY,
+    }
+    one = {"approve": True, "approvers": ["alice"], "emergency_declared": False}
+    with pytest.raises(ApprovalRefused, match="emergency must be declared"):
+        run_approved(failover, one, **params)
+    assert p.is_running() and sql1(s.dsn(), "SELECT pg_is_in_recovery()") is True
+
+    result = run_approved(failover, BREAK_GLASS, **params)
+    assert result["new_primary"] == STANDBY and result["timeline"] == 2
+    assert result["approvers"] == ["alice", "bob"]
+    sql1(s.dsn(), "INSERT INTO acks VALUES (10, 'written on the new primary')")
+    assert sql1(s.dsn(), "SELECT count(*) FROM acks WHERE n = 10") == 1
+
+    assert not p.is_running() and result["fence"]["fenced"] is True
+    assert (p.data_dir / "standby.signal").exists() and (p.data_dir / FENCE_MARKER).exists()
+    with pytest.raises(ClusterFenced, match="fenced by a failover"):
+        p.start()
+    assert not p.is_running()
+
+    archive = wal.Archive(get_settings())
+    assert archive.head("00000002.history") is not None
+    names = poll(
+        "a timeline-2 segment archived",
+        lambda: [
+            n for n in archive.list_names() if wal.SEGMENT_RE.match(n) and n[:8] == "00000002"
+        ],
+    )
+    assert names and result["last_archived_wal"].startswith("00000002")
+    assert get_settings().prefix == prefix
