@@ -111,3 +111,23 @@ def timed() -> Iterator[dict[str, float]]:
     finally:
         timing["finished"] = time.time()
         timing["seconds"] = timing["finished"] - timing["started"]
+
+
+class Sync(StrEnum):
+    """Flow ``sync``: the daily copy of the primary bucket to the DR region."""
+
+    COPY = "copy new backups to the DR region (server-side, verified)"
+
+
+class BackupRetention(StrEnum):
+    """Flow ``backup-retention``: the weekly backup lifecycle."""
+
+    SELECT = "select what goes: GFS, the PITR window, WAL the kept base backups need"
+    PRUNE = "delete what the lifecycle selected, audited and recorded for the sync"
+    PRUNE_RECORDS = "prune the product's own records (run history, reports, spool)"
+
+
+class ArchiveTier(StrEnum):
+    """Flow ``archive-tier``: the weekly copy of the newest full backup to Glacier."""
+
+    ARCHIVE = "copy the week's newest full backup to the Glacier tier"

@@ -15,6 +15,8 @@ import sys
 import typer
 
 from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
+from wedefi_dr_cli import sync as sync_cli
+from wedefi_dr_cli import verify as verify_cli
 from wedefi_dr_cli.common import report
 
 app = typer.Typer(
@@ -38,6 +40,9 @@ app.add_typer(pitr.app, name="pitr")
 app.add_typer(drtest.app, name="dr-test")
 app.command("retention")(retention.retention)
 app.add_typer(bench.app, name="bench")
+app.command("sync")(sync_cli.sync)
+app.add_typer(sync_cli.archive_app, name="archive-tier")
+app.command("verify")(verify_cli.verify)
 
 
 def main() -> None:
