@@ -10,6 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterStartTime,
+    FlowRunFilterState,
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
@@ -37,7 +38,7 @@ def _old_runs(client: Any, before: datetime) -> list[Any]:
     return client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
             start_time=FlowRunFilterStartTime(before_=before),
-            state=FlowRunFilterStateType(any_=FINAL),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL)),
         ),
         limit=200,
     )

@@ -69,6 +69,8 @@ class Verifier:
         self.keyring = authentication.keyring_of(settings)
         self.problems: list[str] = []
         self.objects = 0
+        if deep:
+            self.settings.spool_path.mkdir(parents=True, exist_ok=True)
 
     def problem(self, text: str) -> None:
         self.problems.append(text)

@@ -98,11 +98,15 @@ class ObjectStore:
 
     # ---- writes --------------------------------------------------------------------------
     def check_writable(self) -> None:
-        """Put and delete a probe object: a bucket that cannot take a write fails preflight."""
+        """Start and abort a multipart upload of a probe key: a bucket that cannot take a
+        write fails preflight. Nothing is stored and nothing deleted, so the backup role
+        needs no delete permission (deployments/iam/backup_operator.json)."""
         probe = self.key(".preflight-probe")
         try:
-            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
-            self.client.delete_object(Bucket=self.bucket, Key=probe)
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=probe)
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=probe, UploadId=upload["UploadId"]
+            )
         except ClientError as exc:
             raise PreflightFailed(
                 f"bucket {self.bucket!r} is not writable: {exc.response['Error']['Code']}"
