@@ -43,6 +43,7 @@ app.add_typer(bench.app, name="bench")
 app.command("sync")(sync_cli.sync)
 app.add_typer(sync_cli.archive_app, name="archive-tier")
 app.command("verify")(verify_cli.verify)
+app.command("backup-retention")(sync_cli.backup_retention)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -29,6 +30,47 @@ def sync(
         print_json(run.result)
     else:
         summarize(describe(run.result))
+
+
+def backup_retention(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="delete what is listed (default: a dry run)")
+    ] = False,
+    as_of: Annotated[
+        datetime | None, typer.Option(help="the run's moment in UTC (default: now)")
+    ] = None,
+    operator: Annotated[str, typer.Option(help="who runs it (audit log)")] = "",
+) -> None:
+    """Run the backup-retention flow: GFS, the PITR window, product records; lists every
+    backup that goes and why, and deletes only with --apply."""
+    from wedefi_dr.retention.guard import check_moment
+
+    if as_of is not None:
+        check_moment(as_of)
+    settings = ready(settings=("ops_dsn", "gpg_passphrase"), servers=("ops_dsn",))
+    run = run_flow(
+        "backup_retention",
+        "backup_retention",
+        dry_run=not apply,
+        as_of=as_of,
+        operator=operator or settings.operator,
+    )
+    plan = run.result["plan"]
+    verb = "deleted" if apply else "would go"
+    lines = [f"backup lifecycle as of {plan['as_of']} ({'applied' if apply else 'dry run'})"]
+    for kind in ("logical", "base"):
+        for name, why in plan[kind]["delete"].items():
+            lines.append(f"  {kind} {name} {verb}: {why}")
+    lines.append(
+        f"  WAL files {verb}: {len(plan['wal']['delete'])} ({plan['wal']['bytes']:,} bytes)"
+    )
+    records = run.result["records"]["plan"]
+    lines.append(
+        f"  records {verb}: {len(records['dr_reports'])} report objects, "
+        f"{len(records['spool_files'])} spool files, {len(records['dr_environments'])} DR "
+        f"environments, {run.result['records']['flow_runs']} Prefect runs"
+    )
+    summarize(lines)
 
 
 @archive_app.command("archive")
