@@ -106,7 +106,7 @@ def test_no_base_backup_means_no_wal_is_deleted():
 # ---- one real prune against moto --------------------------------------------------------
 @pytest.fixture
 def synthetic_repository(settings, good_backup, env_override):
-    """Fresh primary/DR buckets holding 40 daily logical backups (small, signed manifests)
+    """Fresh primary/DR buckets holding 20 daily logical backups (small, signed manifests)
     ending now, and the DR copy in sync."""
     from tests.test_sync import make_pair
 
@@ -122,7 +122,7 @@ def synthetic_repository(settings, good_backup, env_override):
     template = listing.resolve(ObjectStore(settings), good_backup)
     now = datetime.now(UTC)
     ids = []
-    for i in range(40):
+    for i in range(20):
         t = now - timedelta(days=i, minutes=5)
         backup_id = new_backup_id(t, suffix=uuid.uuid4().hex[:6])
         body = f"backup {i}".encode()
