@@ -140,3 +140,16 @@ def test_deep_verify_decrypts_the_logical_backup_and_every_segment(repository, e
     assert "base.tar.gz.gpg" in primary["problems"][0]
     logical = next(b for b in primary["restorable"] if b["kind"] == "logical")
     assert logical["restorable"] is True
+
+
+def test_bad_input_is_refused_with_its_exit_code():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).with_name("wedefi-dr")
+    out = subprocess.run(
+        [str(cli), "verify", "--region", "moon"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --region must be primary or dr, not moon"
