@@ -31,35 +31,30 @@ def test_pitr_inside_the_window_after_pruning_from_the_dr_copy_alone(
     )
     try:
         sql1(dsn, "CREATE TABLE markers (id int PRIMARY KEY, at timestamptz DEFAULT now())")
-        oldest = base_backup(operator="pytest")
+        oldest = base_backup(operator="pytest")["backup_id"]
         sql1(dsn, "INSERT INTO markers (id) VALUES (1)")
         switch_and_wait_archived(dsn)
-        kept_before = base_backup(operator="pytest")
+        kept = base_backup(operator="pytest")["backup_id"]
+        time.sleep(0.3)
+        window_start = sql1(dsn, "SELECT clock_timestamp()")  # the PITR window opens here
         sql1(dsn, "INSERT INTO markers (id) VALUES (2)")
         time.sleep(0.3)
         target = sql1(dsn, "SELECT clock_timestamp()")
         time.sleep(0.3)
         sql1(dsn, "INSERT INTO markers (id) VALUES (3)")
         switch_and_wait_archived(dsn)
-        inside = base_backup(operator="pytest")
-        sql1(dsn, "INSERT INTO markers (id) VALUES (4)")
-        switch_and_wait_archived(dsn)
 
-        # A window that starts between the second and the third base backup.
         store = ObjectStore(get_settings())
         bases = {b.backup_id: b for b in basebackup.list_base_backups(store)}
-        start = (
-            bases[kept_before].finished_at
-            + (bases[inside].finished_at - bases[kept_before].finished_at) / 2
-        )
+        assert bases[kept].finished_at < window_start < target
         now = datetime.now(UTC)
-        env_override(WEDEFI_DR_PITR_WINDOW_DAYS=str((now - start).total_seconds() / 86400))
+        env_override(WEDEFI_DR_PITR_WINDOW_DAYS=str((now - window_start).total_seconds() / 86400))
         s = get_settings()
         plan = expire.plan(s, now)
         assert set(plan["base"]["delete"]) == {oldest}
-        assert set(plan["base"]["keep"]) == {kept_before, inside}
-        assert plan["wal"]["delete"], "WAL before the kept base backups goes"
-        first_kept = bases[kept_before].start_wal_file
+        assert set(plan["base"]["keep"]) == {kept}  # the newest before the window
+        assert plan["wal"]["delete"], "WAL before the kept base backup goes"
+        first_kept = bases[kept].start_wal_file
         assert all(name[8:24] < first_kept[8:24] for name in plan["wal"]["delete"])
         core_sync(s)  # the DR copy holds everything
         expire.prune(s, plan, operator="pytest", run_id=hexid)
@@ -73,12 +68,12 @@ def test_pitr_inside_the_window_after_pruning_from_the_dr_copy_alone(
         env_override(WEDEFI_DR_SOURCE_REGION="dr")
         dr = ObjectStore(get_settings())
         assert wal.archive_prefix(get_settings()).startswith(prefix)
-        assert {b.backup_id for b in basebackup.list_base_backups(dr)} == {kept_before, inside}
+        assert {b.backup_id for b in basebackup.list_base_backups(dr)} == {kept}
 
         result = recover(
             ONE, target_kind="time", target_value=target.isoformat(), cluster=recovered.name
         )
-        assert result["base_backup_id"] == kept_before
+        assert result["base_backup_id"] == kept
         assert markers(recovered.dsn()) == [1, 2]
     finally:
         for c in (src, recovered):
