@@ -179,7 +179,7 @@ def write_report(
     written = drreport.write_report(
         context,
         drreport.report_dir(settings, run_name),
-        ObjectStore(settings, bucket=manifest["object"]["bucket"]),
+        ObjectStore(settings, bucket=settings.object_bucket(manifest["object"]["bucket"])),
     )
     create_markdown_artifact(
         key="dr-test-report", markdown=written["markdown"], description=f"DR test {run_name}"

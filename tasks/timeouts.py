@@ -28,3 +28,5 @@ BASE_BACKUP = float(_settings.base_backup_timeout_seconds)
 REPLAY = float(_settings.pitr_replay_timeout_seconds) + SHORT
 CHECKS = float(_settings.checks_timeout_seconds)
 RETENTION = float(_settings.retention_timeout_seconds)
+SYNC = float(_settings.sync_timeout_seconds)
+LIFECYCLE = float(_settings.lifecycle_timeout_seconds)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wedefi_dr.errors import SettingsMissing
@@ -165,6 +165,53 @@ class Settings(BaseSettings):
     # Base backups read from this cluster (a standby of the clusters file) instead of the
     # primary, as pgBackRest's backup-standby does; unset: from the primary.
     base_backup_source_cluster: str | None = None
+    # Storage tiers and the backup lifecycle (wedefi_dr.lifecycle).
+    # Which copy every read comes from: ``dr`` (or ``glacier``) makes the DR (or Glacier)
+    # bucket the one every command reads and writes, for a regional disaster in which the
+    # primary bucket is gone; sync and the lifecycle refuse to run in that mode.
+    source_region: Literal["primary", "dr", "glacier"] = "primary"
+    sync_concurrency: int = Field(default=4, ge=1, le=64)
+    # Objects at least this large are copied in parts (upload_part_copy); smaller ones in
+    # one server-side copy_object whose SHA-256 S3 computes and returns.
+    sync_multipart_threshold_bytes: int = Field(default=1024**3, ge=5 * 1024 * 1024)
+    # The sync deletes nothing and fails when the source lacks more than this share of
+    # what the DR copy holds (or is empty): a wiped primary must never wipe the DR copy.
+    sync_max_missing_share: float = Field(default=0.10, ge=0, le=1)
+    dr_storage_class: str = "STANDARD_IA"
+    # COMPLIANCE object-lock retention of every object version in the DR bucket.
+    dr_object_lock_days: int = Field(default=7, ge=1)
+    glacier_storage_class: Literal["GLACIER", "DEEP_ARCHIVE"] = "GLACIER"
+    glacier_restore_days: int = Field(default=2, ge=1)
+    glacier_restore_tier: Literal["Expedited", "Standard", "Bulk"] = "Standard"
+    # Grandfather-father-son for logical backups, and the PITR window kept for physical ones.
+    gfs_daily: int = Field(default=7, ge=0)
+    gfs_weekly: int = Field(default=4, ge=0)
+    gfs_monthly: int = Field(default=12, ge=0)
+    gfs_min_verified: int = Field(default=3, ge=1)
+    pitr_window_days: float = Field(default=7.0, gt=0)
+    # Product records: run history, DR reports and Data Docs ("system logs, 90 days"),
+    # spool files and kept DR environments ("temporary calculations, 7 days").
+    records_log_days: float = Field(default=90.0, gt=0)
+    records_temp_days: float = Field(default=7.0, gt=0)
+    # The one credential that may delete backups: used only by the backup-retention flow.
+    lifecycle_aws_access_key_id: SecretStr = Field(default=SecretStr(""))
+    lifecycle_aws_secret_access_key: SecretStr = Field(default=SecretStr(""))
+    sync_timeout_seconds: int = Field(default=6 * 3600, gt=0)
+    lifecycle_timeout_seconds: int = Field(default=2 * 3600, gt=0)
+
+    @model_validator(mode="after")
+    def _read_from_region(self) -> Settings:
+        """``source_region`` other than primary: that region's bucket becomes the bucket."""
+        if self.source_region == "dr":
+            self.bucket = self.dr_bucket
+        elif self.source_region == "glacier":
+            self.bucket = self.glacier_bucket
+        return self
+
+    def object_bucket(self, recorded: str) -> str:
+        """Where to read an object a manifest records in bucket ``recorded``: there, unless
+        reads come from another region's copy (the same key in that region's bucket)."""
+        return recorded if self.source_region == "primary" else self.bucket
 
     @property
     def spool_path(self) -> Path:

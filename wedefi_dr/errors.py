@@ -101,3 +101,11 @@ class OperationBusy(DRError):
 
 class SpoolFull(DRError):
     """The spool's filesystem ran out of space while a download was written to it."""
+
+
+class SyncRefused(DRError):
+    """The cross-region sync would copy a mass deletion to the DR copy: nothing deleted."""
+
+
+class ArchivedObjectNotRestored(DRError):
+    """An object in the archive tier (GLACIER, DEEP_ARCHIVE) must be restored before a read."""

@@ -156,3 +156,23 @@ class Fleet(StrEnum):
     LOAD = "load the fleet file"
     HOST_LIMITS = "set the per-host concurrency limits"
     BACK_UP = "back up one database (preflight, dump, encrypt, upload, manifest)"
+
+
+class Sync(StrEnum):
+    """Flow ``sync``: the daily copy of the primary bucket to the DR region."""
+
+    COPY = "copy new backups to the DR region (server-side, verified)"
+
+
+class BackupRetention(StrEnum):
+    """Flow ``backup-retention``: the weekly backup lifecycle."""
+
+    SELECT = "select what goes: GFS, the PITR window, WAL the kept base backups need"
+    PRUNE = "delete what the lifecycle selected, audited and recorded for the sync"
+    PRUNE_RECORDS = "prune the product's own records (run history, reports, spool)"
+
+
+class ArchiveTier(StrEnum):
+    """Flow ``archive-tier``: the weekly copy of the newest full backup to Glacier."""
+
+    ARCHIVE = "copy the week's newest full backup to the Glacier tier"

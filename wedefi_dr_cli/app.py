@@ -14,11 +14,22 @@ import sys
 
 import typer
 
-from wedefi_dr_cli import approve as approvals
-from wedefi_dr_cli import audit as audit_cli
-from wedefi_dr_cli import backup, bench, drtest, pitr, restore, retention, seed, stack
-from wedefi_dr_cli import standby as tier1
-from wedefi_dr_cli import status as status_cli
+from wedefi_dr_cli import (
+    approve,
+    audit,
+    backup,
+    bench,
+    drtest,
+    pitr,
+    restore,
+    retention,
+    seed,
+    stack,
+    standby,
+    status,
+    sync,
+    verify,
+)
 from wedefi_dr_cli.common import report
 
 app = typer.Typer(
@@ -27,7 +38,7 @@ app = typer.Typer(
     help="Backup and disaster recovery for the WeDefiDaily PostgreSQL database.",
     epilog=(
         "Exit status: 0 done, 1 the operation failed, 2 bad input, 3 settings missing, "
-        "4 a binary missing, 5 a server unreachable."
+        "4 a binary missing, 5 a server unreachable, 6 another run holds the lock."
     ),
 )
 app.add_typer(stack.app, name="stack")
@@ -42,13 +53,17 @@ app.add_typer(pitr.app, name="pitr")
 app.add_typer(drtest.app, name="dr-test")
 app.command("retention")(retention.retention)
 app.add_typer(bench.app, name="bench")
-app.add_typer(audit_cli.app, name="audit")
-app.command("status")(status_cli.status)
-app.command("approve")(approvals.approve)
-app.add_typer(approvals.runs_app, name="runs")
-app.add_typer(tier1.app, name="standby")
-app.command("failover")(tier1.failover)
-app.command("wal-stream")(tier1.wal_stream)
+app.add_typer(audit.app, name="audit")
+app.command("status")(status.status)
+app.command("approve")(approve.approve)
+app.add_typer(approve.runs_app, name="runs")
+app.add_typer(standby.app, name="standby")
+app.command("failover")(standby.failover)
+app.command("wal-stream")(standby.wal_stream)
+app.command("sync")(sync.sync)
+app.add_typer(sync.archive_app, name="archive-tier")
+app.command("verify")(verify.verify)
+app.command("backup-retention")(sync.backup_retention)
 
 
 def main() -> None:

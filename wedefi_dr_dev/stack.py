@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 import boto3
-from botocore.exceptions import ClientError
 from pydantic import Field, SecretStr
 
 from wedefi_dr.config import PROJECT_ROOT, Settings
 from wedefi_dr.errors import PreflightFailed
+from wedefi_dr.lifecycle import buckets
 from wedefi_dr.observability import audit
 from wedefi_dr.physical import archiving
 from wedefi_dr.postgres.cluster import (
@@ -385,17 +385,13 @@ class Stack:
 
     def _create_buckets(self) -> None:
         s3 = self._client("s3")
-        for bucket in BUCKETS.values():
-            try:
-                s3.create_bucket(
-                    Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION}
+        for name, bucket in BUCKETS.items():
+            if name == "WEDEFI_DR_DR_BUCKET":  # object lock exists only from creation on
+                buckets.ensure_dr_bucket(
+                    s3, bucket, REGION, _DEFAULTS["dr_object_lock_days"].default
                 )
-            except ClientError as exc:
-                if exc.response["Error"]["Code"] not in {
-                    "BucketAlreadyOwnedByYou",
-                    "BucketAlreadyExists",
-                }:
-                    raise
+            else:
+                buckets.ensure_plain_bucket(s3, bucket, REGION)
         self.state["sns_topic_arn"] = self._client("sns").create_topic(Name=SNS_TOPIC)["TopicArn"]
         self._save()
 

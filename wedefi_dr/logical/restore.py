@@ -217,7 +217,7 @@ def fetch_verified(settings: Settings, manifest: BackupManifest, spool_dir: Path
     spool_dir.mkdir(parents=True, exist_ok=True)
     # One file per download: two restores of one backup never share (or unlink) a spool file.
     path = spool_dir / f"{manifest.backup_id}.{uuid.uuid4().hex[:12]}.pgc.gpg"
-    store = ObjectStore(settings, bucket=manifest.object.bucket)
+    store = ObjectStore(settings, bucket=settings.object_bucket(manifest.object.bucket))
     t0 = time.monotonic()
     store.download_verified(
         manifest.object.key,

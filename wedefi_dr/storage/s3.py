@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import (
+    ArchivedObjectNotRestored,
     BackupFailed,
     ChecksumMismatch,
     PreflightFailed,
@@ -97,11 +98,15 @@ class ObjectStore:
 
     # ---- writes --------------------------------------------------------------------------
     def check_writable(self) -> None:
-        """Put and delete a probe object: a bucket that cannot take a write fails preflight."""
+        """Start and abort a multipart upload of a probe key: a bucket that cannot take a
+        write fails preflight. Nothing is stored and nothing deleted, so the backup role
+        needs no delete permission (deployments/iam/backup_operator.json)."""
         probe = self.key(".preflight-probe")
         try:
-            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
-            self.client.delete_object(Bucket=self.bucket, Key=probe)
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=probe)
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=probe, UploadId=upload["UploadId"]
+            )
         except ClientError as exc:
             raise PreflightFailed(
                 f"bucket {self.bucket!r} is not writable: {exc.response['Error']['Code']}"
@@ -200,6 +205,19 @@ class ObjectStore:
             raise
         return json.loads(body)
 
+    def get_body(self, key: str) -> Any:
+        """The object's streaming body; an archived object not yet restored is named as
+        such (S3's InvalidObjectState), with what to do about it."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "InvalidObjectState":
+                raise
+            raise ArchivedObjectNotRestored(
+                f"s3://{self.bucket}/{key} is in the archive tier and not restored yet: run "
+                "'wedefi-dr archive-tier thaw ID' (add --wait to wait for it), then try again"
+            ) from exc
+
     def list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
@@ -222,7 +240,7 @@ class ObjectStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.get_body(key)
             with dest.open("wb") as out:
                 for chunk in body.iter_chunks(chunk_size=READ_CHUNK):
                     digest.update(chunk)
