@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prometheus_client import CollectorRegistry, Gauge
 
 from tasks import timeouts
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.observability import metrics
 from wedefi_dr.physical import archiving, standby
 from wedefi_dr.physical.pitr.approval import validate_cluster_name
 from wedefi_dr.postgres.cluster import ClusterHandle, cluster_handle
@@ -80,20 +78,12 @@ def provision(request: dict[str, Any]) -> dict[str, Any]:
 
 @task(name=Standby.VERIFY_STREAMING.value, timeout_seconds=timeouts.SHORT)
 def verify_streaming(request: dict[str, Any]) -> dict[str, Any]:
-    """Streaming on the primary, in recovery on the standby; the lag in bytes, published
-    as the plan's ``replication_lag_bytes`` (alert ReplicationLagHigh at 50 MB)."""
+    """Streaming on the primary, in recovery on the standby; the lag in bytes (the monitor
+    flow publishes it as ``replication_lag_bytes`` and alerts on it)."""
     settings = get_settings()
     p, s = handle(request["primary"]), handle(request["standby"])
     status = standby.wait_streaming(p, s, request["slot"])
     lag = status["lag_bytes"] or 0
-    registry = CollectorRegistry()
-    Gauge(
-        "replication_lag_bytes",
-        "WAL bytes the standby has not replayed yet.",
-        ["primary", "standby"],
-        registry=registry,
-    ).labels(p.name, s.name).set(lag)
-    metrics.publish(settings, "replication", registry)
     logger = get_run_logger()
     logger.info(
         "standby %s streaming (%s), replayed %s, lag %d bytes",

@@ -96,8 +96,6 @@ def test_standby_provisioned_streaming_and_lag_reported(pair, settings):
     auto = (s.data_dir / "postgresql.auto.conf").read_text()
     assert "password" not in auto and "passfile=" in auto
     assert (s.home / standby.PASSFILE_NAME).stat().st_mode & 0o777 == 0o600
-    prom = Path(settings.metrics_dir) / "wedefi_dr_replication.prom"
-    assert f'replication_lag_bytes{{primary="{PRIMARY}",standby="{STANDBY}"}}' in prom.read_text()
 
 
 def test_base_backup_reads_from_the_standby_when_configured(pair, env_override):
@@ -163,6 +161,64 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
     finally:
         stream.stop()
         poll("slot inactive", lambda: standby.drop_slot(p, "wedefi_wal_stream_test"), 30)
+
+
+def test_induced_lag_raises_replication_lag_high_once_and_resuming_resolves_it(
+    pair, env_override, tmp_path
+):
+    """Replay paused on the standby, ~60 MB written on the primary: the monitor sees the
+    lag, ReplicationLagHigh fires as a warning (above 50 MiB, below 100 MiB) and pages once;
+    resumed replay resolves the page under the same dedup key."""
+    from tests.test_alerts_e2e import PagerDutyReceiver
+    from wedefi_dr.observability import alerts, health
+
+    p, s = pair["primary"], pair["standby"]
+
+    def lag() -> int:
+        return sql1(
+            p.dsn(),
+            "SELECT coalesce(max(pg_current_wal_lsn() - replay_lsn), 0)::bigint"
+            " FROM pg_stat_replication",
+        )
+
+    def lag_alerts() -> list[alerts.Alert]:
+        firing = alerts.evaluate(health.collect(get_settings()), get_settings())
+        return [a for a in firing if a.name == "ReplicationLagHigh"]
+
+    with PagerDutyReceiver() as receiver:
+        env_override(
+            WEDEFI_DR_PRIMARY_DSN=p.dsn("postgres"),
+            WEDEFI_DR_ALERTING="direct",
+            WEDEFI_DR_PAGERDUTY_ROUTING_KEY="lag-routing-key",
+            WEDEFI_DR_PAGERDUTY_EVENTS_URL=receiver.url,
+            WEDEFI_DR_ALERT_STATE_FILE=str(tmp_path / "alerts.json"),
+        )
+        assert lag_alerts() == []
+        sql1(s.dsn(), "SELECT pg_wal_replay_pause()")
+        try:
+            sql1(p.dsn(), "CREATE TABLE lag_fill (n int, pad text)")
+            while lag() < 60 * 2**20:  # ~60 MB of WAL the standby receives, not replays
+                sql1(
+                    p.dsn(),
+                    "INSERT INTO lag_fill SELECT g, repeat('x', 900)"
+                    " FROM generate_series(1, 10000) g",
+                )
+            raised = lag_alerts()
+            assert [(a.severity, a.labels["standby"]) for a in raised] == [("warning", STANDBY)]
+            first = alerts.dispatch(get_settings(), raised)
+            assert first["triggered"] == [raised[0].dedup_key]
+            assert alerts.dispatch(get_settings(), lag_alerts())["triggered"] == []
+        finally:
+            sql1(s.dsn(), "SELECT pg_wal_replay_resume()")
+        poll("replay caught up", lambda: lag() < 2**20, 120)
+        assert lag_alerts() == []
+        resolved = alerts.dispatch(get_settings(), [])
+        assert resolved["resolved"] == [raised[0].dedup_key]
+        paged = [e for e in receiver.events if "ReplicationLagHigh" in e["dedup_key"]]
+        assert [e["event_action"] for e in paged] == ["trigger", "resolve"]
+        assert paged[0]["payload"]["severity"] == "warning"
+        assert not receiver.invalid, receiver.invalid
+    sql1(p.dsn(), "DROP TABLE lag_fill")
 
 
 def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pair, settings):

@@ -281,8 +281,9 @@ def wait_streaming(
     slot: str,
     timeout: float = STREAM_WAIT_SECONDS,
 ) -> dict[str, Any]:
-    """Poll until the primary shows the standby ``streaming`` and the standby is in
-    recovery; StandbyFailed with the standby's log when it does not within ``timeout``."""
+    """Poll until the primary shows the standby ``streaming``, the standby is in recovery
+    and has reported a replay position (so the lag is known); StandbyFailed with the
+    standby's log when it does not within ``timeout``."""
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -290,7 +291,11 @@ def wait_streaming(
             status = replication_status(primary, standby, slot)
         except DRError:
             status = {}
-        if status.get("state") == "streaming" and status.get("standby_in_recovery"):
+        if (
+            status.get("state") == "streaming"
+            and status.get("standby_in_recovery")
+            and status.get("lag_bytes") is not None
+        ):
             return status
         time.sleep(0.3)
     raise StandbyFailed(
