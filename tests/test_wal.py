@@ -18,7 +18,7 @@ import pytest
 from pydantic import SecretStr
 
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiving, wal
+from wedefi_dr.physical import archiver, archiving, wal
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr_dev.stack import Stack
 
@@ -236,6 +236,7 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
         "WEDEFI_DR_STORAGE_CLASS",
         "WEDEFI_DR_GPG_CIPHER",
         "WEDEFI_DR_WAL_PREFETCH",
+        "WEDEFI_DR_WAL_ARCHIVER",
         "AWS_ACCESS_KEY_ID",
     } <= keys
     with connect(primary.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
@@ -247,7 +248,7 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
         cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
         segment = cur.fetchone()[0]
         cur.execute("SELECT pg_switch_wal()")
-        assert "wedefi_dr.physical.wal push" in command
+        assert "archiver_handoff.py" in command  # the hand-off to the resident archiver
         assert settings.gpg_passphrase.get_secret_value() not in command
         deadline = time.monotonic() + 60
         archived = None
@@ -259,6 +260,8 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
             time.sleep(0.3)
     assert archived and archived >= segment, f"archiver did not reach {segment} ({failed} failed)"
     assert store.head(wal.archive_key(settings, segment)) is not None
+    pg_wal = primary.data_dir / "pg_wal"
+    assert (pg_wal / archiver.SPOOL / "archiver.pid").exists()  # one resident archiver
 
 
 @pytest.mark.parametrize("forgery", ["no-mac", "mac-of-another-segment"])
