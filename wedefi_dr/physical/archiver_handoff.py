@@ -49,6 +49,11 @@ def _log(message: str) -> None:
     print(f"wedefi-dr archive: {message}", file=sys.stderr, flush=True)
 
 
+def _durable(name: str, t0: float) -> None:
+    """The server log's record of each hand-off and how long the server waited."""
+    _log(f"{name} durable, waited {time.monotonic() - t0:.3f} s")
+
+
 def read_env(path: str) -> dict[str, str]:
     """``KEY=VALUE`` lines of the env file: only the hand-off's own switches are used."""
     values = {}
@@ -129,9 +134,11 @@ def handoff(env_file: str, path: str, wait: float) -> int:
     done_path = os.path.join(spool, "done", name)
     failed_path = os.path.join(spool, "failed", name)
     want_path = os.path.join(spool, "want", name)
+    t0 = time.monotonic()
     sha = sha256_file(path)
     if _read(done_path) == sha:  # the usual case: stored before the server asked
         os.unlink(done_path)
+        _durable(name, t0)
         return EXIT_OK
     for stale in (done_path, failed_path):
         with contextlib.suppress(FileNotFoundError):
@@ -148,6 +155,7 @@ def handoff(env_file: str, path: str, wait: float) -> int:
         if done is not None:
             os.unlink(done_path)
             if done == sha:
+                _durable(name, t0)
                 return EXIT_OK
             _log(f"{name}: the archiver stored other content than this file; retrying")
             _write(want_path, sha)
