@@ -8,6 +8,7 @@ own prefix, so the production archive of the session primary is never touched.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -197,11 +198,18 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert {p.name for p in spool.iterdir()} >= set(names[1:])
     # A prefetched file that changed on disk is not handed over: it is fetched again.
     (spool / names[2]).write_bytes(b"damaged")
+    # The server's restore_command (prefetch.py: stdlib only) hands them over.
+    command = archiving.restore_command(archive["env"])
     for n in names[1:]:
         dest = archive["pg_wal"] / "RECOVERYXLOG"
-        assert wal_cmd(archive, "fetch", n, "pg_wal/RECOVERYXLOG").returncode == 0
+        argv = shlex.split(command.replace("%f", n).replace("%p", "pg_wal/RECOVERYXLOG"))
+        done = subprocess.run(argv, cwd=archive["pg_wal"].parent, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
         assert dest.read_bytes() == contents[n]
     assert not (spool / names[1]).exists()  # handed over by rename, not copied
+    missing = shlex.split(command.replace("%f", FIRST[:-1] + "F").replace("%p", "pg_wal/X"))
+    gone = subprocess.run(missing, cwd=archive["pg_wal"].parent, capture_output=True)
+    assert gone.returncode == wal.EXIT_MISSING  # not spooled, not archived: the full fetch
 
 
 def test_push_archives_other_ready_files_in_parallel(archive, store):

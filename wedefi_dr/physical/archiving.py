@@ -22,6 +22,7 @@ from wedefi_dr.postgres.cluster import chown_to, conf_quote
 ARCHIVE_ENV_NAME = "wal-archive.env"
 RESTORE_ENV_NAME = "wal-restore.env"
 HANDOFF_SCRIPT = Path(__file__).resolve().with_name("archiver_handoff.py")
+PREFETCH_SCRIPT = Path(__file__).resolve().with_name("prefetch.py")
 AWS_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
@@ -118,8 +119,11 @@ def archive_command(env_file: Path, *, resident: bool = True) -> str:
 
 
 def restore_command(env_file: Path) -> str:
-    """``restore_command`` as the server runs it (unquoted)."""
-    return wal_command("fetch", env_file) + " %f %p"
+    """``restore_command`` as the server runs it (unquoted): ``prefetch.py`` (standard
+    library only, ``-I -S``) hands prefetched segments over and runs ``wal-fetch`` for the
+    rest."""
+    parts = (sys.executable, "-I", "-S", str(PREFETCH_SCRIPT), "--env-file", str(env_file))
+    return " ".join(shlex.quote(part) for part in parts) + " %f %p"
 
 
 def archiving_conf(env_file: Path) -> dict[str, str]:
