@@ -215,7 +215,7 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
     assert not (c.home / archiving.ARCHIVE_ENV_NAME).exists()  # nor could it
     auto_conf = (c.data_dir / "postgresql.auto.conf").read_text()
-    assert "wedefi_dr.physical.wal fetch" in auto_conf
+    assert "prefetch.py" in auto_conf  # restore_command: the spool's hand-over, then wal-fetch
     assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
     assert oct((c.home / "wal-restore.env").stat().st_mode & 0o777) == "0o600"
     assert not (c.data_dir / "recovery.signal").exists()  # promoted: recovery is over
@@ -572,9 +572,14 @@ def forge_base_backup(history: dict, store, planted: str | None, *, fix_plaintex
         packed, _ = encryption.start_decrypt(passphrase, cipher_in).communicate()
     finally:
         cipher_in.unlink()
+    unpack = basebackup.decompressor_argv(basebackup.compression_of(original))
+    if unpack is None:
+        raw = gzip.decompress(packed)
+    else:
+        raw = subprocess.run(unpack, input=packed, capture_output=True, check=True).stdout
     out = io.BytesIO()
     with (
-        tarfile.open(fileobj=io.BytesIO(gzip.decompress(packed))) as src,
+        tarfile.open(fileobj=io.BytesIO(raw)) as src,
         tarfile.open(fileobj=out, mode="w") as dst,
     ):
         flipped = False
@@ -600,7 +605,8 @@ def forge_base_backup(history: dict, store, planted: str | None, *, fix_plaintex
     update: dict = {
         "object": ObjectInfo.stored(
             forged_store, key, len(cipher), hashlib.sha256(cipher).hexdigest()
-        )
+        ),
+        "compression": "gzip -1",  # re-packed as gzip: the earlier format stays readable
     }
     if fix_plaintext_sum:
         update["plaintext_sha256"] = hashlib.sha256(tar).hexdigest()

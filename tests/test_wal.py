@@ -8,6 +8,7 @@ own prefix, so the production archive of the session primary is never touched.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiving, wal
+from wedefi_dr.physical import archiver, archiving, wal
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr_dev.stack import Stack
 
@@ -197,11 +198,18 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert {p.name for p in spool.iterdir()} >= set(names[1:])
     # A prefetched file that changed on disk is not handed over: it is fetched again.
     (spool / names[2]).write_bytes(b"damaged")
+    # The server's restore_command (prefetch.py: stdlib only) hands them over.
+    command = archiving.restore_command(archive["env"])
     for n in names[1:]:
         dest = archive["pg_wal"] / "RECOVERYXLOG"
-        assert wal_cmd(archive, "fetch", n, "pg_wal/RECOVERYXLOG").returncode == 0
+        argv = shlex.split(command.replace("%f", n).replace("%p", "pg_wal/RECOVERYXLOG"))
+        done = subprocess.run(argv, cwd=archive["pg_wal"].parent, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
         assert dest.read_bytes() == contents[n]
     assert not (spool / names[1]).exists()  # handed over by rename, not copied
+    missing = shlex.split(command.replace("%f", FIRST[:-1] + "F").replace("%p", "pg_wal/X"))
+    gone = subprocess.run(missing, cwd=archive["pg_wal"].parent, capture_output=True)
+    assert gone.returncode == wal.EXIT_MISSING  # not spooled, not archived: the full fetch
 
 
 def test_push_archives_other_ready_files_in_parallel(archive, store):
@@ -236,6 +244,7 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
         "WEDEFI_DR_STORAGE_CLASS",
         "WEDEFI_DR_GPG_CIPHER",
         "WEDEFI_DR_WAL_PREFETCH",
+        "WEDEFI_DR_WAL_ARCHIVER",
         "AWS_ACCESS_KEY_ID",
     } <= keys
     with connect(primary.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
@@ -247,7 +256,7 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
         cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
         segment = cur.fetchone()[0]
         cur.execute("SELECT pg_switch_wal()")
-        assert "wedefi_dr.physical.wal push" in command
+        assert "archiver_handoff.py" in command  # the hand-off to the resident archiver
         assert settings.gpg_passphrase.get_secret_value() not in command
         deadline = time.monotonic() + 60
         archived = None
@@ -259,6 +268,8 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
             time.sleep(0.3)
     assert archived and archived >= segment, f"archiver did not reach {segment} ({failed} failed)"
     assert store.head(wal.archive_key(settings, segment)) is not None
+    pg_wal = primary.data_dir / "pg_wal"
+    assert (pg_wal / archiver.SPOOL / "archiver.pid").exists()  # one resident archiver
 
 
 @pytest.mark.parametrize("forgery", ["no-mac", "mac-of-another-segment"])

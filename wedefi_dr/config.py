@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     # write bursts; PostgreSQL runs one archive_command at a time).
     wal_push_parallel: int = Field(default=4, ge=1, le=32)
     wal_segment_bytes: int = 16 * 1024 * 1024
+    # How archive_command archives: "resident" hands each segment to one archiver process
+    # per cluster (warm S3 connections, parallel uploads of every .ready file) and exits 0
+    # once that process reports the segment durable; "sync" runs one wal-push per segment.
+    wal_archiver: Literal["resident", "sync"] = "resident"
+    # The hand-off's wait for "durable" before it exits non-zero (the server retries).
+    wal_archiver_wait_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Uploads the archiver runs at once, and how long it stays resident without work.
+    wal_archiver_parallel: int = Field(default=4, ge=1, le=32)
+    wal_archiver_idle_seconds: float = Field(default=600.0, gt=0)
+    # Base backup compression before gpg: zstd or lz4 (stock tools, multi-threaded zstd),
+    # or gzip (the earlier format). Restore reads whichever the manifest names.
+    base_backup_compression: Literal["zstd", "lz4", "gzip"] = "zstd"
+    base_backup_compress_level: int = Field(default=1, ge=1, le=19)
     # The clusters a recovery may act on (YAML/JSON: name -> data_dir, port, socket_dir,
     # os_user, start/stop commands, production; see wedefi_dr.postgres.cluster). The local
     # stack writes its own; on a real host the operator writes it.

@@ -36,14 +36,25 @@ def logical(
     keep_backup: Annotated[
         bool, typer.Option(help="keep the bench's backup in the bucket (default: delete)")
     ] = False,
+    only: Annotated[
+        str | None, typer.Option(help="run only 'logical' or 'physical' [default: both]")
+    ] = None,
+    physical_scale: Annotated[
+        int, typer.Option(help="pgbench scale of the physical bench's cluster (70: ~1.1 GB)")
+    ] = 70,
+    seconds: Annotated[int, typer.Option(help="length of each pgbench run")] = 60,
+    pushes: Annotated[int, typer.Option(help="segments timed one at a time")] = 20,
 ) -> None:
-    """Time the flows against bare pg_dump | gpg and pg_restore on one database.
-
-    Without a subcommand: the backup and restore flows against the bare tools.
+    """The whole set in one run: the logical flows against bare pg_dump | gpg and
+    pg_restore, and the physical path against pgBackRest, cp and /bin/true; one table.
     """
     if ctx.invoked_subcommand is not None:
         return
+    if only not in (None, "logical", "physical"):
+        raise typer.BadParameter("--only is 'logical' or 'physical'")
     from wedefi_dr_bench import logical as bench
+    from wedefi_dr_bench import physical as physical_bench
+    from wedefi_dr_bench import summary
 
     settings = ready(
         settings=("primary_dsn", "ops_dsn", "gpg_passphrase"),
@@ -57,14 +68,22 @@ def logical(
     def say(message: str) -> None:
         err.print(f"[bold]bench[/] {message}")
 
-    report = bench.run_bench(
-        settings,
-        scale=bench.DEFAULT_SCALE if scale is None else scale,
-        reuse=reuse,
-        keep_backup=keep_backup,
-        say=say,
-    )
-    bench.render(report, console)
+    report: dict = {}
+    if only in (None, "logical"):
+        report["logical"] = bench.run_bench(
+            settings,
+            scale=bench.DEFAULT_SCALE if scale is None else scale,
+            reuse=reuse,
+            keep_backup=keep_backup,
+            say=say,
+        )
+        bench.render(report["logical"], console)
+    if only in (None, "physical"):
+        ready(tools=("pgbench", "pg_basebackup", "initdb", "pg_verifybackup"))
+        report["physical"] = physical_bench.run_bench(
+            settings, scale=physical_scale, seconds=seconds, clients=4, pushes=pushes, say=say
+        )
+    summary.render(report, console)
     if json_file is not None:
         json_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         err.print(f"figures written to {json_file}")

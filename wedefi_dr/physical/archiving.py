@@ -21,6 +21,8 @@ from wedefi_dr.postgres.cluster import chown_to, conf_quote
 
 ARCHIVE_ENV_NAME = "wal-archive.env"
 RESTORE_ENV_NAME = "wal-restore.env"
+HANDOFF_SCRIPT = Path(__file__).resolve().with_name("archiver_handoff.py")
+PREFETCH_SCRIPT = Path(__file__).resolve().with_name("prefetch.py")
 AWS_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
@@ -69,6 +71,10 @@ def write_wal_env(
         "WEDEFI_DR_STORAGE_CLASS": settings.storage_class,
         "WEDEFI_DR_SSE": settings.sse,
         "WEDEFI_DR_WAL_PREFETCH": str(settings.wal_prefetch),
+        "WEDEFI_DR_WAL_ARCHIVER": settings.wal_archiver,
+        "WEDEFI_DR_WAL_ARCHIVER_WAIT_SECONDS": str(settings.wal_archiver_wait_seconds),
+        "WEDEFI_DR_WAL_ARCHIVER_PARALLEL": str(settings.wal_archiver_parallel),
+        "WEDEFI_DR_WAL_ARCHIVER_IDLE_SECONDS": str(settings.wal_archiver_idle_seconds),
     }
     if settings.aws_endpoint_url:
         values["WEDEFI_DR_AWS_ENDPOINT_URL"] = settings.aws_endpoint_url
@@ -93,14 +99,31 @@ def production_archive_env(settings: Settings, home: Path, *, os_user: str) -> P
     return write_wal_env(settings, path, os_user=os_user, aws_env={})
 
 
-def archive_command(env_file: Path) -> str:
-    """``archive_command`` as the server runs it (unquoted)."""
-    return wal_command("push", env_file) + " %p"
+def handoff_command(env_file: Path) -> str:
+    """The resident archiver's hand-off (``archiver_handoff.py``), without ``%p``.
+
+    Run as a script with ``-I -S``: no site-packages, no package import, only the standard
+    library, so the server's wait per segment is an interpreter start and one sha256.
+    """
+    parts = (sys.executable, "-I", "-S", str(HANDOFF_SCRIPT), "--env-file", str(env_file))
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def archive_command(env_file: Path, *, resident: bool = True) -> str:
+    """``archive_command`` as the server runs it (unquoted): the hand-off to the resident
+    archiver, which the env file's ``WEDEFI_DR_WAL_ARCHIVER=sync`` turns back into
+    ``wal-push``; ``resident=False`` writes ``wal-push`` itself."""
+    if not resident:
+        return wal_command("push", env_file) + " %p"
+    return handoff_command(env_file) + " %p"
 
 
 def restore_command(env_file: Path) -> str:
-    """``restore_command`` as the server runs it (unquoted)."""
-    return wal_command("fetch", env_file) + " %f %p"
+    """``restore_command`` as the server runs it (unquoted): ``prefetch.py`` (standard
+    library only, ``-I -S``) hands prefetched segments over and runs ``wal-fetch`` for the
+    rest."""
+    parts = (sys.executable, "-I", "-S", str(PREFETCH_SCRIPT), "--env-file", str(env_file))
+    return " ".join(shlex.quote(part) for part in parts) + " %f %p"
 
 
 def archiving_conf(env_file: Path) -> dict[str, str]:

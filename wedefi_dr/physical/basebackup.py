@@ -4,12 +4,21 @@
 them consistent, and PostgreSQL's ``backup_manifest``) to stdout; this module reads it
 once through the shared streaming pipeline (``wedefi_dr.storage.pipeline``): hashed,
 its tar headers parsed on the way to pick out ``backup_label`` and ``backup_manifest``,
-gzipped, piped through ``gpg --symmetric`` and into a multipart upload. No plaintext
-touches the disk. The manifest (start and stop LSN,
-timeline, start and stop time, PostgreSQL's own backup manifest) is written last: as for
-logical backups, a base backup exists only when its manifest exists.
+compressed, piped through ``gpg --symmetric`` and into a parallel multipart upload. No
+plaintext touches the disk. The manifest (start and stop LSN, timeline, start and stop
+time, PostgreSQL's own backup manifest) is written last: as for logical backups, a base
+backup exists only when its manifest exists.
 
-By hand (break-glass): ``gpg -d base.tar.gz.gpg | tar -xz -C $PGDATA``.
+Compression (``WEDEFI_DR_BASE_BACKUP_COMPRESSION``) is the stock ``zstd`` (default,
+multi-threaded) or ``lz4`` binary in the stream, or the earlier in-process gzip. The
+server cannot do it here: PostgreSQL 15 refuses ``--compress=server-*`` with ``-D -``
+("cannot inject manifest into a compressed tar file"), and without its
+``backup_manifest`` ``pg_verifybackup`` could not check the restored directory; writing
+to a directory instead would put the (compressed) plaintext on disk.
+
+By hand (break-glass), with the object's suffix naming the compressor:
+``gpg -d base.tar.zst.gpg | zstd -d | tar -x -C $PGDATA`` (``lz4 -d`` for ``.lz4``,
+``gunzip`` for ``.gz``).
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import subprocess
 import tarfile
 import time
 import zlib
@@ -29,7 +40,7 @@ from pydantic import BaseModel
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import ObjectInfo, new_backup_id
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import BackupFailed, UnknownBackup
+from wedefi_dr.errors import BackupFailed, ToolNotFound, UnknownBackup
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import encryption
@@ -38,8 +49,39 @@ from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
 log = logging.getLogger(__name__)
 KIND = "base"
-DATA_NAME = "base.tar.gz.gpg"
+DATA_NAME = "base.tar.gz.gpg"  # gzip: the earlier format, still read
+DATA_NAMES = {"zstd": "base.tar.zst.gpg", "lz4": "base.tar.lz4.gpg", "gzip": DATA_NAME}
 MANIFEST_NAME = listing.MANIFEST_NAME
+
+
+def compressor_argv(compression: str, level: int) -> list[str] | None:
+    """The stock compressor of the stream (None: gzip, in process)."""
+    if compression == "zstd":
+        return [_binary("zstd"), "-q", "-c", f"-{level}", "-T0"]
+    if compression == "lz4":
+        return [_binary("lz4"), "-q", "-c", f"-{min(level, 12)}"]
+    return None
+
+
+def decompressor_argv(compression: str) -> list[str] | None:
+    """What reads the stream back (None: gzip, in process)."""
+    if compression == "zstd":
+        return [_binary("zstd"), "-q", "-d", "-c"]
+    if compression == "lz4":
+        return [_binary("lz4"), "-q", "-d", "-c"]
+    return None
+
+
+def compression_of(manifest: BaseBackupManifest) -> str:
+    """``zstd``, ``lz4`` or ``gzip``: the first word of the manifest's ``compression``."""
+    return manifest.compression.split()[0] if manifest.compression else "gzip"
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ToolNotFound(f"{name} is not installed (Debian package {name})")
+    return path
 
 
 class BaseBackupManifest(BaseModel):
@@ -72,8 +114,8 @@ def lsn_to_int(lsn: str) -> int:
     return (int(hi, 16) << 32) | int(lo, 16)
 
 
-def data_key(store: ObjectStore, backup_id: str) -> str:
-    return store.key(KIND, backup_id, DATA_NAME)
+def data_key(store: ObjectStore, backup_id: str, compression: str = "gzip") -> str:
+    return store.key(KIND, backup_id, DATA_NAMES[compression])
 
 
 def manifest_key(store: ObjectStore, backup_id: str) -> str:
@@ -111,9 +153,39 @@ class _GzipTee:
         self.sink.write(self.z.flush())
 
 
+class _ProcessTee:
+    """What tarfile reads, written to a compressor process whose stdout is gpg's stdin."""
+
+    def __init__(self, source: IO[bytes], sink: IO[bytes], argv: list[str]) -> None:
+        self.source = source
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.PIPE
+        )
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        if data:
+            self.proc.stdin.write(data)
+        return data
+
+    def finish(self) -> None:
+        while self.read(READ_CHUNK):
+            pass
+        self.proc.stdin.close()
+        err = self.proc.stderr.read().decode(errors="replace")
+        if self.proc.wait() != 0:
+            raise BackupFailed(f"{self.proc.args[0]} failed (exit {self.proc.returncode}): {err}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class TarGzip:
-    """The base backup's transform in the pipeline: gzip the tar on its way to gpg, and
-    keep ``backup_label`` and ``backup_manifest`` as they pass.
+    """The base backup's transform in the pipeline: compress the tar on its way to gpg
+    (gzip in process, or ``compressor``'s process writing straight into gpg), and keep
+    ``backup_label`` and ``backup_manifest`` as they pass.
 
     tarfile in stream mode reads the whole archive sequentially (skipping a member's data
     means reading it), so everything pg_basebackup wrote passes through exactly once:
@@ -123,19 +195,27 @@ class TarGzip:
 
     WANTED = ("backup_label", "backup_manifest")
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, compressor: list[str] | None = None) -> None:
         self.level = level
+        self.compressor = compressor
         self.found: dict[str, bytes] = {}
 
     def __call__(self, source: IO[bytes], sink: IO[bytes]) -> None:
-        tee = _GzipTee(source, sink, self.level)
-        with tarfile.open(fileobj=tee, mode="r|") as tar:
-            for member in tar:
-                name = member.name.lstrip("./")
-                if name in self.WANTED:
-                    f = tar.extractfile(member)
-                    self.found[name] = f.read() if f else b""
-        tee.finish()
+        if self.compressor is None:
+            tee: _GzipTee | _ProcessTee = _GzipTee(source, sink, self.level)
+        else:
+            tee = _ProcessTee(source, sink, self.compressor)
+        try:
+            with tarfile.open(fileobj=tee, mode="r|") as tar:
+                for member in tar:
+                    name = member.name.lstrip("./")
+                    if name in self.WANTED:
+                        f = tar.extractfile(member)
+                        self.found[name] = f.read() if f else b""
+            tee.finish()
+        finally:
+            if isinstance(tee, _ProcessTee):
+                tee.kill()
         missing = set(self.WANTED) - set(self.found)
         if missing:
             raise BackupFailed(f"the base backup tar lacks {sorted(missing)}")
@@ -185,8 +265,9 @@ def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManif
     settings.require("primary_dsn", "gpg_passphrase")
     target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     store = ObjectStore(settings)
-    key = data_key(store, backup_id)
-    params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # gzip ran
+    compression = settings.base_backup_compression
+    key = data_key(store, backup_id, compression)
+    params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # compressed
     with psycopg2.connect(target.conninfo, connect_timeout=10) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT system_identifier::text, current_setting('server_version_num')::int"
@@ -197,7 +278,12 @@ def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManif
     started = datetime.now(UTC)
     t0 = time.monotonic()
     label = f"wedefi-dr {backup_id}"
-    tar = TarGzip(settings.wal_compress_level)
+    level = (
+        settings.wal_compress_level
+        if compression == "gzip"
+        else settings.base_backup_compress_level
+    )
+    tar = TarGzip(level, compressor_argv(compression, level))
     streamed = EncryptedUpload(
         producer=Producer("pg_basebackup", basebackup_command(target, label), target.tool_env()),
         passphrase=settings.gpg_passphrase.get_secret_value(),
@@ -224,7 +310,7 @@ def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManif
         start_wal_file=start_file.group(1) if start_file else "",
         label=label,
         encryption=params.describe(),
-        compression=f"gzip -{settings.wal_compress_level}",
+        compression=f"{compression} -{level}",
         object=ObjectInfo.stored(store, key, streamed.stored_size, streamed.stored_sha256),
         plaintext_size_bytes=streamed.plaintext_size,
         plaintext_sha256=streamed.plaintext_sha256,

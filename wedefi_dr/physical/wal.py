@@ -35,8 +35,9 @@ server later asks for that file, the marker answers if the file still hashes the
 (the object is already durable), else the normal path runs.
 
 Replay speed: after handing a segment over, ``fetch`` starts a detached prefetcher (unless
-one runs or enough is spooled) that downloads the next ``wal_prefetch`` segments in
-parallel into ``pg_wal/.wedefi-prefetch``, verified and decrypted. The following calls
+one runs or enough is spooled) that keeps the next ``wal_prefetch`` segments, downloaded
+in parallel, verified and decrypted, in ``pg_wal/.wedefi-prefetch`` for as long as replay
+takes them (``restore_command`` is ``prefetch.py``, which hands them over). The following calls
 hand them over by rename, checking the hash again, without importing pydantic or boto3:
 replay overlaps the downloads instead of waiting for one at a time.
 """
@@ -74,6 +75,7 @@ NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9
 PUSHED_DIR = ".wedefi-pushed"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
+PREFETCH_IDLE_SECONDS = 60.0
 ENCODING = "gzip+gpg"
 MAC = "mac"
 MAC_KEY_ID = "mac-key-id"
@@ -391,17 +393,19 @@ def _from_spool(spool: Path, name: str, dest: Path) -> bool:
     return ok
 
 
-def _prefetch_one(archive: Archive, spool: Path, name: str) -> None:
+def _prefetch_one(archive: Archive, spool: Path, name: str) -> bool:
+    """Spool ``name`` verified and decrypted; False when the archive does not have it."""
     if (spool / name).exists():
-        return
+        return True
     try:
         plain = archive.fetch_bytes(name, spool)
     except Exception:
-        return  # the server's own request for it reports the real error
+        return False  # the server's own request for it reports the real error
     if plain is None:
-        return
+        return False
     _atomic_write(spool / name, plain)
     _atomic_write(spool / f"{name}.sha256", _sha256(plain).encode())
+    return True
 
 
 def _spooled_ahead(spool: Path, name: str) -> int:
@@ -448,15 +452,35 @@ def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) ->
 
 
 def prefetch(settings: Settings, name: str, spool: Path) -> int:
-    """Download, verify and decrypt the segments after ``name`` into ``spool``, in parallel."""
+    """Download, verify and decrypt the segments after ``name`` into ``spool``, in parallel.
+
+    It keeps ``wal_prefetch`` segments spooled for as long as replay takes them (each one
+    handed over makes room for the next), so one process with one S3 client serves the
+    whole replay; it stops at the first segment the archive does not have (the end, or
+    an error the server's own request will report) or after PREFETCH_IDLE_SECONDS
+    without room (replay paused or over).
+    """
     spool.mkdir(exist_ok=True)
     (spool / PREFETCHER_PID).write_text(str(os.getpid()))
     try:
         archive = Archive(settings)
-        names = next_segments(name, settings.wal_prefetch, settings.wal_segment_bytes)
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-            list(pool.map(lambda n: _prefetch_one(archive, spool, n), names))
-        return sum(1 for n in names if (spool / n).exists())
+        width = max(1, min(8, settings.wal_prefetch))
+        cursor, fetched, busy_at = name, 0, time.monotonic()
+        with ThreadPoolExecutor(max_workers=width) as pool:
+            while True:
+                room = settings.wal_prefetch - _spooled_ahead(spool, "")
+                if room <= 0:
+                    if time.monotonic() - busy_at > PREFETCH_IDLE_SECONDS:
+                        break
+                    time.sleep(0.05)
+                    continue
+                names = next_segments(cursor, min(room, width), settings.wal_segment_bytes)
+                found = list(pool.map(lambda n: _prefetch_one(archive, spool, n), names))
+                fetched += sum(found)
+                busy_at, cursor = time.monotonic(), names[-1]
+                if not all(found):
+                    break
+        return fetched
     finally:
         (spool / PREFETCHER_PID).unlink(missing_ok=True)
 

@@ -31,7 +31,7 @@ from psycopg2 import sql
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError
-from wedefi_dr.physical import wal
+from wedefi_dr.physical import basebackup, wal
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
@@ -74,17 +74,18 @@ def staging_dir(cluster: ClusterHandle) -> Path:
     return cluster.data_dir.with_name(f"{cluster.data_dir.name}.pitr-staging")
 
 
-def _pump_hashed(source: IO[bytes], sink: IO[bytes]) -> tuple[str, int]:
-    """gunzip ``source`` into ``sink``; the sha256 and size of the tar that went through."""
-    inflate = zlib.decompressobj(31)
+def _pump_hashed(source: IO[bytes], sink: IO[bytes], *, gunzip: bool) -> tuple[str, int]:
+    """``source`` (gunzipped when ``gunzip``; else a decompressor's output already) into
+    ``sink``; the sha256 and size of the tar that went through."""
+    inflate = zlib.decompressobj(31) if gunzip else None
     digest, size = hashlib.sha256(), 0
     try:
         while chunk := source.read(READ_CHUNK):
-            tar = inflate.decompress(chunk)
+            tar = inflate.decompress(chunk) if inflate is not None else chunk
             digest.update(tar)
             size += len(tar)
             sink.write(tar)
-        tail = inflate.flush()
+        tail = inflate.flush() if inflate is not None else b""
         digest.update(tail)
         size += len(tail)
         sink.write(tail)
@@ -110,7 +111,9 @@ def stage_base_backup(
         shutil.rmtree(staged)  # an earlier attempt's leftovers: never a live data directory
     store = ObjectStore(settings)
     spool.mkdir(parents=True, exist_ok=True)
-    cipher = spool / f"{manifest.backup_id}.base.tar.gz.gpg"
+    cipher = spool / f"{manifest.backup_id}.{Path(manifest.object.key).name}"
+    unpack_argv = basebackup.decompressor_argv(basebackup.compression_of(manifest))
+    unpack = None
     what = f"base backup {manifest.backup_id}"
     try:
         store.download_verified(
@@ -126,6 +129,13 @@ def stage_base_backup(
         cluster.give(staged)
         gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), cipher)
         gpg.require_encrypted()  # before tar writes a byte
+        source = gpg.stdout
+        if unpack_argv is not None:  # zstd -d or lz4 -d reads gpg's output directly
+            unpack = subprocess.Popen(
+                unpack_argv, stdin=gpg.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            gpg.stdout.close()
+            source = unpack.stdout
         tar = subprocess.Popen(
             ["tar", "-xf", "-", "-C", str(staged)],
             stdin=subprocess.PIPE,
@@ -134,13 +144,20 @@ def stage_base_backup(
             **os_user_kwargs(cluster.os_user),
         )
         try:
-            sha, size = _pump_hashed(gpg.stdout, tar.stdin)
+            sha, size = _pump_hashed(source, tar.stdin, gunzip=unpack is None)
         except (zlib.error, BrokenPipeError) as exc:
             tar.kill()
             gpg.kill()
             raise BaseBackupRefused(
-                f"{what}: gunzip/tar of the decrypted stream failed: {exc}"
+                f"{what}: decompressing/tar of the decrypted stream failed: {exc}"
             ) from exc
+        if unpack is not None and unpack.wait() != 0:
+            tar.kill()
+            gpg.kill()
+            unpack_err = unpack.stderr.read().decode(errors="replace")
+            raise BaseBackupRefused(
+                f"{what}: {unpack_argv[0]} of the decrypted stream failed: {unpack_err[-300:]}"
+            )
         tar_err = tar.stderr.read().decode(errors="replace")
         tar.wait()
         gpg_err = gpg.stderr.read()
@@ -157,6 +174,8 @@ def stage_base_backup(
             raise BaseBackupRefused(f"{what}: tar -x failed: {tar_err[-500:]}")
         verify_staged(cluster, staged, manifest.pg_backup_manifest, what)
     except BaseException:
+        if unpack is not None and unpack.poll() is None:
+            unpack.kill()
         shutil.rmtree(staged, ignore_errors=True)
         raise
     finally:

@@ -1,0 +1,185 @@
+"""The resident archiver and its hand-off keep PostgreSQL's archive_command contract.
+
+Every call runs the real ``archive_command`` line (``archiving.archive_command``) against
+the session's moto S3 server with real gpg, from a fake ``pg_wal`` of the test's own and
+into a prefix of its own. The archiver is a real detached process; each test stops the
+ones it caused, by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.test_wal import FIRST, SEG, segment_bytes
+from wedefi_dr.config import Settings
+from wedefi_dr.physical import archiver, archiving, wal
+
+
+def _archiver_pid(pg_wal: Path) -> int | None:
+    try:
+        return int((pg_wal / archiver.SPOOL / "archiver.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_pid(pg_wal: Path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = _archiver_pid(pg_wal)
+        if pid is not None:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no archiver started for {pg_wal}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
+
+
+def _stop(pid: int | None) -> None:
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def spool(settings: Settings, tmp_path: Path):
+    """A fake pg_wal, an env file with a fresh prefix, and the archivers to stop after."""
+    prefix = f"test-archiver-{uuid.uuid4().hex[:8]}"
+    env_file = archiving.write_wal_env(settings, tmp_path / "wal.env", prefix=prefix)
+    pg_wal = tmp_path / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    started: list[int] = []
+    yield {
+        "env": env_file,
+        "pg_wal": pg_wal,
+        "settings": settings.model_copy(update={"prefix": prefix}),
+        "started": started,
+    }
+    for pid in {*started, _archiver_pid(pg_wal)}:
+        _stop(pid)
+
+
+def handoff(spool: dict, name: str, wait: float = 60) -> subprocess.CompletedProcess:
+    """The server's call: ``archive_command`` with ``%p``, from the data directory."""
+    command = archiving.archive_command(spool["env"]).replace("%p", f"pg_wal/{name}")
+    return subprocess.run(
+        shlex.split(command) + ["--wait", str(wait)],
+        capture_output=True,
+        text=True,
+        cwd=spool["pg_wal"].parent,
+        timeout=wait + 30,
+    )
+
+
+def ready(spool: dict, name: str, data: bytes) -> None:
+    """What the server does before archive_command: the file, then its ``.ready``."""
+    (spool["pg_wal"] / name).write_bytes(data)
+    (spool["pg_wal"] / "archive_status" / f"{name}.ready").write_text("")
+
+
+def test_handoff_exits_0_only_once_the_segment_is_stored_and_fetchable(spool, tmp_path):
+    store = wal.Archive(spool["settings"])
+    names = [FIRST, *wal.next_segments(FIRST, 2, SEG)]
+    contents = {n: segment_bytes(40 + i) for i, n in enumerate(names)}
+    for n in names:
+        ready(spool, n, contents[n])
+    first = handoff(spool, names[0])
+    assert first.returncode == 0, first.stderr
+    spool["started"].append(_wait_for_pid(spool["pg_wal"]))
+    assert store.head(names[0])["Metadata"]["plain-sha256"] == wal._sha256(contents[names[0]])
+    for n in names[1:]:  # the archiver uploaded the other .ready files on its own
+        assert handoff(spool, n).returncode == 0
+    assert sorted(store.list_names()) == sorted(names)
+    for n in names:  # the same objects as wal-push: wal-fetch reads them
+        assert store.fetch_bytes(n, tmp_path / "w") == contents[n]
+    assert _archiver_pid(spool["pg_wal"]) == spool["started"][0]  # one resident process
+
+
+def test_archiver_killed_before_durable_exits_nonzero_then_retry_stores_once(spool):
+    store = wal.Archive(spool["settings"])
+    data = segment_bytes(50)
+    # A resident archiver, frozen: it holds its lock but stores nothing.
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-m", "wedefi_dr.physical.archiver"]
+        + ["--env-file", str(spool["env"])]
+        + [str(spool["pg_wal"])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    spool["started"].append(proc.pid)
+    assert _wait_for_pid(spool["pg_wal"]) == proc.pid
+    proc.send_signal(signal.SIGSTOP)
+    ready(spool, FIRST, data)
+    waiting = subprocess.Popen(
+        shlex.split(archiving.archive_command(spool["env"]).replace("%p", f"pg_wal/{FIRST}")),
+        cwd=spool["pg_wal"].parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    want = spool["pg_wal"] / archiver.SPOOL / "want" / FIRST
+    while not want.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert want.exists() and waiting.poll() is None  # handed over, waiting for "durable"
+    assert store.head(FIRST) is None
+    proc.kill()
+    proc.wait()
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 2, err  # non-zero: the server keeps the .ready and retries
+    assert "gone before the segment was stored" in err
+    assert store.head(FIRST) is None
+
+    retry = handoff(spool, FIRST)  # starts a new archiver, which stores it
+    assert retry.returncode == 0, retry.stderr
+    spool["started"].append(_wait_for_pid(spool["pg_wal"]))
+    stored = store.head(FIRST)
+    assert stored["Metadata"]["plain-sha256"] == wal._sha256(data)
+    again = handoff(spool, FIRST)  # the server re-sends after a crash: identical, accepted
+    assert again.returncode == 0, again.stderr
+    assert store.head(FIRST)["ETag"] == stored["ETag"]
+
+    ready(spool, FIRST, segment_bytes(51))  # other content under the stored name
+    refused = handoff(spool, FIRST)
+    assert refused.returncode == wal.EXIT_REFUSED
+    assert "REFUSED" in refused.stderr
+    after = store.head(FIRST)
+    assert after["ETag"] == stored["ETag"]  # nothing overwritten
+    assert store.list_names() == [FIRST]  # no duplicate
+
+
+def test_sync_setting_falls_back_to_wal_push(spool, settings, tmp_path):
+    sync_env = archiving.write_wal_env(
+        settings.model_copy(update={"wal_archiver": "sync"}),
+        tmp_path / "sync.env",
+        prefix=spool["settings"].prefix,
+    )
+    data = segment_bytes(52)
+    ready(spool, FIRST, data)
+    result = handoff({**spool, "env": sync_env}, FIRST)
+    assert result.returncode == 0, result.stderr
+    assert "wedefi-dr wal: push" in result.stderr  # wal-push ran, in this process
+    assert _archiver_pid(spool["pg_wal"]) is None
+    assert wal.Archive(spool["settings"]).head(FIRST) is not None
