@@ -5,7 +5,3 @@ from wedefi_dr.config import apply_prefect_run_defaults
 # However a flow starts (the CLI, a worker, a test), the same run defaults apply: results
 # persisted so a Retry skips finished steps, the core's loggers routed into the run's log.
 apply_prefect_run_defaults()
-
-# The block type of the shared result storage must be known before Prefect loads a run's
-# default result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK): see tasks.result_storage.
-from tasks import result_storage  # noqa: E402, F401

@@ -9,7 +9,7 @@ another without doing the restore again.
 Used as Prefect's default result storage: save a block once
 (``S3ResultStorage(bucket=...).save("wedefi-dr-results")``) and start the workers with
 ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=wedefi-dr-s3-results/wedefi-dr-results``. The
-flows package imports this module, so a flow-run process knows the block type before
+tasks package imports this module, so a flow-run process knows the block type before
 Prefect loads it.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
@@ -40,11 +41,11 @@ class S3ResultStorage(WritableFileSystem):
     def object_key(self, path: str) -> str:
         return f"{self.prefix.strip('/')}/{path.lstrip('/')}"
 
-    def read_path(self, path: str) -> bytes:
+    def _read(self, path: str) -> bytes:
         client = aws_client(get_settings(), "s3")
         return client.get_object(Bucket=self.bucket, Key=self.object_key(path))["Body"].read()
 
-    def write_path(self, path: str, content: bytes) -> str:
+    def _write(self, path: str, content: bytes) -> str:
         settings = get_settings()
         aws_client(settings, "s3").put_object(
             Bucket=self.bucket,
@@ -54,8 +55,18 @@ class S3ResultStorage(WritableFileSystem):
         )
         return path
 
+    # Prefect calls these as its own file systems' (``_sync=True`` from sync code, awaited
+    # from async code): the same dispatch as its LocalFileSystem.
     async def aread_path(self, path: str) -> bytes:
-        return await asyncio.to_thread(self.read_path, path)
+        return await asyncio.to_thread(self._read, path)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        return self._read(path)
 
     async def awrite_path(self, path: str, content: bytes) -> str:
-        return await asyncio.to_thread(self.write_path, path, content)
+        return await asyncio.to_thread(self._write, path, content)
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        return self._write(path, content)
