@@ -26,7 +26,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings, host_concurrency_limit
 from wedefi_dr.runbook import DRTest, LogicalBackup
 from wedefi_dr.storage.s3 import ObjectStore
-from wedefi_dr_dev.stack import WORK_POOL, Stack
+from wedefi_dr_dev.stack import WORK_POOL, Stack, pid_alive
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 SCREENSHOTS = OUTPUT / "screenshots"
@@ -314,7 +314,12 @@ def test_the_ui_in_a_real_browser(
 
         driver.get(f"{stack.prefect_ui_url}/runs/flow-run/{backup_run.id}")
         wait.until(lambda _: body_has("Completed", "Task Runs"))
-        driver.find_element(By.XPATH, "//*[normalize-space(text())='Task Runs']").click()
+        # The tab as a user clicks it: the innermost element that reads "Task Runs".
+        assert driver.execute_script(
+            "const tabs = [...document.querySelectorAll('body *')]"
+            ".filter(e => e.textContent.trim() === 'Task Runs');"
+            "if (!tabs.length) return false; tabs[tabs.length - 1].click(); return true;"
+        )
         wait.until(lambda _: body_has(*list(LogicalBackup)))
         shot("backup-run-steps")
 
@@ -333,3 +338,20 @@ def test_the_ui_in_a_real_browser(
     for path in shots:
         assert path.stat().st_size > 10_000, path
         print(f"screenshot: {path}")
+
+
+def test_status_shows_the_control_plane_and_stopping_it_ends_every_pid(
+    plane: dict[str, Any], retried_dr_test: dict[str, Any], stack: Stack
+) -> None:
+    """Last in this module: what ``stack down`` does to the control plane (by PID)."""
+    status = stack.status()
+    assert (
+        status["prefect server"].startswith("running")
+        and stack.prefect_ui_url in (status["prefect server"])
+    )
+    assert status["prefect worker b"].startswith("running"), status
+    pids = [stack.state["prefect_server_pid"], stack.state["prefect_worker_b_pid"]]
+    assert sorted(stack.stop_prefect()) == ["prefect server", "prefect worker b"]
+    assert not any(pid_alive(pid) for pid in pids)
+    assert stack.status()["prefect server"] == "stopped"
+    assert not stack.prefect_ready()
