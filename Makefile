@@ -1,5 +1,5 @@
 # The two commands of the README. Each does its own set-up (scripts/setup.sh).
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean ui
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,12 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+# The control plane for a new user: the stack (PostgreSQL, S3, Prefect server and worker),
+# every deployment of prefect.yaml, and the URL to open.
+ui: setup
+	@.venv/bin/wedefi-dr stack up --with-deployments
+	@echo "Prefect UI: $$(.venv/bin/wedefi-dr stack url)"
 
 bench: setup
 	@bash scripts/bench.sh

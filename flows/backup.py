@@ -25,7 +25,11 @@ from tasks.common import (
 
 @flow(name="logical-backup", log_prints=True)
 def logical_backup(operator: str = "scheduler") -> str:
-    """Take a full logical backup of the primary; returns the backup id."""
+    """Take a full logical backup of the primary; returns the backup id.
+
+    Args:
+        operator: Who asked for it, recorded in the audit row and the manifest.
+    """
     backup_id = backup_id_for_this_run("backup-id")
     audit_id = attempt_scoped_uuid("backup-audit")
     get_run_logger().info("backup %s starting (operator %s)", backup_id, operator)

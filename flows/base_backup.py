@@ -30,7 +30,11 @@ CLUSTER_LABEL = "cluster"
 
 @flow(name="base-backup", log_prints=True)
 def base_backup(operator: str = "scheduler") -> dict[str, Any]:
-    """One base backup of the protected cluster; returns its manifest (summary)."""
+    """One base backup of the protected cluster; returns its manifest (summary).
+
+    Args:
+        operator: Who asked for it, recorded in the audit row and the manifest.
+    """
     backup_id = backup_id_for_this_run("base-backup-id")
     audit_id = attempt_scoped_uuid("base-backup-audit")
     audit_backup_started(audit_id, backup_id, operator, backup_type="base")

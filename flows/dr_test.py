@@ -64,6 +64,16 @@ def dr_test(
     ``provider``: ``local`` (fresh cluster), ``dsn`` (``target_dsn``, no password) or
     ``docker``. ``drill_damage`` (drills only) damages the restored copy before validation:
     ``delete_wallets``, ``orphan_balance``, ``remove_price_day``.
+
+    Args:
+        backup_id: The backup to test: an id, or ``latest``.
+        random_within_days: Instead, a random backup that finished in the last N days.
+        provider: Where to restore: ``local`` (fresh cluster), ``dsn`` or ``docker``.
+        target_dsn: With provider ``dsn``: the database to restore into (no password).
+        operator: Who runs the test, recorded in the audit row and the report.
+        justification: Why, recorded in the audit row.
+        keep_environment: Keep the restored DR environment afterwards, for investigation.
+        drill_damage: Drills only: damage to do to the restored copy before validation.
     """
     settings = get_settings()
     damage = check_request(

@@ -71,6 +71,17 @@ def point_in_time_recovery(
     other is a scratch copy that does not archive, unless ``becomes_production`` (then it
     archives into the production archive on a new timeline, and the approval is
     break-glass too).
+
+    Args:
+        target_kind: ``time``, ``lsn``, ``name`` (a restore point) or ``latest``.
+        operator: Who asks for the recovery, recorded in the audit row.
+        justification: Why, recorded in the audit row and shown to the approvers.
+        target_value: The time (ISO 8601, with zone), LSN or restore point name.
+        inclusive: Stop just after the target instead of just before it.
+        timeline: The timeline to recover along (``latest`` or a number).
+        cluster: The cluster of the clusters file to recover into.
+        becomes_production: The recovered cluster becomes the primary (break-glass).
+        approval_timeout_seconds: How long the run waits for its approval.
     """
     timings: dict[PITR, dict[str, float]] = {}
     with timed() as timings[PITR.CHECK_REQUEST]:

@@ -43,6 +43,14 @@ def restore_backup(
     pg_restore both receive that same parsed target. A target that holds tables is
     replaced only with ``overwrite``; when it also counts as production the run pauses
     for the break-glass approval (the same request, pause and rule as PITR).
+
+    Args:
+        backup_id: The backup to restore: an id, or ``latest``.
+        target_dsn: The database to restore into (libpq DSN without a password).
+        operator: Who asks for the restore, recorded in the audit row.
+        justification: Why, recorded in the audit row.
+        overwrite: Replace a target that already holds tables.
+        approval_timeout_seconds: How long a break-glass restore waits for its approval.
     """
     conn_target = ConnTarget.parse(target_dsn, allow_password=False)
     target = conn_target.location

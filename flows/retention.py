@@ -44,6 +44,13 @@ def retention(
 
     ``allow_mass_deletion`` lets a run remove more than the policy's ``max_share`` of a
     table, or Tier 1 rows; it never lifts the need for a recent verified backup.
+
+    Args:
+        dry_run: Only count what the policy would remove.
+        as_of: The moment the policy's ages are measured from (default: now).
+        operator: Who runs it, recorded in the audit row.
+        policy_path: Another policy file than ``deployments/retention.yaml``.
+        allow_mass_deletion: Allow more than a table's ``max_share``, or Tier 1 rows.
     """
     logger = get_run_logger()
     policy = str(policy_path or get_settings().retention_policy)

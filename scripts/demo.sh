@@ -8,7 +8,7 @@ SCALE=${SCALE:-1}
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 
-step "1. local stack (PostgreSQL primary + ops, S3 endpoint)"
+step "1. local stack (PostgreSQL primary + ops, S3 endpoint, Prefect server + worker)"
 wedefi-dr stack up
 eval "$(wedefi-dr stack env)"
 
@@ -42,4 +42,8 @@ step "7. point-in-time recovery: a base backup, and the window WAL archiving mak
 wedefi-dr base-backup --operator demo
 wedefi-dr pitr window
 
+step "8. the control plane: every deployment registered; every run above is in the UI's history"
+wedefi-dr stack deploy >/dev/null
+
 step "done: the stack is still running (wedefi-dr stack down stops it)"
+echo "Prefect UI (the runs of this demo): $(wedefi-dr stack url)/runs"

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import task
 
 from tasks import timeouts
+from tasks.common import host_slot, protected_database
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
@@ -33,7 +34,8 @@ def preflight() -> dict[str, Any]:
     timeout_seconds=timeouts.DUMP,
 )
 def dump_encrypt_upload(backup_id: str, operator: str) -> dict[str, Any]:
-    manifest = backup.dump_encrypt_upload(get_settings(), backup_id, operator)
+    with host_slot(protected_database()):
+        manifest = backup.dump_encrypt_upload(get_settings(), backup_id, operator)
     return manifest.model_dump(mode="json")
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import task
 
 from tasks import timeouts
+from tasks.common import host_slot, protected_cluster
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical import basebackup, standby
 from wedefi_dr.physical.basebackup import BaseBackupManifest
@@ -19,7 +20,9 @@ def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
     """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; returns the manifest
     (with PostgreSQL's own backup manifest), not yet written."""
     settings = standby.backup_source(get_settings())
-    return basebackup.stream(settings, operator, backup_id).model_dump(mode="json")
+    with host_slot(protected_cluster()):
+        manifest = basebackup.stream(settings, operator, backup_id)
+    return manifest.model_dump(mode="json")
 
 
 @task(

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from tasks import timeouts
 from wedefi_dr.catalog.manifest import new_backup_id
-from wedefi_dr.config import get_settings
+from wedefi_dr.config import get_settings, host_concurrency_limit
 from wedefi_dr.observability import audit, health, metrics, notify, records
 from wedefi_dr.postgres import locks
 from wedefi_dr.postgres.conninfo import ConnTarget
@@ -248,6 +248,18 @@ def run_lock(operation: str, target: str) -> Iterator[None]:
     settings = get_settings()
     settings.require("ops_dsn")
     with locks.operation_lock(settings.ops_dsn.get_secret_value(), operation, target):
+        yield
+
+
+@contextmanager
+def host_slot(location: str) -> Iterator[None]:
+    """One slot of the global concurrency limit of ``location``'s database host for the
+    ``with`` block: a step that loads a host waits here while another heavy step (another
+    deployment, the CLI, another worker) holds the host. No limit of that name on the
+    server (a throwaway API, a host without one): the step runs unlimited."""
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(host_concurrency_limit(location), occupy=1):
         yield
 
 

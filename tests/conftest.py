@@ -36,7 +36,8 @@ def stack() -> Iterator[Stack]:
     # Not under pytest's tmp_path: that is mode 700 and the postgres user must enter it.
     root = Path(tempfile.mkdtemp(prefix="wedefi-dr-test-"))
     root.chmod(0o755)
-    s = Stack(root / "stack", fast=True)
+    # The control plane comes with the tests that use it (tests/test_control_plane.py).
+    s = Stack(root / "stack", fast=True, control_plane=False)
     s.up()
     saved = dict(os.environ)
     os.environ.update(s.env())

@@ -11,7 +11,7 @@ from wedefi_dr_dev.stack import Stack, pid_alive
 def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):
     root = Path(tempfile.mkdtemp(prefix="wedefi-dr-stack-"))
     root.chmod(0o755)
-    other = Stack(root, fast=True)
+    other = Stack(root, fast=True, control_plane=False)  # its Prefect: test_control_plane
     other.up()
     pids = [
         other.primary.pid(),

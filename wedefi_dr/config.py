@@ -264,3 +264,13 @@ def apply_prefect_run_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wedefi_dr")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def host_concurrency_limit(location: str) -> str:
+    """The name of the Prefect global concurrency limit of one database host, from a
+    ``host:port`` or ``host:port/dbname`` location: every step that loads a host (a dump,
+    a base backup, a DR test's benchmark against the primary) takes a slot of it, so two
+    heavy jobs never hit one host at once whichever deployments started them. Created with
+    the deployments (``wedefi-dr stack deploy``; ``prefect gcl create NAME --limit 1`` on a
+    real host); while it does not exist the steps run unlimited."""
+    return "db-host:" + location.split("/", 1)[0]

@@ -1,10 +1,12 @@
-"""``wedefi-dr stack``: the embedded local stack (PostgreSQL primary and ops, an S3 endpoint).
+"""``wedefi-dr stack``: the embedded local stack (PostgreSQL primary and ops, an S3 endpoint,
+the Prefect server and its worker).
 
 Development and demos only: production points the settings at its own servers.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -24,19 +26,64 @@ def up(
     with_wal_stream: Annotated[
         bool, typer.Option(help="also pg_receivewal into the archive (near-zero RPO)")
     ] = False,
+    with_deployments: Annotated[
+        bool, typer.Option(help="also register the work pool and every deployment")
+    ] = False,
 ) -> None:
-    """Start (creating when missing) the primary and ops clusters and the S3 endpoint."""
+    """Start (creating when missing) the primary and ops clusters, the S3 endpoint, the
+    Prefect server and a worker for the local work pool."""
     from wedefi_dr_dev.stack import Stack
 
+    t0 = time.monotonic()
     stack = Stack(fast=fast)
     stack.up()
+    ready_after = time.monotonic() - t0
     if with_standby:
         stack.up_standby()
     if with_wal_stream:
         stack.start_wal_stream()
     for name, state in stack.status().items():
-        err.print(f"{name:18} {state}")
+        err.print(f"{name:22} {state}")
+    err.print(f"Prefect UI answering {ready_after:.1f} s after `stack up` began")
+    if with_deployments:
+        _deploy(stack)
     err.print(f'point commands at it: eval "$(wedefi-dr stack env)"  (state in {stack.root})')
+    err.print(f"Prefect UI: {stack.prefect_ui_url}")
+
+
+def _deploy(stack) -> None:  # noqa: ANN001 - a wedefi_dr_dev.stack.Stack, imported lazily
+    t0 = time.monotonic()
+    names = stack.deploy()
+    err.print(
+        f"deployed {len(names)} deployment(s) to pool wedefi-dr-local in "
+        f"{time.monotonic() - t0:.1f} s: {', '.join(names)}"
+    )
+    err.print(f"host concurrency limit: {stack.host_limit_name()} (1 slot)")
+
+
+@app.command("deploy")
+def deploy() -> None:
+    """Create the work pool and the host's concurrency limit, then register every
+    deployment of prefect.yaml on the stack's Prefect server."""
+    from wedefi_dr_dev.stack import Stack
+
+    stack = Stack()
+    if not stack.state_path.exists() or not stack.prefect_ready():
+        raise InvalidInput("the stack's Prefect server is not running: run 'wedefi-dr stack up'")
+    _deploy(stack)
+    print(f"{stack.prefect_ui_url}/deployments")
+
+
+@app.command("url")
+def url() -> None:
+    """Print the Prefect UI's URL (exit 1 when the server is not answering)."""
+    from wedefi_dr_dev.stack import Stack
+
+    stack = Stack()
+    if not stack.state_path.exists() or not stack.prefect_ready():
+        err.print("the stack's Prefect server is not running: run 'wedefi-dr stack up'")
+        raise typer.Exit(EXIT_FAILED)
+    print(stack.prefect_ui_url)
 
 
 @app.command("down")
@@ -55,7 +102,7 @@ def status() -> None:
 
     states = Stack().status()
     for name, state in states.items():
-        out.print(f"{name:18} {state}")
+        out.print(f"{name:22} {state}")
     if any(state == "stopped" for state in states.values()):
         raise typer.Exit(EXIT_FAILED)
 

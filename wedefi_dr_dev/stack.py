@@ -11,6 +11,9 @@ lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), w
 - ``s3``: a moto server process (real HTTP, SigV4, multipart, SSE, storage classes, SNS);
   three buckets stand for the primary region, the DR region and the Glacier tier.
 - ``pushgateway``: Debian's Prometheus Pushgateway, where every run pushes its metrics.
+- ``prefect``: the control plane, ``prefect server start`` on loopback (its SQLite database
+  and ``PREFECT_HOME`` in the stack's folder) and a ``process`` worker for the local work
+  pool, so every run (CLI, schedule, UI) lands in one history the UI shows.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import boto3
 from pydantic import Field, SecretStr
 
-from wedefi_dr.config import PROJECT_ROOT, Settings
+from wedefi_dr.config import PROJECT_ROOT, Settings, host_concurrency_limit
 from wedefi_dr.errors import PreflightFailed
 from wedefi_dr.lifecycle import buckets
 from wedefi_dr.observability import audit
@@ -61,6 +66,10 @@ PUSHGATEWAY_BIN = "/usr/bin/prometheus-pushgateway"  # Debian's prometheus-pushg
 # moto accepts any credentials; these only mark the local stack's requests.
 LOCAL_AWS_KEY = "wedefi-local"
 LOCAL_AWS_SECRET = "wedefi-local-secret"
+# The work pool every deployment of prefect.yaml targets.
+WORK_POOL = "wedefi-dr-local"
+# 15-20 s on an idle 2-core host; minutes when the host is busy (a fresh database migrates).
+PREFECT_STARTUP_TIMEOUT = float(os.environ.get("WEDEFI_DR_PREFECT_STARTUP_TIMEOUT", "600"))
 
 
 def default_stack_dir() -> Path:
@@ -132,9 +141,13 @@ class Cluster(ClusterHandle):
 class Stack:
     """The local stack rooted at one folder; see the module docstring."""
 
-    def __init__(self, root: Path | None = None, *, fast: bool = False) -> None:
+    def __init__(
+        self, root: Path | None = None, *, fast: bool = False, control_plane: bool = True
+    ) -> None:
         self.root = Path(root) if root else default_stack_dir()
         self.fast = fast
+        # False: no Prefect server or worker at ``up`` (a test session that brings its own).
+        self.control_plane = control_plane
         self.state_path = self.root / "state.json"
         self.state: dict = (
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
@@ -208,8 +221,11 @@ class Stack:
         self.root.chmod(0o755)  # the postgres user must reach pg/ below it
         self._check_server_user_can_enter()
         self.state.setdefault("fast", self.fast)
+        self.state["control_plane"] = self.control_plane
         self._save()
         (self.root / "pg").mkdir(exist_ok=True)
+        if self.control_plane:  # takes longest to answer: started first, awaited last
+            self._spawn_prefect_server()
         # S3 first: the primary's archive_command pushes to it from its first segment on.
         self._start_s3()
         self._create_buckets()
@@ -232,6 +248,9 @@ class Stack:
         self._install_approvals()
         self._ensure_archiving(primary)
         self._write_pgpass()
+        if self.control_plane:
+            self._wait_prefect_server()
+            self.start_worker()
 
     # ---- Tier 1: the standby and the WAL stream ------------------------------------------
     @property
@@ -429,6 +448,7 @@ class Stack:
         self.state.pop("s3_pid", None)
         if self._stop_pushgateway():
             stopped.append("pushgateway")
+        stopped += self.stop_prefect()
         self._save()
         return stopped
 
@@ -457,6 +477,8 @@ class Stack:
         if self.state.get("wal_stream_pid"):
             pid = self.state["wal_stream_pid"]
             result["wal-stream"] = f"running pid {pid}" if pid_alive(pid) else "stopped"
+        if self.state.get("control_plane", self.control_plane) or self._prefect_pids():
+            result.update(self._prefect_status())
         return result
 
     @property
@@ -542,6 +564,8 @@ class Stack:
             "AWS_DEFAULT_REGION": REGION,
             **BUCKETS,
         }
+        if self.state.get("control_plane", self.control_plane):
+            env.update(self._prefect_client_env())
         if self.state.get("sns_topic_arn"):
             env["WEDEFI_DR_SNS_TOPIC_ARN"] = self.state["sns_topic_arn"]
         if self.state.get("pushgateway_pid"):
@@ -606,3 +630,214 @@ class Stack:
             time.sleep(0.1)
         os.killpg(pid, signal.SIGKILL)
         return True
+
+    # ---- Prefect control plane -------------------------------------------------------
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    @property
+    def prefect_port(self) -> int:
+        return self._port("prefect_port")
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"{self.prefect_ui_url}/api"
+
+    def _prefect_client_env(self) -> dict[str, str]:
+        """What points a command, a worker or ``prefect deploy`` at the stack's server; the
+        deployments' pull step changes into ``WEDEFI_DR_HOME`` to find the flows."""
+        return {
+            "PREFECT_HOME": str(self.prefect_home),
+            "PREFECT_API_URL": self.prefect_api_url,
+            "WEDEFI_DR_HOME": str(PROJECT_ROOT),
+        }
+
+    def _prefect_bin(self) -> str:
+        return str(Path(sys.executable).with_name("prefect"))
+
+    def _prefect_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of the stack's Prefect processes: the caller's, the stack's, and
+        the run defaults (persisted results, no analytics), which a caller's own wins over."""
+        env = {
+            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "wedefi_dr",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            # A run pressed in the UI starts within seconds, not the default 10 s poll.
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            **os.environ,
+            **self.env(),
+            **self._prefect_client_env(),
+        }
+        env.update(extra or {})
+        return env
+
+    def prefect_ready(self) -> bool:
+        """The API answers its health check and the UI its first page."""
+        try:
+            for url in (f"{self.prefect_api_url}/health", f"{self.prefect_ui_url}/"):
+                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
+                    if response.status != 200:
+                        return False
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    def _spawn_prefect_server(self) -> None:
+        if pid_alive(self.state.get("prefect_server_pid")):
+            return
+        self.prefect_home.mkdir(parents=True, exist_ok=True)
+        log = (self.root / "prefect-server.log").open("ab")
+        env = self._prefect_env(
+            {
+                "PREFECT_API_DATABASE_CONNECTION_URL": (
+                    f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
+                ),
+                "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                "PREFECT_SERVER_API_PORT": str(self.prefect_port),
+            }
+        )
+        env.pop("PREFECT_API_URL")  # the server is the API; it needs no client URL
+        proc = subprocess.Popen(
+            [self._prefect_bin(), "server", "start", "--host", "127.0.0.1"]
+            + ["--port", str(self.prefect_port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.root,
+            start_new_session=True,
+        )
+        self.state["prefect_server_pid"] = proc.pid
+        self._save()
+
+    def _wait_prefect_server(self) -> None:
+        pid = self.state.get("prefect_server_pid")
+        deadline = time.monotonic() + PREFECT_STARTUP_TIMEOUT
+        while not self.prefect_ready():
+            if not pid_alive(pid) or time.monotonic() > deadline:
+                _stop_group(pid)
+                self.state.pop("prefect_server_pid", None)
+                self._save()
+                raise RuntimeError(
+                    f"prefect server did not answer; see {self.root / 'prefect-server.log'}"
+                )
+            time.sleep(0.2)
+
+    def start_prefect_server(self) -> None:
+        """``prefect server start`` on the stack's port, waiting until API and UI answer."""
+        self._spawn_prefect_server()
+        self._wait_prefect_server()
+
+    def start_worker(self, name: str = "local", env: dict[str, str] | None = None) -> int:
+        """A ``process`` worker ``wedefi-dr-<name>`` polling the local work pool (created
+        when missing); ``env`` adds to the environment its flow runs inherit (e.g. a
+        shared result storage block). Its PID goes into the state file."""
+        key = f"prefect_worker_{name}_pid"
+        if pid_alive(self.state.get(key)):
+            return self.state[key]
+        log = (self.root / f"prefect-worker-{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [self._prefect_bin(), "worker", "start", "--pool", WORK_POOL, "--type", "process"]
+            + ["--name", f"wedefi-dr-{name}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._prefect_env(env),
+            cwd=PROJECT_ROOT,
+            start_new_session=True,
+        )
+        self.state[key] = proc.pid
+        self._save()
+        return proc.pid
+
+    def worker_log(self, name: str = "local") -> Path:
+        return self.root / f"prefect-worker-{name}.log"
+
+    def stop_worker(self, name: str = "local") -> bool:
+        """Stop one worker (and the flow-run processes it started) by its PID."""
+        pid = self.state.pop(f"prefect_worker_{name}_pid", None)
+        self._save()
+        return _stop_group(pid)
+
+    def _prefect_pids(self) -> dict[str, int]:
+        """``server`` and ``worker <name>``: the stack's Prefect processes by state key."""
+        found = {}
+        for key, pid in self.state.items():
+            if key == "prefect_server_pid":
+                found["prefect server"] = pid
+            elif key.startswith("prefect_worker_") and key.endswith("_pid"):
+                found[f"prefect worker {key[len('prefect_worker_') : -len('_pid')]}"] = pid
+        return found
+
+    def stop_prefect(self) -> list[str]:
+        """Workers first (no run is handed to a server that is going away), then the server."""
+        stopped = []
+        for label, pid in sorted(self._prefect_pids().items(), key=lambda kv: "server" in kv[0]):
+            if _stop_group(pid):
+                stopped.append(label)
+        for key in [k for k in self.state if k.startswith("prefect_") and k.endswith("_pid")]:
+            self.state.pop(key)
+        return stopped
+
+    def _prefect_status(self) -> dict[str, str]:
+        pids = self._prefect_pids()
+        result = {}
+        server = pids.pop("prefect server", None)
+        result["prefect server"] = (
+            f"running pid {server} {self.prefect_ui_url}"
+            if pid_alive(server) and self.prefect_ready()
+            else "stopped"
+        )
+        for label, pid in sorted(pids.items()) or [("prefect worker local", None)]:
+            result[label] = f"running pid {pid} pool {WORK_POOL}" if pid_alive(pid) else "stopped"
+        return result
+
+    def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """One ``prefect`` CLI command against the stack's server (no prompts)."""
+        return subprocess.run(
+            [self._prefect_bin(), "--no-prompt", *args],
+            env=self._prefect_env(),
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=PREFECT_STARTUP_TIMEOUT,
+        )
+
+    def host_limit_name(self) -> str:
+        """The global concurrency limit of the primary's host (see prefect.yaml)."""
+        return host_concurrency_limit(f"{self.primary.host}:{self.primary.port}")
+
+    def deploy(self) -> list[str]:
+        """The work pool, the per-host concurrency limit and every deployment of
+        prefect.yaml (``prefect --no-prompt deploy --all``) on the stack's server."""
+        self.prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+        limit = self.host_limit_name()
+        if self.prefect("gcl", "inspect", limit, check=False).returncode != 0:
+            self.prefect("gcl", "create", limit, "--limit", "1")
+        try:
+            out = self.prefect("deploy", "--all").stdout
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"prefect deploy --all failed:\n{exc.stdout}\n{exc.stderr}") from exc
+        return [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
+
+
+def _stop_group(pid: int | None) -> bool:
+    """SIGTERM the process group ``pid`` leads, SIGKILL after 10 s; True when it ran."""
+    if not pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
