@@ -270,11 +270,12 @@ def test_gpg_command_lines_are_exact_and_carry_no_passphrase() -> None:
         encryption.start_encrypt(HOSTILE_PASSPHRASE, params)
 
 
-def test_an_unencrypted_packet_under_a_valid_manifest_is_refused(
-    good_backup, settings: Settings, store, scratch_dsn: str, tmp_path: Path
-) -> None:
-    """Defence in depth: the manifest check passes (its MAC is ours), and gpg's status
-    still refuses the object before pg_restore or the target sees a byte."""
+def _plant_forged(
+    good_backup: str, settings: Settings, store, tmp_path: Path, *, with_our_mac: bool
+) -> tuple[str, list[str]]:
+    """An unencrypted ``gpg --store`` packet of a dump, with a manifest whose sizes and
+    checksums match it; the manifest signed with our key when ``with_our_mac`` (to test
+    the next layer), else copied from a real one without a valid MAC (the real attack)."""
     plaintext = tmp_path / "evil.pgc"
     src = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
     subprocess.run(
@@ -310,7 +311,26 @@ def test_an_unencrypted_packet_under_a_valid_manifest_is_refused(
             ),
         }
     )
-    listing.put_manifest(store, listing.manifest_key(store, forged_id), forged)  # a valid MAC
+    manifest_key = listing.manifest_key(store, forged_id)
+    if with_our_mac:
+        listing.put_manifest(store, manifest_key, forged)
+    else:
+        document = forged.model_dump(mode="json")
+        document[authentication.FIELD] = {
+            "algorithm": authentication.ALGORITHM,
+            "key_id": authentication.keyring_of(settings).current.key_id,
+            "mac": "0" * 64,  # the real key id, a MAC the forger cannot compute
+        }
+        store.put_json(manifest_key, document)
+    return forged_id, [manifest_key, key]
+
+
+def test_an_unencrypted_packet_under_a_valid_manifest_is_refused(
+    good_backup, settings: Settings, store, scratch_dsn: str, tmp_path: Path
+) -> None:
+    """Defence in depth: the manifest check passes (its MAC is ours), and gpg's status
+    still refuses the object before pg_restore or the target sees a byte."""
+    forged_id, keys = _plant_forged(good_backup, settings, store, tmp_path, with_our_mac=True)
     try:
         manifest = listing.resolve(store, forged_id)  # the manifest check passes
         spool = restore.fetch_verified(settings, manifest, tmp_path / "spool")
@@ -318,9 +338,28 @@ def test_an_unencrypted_packet_under_a_valid_manifest_is_refused(
         with pytest.raises(NotAuthentic, match="not a symmetric-encrypted message"):
             restore.decrypt_and_restore(settings, manifest, spool, target)
     finally:
-        store.delete(listing.manifest_key(store, forged_id))
-        store.delete(key)
+        for key in keys:
+            store.delete(key)
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
+
+
+def test_the_dr_test_refuses_a_forged_backup_before_provisioning(
+    good_backup, settings: Settings, store, tmp_path: Path
+) -> None:
+    from flows.dr_test import dr_test
+
+    forged_id, keys = _plant_forged(good_backup, settings, store, tmp_path, with_our_mac=False)
+    try:
+        with pytest.raises(NotAuthentic, match=forged_id):
+            dr_test(
+                backup_id=forged_id,
+                provider="local",
+                operator="pytest",
+                justification="a forged backup must be refused",
+            )
+    finally:
+        for key in keys:
+            store.delete(key)
 
 
 def test_the_stored_object_has_the_configured_gpg_parameters(
