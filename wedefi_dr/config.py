@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # gpg's own compression is off by default: a -Z9 dump is already compressed and
     # gpg's zlib runs at a fraction of the cipher's speed (DESIGN.md pitfalls).
     gpg_compress_algo: str = "none"
+    # Passphrases rotated out (a JSON list): backups they encrypted still verify and
+    # restore; new backups use gpg_passphrase only.
+    gpg_previous_passphrases: list[SecretStr] = Field(default_factory=list)
 
     # Multipart upload tuning (bytes) and local scratch space for verified downloads.
     multipart_chunk_bytes: int = 16 * 1024 * 1024

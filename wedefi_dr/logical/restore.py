@@ -47,11 +47,12 @@ from wedefi_dr.errors import (
     RestoreFailed,
     TargetRefused,
     VerificationFailed,
+    WrongPassphrase,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
 from wedefi_dr.postgres.tools import child_env, connect, tool
-from wedefi_dr.storage import encryption
+from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,24 @@ def _ensure_database(target: ConnTarget) -> None:
             log.info("created target database %s", name)
 
 
+def _start_plaintext(settings: Settings, ciphertext: Path) -> tuple[encryption.Decryption, bytes]:
+    """gpg decrypting ``ciphertext`` and the first block of plaintext, with the current
+    passphrase or, for a backup taken before a rotation, one rotated out
+    (WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES); WrongPassphrase when none opens it."""
+    error: DecryptionFailed | None = None
+    for passphrase in authentication.keyring_of(settings).passphrases:
+        gpg = encryption.start_decrypt(passphrase, ciphertext)
+        first = _read_full(gpg.stdout, READ_CHUNK)
+        if first:
+            return gpg, first
+        gpg.wait()
+        error = encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+        if not isinstance(error, WrongPassphrase):
+            break
+    assert error is not None
+    raise error
+
+
 class _Tail(threading.Thread):
     """Reads a child's stderr as it comes (a full pipe would stall the child) and keeps
     its last lines for the error message."""
@@ -302,11 +321,7 @@ def decrypt_and_restore(
     """gpg --decrypt | pg_restore | psql --single-transaction, committed only after gpg's
     integrity check and the plaintext hash passed (on every path, including pg_restore
     stopping before the stream's end)."""
-    gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), ciphertext)
-    first = _read_full(gpg.stdout, READ_CHUNK)
-    if not first:
-        gpg.wait()
-        raise encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+    gpg, first = _start_plaintext(settings, ciphertext)
     gpg.require_encrypted()
     if not first.startswith(PGDMP_MAGIC):
         gpg.kill()
