@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import NotAuthentic
+from wedefi_dr.errors import DecryptionFailed, NotAuthentic
 from wedefi_dr.logical import backup, restore
 from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of, with_dbname
 from wedefi_dr.postgres.fingerprint import LARGE_OBJECTS, compare, fingerprint_tables
@@ -386,3 +386,19 @@ def test_the_stored_object_has_the_configured_gpg_parameters(
     assert int(count) == settings.gpg_s2k_count >= 16777216
     assert "encrypted data packet" in packets and "mdc_method: 2" in packets
     assert "compressed packet" not in packets  # -Z9 dumps are not compressed twice
+
+
+def test_a_plaintext_that_differs_from_the_manifest_commits_nothing(
+    good_backup, settings: Settings, store, scratch_dsn: str, tmp_path: Path
+) -> None:
+    """The whole archive reaches pg_restore before the plaintext hash can be compared: the
+    restore must still not have committed when the comparison fails."""
+    real = listing.resolve(store, good_backup)
+    spool = restore.fetch_verified(settings, real, tmp_path)
+    lying = real.model_copy(
+        update={"plaintext": real.plaintext.model_copy(update={"sha256": "0" * 64})}
+    )
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    with pytest.raises(DecryptionFailed, match="does not match the manifest"):
+        restore.decrypt_and_restore(settings, lying, spool, target)
+    assert restore.user_tables(target) == 0
