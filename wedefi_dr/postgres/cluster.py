@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wedefi_dr.errors import DRError, InvalidInput
-from wedefi_dr.postgres.tools import bindir, child_env, running_as_root
+from wedefi_dr.postgres.tools import bindir, running_as_root
 
 STOP_MODES = ("smart", "fast", "immediate")
 # A scratch cluster's durability traded for speed (tests, local DR environments).
@@ -145,13 +145,7 @@ class ClusterHandle(BaseModel):
     def _run(self, argv: list[str], *, as_os_user: bool, timeout: float = 300) -> None:
         kwargs = os_user_kwargs(self.os_user) if as_os_user else {}
         result = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            cwd="/",
-            timeout=timeout,
-            env=child_env(),
-            **kwargs,
+            argv, capture_output=True, text=True, cwd="/", timeout=timeout, **kwargs
         )
         if result.returncode != 0:
             raise ServerControlFailed(
@@ -170,7 +164,6 @@ class ClusterHandle(BaseModel):
             [self.tool("pg_ctl"), "-D", str(self.data_dir), "status"],
             capture_output=True,
             cwd="/",
-            env=child_env(),
             **os_user_kwargs(self.os_user),
         )
         return status.returncode == 0
