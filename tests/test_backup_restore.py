@@ -32,7 +32,7 @@ def test_backup_manifest_describes_the_source(good_backup, settings: Settings, s
     assert head["ServerSideEncryption"] == "AES256"
     assert head["StorageClass"] == "STANDARD_IA"
     assert manifest.encryption["cipher"] == "AES256"
-    assert manifest.encryption["s2k_count"] == 65536
+    assert manifest.encryption["s2k_count"] == 16777216
 
 
 def test_restore_into_fresh_database_reproduces_source_exactly(

@@ -7,6 +7,7 @@ to libpq (``parse_dsn``), the same parser the tool uses.
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 from psycopg2.extensions import parse_dsn
@@ -77,16 +78,27 @@ def test_sslpassword_is_refused_because_no_tool_could_receive_it_safely():
         ConnTarget.parse("host=h dbname=d sslpassword=k", allow_password=True)
 
 
-def test_password_only_in_pgpassword_never_on_the_command_line(monkeypatch):
+def _passfile_line(target: ConnTarget) -> str:
+    return Path(_tool_conninfo(target)["passfile"]).read_text()
+
+
+def test_password_only_in_a_private_passfile_never_on_argv_or_in_the_env(monkeypatch):
     monkeypatch.delenv("PGPASSWORD", raising=False)
-    target = ConnTarget.parse("host=h dbname=d user=u password=s3cret", allow_password=True)
+    target = ConnTarget.parse("host=h dbname=d user=u password=s3cret:x\\\\y", allow_password=True)
     assert "s3cret" not in " ".join(target.tool_args())
     assert "password" not in _tool_conninfo(target)
-    assert target.tool_env()["PGPASSWORD"] == "s3cret"
+    assert _passfile_line(target) == "*:*:*:*:s3cret\\:x\\\\y\n"  # libpq's escapes
+    assert "s3cret" not in " ".join(target.tool_env().values())
+    assert "PGPASSWORD" not in target.tool_env()
     assert "s3cret" in target.conninfo  # psycopg2, in this process, needs it
     assert "s3cret" not in target.redacted
     assert "password=***" in target.redacted
     assert "s3cret" not in repr(target) and "s3cret" not in str(target)
+    # One file per password and process: a second tool reuses it.
+    assert target.tool_args() == target.tool_args()
+    assert "passfile" not in _tool_conninfo(
+        ConnTarget.parse("host=h dbname=d", allow_password=False)
+    )
 
 
 def test_tool_env_is_what_libpq_reads_here_and_no_other_secret(monkeypatch):
@@ -99,18 +111,20 @@ def test_tool_env_is_what_libpq_reads_here_and_no_other_secret(monkeypatch):
     monkeypatch.setenv("HOME", "/home/operator")
     monkeypatch.setenv("WEDEFI_DR_GPG_PASSPHRASE", "gpg-secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
-    env = ConnTarget.parse("host=h dbname=d", allow_password=False).tool_env()
+    target = ConnTarget.parse("host=h dbname=d", allow_password=False)
+    env = target.tool_env()
     assert env["PGHOST"] == "/stray/socket"
     assert env["PGDATABASE"] == "stray_db"
     assert env["PGSERVICEFILE"] == "/etc/wedefi/pg_service.conf"
-    assert env["PGPASSWORD"] == "from-the-caller"  # no password in the DSN: libpq's own rule
     assert env["HOME"] == "/home/operator"  # ~/.pgpass, ~/.pg_service.conf
-    assert "WEDEFI_DR_GPG_PASSPHRASE" not in env
-    assert "AWS_SECRET_ACCESS_KEY" not in env
-    assert "gpg-secret" not in env.values() and "aws-secret" not in env.values()
+    for name in ("PGPASSWORD", "WEDEFI_DR_GPG_PASSPHRASE", "AWS_SECRET_ACCESS_KEY"):
+        assert name not in env
+    assert not {"from-the-caller", "gpg-secret", "aws-secret"} & set(env.values())
+    # No password in the DSN: the caller's PGPASSWORD applies (libpq's own rule), by file.
+    assert _passfile_line(target) == "*:*:*:*:from-the-caller\n"
     # A password in the DSN outranks the inherited one, as it does for psycopg2.
     with_pw = ConnTarget.parse("host=h dbname=d password=mine", allow_password=True)
-    assert with_pw.tool_env()["PGPASSWORD"] == "mine"
+    assert _passfile_line(with_pw) == "*:*:*:*:mine\n"
 
 
 def test_with_dbname_keeps_the_server_and_every_option():

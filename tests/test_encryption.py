@@ -99,6 +99,6 @@ def test_stored_object_parameters_are_the_plans(tmp_path: Path) -> None:
     ).stdout
     # cipher 9 = AES256, s2k 3 = iterated and salted, hash 10 = SHA512 (RFC 4880 ids)
     assert re.search(r"symkey enc packet: version 4, cipher 9, aead 0,\s*s2k 3, hash 10", packets)
-    assert re.search(r"count 65536\b", packets)
+    assert re.search(r"count 16777216\b", packets)
     assert "encrypted data packet" in packets and "mdc_method: 2" in packets
     assert "compressed packet" not in packets

@@ -10,16 +10,20 @@ from __future__ import annotations
 from psycopg2.extensions import parse_dsn
 
 from wedefi_dr.logical.backup import dump_command
-from wedefi_dr.logical.restore import restore_command
+from wedefi_dr.logical.restore import apply_command, restore_command
 from wedefi_dr.physical.basebackup import basebackup_command
-from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.conninfo import ConnTarget, passfile_for
 from wedefi_dr.postgres.tools import tool
 
 TARGET = ConnTarget.parse(
     "hostaddr=127.0.0.1 port=5433 user=postgres dbname=wedefi_copy sslmode=disable password=s3cret",
     allow_password=True,
 )
-CONNINFO = "--dbname=user=postgres dbname=wedefi_copy hostaddr=127.0.0.1 port=5433 sslmode=disable"
+# The password travels in a private passfile the conninfo names, never on argv.
+CONNINFO = (
+    "--dbname=user=postgres dbname=wedefi_copy hostaddr=127.0.0.1 port=5433 sslmode=disable "
+    f"passfile={passfile_for('s3cret')}"
+)
 # A dbname an attacker (or a typo) might pass: quote, newline, spaces, leading dash, '='.
 HOSTILE_DB = "-x'; DROP DATABASE wedefi --\nhost=evil"
 HOSTILE = ConnTarget.parse(
@@ -40,13 +44,24 @@ def test_pg_dump_command():
 
 
 def test_pg_restore_command():
-    assert restore_command(TARGET) == [
+    """pg_restore connects nowhere: it turns the archive into SQL for psql."""
+    assert restore_command() == [
         tool("pg_restore"),
         "--clean",
         "--if-exists",
-        "--single-transaction",
-        "--exit-on-error",
+        "--file=-",
+    ]
+
+
+def test_psql_apply_command():
+    assert apply_command(TARGET) == [
+        tool("psql"),
+        "--no-psqlrc",
+        "--quiet",
         "--no-password",
+        "--single-transaction",
+        "--set=ON_ERROR_STOP=1",
+        "--file=-",
         CONNINFO,
     ]
 
@@ -68,7 +83,7 @@ def test_pg_basebackup_command():
 def test_no_command_line_shows_the_password():
     for argv in (
         dump_command(TARGET, "snap", 0),
-        restore_command(TARGET),
+        apply_command(TARGET),
         basebackup_command(TARGET, "l"),
     ):
         assert not any("s3cret" in a or "password=" in a for a in argv)
@@ -77,7 +92,7 @@ def test_no_command_line_shows_the_password():
 def test_hostile_values_stay_one_argument():
     for argv, extra in (
         (dump_command(HOSTILE, "snap", 9), 5),
-        (restore_command(HOSTILE), 6),
+        (apply_command(HOSTILE), 7),
         (basebackup_command(HOSTILE, "-l\n--label=x"), 8),
     ):
         assert len(argv) == extra + 1

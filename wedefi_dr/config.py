@@ -50,14 +50,18 @@ class Settings(BaseSettings):
 
     # Logical backup parameters (the plan: --format=custom --compress=9).
     compress_level: int = Field(default=9, ge=0, le=9)
-    # Client-side encryption (the plan: AES256, S2K mode 3, SHA512, count 65536).
+    # Client-side encryption (the plan: AES256, S2K mode 3, SHA512; the count raised from the
+    # plan's 65536, cheap to brute-force for a human passphrase, to 2**24).
     gpg_passphrase: SecretStr = Field(default=SecretStr(""))
     gpg_cipher: str = "AES256"
     gpg_s2k_digest: str = "SHA512"
-    gpg_s2k_count: int = 65536
+    gpg_s2k_count: int = 16777216
     # gpg's own compression is off by default: a -Z9 dump is already compressed and
     # gpg's zlib runs at a fraction of the cipher's speed (DESIGN.md pitfalls).
     gpg_compress_algo: str = "none"
+    # Passphrases rotated out (a JSON list): backups they encrypted still verify and
+    # restore; new backups use gpg_passphrase only.
+    gpg_previous_passphrases: list[SecretStr] = Field(default_factory=list)
 
     # Multipart upload tuning (bytes) and local scratch space for verified downloads.
     multipart_chunk_bytes: int = 16 * 1024 * 1024

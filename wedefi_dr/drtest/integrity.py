@@ -9,12 +9,15 @@ source held in the dump's snapshot), never constants.
 
 The GX context is ephemeral: nothing is written to disk except the Data Docs site kept
 with the DR report, and the data source's URL carries no password (libpq reads it from
-PGPASSFILE or a peer-authenticated socket), so no secret can reach the docs.
+PGPASSFILE or a peer-authenticated socket), so no secret can reach the docs. Results are
+kept at the ``SUMMARY`` level with no example values: the docs say how many rows broke an
+expectation, never which rows (they are production data, and the docs are not encrypted).
 ``import great_expectations`` takes seconds: it happens inside :func:`validate_suites` only.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import shutil
@@ -24,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from psycopg2 import sql
-from psycopg2.extensions import parse_dsn
 
 from wedefi_dr.drtest.facts import EXPECTATIONS_DIR, render_asset, suite_parameters
 from wedefi_dr.errors import DRError, InvalidInput
+from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
 
 log = logging.getLogger(__name__)
@@ -57,32 +60,31 @@ def load_suite_document(name: str, directory: Path = EXPECTATIONS_DIR) -> dict[s
 
 
 def sqlalchemy_url(dsn: str) -> str:
-    """A libpq DSN as a SQLAlchemy URL, without a password (refused: it would reach GX)."""
+    """A libpq DSN as a SQLAlchemy URL carrying every key of the conninfo, without a
+    password (refused: it would reach GX).
+
+    SQLAlchemy's psycopg2 dialect passes a URL's query arguments to ``psycopg2.connect``
+    after the URL's own parts, so they win: every key of the parsed conninfo (``hostaddr``,
+    ``service``, ``sslmode``, ``options``, ``target_session_attrs``...) goes there, and GX
+    connects to exactly the server and database the DR test restored into. The URL's own
+    host is only for GX's URL check, which wants a host name.
+    """
     from sqlalchemy.engine import URL
 
-    params = parse_dsn(dsn)
+    target = ConnTarget.parse(dsn, allow_password=True)
+    params = dict(target.params)
     if params.get("password"):
         raise InvalidInput(
             "the DSN given to validation carries a password: use PGPASSFILE, so that no "
             "secret reaches the GX configuration or the Data Docs"
         )
-    query: dict[str, str] = {}
-    host = params.get("host") or "localhost"
-    if host.startswith("/"):
-        # A Unix socket directory: GX's URL check wants a host name, and SQLAlchemy lets a
-        # ``host`` query argument override it when connecting.
-        query["host"] = host
-        host = "localhost"
-    for key in ("sslmode", "passfile"):
-        if key in params:
-            query[key] = params[key]
     url = URL.create(
         "postgresql+psycopg2",
-        username=params.get("user"),
-        host=host,
-        port=int(params["port"]) if params.get("port") else None,
-        database=params.get("dbname"),
-        query=query,
+        # GX's URL check wants a user and a host; the query's keys are what connects.
+        username=params.get("user") or getpass.getuser(),
+        host="localhost",
+        database=target.dbname or None,
+        query=params,
     )
     return url.render_as_string(hide_password=False)
 
@@ -260,13 +262,10 @@ def _run_suite(
             name=f"dr test: {name}",
             validation_definitions=[definition],
             actions=[UpdateDataDocsAction(name="data docs", site_names=[DOCS_SITE])],
-            result_format={
-                # COMPLETE: UnexpectedRowsExpectation only reports its rows (at most
-                # 200) in this format; the lists stay out of the returned summary.
-                "result_format": "COMPLETE",
-                "unexpected_index_column_names": meta.get("index_columns", []),
-                "partial_unexpected_count": MAX_LISTED,
-            },
+            # Counts and aggregates only: the Data Docs, the validation results and the
+            # report outlive the DR copy and sit outside the encryption, so no restored
+            # row (unexpected values, unexpected rows, their ids) may be written there.
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 0},
         )
     )
     t = time.monotonic()

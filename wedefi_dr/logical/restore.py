@@ -9,9 +9,16 @@ Order matters, because the target must stay untouched by anything unverified:
    stops here;
 3. start ``gpg --decrypt`` and read the first block: a wrong passphrase stops here, before
    ``pg_restore`` starts;
-4. ``pg_restore --clean --if-exists --single-transaction`` from the plaintext stream
-   (hashing it on the way); any error rolls the whole restore back;
-5. fingerprint every table of the target and compare with the manifest.
+4. ``pg_restore --clean --if-exists`` turns the plaintext stream (hashed on the way) into
+   SQL that ``psql --single-transaction -v ON_ERROR_STOP=1`` runs in one transaction;
+   any error rolls the whole restore back;
+5. the transaction commits only when this process says so: psql sends COMMIT at the end
+   of its input, and this process holds a write end of psql's input pipe until gpg
+   confirmed an intact message and the plaintext matched the manifest's sha256 and size.
+   Letting ``pg_restore`` connect itself would leave the COMMIT to it: it commits when the
+   archive's last entry is done, which may be before the stream's end (and gpg's integrity
+   check) or after it stopped reading;
+6. fingerprint every table of the target and compare with the manifest.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,11 +47,12 @@ from wedefi_dr.errors import (
     RestoreFailed,
     TargetRefused,
     VerificationFailed,
+    WrongPassphrase,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
-from wedefi_dr.postgres.tools import connect, tool
-from wedefi_dr.storage import encryption
+from wedefi_dr.postgres.tools import child_env, connect, tool
+from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -79,16 +89,23 @@ class TargetCheck:
         return self.holds_data and bool(self.production)
 
 
-def restore_command(target: ConnTarget) -> list[str]:
-    """pg_restore reading the plaintext archive from stdin into ``target``: all or nothing
-    (one transaction, first error stops it), replacing what the archive holds."""
+def restore_command() -> list[str]:
+    """pg_restore turning the plaintext archive on stdin into SQL on stdout, replacing what
+    the archive holds (it connects nowhere: :func:`apply_command` does)."""
+    return [tool("pg_restore"), "--clean", "--if-exists", "--file=-"]
+
+
+def apply_command(target: ConnTarget) -> list[str]:
+    """psql running the SQL on stdin into ``target``: all or nothing (one transaction, the
+    first error stops it), no ~/.psqlrc, COMMIT only at the end of its input."""
     return [
-        tool("pg_restore"),
-        "--clean",
-        "--if-exists",
-        "--single-transaction",
-        "--exit-on-error",
+        tool("psql"),
+        "--no-psqlrc",
+        "--quiet",
         "--no-password",
+        "--single-transaction",
+        "--set=ON_ERROR_STOP=1",
+        "--file=-",
         *target.tool_args(),
     ]
 
@@ -255,63 +272,144 @@ def _ensure_database(target: ConnTarget) -> None:
             log.info("created target database %s", name)
 
 
+def _start_plaintext(settings: Settings, ciphertext: Path) -> tuple[encryption.Decryption, bytes]:
+    """gpg decrypting ``ciphertext`` and the first block of plaintext, with the current
+    passphrase or, for a backup taken before a rotation, one rotated out
+    (WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES); WrongPassphrase when none opens it."""
+    error: DecryptionFailed | None = None
+    for passphrase in authentication.keyring_of(settings).passphrases:
+        gpg = encryption.start_decrypt(passphrase, ciphertext)
+        first = _read_full(gpg.stdout, READ_CHUNK)
+        if first:
+            return gpg, first
+        gpg.wait()
+        error = encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+        if not isinstance(error, WrongPassphrase):
+            break
+    assert error is not None
+    raise error
+
+
+class _Tail(threading.Thread):
+    """Reads a child's stderr as it comes (a full pipe would stall the child) and keeps
+    its last lines for the error message."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self._stream, self.text = stream, ""
+
+    def run(self) -> None:
+        with self._stream:
+            for raw in self._stream:
+                self.text = (self.text + raw.decode(errors="replace"))[-4000:]
+
+    def last(self) -> str:
+        self.join(30)
+        return self.text.strip()[-1500:]
+
+
+def _kill(*procs: subprocess.Popen | None) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def decrypt_and_restore(
     settings: Settings, manifest: BackupManifest, ciphertext: Path, target: ConnTarget
 ) -> None:
-    """gpg --decrypt | pg_restore --single-transaction, checking the plaintext hash."""
-    gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), ciphertext)
-    first = _read_full(gpg.stdout, READ_CHUNK)
-    if not first:
-        gpg.wait()
-        raise encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+    """gpg --decrypt | pg_restore | psql --single-transaction, committed only after gpg's
+    integrity check and the plaintext hash passed (on every path, including pg_restore
+    stopping before the stream's end)."""
+    gpg, first = _start_plaintext(settings, ciphertext)
     gpg.require_encrypted()
     if not first.startswith(PGDMP_MAGIC):
         gpg.kill()
         raise DecryptionFailed("decrypted data is not a pg_dump custom archive (no PGDMP header)")
 
     _ensure_database(target)
-    restore = subprocess.Popen(
-        restore_command(target),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=target.tool_env(),
-    )
-    digest, size = hashlib.sha256(), 0
-    problem: str | None = None
+    sql_read, sql_write = os.pipe()
+    restore = psql = None
+    committed = False
     try:
-        chunk = first
+        psql = subprocess.Popen(
+            apply_command(target),
+            stdin=sql_read,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=target.tool_env(),
+        )
+        restore = subprocess.Popen(
+            restore_command(),
+            stdin=subprocess.PIPE,
+            stdout=sql_write,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+        os.close(sql_read)
+        sql_read = -1
+        psql_err, restore_err = _Tail(psql.stderr), _Tail(restore.stderr)
+        psql_err.start()
+        restore_err.start()
+        digest, size = hashlib.sha256(), 0
+        chunk, feeding = first, True
         while chunk:
             digest.update(chunk)
             size += len(chunk)
-            restore.stdin.write(chunk)
+            if feeding:
+                try:
+                    restore.stdin.write(chunk)
+                except BrokenPipeError:
+                    feeding = False  # pg_restore stopped: the rest is still hashed
             chunk = gpg.stdout.read(READ_CHUNK)
-        if gpg.wait() != 0:
-            problem = str(encryption.decrypt_error(gpg.returncode, gpg.stderr.read()))
-        elif not _authentic(gpg):
-            problem = "gpg did not confirm an intact encrypted message (DECRYPTION_OKAY, GOODMDC)"
-        elif (
-            digest.hexdigest() != manifest.plaintext.sha256 or size != manifest.plaintext.size_bytes
-        ):
-            problem = (
-                f"decrypted stream sha256 {digest.hexdigest()} ({size} bytes) does not match the "
-                f"manifest's {manifest.plaintext.sha256} ({manifest.plaintext.size_bytes} bytes)"
-            )
-    except BrokenPipeError:
-        pass  # pg_restore stopped reading: its exit code and stderr say why
-    if problem:
-        restore.kill()  # before EOF: the single transaction never commits
+        with contextlib.suppress(BrokenPipeError):
+            restore.stdin.close()
+        problem = _plaintext_problem(gpg, manifest, digest.hexdigest(), size)
+        if problem:
+            raise DecryptionFailed(problem + "; the target was rolled back")
         restore.wait()
-        raise DecryptionFailed(problem + "; the target was rolled back")
-    with contextlib.suppress(BrokenPipeError):
-        restore.stdin.close()
-    err = restore.stderr.read().decode(errors="replace")
-    if restore.wait() != 0:
-        gpg.kill()
-        raise RestoreFailed(
-            f"pg_restore into {target.location} failed (exit {restore.returncode}); "
-            f"the single transaction was rolled back: {err.strip()[-1500:]}"
+        if psql.poll() is not None:  # psql ended before its input did: an SQL error
+            raise RestoreFailed(
+                f"restore into {target.location} failed (psql exit {psql.returncode}); the "
+                f"single transaction was rolled back: {psql_err.last()}"
+            )
+        if restore.returncode != 0:
+            raise RestoreFailed(
+                f"pg_restore of backup {manifest.backup_id} failed (exit {restore.returncode}); "
+                f"nothing was committed to {target.location}: {restore_err.last()}"
+            )
+        # Every check passed: the end of psql's input is its COMMIT.
+        os.close(sql_write)
+        sql_write = -1
+        committed = True
+        if psql.wait() != 0:
+            raise RestoreFailed(
+                f"restore into {target.location} failed (psql exit {psql.returncode}); the "
+                f"single transaction was rolled back: {psql_err.last()}"
+            )
+    finally:
+        if not committed:
+            _kill(psql)  # before its input ends: the transaction never commits
+        _kill(restore, gpg)
+        for fd in (sql_read, sql_write):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _plaintext_problem(
+    gpg: encryption.Decryption, manifest: BackupManifest, sha256: str, size: int
+) -> str:
+    """Why the decrypted stream must not be committed ('' when it may be)."""
+    if gpg.wait() != 0:
+        return str(encryption.decrypt_error(gpg.returncode, gpg.stderr.read()))
+    if not _authentic(gpg):
+        return "gpg did not confirm an intact encrypted message (DECRYPTION_OKAY, GOODMDC)"
+    if sha256 != manifest.plaintext.sha256 or size != manifest.plaintext.size_bytes:
+        return (
+            f"decrypted stream sha256 {sha256} ({size} bytes) does not match the "
+            f"manifest's {manifest.plaintext.sha256} ({manifest.plaintext.size_bytes} bytes)"
         )
+    return ""
 
 
 def _authentic(gpg: encryption.Decryption) -> bool:

@@ -8,21 +8,30 @@ two inputs: the full conninfo (every key: ``hostaddr``, ``service``, ``sslmode``
 conninfo win and the environment (and a service file) fills in the keys it lacks. So a
 :class:`ConnTarget` gives the tools exactly that: ``--dbname=<full conninfo>`` (libpq
 expands a ``--dbname`` holding ``=`` as a connection string) and the caller's libpq
-environment, with the password only in ``PGPASSWORD`` (a command line is visible to
-``ps``; an environment is not).
+environment. A password reaches the tool in neither: a command line is visible to ``ps``,
+and an environment to ``/proc/PID/environ`` (and to every child the tool starts). It goes
+into a passfile of this process (mode 0600 from creation, in a private folder), which
+the conninfo names with ``passfile=``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.storage.secretfiles import runtime_dir, write_secret_file
 
 PASSWORD_KEY = "password"
+PASSFILE_KEY = "passfile"
+# The environment variable libpq takes a password from: never handed to a child.
+PASSWORD_ENV = "PGPASSWORD"
 # libpq has no environment variable for the key file's passphrase: on a tool's command
 # line it would be visible to every local user, so it is refused outright.
 UNPASSABLE_SECRET_KEYS = ("sslpassword",)
@@ -35,7 +44,33 @@ INHERITED_PREFIXES = ("PG", "LC_", "KRB5")
 
 
 def _inherited(name: str) -> bool:
-    return name in INHERITED_EXACT or name.startswith(INHERITED_PREFIXES)
+    return name != PASSWORD_ENV and (name in INHERITED_EXACT or name.startswith(INHERITED_PREFIXES))
+
+
+_passfiles: dict[str, Path] = {}
+_passfiles_lock = threading.Lock()
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def passfile_for(password: str) -> Path:
+    """A passfile holding only ``password`` (for any host, port, database and user: it is
+    named by one conninfo only), one per password and process, removed at exit."""
+    if any(c in password for c in "\r\n\0"):
+        raise InvalidInput(
+            "the database password contains a line break or NUL: no PostgreSQL tool can "
+            "receive it safely (a passfile holds one entry per line); change the password"
+        )
+    key = hashlib.sha256(password.encode()).hexdigest()
+    with _passfiles_lock:
+        path = _passfiles.get(key)
+        if path is None or not path.exists():
+            name = f"pgpass-{len(_passfiles)}-{os.urandom(6).hex()}"
+            path = write_secret_file(runtime_dir(), name, f"*:*:*:*:{_pgpass_escape(password)}\n")
+            _passfiles[key] = path
+        return path
 
 
 @dataclass(frozen=True)
@@ -114,22 +149,27 @@ class ConnTarget:
         params["dbname"] = name
         return ConnTarget(tuple(params.items()))
 
+    def _password(self) -> str | None:
+        """The password psycopg2 in this process would send: the conninfo's, else the
+        caller's ``PGPASSWORD`` (libpq's own order)."""
+        return dict(self.params).get(PASSWORD_KEY) or os.environ.get(PASSWORD_ENV) or None
+
     def tool_args(self) -> list[str]:
         """``["--dbname=<conninfo without the password>"]``: one argument, whatever the
-        values hold (quotes, spaces, newlines, a leading dash), quoted by libpq."""
+        values hold (quotes, spaces, newlines, a leading dash), quoted by libpq. When a
+        password applies, the conninfo names a private passfile holding it instead."""
         shown = {k: v for k, v in self.params if k != PASSWORD_KEY}
+        password = self._password()
+        if password:
+            shown[PASSFILE_KEY] = str(passfile_for(password))
         return [f"--dbname={make_dsn(**shown)}"]
 
     def tool_env(self) -> dict[str, str]:
-        """The child environment: what libpq reads from ours (every ``PG*`` variable,
-        ``HOME`` for ``~/.pgpass`` and ``~/.pg_service.conf``, locale), so inherited
-        defaults apply to the tool exactly as to psycopg2 here; the conninfo's password,
-        if any, in ``PGPASSWORD`` (where libpq ranks it the same as the key would)."""
-        env = {k: v for k, v in os.environ.items() if _inherited(k)}
-        params = dict(self.params)
-        if PASSWORD_KEY in params:
-            env["PGPASSWORD"] = params[PASSWORD_KEY]
-        return env
+        """The child environment: what libpq reads from ours (every ``PG*`` variable but
+        ``PGPASSWORD``, ``HOME`` for ``~/.pgpass`` and ``~/.pg_service.conf``, locale), so
+        inherited defaults apply to the tool exactly as to psycopg2 here. No secret: the
+        password, if any, is in the passfile :meth:`tool_args` names."""
+        return {k: v for k, v in os.environ.items() if _inherited(k)}
 
     def __repr__(self) -> str:
         return f"ConnTarget({self.redacted!r})"

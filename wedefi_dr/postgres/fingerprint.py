@@ -10,6 +10,18 @@ pg_dump. ``FINGERPRINT_METHOD`` is recorded in each manifest so a restore never 
 hashes computed two different ways. Sessions run with ``TimeZone=UTC``, ``DateStyle=ISO`` and
 ``extra_float_digits=1`` so the text form is the same on every server that holds the
 same data.
+
+Not only tables: a restore also brings back what pg_dump dumps besides rows.
+
+* Materialized views (populated ones) are hashed like tables: a restore refreshes them
+  from the restored tables, so a view that was stale in the source shows up as a
+  difference, which it is.
+* Large objects: one entry for all of them, each object's oid and md5 summed the same way.
+* Sequences are not transactional: pg_dump reads a sequence's position when it reaches it,
+  not in the exported snapshot, and a writer moves it meanwhile. So a sequence's entry
+  hashes its definition (type, bounds, step, cycle), and its position is a bound: the
+  restored sequence must not stand before where the backup saw it, or it would hand out
+  numbers already used.
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ from collections.abc import Callable
 from psycopg2 import sql
 from psycopg2.extensions import connection
 
-FINGERPRINT_METHOD = "hashtextextended64-sum"
+FINGERPRINT_METHOD = "hashtextextended64-sum/v2-sequences-lo-matviews"
+LARGE_OBJECTS = "large objects"
+SEQUENCE_PREFIX = "sequence "
 
 FINGERPRINT_SETTINGS = (
     "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
@@ -29,12 +43,13 @@ FINGERPRINT_SETTINGS = (
 
 
 def user_tables(conn: connection) -> list[tuple[str, str]]:
-    """Every ordinary and partitioned table outside the system schemas, sorted."""
+    """Every ordinary and partitioned table, and every populated materialized view,
+    outside the system schemas, sorted."""
     with conn.cursor() as cur:
         cur.execute(
             """SELECT n.nspname, c.relname FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE c.relkind IN ('r', 'p')
+               WHERE (c.relkind IN ('r', 'p') OR (c.relkind = 'm' AND c.relispopulated))
                  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
                  AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
                ORDER BY 1, 2"""
@@ -67,11 +82,64 @@ def fingerprint_tables(
                 ).format(sql.Identifier(schema, table))
             )
             rows, total = cur.fetchone()
-            digest = hashlib.sha256(f"{FINGERPRINT_METHOD}:{rows}:{total}".encode()).hexdigest()
-            result[table_name(schema, table)] = {"rows": int(rows), "content_hash": digest}
+            result[table_name(schema, table)] = {
+                "rows": int(rows),
+                "content_hash": _digest(rows, total),
+            }
             if progress:
                 progress(table_name(schema, table), int(rows))
+        if tables is None:
+            result.update(_large_objects(cur))
+            result.update(_sequences(cur))
     return result
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(":".join(map(str, (FINGERPRINT_METHOD, *parts))).encode()).hexdigest()
+
+
+def _large_objects(cur) -> dict[str, dict[str, object]]:
+    """All large objects as one entry (none: no entry, as for a database without any)."""
+    cur.execute(
+        "SELECT count(*), coalesce(sum(hashtextextended(m.oid::text || ':' || "
+        "md5(lo_get(m.oid)), 0)), 0) FROM pg_largeobject_metadata m"
+    )
+    count, total = cur.fetchone()
+    if not count:
+        return {}
+    return {LARGE_OBJECTS: {"rows": int(count), "content_hash": _digest(count, total)}}
+
+
+def _sequences(cur) -> dict[str, dict[str, object]]:
+    """Each user sequence: its definition hashed, its position kept as a bound."""
+    cur.execute(
+        """SELECT schemaname, sequencename, data_type::text, start_value, min_value,
+                  max_value, increment_by, cycle, last_value
+           FROM pg_sequences
+           WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+           ORDER BY 1, 2"""
+    )
+    result: dict[str, dict[str, object]] = {}
+    for schema, name, *definition, last_value in cur.fetchall():
+        result[SEQUENCE_PREFIX + table_name(schema, name)] = {
+            "rows": 0,
+            "content_hash": _digest(*definition),
+            "last_value": None if last_value is None else int(last_value),
+            "increment_by": int(definition[4]),
+        }
+    return result
+
+
+def _sequence_behind(want: dict[str, object], got: dict[str, object]) -> bool:
+    """The restored sequence stands before the position the backup saw."""
+    seen = want.get("last_value")
+    if seen is None:
+        return False
+    now = got.get("last_value")
+    if now is None:
+        return True
+    ascending = int(want.get("increment_by") or 1) > 0
+    return int(now) < int(seen) if ascending else int(now) > int(seen)
 
 
 def compare(
@@ -89,4 +157,9 @@ def compare(
             problems.append(f"{name}: {got['rows']} rows, the backup holds {want['rows']}")
         elif want["content_hash"] != got["content_hash"]:
             problems.append(f"{name}: same row count, different content")
+        elif name.startswith(SEQUENCE_PREFIX) and _sequence_behind(want, got):
+            problems.append(
+                f"{name}: at {got.get('last_value')}, before {want.get('last_value')} where "
+                "the backup saw it (it would hand out numbers already used)"
+            )
     return problems

@@ -121,3 +121,15 @@ def connect(dsn: str, *, autocommit: bool = False, application_name: str = "wede
         raise
     finally:
         conn.close()
+
+
+# What a server binary, tar or an operator's start/stop command needs from our environment:
+# where programs are and the locale. The project's settings and secrets (the backup
+# passphrase, cloud keys, database passwords) stay here: a server started with them would
+# hand them to every backend and every archive_command it runs.
+_CHILD_EXACT = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child that is not a libpq client (pg_ctl, initdb, tar...)."""
+    return {k: v for k, v in os.environ.items() if k in _CHILD_EXACT or k.startswith("LC_")}

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +38,12 @@ _ITERATIONS = 200_000
 
 @dataclass(frozen=True)
 class SigningKey:
-    """A MAC key and its public id."""
+    """A MAC key, its public id, and the passphrase it was derived from (which also
+    decrypts the objects of the backups it signed)."""
 
     key_id: str
     secret: bytes
+    passphrase: str = field(default="", repr=False, compare=False)
 
     def __repr__(self) -> str:  # never print the secret
         return f"SigningKey(key_id={self.key_id!r})"
@@ -54,15 +56,19 @@ def derive_key(passphrase: str) -> SigningKey:
         raise InvalidInput("the backup passphrase is empty (WEDEFI_DR_GPG_PASSPHRASE)")
     secret = hashlib.pbkdf2_hmac("sha256", passphrase.encode(), _SALT, _ITERATIONS)
     key_id = hashlib.sha256(b"key-id:" + secret).hexdigest()[:16]
-    return SigningKey(key_id=key_id, secret=secret)
+    return SigningKey(key_id=key_id, secret=secret, passphrase=passphrase)
 
 
 class Keyring:
-    """The keys that verify, by key id; the current one also signs."""
+    """The keys that verify, by key id; the current one also signs. Previous passphrases
+    (rotated out) only verify, so the backups they made still restore."""
 
-    def __init__(self, current: str) -> None:
+    def __init__(self, current: str, previous: tuple[str, ...] = ()) -> None:
         self.current = derive_key(current)
         self._keys = {self.current.key_id: self.current}
+        for old in previous:
+            key = derive_key(old)
+            self._keys.setdefault(key.key_id, key)
 
     def key(self, key_id: str) -> SigningKey | None:
         return self._keys.get(key_id)
@@ -71,10 +77,18 @@ class Keyring:
     def key_ids(self) -> list[str]:
         return list(self._keys)
 
+    @property
+    def passphrases(self) -> list[str]:
+        """Every passphrase, the current one first: what a decryption may try."""
+        return [k.passphrase for k in self._keys.values()]
+
 
 def keyring_of(settings: Settings) -> Keyring:
-    """The keyring of the settings' backup passphrase."""
-    return Keyring(settings.gpg_passphrase.get_secret_value())
+    """The keyring of the settings' backup passphrase and the ones rotated out."""
+    return Keyring(
+        settings.gpg_passphrase.get_secret_value(),
+        tuple(p.get_secret_value() for p in settings.gpg_previous_passphrases),
+    )
 
 
 def canonical(document: Mapping[str, Any]) -> bytes:

@@ -37,7 +37,7 @@ from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
-from wedefi_dr.postgres.tools import connect
+from wedefi_dr.postgres.tools import child_env, connect
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
@@ -141,6 +141,7 @@ def stage_base_backup(
             stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd="/",
+            env=child_env(),
             **os_user_kwargs(cluster.os_user),
         )
         try:
@@ -382,7 +383,9 @@ def run_commands(commands: list[str]) -> list[str]:
     """The configured application stop/start commands (argument lists, no shell)."""
     done = []
     for command in commands:
-        subprocess.run(shlex.split(command), check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            shlex.split(command), check=True, capture_output=True, timeout=300, env=child_env()
+        )
         done.append(command.split()[0])
     return done
 

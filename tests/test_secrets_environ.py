@@ -1,0 +1,194 @@
+"""No secret in the environment of a running child: read it where an attacker would.
+
+Another process of the same user (or root) reads ``/proc/PID/environ``; a command line is
+read by every local user through ``ps``. So each child is started the way the product
+starts it and held while it runs (pg_dump waiting on a table lock, pg_restore and gpg
+waiting on their stdin), and its environment and argv are read with psutil.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from wedefi_dr.config import Settings
+from wedefi_dr.errors import InvalidInput
+from wedefi_dr.logical.restore import apply_command, restore_command
+from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.tools import child_env, connect, tool
+from wedefi_dr.storage import encryption
+from wedefi_dr.storage.encryption import GpgParams
+
+
+def _superuser_password() -> str:
+    lines = Path(os.environ["PGPASSFILE"]).read_text().splitlines()
+    return next(ln.rsplit(":", 1)[1] for ln in lines if ":postgres:" in ln)
+
+
+def _seen_by_others(proc: subprocess.Popen) -> str:
+    """What another process of this user can read about ``proc`` while it runs."""
+    p = psutil.Process(proc.pid)
+    for _ in range(200):  # until the child has exec'd its program
+        environ = p.environ()
+        if environ and p.cmdline()[:1] == proc.args[:1]:
+            break
+        time.sleep(0.05)
+    assert p.status() != psutil.STATUS_ZOMBIE
+    assert "PATH" in environ, "the environment is readable, so the check below can fail"
+    return "\n".join([*p.cmdline(), *(f"{k}={v}" for k, v in environ.items())])
+
+
+def _assert_no_secret(seen: str, secrets: list[str]) -> None:
+    for secret in secrets:
+        assert secret not in seen
+
+
+def test_running_tools_show_no_secret(seeded, settings: Settings, monkeypatch, tmp_path):
+    password = _superuser_password()
+    secrets = [
+        password,
+        settings.gpg_passphrase.get_secret_value(),
+        os.environ["AWS_SECRET_ACCESS_KEY"],
+    ]
+    assert all(secrets)
+    # The password only in the DSN and in the caller's PGPASSWORD: no ~/.pgpass to fall
+    # back on, so the tool authenticates through the product's passfile or not at all.
+    monkeypatch.delenv("PGPASSFILE")
+    monkeypatch.setenv("PGPASSWORD", password)
+    monkeypatch.setenv("WEDEFI_DR_GPG_PASSPHRASE", secrets[1])
+    primary = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    target = ConnTarget.parse(primary.conninfo + f" password={password}", allow_password=True)
+
+    # pg_dump, held by an exclusive lock on a table it must read.
+    with connect(primary.conninfo) as conn, conn.cursor() as cur:
+        cur.execute('LOCK TABLE "Wallet" IN ACCESS EXCLUSIVE MODE')
+        dump = subprocess.Popen(
+            [tool("pg_dump"), "--format=custom", "--no-password", *target.tool_args()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=target.tool_env(),
+        )
+        try:
+            _wait_for_lock_waiter(primary.conninfo)
+            _assert_no_secret(_seen_by_others(dump), secrets)
+        except BaseException:
+            dump.kill()
+            raise
+    out, err = dump.communicate(timeout=120)
+    assert dump.returncode == 0, err  # it did authenticate: through the passfile
+    assert out.startswith(b"PGDMP")
+
+    (arg,) = target.tool_args()
+    passfile = Path(arg.split("passfile=", 1)[1].split()[0].strip("'"))
+    info, folder = passfile.stat(), passfile.parent.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.geteuid()
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.geteuid()
+    assert not str(passfile).startswith("/tmp/")
+
+    # pg_restore and psql (the restore's two halves), waiting for their input on stdin.
+    waiting = [
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        for argv, env in (
+            (restore_command(), child_env()),
+            (apply_command(target), target.tool_env()),
+        )
+    ]
+    try:
+        for proc in waiting:
+            _assert_no_secret(_seen_by_others(proc), secrets)
+    finally:
+        for proc in waiting:
+            proc.kill()
+            proc.wait()
+
+    # gpg, waiting for plaintext on stdin: its passphrase only on the pipe.
+    gpg = encryption.start_encrypt(secrets[1], GpgParams())
+    try:
+        seen = _seen_by_others(gpg)
+        _assert_no_secret(seen, secrets)
+        assert "--passphrase-fd" in seen
+        home = Path(encryption.gnupg_home())
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700 and home.stat().st_uid == os.geteuid()
+        assert not str(home).startswith("/tmp/")
+    finally:
+        gpg.kill()
+        gpg.wait()
+
+    # tar, pg_ctl, initdb and the operator's start/stop commands get the minimal environment.
+    env = "\n".join(f"{k}={v}" for k, v in child_env().items())
+    assert "PATH=" in env
+    _assert_no_secret(env, secrets)
+
+
+def _wait_for_lock_waiter(dsn: str) -> None:
+    """Until pg_dump is connected and waiting for the lock (it has authenticated)."""
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        for _ in range(600):
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_dump' "
+                "AND wait_event_type = 'Lock'"
+            )
+            if cur.fetchone()[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("pg_dump never waited for the table lock")
+
+
+def test_a_gpg_home_someone_else_can_open_is_refused(tmp_path, monkeypatch):
+    from wedefi_dr.storage import secretfiles
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o777)
+    with pytest.raises(InvalidInput, match="mode 777"):
+        secretfiles.owned_private_dir(shared)
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    with pytest.raises(InvalidInput, match="not a link"):
+        secretfiles.owned_private_dir(link)
+    made = secretfiles.owned_private_dir(tmp_path / "fresh")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    with pytest.raises(FileExistsError):  # O_EXCL: never written through an existing name
+        secretfiles.write_secret_file(made, "f", "x")
+        secretfiles.write_secret_file(made, "f", "y")
+    assert (made / "f").read_text() == "x"
+    assert stat.S_IMODE((made / "f").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("bad", ["line\n", "two\nlines", "nul\0"])
+def test_a_passphrase_gpg_cannot_receive_whole_is_refused(bad: str) -> None:
+    with pytest.raises(InvalidInput, match="line break or NUL"):
+        encryption.start_encrypt(bad, GpgParams())
+
+
+def test_a_passphrase_starting_with_a_dash_works(tmp_path) -> None:
+    passphrase = "--symmetric -x 'q\" ; rm -rf /"
+    gpg = encryption.start_encrypt(passphrase, GpgParams())
+    cipher, _ = gpg.communicate(b"PGDMP hello")
+    assert gpg.returncode == 0
+    (tmp_path / "c.gpg").write_bytes(cipher)
+    dec = encryption.start_decrypt(passphrase, tmp_path / "c.gpg")
+    out, _ = dec.communicate()
+    assert dec.returncode == 0 and out == b"PGDMP hello"
+    dec.require_authentic()
+    wrong = encryption.start_decrypt("--symmetric", tmp_path / "c.gpg")
+    _, err = wrong.communicate()
+    assert wrong.returncode != 0
+
+
+def test_password_with_a_line_break_is_refused_for_tools() -> None:
+    target = ConnTarget.parse("host=h dbname=d password='a\nb'", allow_password=True)
+    with pytest.raises(InvalidInput, match="line break"):
+        target.tool_args()
