@@ -90,10 +90,11 @@ def test_direct_alerting_pages_once_and_resolves_once_with_the_same_key(
             WEDEFI_DR_PAGERDUTY_ROUTING_KEY="direct-routing-key",
             WEDEFI_DR_PAGERDUTY_EVENTS_URL=receiver.url,
             WEDEFI_DR_ALERT_STATE_FILE=str(tmp_path / "alerts.json"),
-            WEDEFI_DR_DR_TEST_MAX_AGE_DAYS="35",
+            # Whatever DR tests passed earlier in the session, each is older than this.
+            WEDEFI_DR_DR_TEST_MAX_AGE_DAYS="0.000001",
         )
         first = monitor()
-        assert "DRTestStale" in first["firing"]  # no DR test has passed in this stack
+        assert "DRTestStale" in first["firing"]
         assert len(receiver.events) == len(first["firing"]) == len(first["triggered"])
         assert {e["event_action"] for e in receiver.events} == {"trigger"}
 
