@@ -1,4 +1,5 @@
 # The two commands of the README. Each does its own set-up (scripts/setup.sh).
+# Tests: two pytest workers, a file at a time each; every worker starts its own stack.
 .PHONY: setup demo test lint bench clean ui
 
 setup:
@@ -9,7 +10,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -65,6 +65,8 @@ def test_restore_latest_over_existing_database_replaces_it(
     restore_backup(
         backup_id="latest", target_dsn=scratch_dsn, operator="pytest", justification="first"
     )
+    # What the backup holds (other tests of the session may have changed the live source).
+    restored = fingerprint(scratch_dsn)
     with connect(scratch_dsn) as conn, conn.cursor() as cur:
         cur.execute('DELETE FROM "AlertDelivery"')
     # The scratch database is on the primary's cluster: overwriting it is break-glass.
@@ -77,7 +79,7 @@ def test_restore_latest_over_existing_database_replaces_it(
         justification="second, --clean over a changed copy",
         overwrite=True,
     )
-    assert fingerprint(scratch_dsn) == fingerprint(settings.primary_dsn.get_secret_value())
+    assert fingerprint(scratch_dsn) == restored
 
     # --clean drops only what the backup holds: a table it does not know stays behind, and
     # the verification says so instead of calling the target an exact copy.
