@@ -54,7 +54,11 @@ def _drop(admin: str, name: str) -> None:
 
 
 class Writer(threading.Thread):
-    """Commits one row after another into ``ticks`` until stopped."""
+    """Commits one row after another into ``ticks`` until stopped.
+
+    Each commit also draws a burst of ids: sequences ignore snapshots, so a backup that
+    read a position after pg_dump did would record one the restore stands before.
+    """
 
     def __init__(self, dsn: str) -> None:
         super().__init__(daemon=True)
@@ -64,7 +68,10 @@ class Writer(threading.Thread):
         try:
             with connect(self.dsn, autocommit=True) as conn, conn.cursor() as cur:
                 while not self.stop.is_set():
-                    cur.execute("INSERT INTO ticks (note) VALUES ('written during the backup')")
+                    cur.execute(
+                        "INSERT INTO ticks (note) VALUES ('written during the backup');"
+                        "SELECT nextval('ticks_id_seq') FROM generate_series(1, 500)"
+                    )
                     self.commits += 1
         except Exception as exc:  # reported by the test, not lost in the thread
             self.error = exc
@@ -82,7 +89,11 @@ def test_backup_under_a_writer_restores_to_its_manifest_not_to_the_live_source(
             cur.execute(
                 "CREATE TABLE ticks (id bigserial PRIMARY KEY, note text, "
                 "at timestamptz DEFAULT clock_timestamp());"
-                "CREATE TABLE ballast AS SELECT g AS id, md5(g::text) AS pad "
+                # pg_dump reads sequences before any data; hashing this view (nothing to
+                # dump) keeps the content proof busy well past that moment.
+                "CREATE MATERIALIZED VIEW ballast AS "
+                "SELECT g AS id FROM generate_series(1, 1000000) g;"
+                "CREATE TABLE pad AS SELECT g AS id, md5(g::text) AS pad "
                 "FROM generate_series(1, 60000) g;"
                 "INSERT INTO ticks (note) SELECT 'before' FROM generate_series(1, 100)"
             )

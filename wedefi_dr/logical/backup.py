@@ -33,7 +33,11 @@ from wedefi_dr.config import Settings
 from wedefi_dr.drtest import facts as integrity_facts
 from wedefi_dr.errors import BackupFailed, PreflightFailed
 from wedefi_dr.postgres.conninfo import ConnTarget
-from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, fingerprint_tables
+from wedefi_dr.postgres.fingerprint import (
+    FINGERPRINT_METHOD,
+    fingerprint_tables,
+    sequence_fingerprints,
+)
 from wedefi_dr.postgres.tools import tool, tool_major_version
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
@@ -150,7 +154,7 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
 
     def take_fingerprints() -> None:
         """Counts and hashes on a second connection, inside the snapshot pg_dump reads."""
-        fingerprints.update(fingerprint_tables(snap_conn))
+        fingerprints.update(fingerprint_tables(snap_conn, sequences=False))
         facts.update(integrity_facts.collect_if_present(snap_conn) or {})
 
     try:
@@ -158,6 +162,8 @@ def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> Ba
             cur.execute("SELECT pg_export_snapshot()")
             (snapshot,) = cur.fetchone()
         source = source_info(snap_conn)
+        # Before pg_dump starts: it reads each sequence later, at or past these positions.
+        fingerprints.update(sequence_fingerprints(snap_conn))
         streamed = EncryptedUpload(
             producer=Producer(
                 "pg_dump",

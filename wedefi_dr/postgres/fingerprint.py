@@ -19,9 +19,10 @@ Not only tables: a restore also brings back what pg_dump dumps besides rows.
 * Large objects: one entry for all of them, each object's oid and md5 summed the same way.
 * Sequences are not transactional: pg_dump reads a sequence's position when it reaches it,
   not in the exported snapshot, and a writer moves it meanwhile. So a sequence's entry
-  hashes its definition (type, bounds, step, cycle), and its position is a bound: the
-  restored sequence must not stand before where the backup saw it, or it would hand out
-  numbers already used.
+  hashes its definition (type, bounds, step, cycle), and its position is a lower bound,
+  read before pg_dump starts (:func:`sequence_fingerprints`): whatever pg_dump reads later
+  is at or past it, so a restored sequence that stands before it would hand out numbers
+  already used.
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def fingerprint_tables(
     conn: connection,
     tables: list[tuple[str, str]] | None = None,
     progress: Callable[[str, int], None] | None = None,
+    *,
+    sequences: bool = True,
 ) -> dict[str, dict[str, object]]:
     """``{"public.Wallet": {"rows": n, "content_hash": hex}}`` for each table.
 
     Runs inside the caller's transaction, so a REPEATABLE READ transaction that exported
-    the snapshot pg_dump uses describes exactly what the dump holds.
+    the snapshot pg_dump uses describes exactly what the dump holds. A backup passes
+    ``sequences=False`` and reads them itself before the dump starts (they ignore snapshots).
     """
     result: dict[str, dict[str, object]] = {}
     with conn.cursor() as cur:
@@ -90,8 +94,15 @@ def fingerprint_tables(
                 progress(table_name(schema, table), int(rows))
         if tables is None:
             result.update(_large_objects(cur))
-            result.update(_sequences(cur))
+            if sequences:
+                result.update(_sequences(cur))
     return result
+
+
+def sequence_fingerprints(conn: connection) -> dict[str, dict[str, object]]:
+    """Each user sequence's entry, its position as of now: a lower bound for a later dump."""
+    with conn.cursor() as cur:
+        return _sequences(cur)
 
 
 def _digest(*parts: object) -> str:
