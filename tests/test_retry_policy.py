@@ -7,13 +7,16 @@ a preflight naming a missing database), every attempt for a push to a gateway th
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import uuid
 
 import psycopg2
 import pytest
-from prefect import flow
+from prefect import Task, flow
 from prefect.client.orchestration import get_client
 
+import tasks
 from tasks import backup as backup_steps
 from tasks import common
 from wedefi_dr.config import get_settings
@@ -94,3 +97,20 @@ def _caused_by(exc: BaseException, cause: BaseException) -> BaseException:
 )
 def test_what_heals(exc: BaseException, heals: bool) -> None:
     assert common.can_heal(exc) is heals
+
+
+def test_every_task_has_a_timeout_and_retries_only_what_heals() -> None:
+    """Nothing hangs silently, and no step retries with its own rule: each task of the
+    ``tasks`` package has a timeout, and each with retries uses :func:`retry_transient`."""
+    found = {}
+    for module in pkgutil.iter_modules(tasks.__path__):
+        for attr, value in vars(importlib.import_module(f"tasks.{module.name}")).items():
+            if isinstance(value, Task) and value.fn.__module__ == f"tasks.{module.name}":
+                found[f"tasks.{module.name}.{attr}"] = value
+    assert len(found) > 40, "the check can fail: the tasks were found"
+    assert not [name for name, t in found.items() if not t.timeout_seconds]
+    assert not [
+        name
+        for name, t in found.items()
+        if t.retries and t.retry_condition_fn is not common.retry_transient
+    ]
