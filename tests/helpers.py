@@ -252,7 +252,7 @@ def approve_when_paused(
                             )
                             if said != "ok":
                                 box.setdefault("refused", []).append(said)
-                        resume_flow_run(runs[0].id, run_input=run_input)
+                        _resume_once_its_form_is_saved(runs[0].id, run_input, deadline)
                         box["resumed"] = runs[0].id
                         return
                     if state and state.is_final():
@@ -264,6 +264,19 @@ def approve_when_paused(
     t = threading.Thread(target=worker, daemon=True)
     t.start()
     return t
+
+
+def _resume_once_its_form_is_saved(run_id: uuid.UUID, run_input: dict, deadline: float) -> None:
+    """Prefect sets Paused first and saves the run input's schema after: a resume in
+    between is refused with "Run input schema not found", so it is tried again."""
+    while True:
+        try:
+            resume_flow_run(run_id, run_input=run_input)
+            return
+        except RuntimeError as exc:
+            if "schema not found" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def run_approved(flow: Callable[..., dict], run_input: dict, **params: object) -> dict:
