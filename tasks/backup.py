@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from tasks import timeouts
-from tasks.common import host_slot, protected_database
+from tasks.common import host_slot, protected_database, retry_transient
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
@@ -17,7 +17,11 @@ from wedefi_dr.storage.s3 import ObjectStore
 
 
 @task(
-    name=LogicalBackup.PREFLIGHT, retries=2, retry_delay_seconds=5, timeout_seconds=timeouts.SHORT
+    name=LogicalBackup.PREFLIGHT,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SHORT,
 )
 def preflight() -> dict[str, Any]:
     """Server reachable, pg_dump >= server major, bucket writable (read-only checks)."""
@@ -30,6 +34,7 @@ def preflight() -> dict[str, Any]:
     name=LogicalBackup.DUMP_ENCRYPT_UPLOAD,
     retries=1,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_transient,
     persist_result=True,
     timeout_seconds=timeouts.DUMP,
 )
@@ -43,6 +48,7 @@ def dump_encrypt_upload(backup_id: str, operator: str) -> dict[str, Any]:
     name=LogicalBackup.WRITE_MANIFEST,
     retries=3,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SHORT,
 )
 def write_manifest(manifest: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from tasks import timeouts
-from tasks.common import host_slot, protected_cluster
+from tasks.common import host_slot, protected_cluster, retry_transient
 from wedefi_dr.config import get_settings
 from wedefi_dr.physical import basebackup, standby
 from wedefi_dr.physical.basebackup import BaseBackupManifest
@@ -26,7 +26,11 @@ def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
 
 
 @task(
-    name=BaseBackup.WRITE_MANIFEST, retries=3, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT
+    name=BaseBackup.WRITE_MANIFEST,
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SHORT,
 )
 def write_manifest(manifest: dict[str, Any]) -> str:
     """Written last: from this moment the base backup exists."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from subprocess import TimeoutExpired
 from typing import Any
 
+import psycopg2
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -18,31 +21,70 @@ from prefect.runtime import flow_run
 from tasks import timeouts
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import get_settings, host_concurrency_limit
+from wedefi_dr.errors import (
+    IntegrityError,
+    InvalidInput,
+    OperationBusy,
+    PreflightFailed,
+    SettingsMissing,
+    SyncRefused,
+    ToolNotFound,
+)
 from wedefi_dr.observability import audit, health, metrics, notify, records
+from wedefi_dr.observability.audit import AuditRefused
 from wedefi_dr.postgres import locks
+from wedefi_dr.postgres.cluster import ClusterFenced
 from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.retention.batches import ArchiveConflict
 from wedefi_dr.runbook import Shared
 
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-def unless(*permanent: type[BaseException]):
-    """A ``retry_condition_fn``: retry transient failures, never these permanent ones.
+# Failures another attempt cannot heal: bad input or settings, a missing tool, data that is
+# damaged or not ours, a refusal by the audit trail, a lock another run holds, a fenced
+# cluster, a guard that refused. Retrying them only delays the page by the retry delays.
+NEVER_HEAL: tuple[type[BaseException], ...] = (
+    InvalidInput,
+    SettingsMissing,
+    ToolNotFound,
+    IntegrityError,
+    AuditRefused,
+    OperationBusy,
+    ClusterFenced,
+    SyncRefused,
+    ArchiveConflict,
+)
+# libpq's words for a connection refused for good (the server answered): a missing database
+# or role, a wrong or missing password, no pg_hba.conf entry.
+_REFUSED_FOR_GOOD = re.compile(
+    r'(database|role) "[^"]*" does not exist|password authentication failed'
+    r"|no password supplied|no pg_hba\.conf entry"
+)
 
-    Damage at rest (a checksum mismatch, a truncated object) or a verification difference
-    gives the same answer on every attempt; retrying only delays the page by minutes.
+
+def can_heal(exc: BaseException) -> bool:
+    """Whether another attempt may succeed where this one failed with ``exc``.
+
+    A preflight refusal heals only when a connection or a probe timed out or dropped
+    (a server restarting); a version, a cipher name or a bucket refusal stays the same.
     """
+    if isinstance(exc, NEVER_HEAL) or _REFUSED_FOR_GOOD.search(str(exc)):
+        return False
+    if isinstance(exc, PreflightFailed):
+        return isinstance(exc.__cause__, OSError | psycopg2.OperationalError | TimeoutExpired)
+    return True
 
-    def should_retry(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's signature
-        try:
-            state.result()
-        except permanent:
-            return False
-        except BaseException:  # noqa: BLE001 - anything else may be transient
-            return True
-        return True
 
-    return should_retry
+def retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's signature
+    """The ``retry_condition_fn`` of every task with retries: retry what may heal (a
+    dropped connection, a timeout, a throttled request), never what :func:`can_heal`
+    says cannot."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the failure being judged
+        return can_heal(exc)
+    return True
 
 
 def attempt_scoped_uuid(purpose: str) -> str:
@@ -91,6 +133,7 @@ def scrub(message: str) -> str:
     name=Shared.AUDIT_BACKUP_STARTED,
     retries=3,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SHORT,
 )
 def audit_backup_started(
@@ -109,6 +152,7 @@ def audit_backup_started(
     name=Shared.AUDIT_BACKUP_FINISHED,
     retries=3,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SHORT,
 )
 def audit_backup_finished(
@@ -132,6 +176,7 @@ def audit_backup_finished(
     name=Shared.PUBLISH_BACKUP_METRICS,
     retries=2,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SHORT,
 )
 def publish_backup_metrics(
@@ -164,7 +209,13 @@ def metrics_database() -> str:
     return health.database_label(get_settings())
 
 
-@task(name=Shared.NOTIFY, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT)
+@task(
+    name=Shared.NOTIFY,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SHORT,
+)
 def send_notification(subject: str, status: str, details: dict) -> str | None:
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
 
@@ -173,6 +224,7 @@ def send_notification(subject: str, status: str, details: dict) -> str | None:
     name=Shared.AUDIT_RECOVERY_STARTED,
     retries=3,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SHORT,
 )
 def audit_recovery_started(
@@ -203,6 +255,7 @@ def audit_recovery_started(
     name=Shared.AUDIT_RECOVERY_FINISHED,
     retries=3,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SHORT,
 )
 def audit_recovery_finished(audit_id: str, status: str, error: str | None = None) -> None:

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 
 from tasks import timeouts
-from tasks.common import host_slot, protected_database
+from tasks.common import host_slot, protected_database, retry_transient
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
@@ -193,6 +193,7 @@ def write_report(
     name=DRTest.NOTIFY,
     retries=2,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
     persist_result=True,
     cache_policy=PER_RUN,
     timeout_seconds=timeouts.SHORT,
@@ -201,7 +202,13 @@ def notify_result(subject: str, status: str, details: dict[str, Any]) -> str | N
     return notify.notify(get_settings(), subject=subject, status=status, details=details)
 
 
-@task(name=DRTest.METRICS, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT)
+@task(
+    name=DRTest.METRICS,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SHORT,
+)
 def publish_metrics(
     database: str, success: bool, duration_seconds: float, rto_seconds: float | None
 ) -> list[str]:

@@ -8,10 +8,9 @@ from typing import Any
 from prefect import task
 
 from tasks import timeouts
-from tasks.common import unless
+from tasks.common import retry_transient
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
-from wedefi_dr.errors import IntegrityError, InvalidInput
 from wedefi_dr.logical import restore
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Restore
@@ -35,7 +34,7 @@ def validate_request(
     name=Restore.DOWNLOAD_VERIFY,
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=unless(IntegrityError, InvalidInput),
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.RESTORE,
 )
 def download_and_verify(manifest: dict[str, Any]) -> str:
@@ -62,7 +61,7 @@ def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target: ConnT
     name=Restore.VERIFY,
     retries=1,
     retry_delay_seconds=5,
-    retry_condition_fn=unless(IntegrityError),
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.CHECKS,
 )
 def verify_restore(manifest: dict[str, Any], target: ConnTarget) -> dict[str, int]:

@@ -17,9 +17,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 
 from tasks import timeouts
-from tasks.common import scrub, unless
+from tasks.common import retry_transient, scrub
 from wedefi_dr.config import get_settings
-from wedefi_dr.errors import InvalidInput
 from wedefi_dr.observability import audit, metrics
 from wedefi_dr.retention import batches, guard
 from wedefi_dr.retention import policy as retention
@@ -126,7 +125,11 @@ def guard_run(
 
 
 @task(
-    name=Retention.CREATE_TABLES, retries=2, retry_delay_seconds=5, timeout_seconds=timeouts.SHORT
+    name=Retention.CREATE_TABLES,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SHORT,
 )
 def create_targets(policy_path: str, as_of: datetime) -> list[str]:
     dsn = _primary()
@@ -160,7 +163,7 @@ def _finish_audit(
     retry_delay_seconds=30,
     # A conflict in the archive or a policy that no longer fits gives the same answer on
     # every attempt: the table fails at once instead of after the delay.
-    retry_condition_fn=unless(batches.ArchiveConflict, InvalidInput),
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.RETENTION,
 )
 def apply_table(
@@ -228,7 +231,11 @@ def apply_table(
 
 
 @task(
-    name=Retention.PUBLISH_METRICS, retries=2, retry_delay_seconds=2, timeout_seconds=timeouts.SHORT
+    name=Retention.PUBLISH_METRICS,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SHORT,
 )
 def publish_metrics(results: list[dict[str, Any]]) -> list[str]:
     settings = get_settings()

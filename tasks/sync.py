@@ -7,9 +7,8 @@ from typing import Any
 from prefect import task
 
 from tasks import timeouts
-from tasks.common import unless
+from tasks.common import retry_transient
 from wedefi_dr.config import get_settings
-from wedefi_dr.errors import InvalidInput, SyncRefused
 from wedefi_dr.lifecycle import glacier, sync
 from wedefi_dr.runbook import ArchiveTier, Sync
 
@@ -20,13 +19,19 @@ from wedefi_dr.runbook import ArchiveTier, Sync
     name=Sync.COPY,
     retries=1,
     retry_delay_seconds=10,
-    retry_condition_fn=unless(SyncRefused, InvalidInput),
+    retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.SYNC,
 )
 def copy_to_dr(dry_run: bool) -> dict[str, Any]:
     return sync.sync(get_settings(), dry_run=dry_run)
 
 
-@task(name=ArchiveTier.ARCHIVE, retries=1, retry_delay_seconds=10, timeout_seconds=timeouts.SYNC)
+@task(
+    name=ArchiveTier.ARCHIVE,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=timeouts.SYNC,
+)
 def archive_newest(backup_id: str) -> dict[str, Any]:
     return glacier.archive_backup(get_settings(), backup_id)

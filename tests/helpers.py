@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -9,8 +10,10 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import boto3
 from prefect import tags
@@ -23,6 +26,7 @@ from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
 from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
 from wedefi_dr.postgres.fingerprint import fingerprint_tables
 from wedefi_dr.postgres.tools import connect, tool
+from wedefi_dr.storage import authentication
 from wedefi_dr.storage.s3 import ObjectStore
 
 
@@ -76,6 +80,74 @@ def clone_backup(
 def drop_backup(store: ObjectStore, backup_id: str) -> None:
     store.delete(listing.manifest_key(store, backup_id))
     store.delete(listing.data_key(store, backup_id))
+
+
+@contextmanager
+def planted_forged_backup(
+    store: ObjectStore, good_backup: str, workdir: Path, *, mac: Literal["none", "zeros", "ours"]
+) -> Iterator[str]:
+    """A forged backup, planted for the block and removed after it: an unencrypted OpenPGP
+    packet (``gpg --store``, which ``gpg --decrypt`` accepts with exit 0 under any
+    passphrase) of a schema-only dump of the primary, under a manifest copied from
+    ``good_backup`` whose sizes and checksums match the packet exactly. Yields its id.
+
+    ``mac``: ``"none"`` an unsigned manifest, ``"zeros"`` our key id with a MAC the forger
+    cannot compute (the real attack, both refused by the manifest check); ``"ours"`` signed
+    with our key, to test the layer behind it (gpg's status).
+    """
+    settings = store.settings
+    plaintext = workdir / "evil.pgc"
+    src = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    subprocess.run(
+        [tool("pg_dump"), "--format=custom", "--schema-only", f"--file={plaintext}"]
+        + src.tool_args(),
+        env=src.tool_env(),
+        check=True,
+    )
+    packet = subprocess.run(
+        ["gpg", "--batch", "--homedir", str(workdir), "--store", "-o", "-", str(plaintext)],
+        capture_output=True,
+        check=True,
+    ).stdout
+    real = listing.resolve(store, good_backup)
+    forged_id = new_backup_id()
+    key = listing.data_key(store, forged_id)
+    forged = real.model_copy(
+        update={
+            "backup_id": forged_id,
+            "object": real.object.model_copy(
+                update={
+                    "key": key,
+                    "size_bytes": len(packet),
+                    "sha256": hashlib.sha256(packet).hexdigest(),
+                }
+            ),
+            "plaintext": real.plaintext.model_copy(
+                update={
+                    "size_bytes": plaintext.stat().st_size,
+                    "sha256": hashlib.sha256(plaintext.read_bytes()).hexdigest(),
+                }
+            ),
+        }
+    )
+    manifest_key = listing.manifest_key(store, forged_id)
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=packet)
+    try:
+        if mac == "ours":
+            listing.put_manifest(store, manifest_key, forged)
+        else:
+            document = forged.model_dump(mode="json")
+            if mac == "zeros":
+                document[authentication.FIELD] = {
+                    "algorithm": authentication.ALGORITHM,
+                    "key_id": authentication.keyring_of(settings).current.key_id,
+                    "mac": "0" * 64,
+                }
+            store.put_json(manifest_key, document)
+        yield forged_id
+    finally:
+        store.delete(manifest_key)
+        store.delete(key)
 
 
 def recovery_audit_rows(ops_dsn: str) -> int:
@@ -180,7 +252,7 @@ def approve_when_paused(
                             )
                             if said != "ok":
                                 box.setdefault("refused", []).append(said)
-                        resume_flow_run(runs[0].id, run_input=run_input)
+                        _resume_once_its_form_is_saved(runs[0].id, run_input, deadline)
                         box["resumed"] = runs[0].id
                         return
                     if state and state.is_final():
@@ -192,6 +264,19 @@ def approve_when_paused(
     t = threading.Thread(target=worker, daemon=True)
     t.start()
     return t
+
+
+def _resume_once_its_form_is_saved(run_id: uuid.UUID, run_input: dict, deadline: float) -> None:
+    """Prefect sets Paused first and saves the run input's schema after: a resume in
+    between is refused with "Run input schema not found", so it is tried again."""
+    while True:
+        try:
+            resume_flow_run(run_id, run_input=run_input)
+            return
+        except RuntimeError as exc:
+            if "schema not found" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def run_approved(flow: Callable[..., dict], run_input: dict, **params: object) -> dict:

@@ -7,19 +7,15 @@ would, and check that every reader refuses them by name before anything changes.
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-
 import pytest
 
-from tests.helpers import database_exists, recovery_audit_rows
+from tests.helpers import database_exists, planted_forged_backup, recovery_audit_rows
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import NotAuthentic, UnknownBackup
 from wedefi_dr.physical import basebackup
-from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
-from wedefi_dr.postgres.tools import tool
+from wedefi_dr.postgres.conninfo import dbname_of
 from wedefi_dr.storage import authentication
 from wedefi_dr.storage.authentication import Keyring
 
@@ -104,54 +100,18 @@ def test_forged_backup_is_refused_before_the_target_is_touched(
     attacker's choosing, with a manifest whose sizes and checksums match it exactly."""
     from flows.restore import restore_backup
 
-    src = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
-    dump = tmp_path / "evil.pgc"
-    subprocess.run(
-        [tool("pg_dump"), "--format=custom", "--schema-only", f"--file={dump}", *src.tool_args()],
-        env=src.tool_env(),
-        check=True,
-    )
-    packet = subprocess.run(
-        ["gpg", "--batch", "--store", "--output", "-", str(dump)],
-        capture_output=True,
-        check=True,
-    ).stdout
-    real = listing.resolve(store, good_backup)
-    forged_id = new_backup_id()
-    key = listing.data_key(store, forged_id)
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=packet)
-    forged = real.model_copy(
-        update={
-            "backup_id": forged_id,
-            "object": real.object.model_copy(
-                update={
-                    "key": key,
-                    "size_bytes": len(packet),
-                    "sha256": hashlib.sha256(packet).hexdigest(),
-                }
-            ),
-            "plaintext": real.plaintext.model_copy(
-                update={
-                    "size_bytes": dump.stat().st_size,
-                    "sha256": hashlib.sha256(dump.read_bytes()).hexdigest(),
-                }
-            ),
-        }
-    )
-    store.put_json(listing.manifest_key(store, forged_id), forged.model_dump(mode="json"))
     ops = settings.ops_dsn.get_secret_value()
     audits = recovery_audit_rows(ops)
-    try:
-        with pytest.raises(NotAuthentic, match=forged_id):
-            restore_backup(
-                backup_id=forged_id,
-                target_dsn=scratch_dsn,
-                operator="pytest",
-                justification="forged backup must be refused",
-            )
-    finally:
-        store.delete(listing.manifest_key(store, forged_id))
-        store.delete(key)
+    with (
+        planted_forged_backup(store, good_backup, tmp_path, mac="none") as forged_id,
+        pytest.raises(NotAuthentic, match=forged_id),
+    ):
+        restore_backup(
+            backup_id=forged_id,
+            target_dsn=scratch_dsn,
+            operator="pytest",
+            justification="forged backup must be refused",
+        )
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
     assert recovery_audit_rows(ops) == audits + 1  # the refusal, on the record
 

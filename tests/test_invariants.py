@@ -15,7 +15,6 @@ in the code makes it fail.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -35,11 +34,11 @@ from wedefi_dr.errors import DecryptionFailed, NotAuthentic
 from wedefi_dr.logical import backup, restore
 from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of, with_dbname
 from wedefi_dr.postgres.fingerprint import LARGE_OBJECTS, compare, fingerprint_tables
-from wedefi_dr.postgres.tools import connect, tool
+from wedefi_dr.postgres.tools import connect
 from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.encryption import GpgParams
 
-from .helpers import database_exists, fingerprint
+from .helpers import database_exists, fingerprint, planted_forged_backup
 
 
 def _create(admin: str, name: str) -> str:
@@ -281,76 +280,17 @@ def test_gpg_command_lines_are_exact_and_carry_no_passphrase() -> None:
         encryption.start_encrypt(HOSTILE_PASSPHRASE, params)
 
 
-def _plant_forged(
-    good_backup: str, settings: Settings, store, tmp_path: Path, *, with_our_mac: bool
-) -> tuple[str, list[str]]:
-    """An unencrypted ``gpg --store`` packet of a dump, with a manifest whose sizes and
-    checksums match it; the manifest signed with our key when ``with_our_mac`` (to test
-    the next layer), else copied from a real one without a valid MAC (the real attack)."""
-    plaintext = tmp_path / "evil.pgc"
-    src = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
-    subprocess.run(
-        [tool("pg_dump"), "--format=custom", "--schema-only", f"--file={plaintext}"]
-        + src.tool_args(),
-        env=src.tool_env(),
-        check=True,
-    )
-    packet = subprocess.run(
-        ["gpg", "--batch", "--homedir", str(tmp_path), "--store", "-o", "-", str(plaintext)],
-        capture_output=True,
-        check=True,
-    ).stdout
-    real = listing.resolve(store, good_backup)
-    forged_id = new_backup_id()
-    key = listing.data_key(store, forged_id)
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=packet)
-    forged = real.model_copy(
-        update={
-            "backup_id": forged_id,
-            "object": real.object.model_copy(
-                update={
-                    "key": key,
-                    "size_bytes": len(packet),
-                    "sha256": hashlib.sha256(packet).hexdigest(),
-                }
-            ),
-            "plaintext": real.plaintext.model_copy(
-                update={
-                    "size_bytes": plaintext.stat().st_size,
-                    "sha256": hashlib.sha256(plaintext.read_bytes()).hexdigest(),
-                }
-            ),
-        }
-    )
-    manifest_key = listing.manifest_key(store, forged_id)
-    if with_our_mac:
-        listing.put_manifest(store, manifest_key, forged)
-    else:
-        document = forged.model_dump(mode="json")
-        document[authentication.FIELD] = {
-            "algorithm": authentication.ALGORITHM,
-            "key_id": authentication.keyring_of(settings).current.key_id,
-            "mac": "0" * 64,  # the real key id, a MAC the forger cannot compute
-        }
-        store.put_json(manifest_key, document)
-    return forged_id, [manifest_key, key]
-
-
 def test_an_unencrypted_packet_under_a_valid_manifest_is_refused(
     good_backup, settings: Settings, store, scratch_dsn: str, tmp_path: Path
 ) -> None:
     """Defence in depth: the manifest check passes (its MAC is ours), and gpg's status
     still refuses the object before pg_restore or the target sees a byte."""
-    forged_id, keys = _plant_forged(good_backup, settings, store, tmp_path, with_our_mac=True)
-    try:
+    with planted_forged_backup(store, good_backup, tmp_path, mac="ours") as forged_id:
         manifest = listing.resolve(store, forged_id)  # the manifest check passes
         spool = restore.fetch_verified(settings, manifest, tmp_path / "spool")
         target = ConnTarget.parse(scratch_dsn, allow_password=True)
         with pytest.raises(NotAuthentic, match="not a symmetric-encrypted message"):
             restore.decrypt_and_restore(settings, manifest, spool, target)
-    finally:
-        for key in keys:
-            store.delete(key)
     assert not database_exists(scratch_dsn, dbname_of(scratch_dsn))
 
 
@@ -359,18 +299,16 @@ def test_the_dr_test_refuses_a_forged_backup_before_provisioning(
 ) -> None:
     from flows.dr_test import dr_test
 
-    forged_id, keys = _plant_forged(good_backup, settings, store, tmp_path, with_our_mac=False)
-    try:
-        with pytest.raises(NotAuthentic, match=forged_id):
-            dr_test(
-                backup_id=forged_id,
-                provider="local",
-                operator="pytest",
-                justification="a forged backup must be refused",
-            )
-    finally:
-        for key in keys:
-            store.delete(key)
+    with (
+        planted_forged_backup(store, good_backup, tmp_path, mac="zeros") as forged_id,
+        pytest.raises(NotAuthentic, match=forged_id),
+    ):
+        dr_test(
+            backup_id=forged_id,
+            provider="local",
+            operator="pytest",
+            justification="a forged backup must be refused",
+        )
 
 
 def test_the_stored_object_has_the_configured_gpg_parameters(

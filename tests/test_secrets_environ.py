@@ -9,6 +9,8 @@ waiting on their stdin), and its environment and argv are read with psutil.
 from __future__ import annotations
 
 import os
+import secrets as tokens
+import shutil
 import stat
 import subprocess
 import time
@@ -20,6 +22,8 @@ import pytest
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.logical.restore import apply_command, restore_command
+from wedefi_dr.physical import archiving
+from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, free_port
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import child_env, connect, tool
 from wedefi_dr.storage import encryption
@@ -192,3 +196,71 @@ def test_password_with_a_line_break_is_refused_for_tools() -> None:
     target = ConnTarget.parse("host=h dbname=d password='a\nb'", allow_password=True)
     with pytest.raises(InvalidInput, match="line break"):
         target.tool_args()
+
+
+def _planted_secrets(monkeypatch) -> list[str]:
+    """Secrets of every kind in our environment, each a value found nowhere else."""
+    token = tokens.token_hex(8)
+    planted = {
+        "WEDEFI_DR_GPG_PASSPHRASE": f"planted-passphrase-{token}",
+        "AWS_ACCESS_KEY_ID": f"planted-aws-key-{token}",
+        "AWS_SECRET_ACCESS_KEY": f"planted-aws-secret-{token}",
+        "AWS_SESSION_TOKEN": f"planted-session-{token}",
+        "PGPASSWORD": f"planted-pgpassword-{token}",
+    }
+    for key, value in planted.items():
+        monkeypatch.setenv(key, value)
+    return list(planted.values())
+
+
+def _wait_for_file(path: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+    return path.read_text()
+
+
+def test_a_server_started_by_its_handle_holds_no_secret(stack, monkeypatch):
+    """The postmaster (so every backend) and an ``archive_command`` child it runs: their
+    environment holds none of ours, read where another process of that user would."""
+    planted = _planted_secrets(monkeypatch)
+    home = stack.root / f"environ-{tokens.token_hex(4)}"
+    witness = home / "archive-child.env"
+    password = tokens.token_urlsafe(16)
+    handle = ClusterHandle(name="environ-check", data_dir=home / "data", port=free_port())
+    child = f"env > {witness}.tmp && mv {witness}.tmp {witness}"
+    handle.initdb(password, {"archive_mode": "on", "archive_command": conf_quote(child)}, fast=True)
+    try:
+        handle.start()
+        environ = psutil.Process(handle.pid()).environ()
+        assert "PATH" in environ, "the environment is readable, so the check below can fail"
+        _assert_no_secret("\n".join(f"{k}={v}" for k, v in environ.items()), planted)
+        dsn = f"{handle.dsn()} password={password}"
+        with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE switch_me AS SELECT 1 AS x; SELECT pg_switch_wal()")
+        seen = _wait_for_file(witness)
+        assert "PATH=" in seen
+        _assert_no_secret(seen, planted)
+    finally:
+        handle.stop("immediate")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_new_primary_archives_with_the_archivers_own_credential(
+    settings: Settings, monkeypatch, tmp_path
+):
+    """A recovered or promoted cluster without an archive env file gets one holding the
+    archiver's credential: the worker's own keys (personal, short-lived) never."""
+    worker = _planted_secrets(monkeypatch)
+    path = archiving.production_archive_env(settings, tmp_path, os_user="postgres")
+    written = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    assert (
+        written["AWS_ACCESS_KEY_ID"] == settings.wal_archiver_aws_access_key_id.get_secret_value()
+    )
+    assert (
+        written["AWS_SECRET_ACCESS_KEY"]
+        == settings.wal_archiver_aws_secret_access_key.get_secret_value()
+    )
+    _assert_no_secret(path.read_text(), worker)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

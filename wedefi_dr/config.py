@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     # Uploads the archiver runs at once, and how long it stays resident without work.
     wal_archiver_parallel: int = Field(default=4, ge=1, le=32)
     wal_archiver_idle_seconds: float = Field(default=600.0, gt=0)
+    # The WAL archiver's own least-privilege credential (IAM role ``wal_archiver``): what the
+    # archive env file of a new or recovered primary carries, so the server never archives
+    # with a worker's personal or short-lived keys. Unset: the host's own boto3 chain.
+    wal_archiver_aws_access_key_id: SecretStr = Field(default=SecretStr(""))
+    wal_archiver_aws_secret_access_key: SecretStr = Field(default=SecretStr(""))
     # Base backup compression before gpg: zstd or lz4 (stock tools, multi-threaded zstd),
     # or gzip (the earlier format). Restore reads whichever the manifest names.
     base_backup_compression: Literal["zstd", "lz4", "gzip"] = "zstd"

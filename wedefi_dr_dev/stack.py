@@ -66,6 +66,8 @@ PUSHGATEWAY_BIN = "/usr/bin/prometheus-pushgateway"  # Debian's prometheus-pushg
 # moto accepts any credentials; these only mark the local stack's requests.
 LOCAL_AWS_KEY = "wedefi-local"
 LOCAL_AWS_SECRET = "wedefi-local-secret"
+# The WAL archiver's own key id (IAM role wal_archiver); its secret is generated per stack.
+LOCAL_WAL_ARCHIVER_KEY = "wedefi-local-wal-archiver"
 # The work pool every deployment of prefect.yaml targets.
 WORK_POOL = "wedefi-dr-local"
 # 15-20 s on an idle 2-core host; minutes when the host is busy (a fresh database migrates).
@@ -353,13 +355,19 @@ class Stack:
             aws_region=env["WEDEFI_DR_AWS_REGION"],
             bucket=env["WEDEFI_DR_BUCKET"],
             gpg_passphrase=SecretStr(env["WEDEFI_DR_GPG_PASSPHRASE"]),
+            wal_archiver_aws_access_key_id=SecretStr(
+                env["WEDEFI_DR_WAL_ARCHIVER_AWS_ACCESS_KEY_ID"]
+            ),
+            wal_archiver_aws_secret_access_key=SecretStr(
+                env["WEDEFI_DR_WAL_ARCHIVER_AWS_SECRET_ACCESS_KEY"]
+            ),
         )
         env_file = archiving.write_wal_env(
             settings,
             cluster.home / archiving.ARCHIVE_ENV_NAME,
             prefix,
             os_user=cluster.os_user,
-            aws_env=env,
+            aws_env=archiving.archiver_aws_env(settings),
         )
         return archiving.archiving_conf(env_file)
 
@@ -562,6 +570,9 @@ class Stack:
             "AWS_ACCESS_KEY_ID": LOCAL_AWS_KEY,
             "AWS_SECRET_ACCESS_KEY": LOCAL_AWS_SECRET,
             "AWS_DEFAULT_REGION": REGION,
+            # What archive env files of new primaries carry (never the keys above).
+            "WEDEFI_DR_WAL_ARCHIVER_AWS_ACCESS_KEY_ID": LOCAL_WAL_ARCHIVER_KEY,
+            "WEDEFI_DR_WAL_ARCHIVER_AWS_SECRET_ACCESS_KEY": self._secret("wal_archiver_aws_secret"),
             **BUCKETS,
         }
         if self.state.get("control_plane", self.control_plane):

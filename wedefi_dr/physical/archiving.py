@@ -56,11 +56,11 @@ def write_wal_env(
     """The settings ``wal-push``/``wal-fetch`` need, in a file only ``os_user`` reads.
 
     AWS credentials come from ``aws_env`` (default: our environment), the way boto3 would
-    find them, since the server's isolated child would not. A file a server keeps using
-    after we are gone (a new primary's archive env) gets ``aws_env={}``: a worker's keys,
-    session token or profile are short-lived or personal, and archiving with them stops,
-    silently, when they expire; the server then finds credentials the way boto3 does on
-    its host.
+    find them: the server runs with a minimal environment holding no secret, so its
+    children find keys only here. A file a server keeps using after we are gone (a new
+    primary's archive env) gets :func:`archiver_aws_env` instead: a worker's keys, session
+    token or profile are short-lived or personal, and archiving with them stops, silently,
+    when they expire.
     """
     values = {
         "WEDEFI_DR_AWS_REGION": settings.aws_region,
@@ -89,14 +89,25 @@ def write_wal_env(
     return path
 
 
+def archiver_aws_env(settings: Settings) -> dict[str, str]:
+    """The WAL archiver's own credential (settings ``WEDEFI_DR_WAL_ARCHIVER_AWS_*``) as the
+    env file's AWS keys; empty when unset, and the server's children then find credentials
+    the way boto3 does on the host (instance profile, the OS user's ``~/.aws``)."""
+    key_id = settings.wal_archiver_aws_access_key_id.get_secret_value()
+    secret = settings.wal_archiver_aws_secret_access_key.get_secret_value()
+    if not (key_id and secret):
+        return {}
+    return {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+
+
 def production_archive_env(settings: Settings, home: Path, *, os_user: str) -> Path:
     """The archive env file a new primary archives with: the one the cluster already had
     (its own home, kept as it was: production's settings and credentials), else one
-    written without the worker's credentials."""
+    written with the archiver's own credential, never the worker's."""
     path = home / ARCHIVE_ENV_NAME
     if path.is_file():
         return path
-    return write_wal_env(settings, path, os_user=os_user, aws_env={})
+    return write_wal_env(settings, path, os_user=os_user, aws_env=archiver_aws_env(settings))
 
 
 def handoff_command(env_file: Path) -> str:

@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wedefi_dr.errors import DRError, InvalidInput
-from wedefi_dr.postgres.tools import bindir, running_as_root
+from wedefi_dr.postgres.tools import bindir, child_env, running_as_root
 
 STOP_MODES = ("smart", "fast", "immediate")
 # A scratch cluster's durability traded for speed (tests, local DR environments).
@@ -150,9 +150,17 @@ class ClusterHandle(BaseModel):
 
     # ---- the server ---------------------------------------------------------------------
     def _run(self, argv: list[str], *, as_os_user: bool, timeout: float = 300) -> None:
+        """``argv`` with :func:`child_env` only: a server started with our environment
+        would hand our secrets to every backend, archive_command and restore_command."""
         kwargs = os_user_kwargs(self.os_user) if as_os_user else {}
         result = subprocess.run(
-            argv, capture_output=True, text=True, cwd="/", timeout=timeout, **kwargs
+            argv,
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=timeout,
+            env=child_env(),
+            **kwargs,
         )
         if result.returncode != 0:
             raise ServerControlFailed(
@@ -171,6 +179,8 @@ class ClusterHandle(BaseModel):
             [self.tool("pg_ctl"), "-D", str(self.data_dir), "status"],
             capture_output=True,
             cwd="/",
+            timeout=60,
+            env=child_env(),
             **os_user_kwargs(self.os_user),
         )
         return status.returncode == 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,11 +31,10 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from psycopg2 import sql
 
 from wedefi_dr.errors import DRError
+from wedefi_dr.observability.metrics import MetricSet
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.retention.policy import (
     APPLICATION_NAME,
@@ -621,67 +620,62 @@ def dry_run(dsn: str, policy_path: str | Path, as_of: datetime | None) -> list[T
 
 
 # ---- metrics ---------------------------------------------------------------------------------
-class _Families(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self.families
-
-
 def retention_registry(
     *, database: str, results: list[dict[str, Any]], totals: list[dict[str, Any]]
 ) -> CollectorRegistry:
     """This run's rows and durations per table, plus totals from the audit log (durable)."""
-    labels = ["database", "table"]
-    removed = CounterMetricFamily(
-        "retention_rows_removed",
-        "Rows deleted from the table by retention (all runs).",
-        labels=labels,
-    )
-    archived = CounterMetricFamily(
-        "retention_rows_archived", "Rows moved to the archive table (all runs).", labels=labels
-    )
-    summarized = CounterMetricFamily(
-        "retention_rows_summarized", "Detail rows folded into the summary table.", labels=labels
-    )
-    failures = CounterMetricFamily(
-        "retention_failures", "Retention runs of the table that failed.", labels=labels
-    )
-    last_ok = GaugeMetricFamily(
-        "retention_last_success_timestamp_seconds",
-        "Unix time of the table's last successful retention.",
-        labels=labels,
-    )
+    m = MetricSet()
     for t in totals:
-        values = [database, str(t["table"])]
-        removed.add_metric(values, float(t["removed"]))
-        archived.add_metric(values, float(t["archived"]))
-        summarized.add_metric(values, float(t["summarized"]))
-        failures.add_metric(values, float(t["failed"]))
-        last_ok.add_metric(values, float(t["last_success"]))
-    run_rows = GaugeMetricFamily(
-        "retention_run_rows", "Rows this run acted on, by kind.", labels=[*labels, "kind"]
-    )
-    run_cascaded = GaugeMetricFamily(
-        "retention_run_cascaded_rows",
-        "Rows this run deleted by cascade, by child table.",
-        labels=[*labels, "child"],
-    )
-    duration = GaugeMetricFamily(
-        "retention_duration_seconds", "Duration of this run's work on the table.", labels=labels
-    )
-    for r in results:
-        values = [database, str(r["table"])]
-        for kind in ("removed", "archived", "summarized"):
-            run_rows.add_metric([*values, kind], float(r[kind]))
-        for child, n in r["cascaded"].items():
-            run_cascaded.add_metric([*values, child], float(n))
-        duration.add_metric(values, float(r["seconds"]))
-    registry = CollectorRegistry()
-    registry.register(
-        _Families(
-            [removed, archived, summarized, failures, last_ok, run_rows, run_cascaded, duration]
+        labels = {"database": database, "table": str(t["table"])}
+        m.counter(
+            "retention_rows_removed",
+            "Rows deleted from the table by retention (all runs).",
+            t["removed"],
+            **labels,
         )
-    )
-    return registry
+        m.counter(
+            "retention_rows_archived",
+            "Rows moved to the archive table (all runs).",
+            t["archived"],
+            **labels,
+        )
+        m.counter(
+            "retention_rows_summarized",
+            "Detail rows folded into the summary table.",
+            t["summarized"],
+            **labels,
+        )
+        m.counter(
+            "retention_failures", "Retention runs of the table that failed.", t["failed"], **labels
+        )
+        m.gauge(
+            "retention_last_success_timestamp_seconds",
+            "Unix time of the table's last successful retention.",
+            t["last_success"],
+            **labels,
+        )
+    for r in results:
+        labels = {"database": database, "table": str(r["table"])}
+        for kind in ("removed", "archived", "summarized"):
+            m.gauge(
+                "retention_run_rows",
+                "Rows this run acted on, by kind.",
+                r[kind],
+                **labels,
+                kind=kind,
+            )
+        for child, n in r["cascaded"].items():
+            m.gauge(
+                "retention_run_cascaded_rows",
+                "Rows this run deleted by cascade, by child table.",
+                n,
+                **labels,
+                child=child,
+            )
+        m.gauge(
+            "retention_duration_seconds",
+            "Duration of this run's work on the table.",
+            r["seconds"],
+            **labels,
+        )
+    return m.registry()
