@@ -34,9 +34,9 @@ def backup(
     if not as_json:  # first: the backup exists whatever happens to its summary
         print(run.result, flush=True)
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    manifest = listing.resolve(ObjectStore(settings), run.result)
+    manifest = listing.resolve(open_store(settings), run.result)
     record = {
         "backup_id": run.result,
         "flow_run_id": run.run_id,
@@ -67,9 +67,9 @@ def backup_summary(record: dict) -> list[str]:
 def backups_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Backups that have a manifest, oldest first."""
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    manifests = listing.list_backups(ObjectStore(ready()))
+    manifests = listing.list_backups(open_store(ready()))
     if as_json:
         print(
             json.dumps([m.model_dump(mode="json", exclude={"tables"}) for m in manifests], indent=2)
@@ -92,7 +92,7 @@ def backups_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
 def backups_show(backup_id: str) -> None:
     """The whole manifest of one backup (or 'latest')."""
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    manifest = listing.resolve(ObjectStore(ready()), backup_id)
+    manifest = listing.resolve(open_store(ready()), backup_id)
     print(json.dumps(manifest.model_dump(mode="json"), indent=2))

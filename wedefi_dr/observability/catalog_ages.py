@@ -16,7 +16,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.physical.basebackup import list_base_backups
 from wedefi_dr.physical.pitr.window import recoverable_window
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository, dr_copy, open_store
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-def newest_object(store: ObjectStore) -> float | None:
+def newest_object(store: Repository) -> float | None:
     """``LastModified`` of the newest object under the prefix (None: empty or no bucket)."""
     newest = None
     try:
@@ -62,7 +62,7 @@ def newest_object(store: ObjectStore) -> float | None:
 
 
 def catalog_state(settings: Settings) -> CatalogState:
-    store = ObjectStore(settings)
+    store = open_store(settings)
     logical = listing.list_backups(store)
     base = list_base_backups(store)
     window = recoverable_window(settings)
@@ -76,5 +76,5 @@ def catalog_state(settings: Settings) -> CatalogState:
         window_end=_ts(window.newest_wal_time) if earliest else None,
         newest_wal=window.newest_wal,
         primary_newest_object=newest_object(store),
-        dr_newest_object=newest_object(ObjectStore(settings, bucket=settings.dr_bucket)),
+        dr_newest_object=newest_object(dr) if (dr := dr_copy(settings)) else None,
     )
