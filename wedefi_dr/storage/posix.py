@@ -152,6 +152,10 @@ class PosixRepository(BaseRepository):
         self.settings = settings
         self.bucket = settings.bucket
         self.root = validate_root(settings)
+        st = self.root.stat()
+        # Root writes (the CLI) and the server's OS user writes (archive_command) meet in one
+        # tree: as root, every new file and directory goes to the repository root's owner.
+        self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
 
     # ---- names ---------------------------------------------------------------------------
     def url(self, key: str) -> str:
@@ -178,6 +182,8 @@ class PosixRepository(BaseRepository):
                 d.mkdir(mode=0o750)
             except FileExistsError:
                 continue
+            if self._owner:
+                os.chown(d, *self._owner)
             _fsync_dir(d.parent)
 
     # ---- writes --------------------------------------------------------------------------
@@ -208,6 +214,8 @@ class PosixRepository(BaseRepository):
                         size += n
                         view = view[n:]
                 os.pwrite(fd, _header(digest.hexdigest(), size, content_type, metadata or {}), 0)
+                if self._owner:
+                    os.fchown(fd, *self._owner)
                 os.fsync(fd)
             finally:
                 os.close(fd)
