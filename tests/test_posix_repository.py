@@ -71,6 +71,15 @@ def test_no_overwrite_torn_temp_files_and_damage_are_refused(posix_stack: Stack)
     assert oct(path.stat().st_mode & 0o777) == "0o640"
     assert path.stat().st_uid == posix_stack.repo_path.stat().st_uid  # the repo owner's
 
+    # The WAL archive's rule on link(): identical again is fine, different is a conflict.
+    archive = wal.Archive(settings.model_copy(update={"prefix": f"pytest-{uuid.uuid4().hex[:8]}"}))
+    name = "000000010000000000000001"
+    assert archive.push_bytes(name, b"a segment").startswith("archived")
+    assert "identical" in archive.push_bytes(name, b"a segment")
+    with pytest.raises(wal.ArchiveConflict, match="REFUSED"):
+        archive.push_bytes(name, b"another segment")
+    assert archive.fetch_bytes(name, posix_stack.root / "spool") == b"a segment"
+
     # A killed writer's temp file: never listed, removed by the lifecycle's clean-up.
     torn = path.with_name(f"{posix.TMP_PREFIX}{uuid.uuid4().hex}.torn")
     torn.write_bytes(b"half a backup")

@@ -56,7 +56,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wedefi_dr.errors import DRError, NotAuthentic
 from wedefi_dr.storage import authentication, encryption, repository
@@ -195,6 +195,12 @@ class Archive:
         )
         self.bucket = self.store.bucket
         self.keyring = authentication.keyring_of(self.settings)
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client of an S3 repository, for S3-only operations (AttributeError on
+        a posix one, which has none)."""
+        return self.store.client  # type: ignore[attr-defined]
 
     def head(self, name: str) -> dict | None:
         return self.store.head(archive_key(self.settings, name))
