@@ -32,12 +32,14 @@ class CatalogState:
     newest_wal: str | None
     primary_newest_object: float | None
     dr_newest_object: float | None
+    # False for a repository without a DR copy (posix): then there is no lag to report.
+    has_dr_copy: bool = True
 
     @property
     def sync_lag_seconds(self) -> float | None:
         """How much newer the primary's newest object is than the DR copy's newest: 0 when
         in step, the primary's whole history when the DR bucket holds nothing."""
-        if self.primary_newest_object is None:
+        if self.primary_newest_object is None or not self.has_dr_copy:
             return None
         return max(0.0, self.primary_newest_object - (self.dr_newest_object or 0.0))
 
@@ -77,4 +79,5 @@ def catalog_state(settings: Settings) -> CatalogState:
         newest_wal=window.newest_wal,
         primary_newest_object=newest_object(store),
         dr_newest_object=newest_object(dr) if (dr := dr_copy(settings)) else None,
+        has_dr_copy=dr is not None,
     )

@@ -136,7 +136,8 @@ class VerifiedBody:
 
 
 class PosixRepository(BaseRepository):
-    """The repository under one directory; ``bucket`` is only the label manifests record."""
+    """The repository under one directory; ``bucket`` is only the label manifests record
+    (any recorded label reads this directory; the DR and Glacier buckets are refused)."""
 
     def __init__(self, settings: Settings, bucket: str | None = None) -> None:
         if settings.source_region != "primary":
@@ -144,7 +145,7 @@ class PosixRepository(BaseRepository):
                 "a posix repository has no DR or Glacier copy to read from: unset "
                 "WEDEFI_DR_SOURCE_REGION"
             )
-        if bucket not in (None, settings.bucket):
+        if bucket != settings.bucket and bucket in (settings.dr_bucket, settings.glacier_bucket):
             raise InvalidInput(
                 f"bucket {bucket!r} is an S3 copy (DR region or Glacier tier); a posix "
                 "repository has one location only"
