@@ -41,16 +41,15 @@ def posix_stack() -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="wedefi-dr-posix-"))
     root.chmod(0o755)  # the postgres user must enter it
     s = Stack(root / "stack", fast=True, control_plane=False, repo="posix")
-    saved = dict(os.environ)
     try:
-        s.up()
-        os.environ.update(s.env())
-        get_settings.cache_clear()
-        yield s
+        with pytest.MonkeyPatch.context() as patch:
+            s.up()
+            for key, value in s.env().items():
+                patch.setenv(key, value)
+            get_settings.cache_clear()
+            yield s
     finally:
         s.down()
-        os.environ.clear()
-        os.environ.update(saved)
         get_settings.cache_clear()
         shutil.rmtree(root, ignore_errors=True)
 

@@ -165,6 +165,10 @@ class Stack:
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         )
         # None: what the stack was last brought up with (s3 for a new one).
+        if repo is not None and repo not in repository.REPO_TYPES:
+            raise InvalidInput(f"--repo must be s3 or posix, not {repo!r}")
+        if repo_path is not None and not repo_path.is_absolute():
+            raise InvalidInput(f"--repo-path must be an absolute path, not {str(repo_path)!r}")
         self.repo = repo
         self.repo_path_override = repo_path
 
@@ -241,8 +245,6 @@ class Stack:
         server's OS user: ``archive_command`` writes WAL there as that user, and the posix
         driver gives every file and directory to the repository root's owner."""
         if self.repo is not None:
-            if self.repo not in repository.REPO_TYPES:
-                raise InvalidInput(f"--repo must be s3 or posix, not {self.repo!r}")
             self.state["repo_type"] = self.repo
             self.state.pop("repo_path", None)
             if self.repo_path_override is not None:
@@ -251,8 +253,6 @@ class Stack:
         path = self.repo_path
         if path is None:
             return
-        if not path.is_absolute():
-            raise InvalidInput(f"--repo-path must be an absolute path, not {str(path)!r}")
         fresh = not path.exists()
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
         if fresh or path == self.default_repo_path:
