@@ -23,9 +23,11 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings, get_settings
 from wedefi_dr.errors import ChecksumMismatch, InvalidInput
+from wedefi_dr.lifecycle import expire
 from wedefi_dr.lifecycle.sync import sync
 from wedefi_dr.lifecycle.verify import verify
 from wedefi_dr.logical import backup, restore
+from wedefi_dr.observability.catalog_ages import catalog_state
 from wedefi_dr.physical import archiving, basebackup, wal
 from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.target import RecoveryTarget
@@ -179,3 +181,17 @@ def test_backups_and_wal_survive_stack_down_up_then_restore_replay_and_verify(
     (report,) = verify(settings)
     assert report["region"] == "primary"
     assert any(logical.object.key in p and "sha256" in p for p in report["problems"])
+
+    # Status and the backup lifecycle work on the same directory: no DR copy, no DR lag.
+    state = catalog_state(settings)
+    assert state.newest_logical_id == logical.backup_id and state.sync_lag_seconds is None
+    env_lines = (s.primary.home / archiving.ARCHIVE_ENV_NAME).read_text().splitlines()
+    assert f"WEDEFI_DR_REPO_PATH={s.repo_path}" in env_lines
+    the_plan = {
+        "logical": {"delete": {logical.backup_id: "pytest"}},
+        "base": {"delete": {}},
+        "wal": {"delete": {}},
+    }
+    done = expire.prune(settings, the_plan, operator="pytest", run_id=uuid.uuid4().hex)
+    assert done["objects"] == 2 and not data_file.parent.exists()
+    assert logical.backup_id not in [m.backup_id for m in listing.list_backups(store)]

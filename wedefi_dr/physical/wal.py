@@ -11,8 +11,8 @@ PostgreSQL's contract, which this module keeps exactly:
   a crash); different content under a name that exists exits non-zero, stores nothing
   and says so loudly. The same rule protects ``.history`` files (never overwritten),
   ``.partial`` segments (their own names, never the complete segment's) and ``.backup``
-  labels. The check-then-put race is
-  closed by a conditional PUT (``If-None-Match: *``; posix: ``link()``).
+  labels. The check-then-put race is closed by a conditional PUT (``If-None-Match: *``;
+  posix: ``link()``).
 - ``fetch`` of a file that is not in the archive exits 1 without noise: the server asks
   for files that may not exist (the next timeline's history, the segment after the end).
   Any other failure (access, checksum, decryption) exits 128, which the server treats as
