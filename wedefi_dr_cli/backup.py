@@ -36,9 +36,11 @@ def backup(
     from wedefi_dr.catalog import listing
     from wedefi_dr.storage.repository import open_store
 
-    manifest = listing.resolve(open_store(settings), run.result)
+    store = open_store(settings)
+    manifest = listing.resolve(store, run.result)
     record = {
         "backup_id": run.result,
+        "location": store.url(manifest.object.key),
         "flow_run_id": run.run_id,
         "seconds": round(run.seconds, 3),
         "manifest": manifest.model_dump(mode="json"),
@@ -56,7 +58,7 @@ def backup_summary(record: dict) -> list[str]:
     return [
         f"backup {record['backup_id']}: database {m['source']['dbname']}, "
         f"{len(m['tables'])} tables, {rows:,} rows",
-        f"stored at s3://{obj['bucket']}/{obj['key']} ({obj['size_bytes'] / 1e6:,.1f} MB, "
+        f"stored at {record['location']} ({obj['size_bytes'] / 1e6:,.1f} MB, "
         f"encrypted, sha256 {obj['sha256'][:12]}…)",
         f"took {record['seconds']:.1f} s; report: flow run {record['flow_run_id']} "
         "(artifact backup-summary)",
