@@ -278,11 +278,14 @@ class PosixRepository(BaseRepository):
         return self._write(key, [body], metadata=metadata, replace=False)
 
     def delete(self, key: str) -> None:
-        """Remove the object, then its directories that became empty (up to the root)."""
+        """Remove the object, then its directories that became empty: a backup's own
+        folder, never a kind's (``<prefix>/wal``, ``<prefix>/logical``), where a concurrent
+        writer may be about to create a file."""
         path = self.path(key)
         path.unlink(missing_ok=True)
+        top = self.root.joinpath(*self.settings.prefix.strip("/").split("/"))
         directory = path.parent
-        while directory != self.root:
+        while directory != top and directory.parent != top and directory.is_relative_to(top):
             try:
                 directory.rmdir()
             except OSError:
