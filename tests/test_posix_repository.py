@@ -100,6 +100,16 @@ def test_no_overwrite_torn_temp_files_and_damage_are_refused(posix_stack: Stack)
     with pytest.raises(ChecksumMismatch, match=str(path)):
         store.get_body(key).read()
 
+    # A damaged manifest is left out of the catalog (named in a warning), not a crash.
+    manifest_key = store.key("logical", new_backup_id(), listing.MANIFEST_NAME)
+    store.put_json(manifest_key, {"backup_id": "x"})
+    manifest_file = stored_file(settings, manifest_key)
+    manifest_file.write_bytes(manifest_file.read_bytes()[:-2] + b"}}")
+    try:
+        assert manifest_key.split("/")[-2] not in [m.backup_id for m in listing.list_backups(store)]
+    finally:
+        store.delete(manifest_key)
+
     for bad in ("../escape", "a//b", "a/./b", "a/b\0c", f"a/{posix.TMP_PREFIX}x"):
         with pytest.raises(InvalidInput, match="cannot name a file"):
             store.put_bytes(bad, b"x")

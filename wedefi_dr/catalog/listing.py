@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from wedefi_dr.catalog.manifest import BACKUP_ID_RE, BackupManifest
-from wedefi_dr.errors import NotAuthentic, UnknownBackup
+from wedefi_dr.errors import IntegrityError, UnknownBackup
 from wedefi_dr.storage import authentication
 from wedefi_dr.storage.repository import Repository
 
@@ -75,16 +75,17 @@ def _authentic(store: Repository, key: str, document: dict[str, Any], model: typ
 
 def list_manifests(store: Repository, kind: str, model: type[M]) -> list[M]:
     """Every backup of ``kind`` (``logical``, ``base``) with an authentic manifest, oldest
-    first; a manifest that is not authentic is left out, with a warning naming it."""
+    first; a manifest that is not authentic (or fails the repository's own checksum) is left
+    out, with a warning naming it."""
     manifests = []
     for obj in store.list_keys(store.key(kind) + "/"):
         if obj["Key"].endswith("/" + MANIFEST_NAME):
-            document = store.get_json(obj["Key"])
-            if document is None:
-                continue
             try:
+                document = store.get_json(obj["Key"])
+                if document is None:
+                    continue
                 manifests.append(_authentic(store, obj["Key"], document, model))
-            except NotAuthentic as exc:
+            except IntegrityError as exc:
                 log.warning("left out of the catalog: %s", exc)
     return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
 

@@ -21,7 +21,7 @@ from typing import Any
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import DRError, NotAuthentic
+from wedefi_dr.errors import DRError, IntegrityError, NotAuthentic
 from wedefi_dr.lifecycle.gfs import segment_number
 from wedefi_dr.physical import basebackup, wal
 from wedefi_dr.physical.pitr.window import int_to_lsn, segment_end_lsn
@@ -82,7 +82,7 @@ class Verifier:
                 continue
             try:
                 m = listing.get_manifest(self.store, obj["Key"], model)
-            except (NotAuthentic, ValueError) as exc:
+            except (IntegrityError, ValueError) as exc:
                 self.problem(f"{obj['Key']}: manifest not authentic ({exc})")
                 continue
             if m is not None:
