@@ -107,14 +107,15 @@ def _header(sha256: str, size: int, content_type: str, metadata: dict[str, str])
 
 
 class VerifiedBody:
-    """A stored object's body, read front to back, checked against its header at EOF."""
+    """A stored object's body on its open file, read front to back once, checked against
+    its header at EOF (the file is closed then)."""
 
-    def __init__(self, path: Path, url: str, meta: dict[str, Any]) -> None:
-        self.path, self.url, self.meta = path, url, meta
+    def __init__(self, file: IO[bytes], url: str, meta: dict[str, Any]) -> None:
+        self.file, self.url, self.meta = file, url, meta
 
     def iter_chunks(self, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         digest, size = hashlib.sha256(), 0
-        with self.path.open("rb") as f:
+        with self.file as f:
             f.seek(HEADER_BYTES)
             for chunk in iter(lambda: f.read(chunk_size), b""):
                 digest.update(chunk)
@@ -334,51 +335,55 @@ class PosixRepository(BaseRepository):
         return removed
 
     # ---- reads ---------------------------------------------------------------------------
-    def _meta(self, key: str) -> tuple[Path, dict[str, Any], os.stat_result] | None:
+    def _open(self, key: str) -> VerifiedBody | None:
+        """The object's body on an open file (so header and body are of one inode, even if
+        ``put_json`` replaces the name meanwhile), or None when there is no such object."""
         path = self.path(key)
         try:
-            with path.open("rb") as f:
-                header = f.read(HEADER_BYTES)
-                st = os.fstat(f.fileno())
+            f = path.open("rb")
         except FileNotFoundError:
             return None
         except OSError as exc:
             if exc.errno in (errno.ENOTDIR, errno.EISDIR):
                 return None
             raise
-        if len(header) < HEADER_BYTES or not header.startswith(MAGIC):
-            raise IntegrityError(f"{path} has no wedefi-dr object header: damaged or planted")
         try:
-            meta = json.loads(header[len(MAGIC) :])
-        except ValueError as exc:
-            raise IntegrityError(f"{path} has a damaged object header: {exc}") from exc
-        return path, meta, st
+            header = f.read(HEADER_BYTES)
+            if len(header) < HEADER_BYTES or not header.startswith(MAGIC):
+                raise IntegrityError(f"{path} has no wedefi-dr object header: damaged or planted")
+            try:
+                meta = json.loads(header[len(MAGIC) :])
+            except ValueError as exc:
+                raise IntegrityError(f"{path} has a damaged object header: {exc}") from exc
+        except BaseException:
+            f.close()
+            raise
+        return VerifiedBody(f, str(path), meta)
 
     def head(self, key: str) -> dict[str, Any] | None:
-        found = self._meta(key)
-        if found is None:
+        body = self._open(key)
+        if body is None:
             return None
-        _, meta, st = found
+        with body.file:
+            st = os.fstat(body.file.fileno())
         return {
             "ContentLength": st.st_size - HEADER_BYTES,
-            "ContentType": meta.get("content-type"),
-            "Metadata": dict(meta.get("metadata", {})),
+            "ContentType": body.meta.get("content-type"),
+            "Metadata": dict(body.meta.get("metadata", {})),
             "LastModified": datetime.fromtimestamp(st.st_mtime, UTC),
         }
 
     def get_body(self, key: str) -> VerifiedBody:
-        found = self._meta(key)
-        if found is None:
+        body = self._open(key)
+        if body is None:
             raise FileNotFoundError(errno.ENOENT, "no such object in the repository", self.url(key))
-        path, meta, _ = found
-        return VerifiedBody(path, str(path), meta)
+        return body
 
     def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        found = self._meta(key)
-        if found is None:
+        body = self._open(key)
+        if body is None:
             return None
-        path, meta, _ = found
-        return VerifiedBody(path, str(path), meta).read(), dict(meta.get("metadata", {}))
+        return body.read(), dict(body.meta.get("metadata", {}))
 
     def get_json(self, key: str) -> dict[str, Any] | None:
         found = self.get(key)
