@@ -13,7 +13,7 @@ from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
 from wedefi_dr.logical import backup
 from wedefi_dr.runbook import LogicalBackup
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 
 @task(
@@ -53,4 +53,4 @@ def dump_encrypt_upload(backup_id: str, operator: str) -> dict[str, Any]:
 )
 def write_manifest(manifest: dict[str, Any]) -> str:
     """Written last: from this moment the backup exists."""
-    return listing.write_manifest(ObjectStore(get_settings()), BackupManifest(**manifest))
+    return listing.write_manifest(open_store(get_settings()), BackupManifest(**manifest))

@@ -12,7 +12,7 @@ from wedefi_dr.config import get_settings
 from wedefi_dr.physical import basebackup, standby
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.runbook import BaseBackup
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 
 @task(name=BaseBackup.STREAM, persist_result=True, timeout_seconds=timeouts.BASE_BACKUP)
@@ -35,4 +35,4 @@ def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
 def write_manifest(manifest: dict[str, Any]) -> str:
     """Written last: from this moment the base backup exists."""
     m = BaseBackupManifest.model_validate(manifest)
-    return basebackup.write_manifest(ObjectStore(get_settings()), m)
+    return basebackup.write_manifest(open_store(get_settings()), m)

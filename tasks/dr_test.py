@@ -34,7 +34,7 @@ from wedefi_dr.drtest.restore import restore_into
 from wedefi_dr.errors import UnknownBackup
 from wedefi_dr.observability import drtest_metrics, metrics, notify
 from wedefi_dr.runbook import DRTest, timed
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 __all__ = ["env_dir"]  # the CLI's ``dr-test teardown`` finds kept environments through it
 
@@ -53,7 +53,7 @@ PER_RUN = INPUTS + TASK_SOURCE + RUN_ID
 def select_backup(backup_id: str, random_within_days: int | None, seed: str) -> dict[str, Any]:
     """``latest``, a given id, or a random backup of the last N days (so older backups get
     tested too); the choice is seeded by the flow run, so a retry picks the same one."""
-    store = ObjectStore(get_settings())
+    store = open_store(get_settings())
     if random_within_days is None:
         return listing.resolve(store, backup_id).model_dump(mode="json")
     since = datetime.now(UTC) - timedelta(days=random_within_days)
@@ -181,7 +181,7 @@ def write_report(
     written = drreport.write_report(
         context,
         drreport.report_dir(settings, run_name),
-        ObjectStore(settings, bucket=settings.object_bucket(manifest["object"]["bucket"])),
+        open_store(settings, bucket=settings.object_bucket(manifest["object"]["bucket"])),
     )
     create_markdown_artifact(
         key="dr-test-report", markdown=written["markdown"], description=f"DR test {run_name}"

@@ -24,7 +24,7 @@ from wedefi_dr.logical import backup
 from wedefi_dr.observability import audit
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Fleet
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 
 @task(name=Fleet.LOAD, timeout_seconds=timeouts.SHORT)
@@ -73,7 +73,7 @@ def back_up_database(
                     operator=operator,
                 )
                 manifest = backup.dump_encrypt_upload(settings, backup_id, operator)
-                listing.write_manifest(ObjectStore(settings), manifest)
+                listing.write_manifest(open_store(settings), manifest)
         except Exception as exc:
             error = scrub(f"{db.name}: {type(exc).__name__}: {exc}")
             audit.backup_started(

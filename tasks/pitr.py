@@ -23,7 +23,7 @@ from wedefi_dr.physical.pitr import approval, recovery, window
 from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.postgres.cluster import ClusterHandle, cluster_handle, conf_quote
 from wedefi_dr.runbook import PITR
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 MAX_APPROVAL_WAIT_SECONDS = 7 * 24 * 3600
 
@@ -121,7 +121,7 @@ def stage_base_backup(request: dict[str, Any]) -> str:
     cluster (production, for break-glass) still runs: a bad backup stops nothing."""
     settings = get_settings()
     c = _handle(request)
-    manifest = basebackup.resolve(ObjectStore(settings), request["base_backup_id"])
+    manifest = basebackup.resolve(open_store(settings), request["base_backup_id"])
     staged = recovery.stage_base_backup(settings, manifest, c, settings.spool_path)
     get_run_logger().info(
         "base backup %s staged and verified in %s (%.1f MB: object sha256, gpg status, "

@@ -23,7 +23,7 @@ from wedefi_dr.observability import audit, metrics
 from wedefi_dr.retention import batches, guard
 from wedefi_dr.retention import policy as retention
 from wedefi_dr.runbook import Retention
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 PROGRESS_EVERY_SECONDS = 5.0
 
@@ -112,7 +112,7 @@ def guard_run(
     for problem in problems:
         logger.warning("mass deletion allowed by the request: %s", problem)
     backup = guard.recent_backup(
-        ObjectStore(settings),
+        open_store(settings),
         retention.database_of(dsn),
         settings.retention_requires_backup_within_hours,
     )

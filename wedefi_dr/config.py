@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # environment), e.g. the DR region's production replica.
     production_targets: list[str] = Field(default_factory=list)
 
+    # The repository (wedefi_dr.storage.repository): ``s3`` (the buckets below) or ``posix``
+    # (a directory on a local disk or NFS mount, ``repo_path``; checked when first opened).
+    repo_type: Literal["s3", "posix"] = "s3"
+    repo_path: Path | None = None
     # Object storage (S3 through boto3; an endpoint URL points at the local moto server).
     aws_endpoint_url: str | None = None
     aws_region: str = "us-west-2"

@@ -317,9 +317,9 @@ def _delete_backup(settings: Settings, backup_id: str) -> None:
     """The bench's backup is of the bench database: remove it so moto does not keep
     (in memory) a gigabyte per run and the catalog does not list bench runs."""
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    store = ObjectStore(settings)
+    store = open_store(settings)
     store.delete(listing.manifest_key(store, backup_id))
     store.delete(listing.data_key(store, backup_id))
 
@@ -427,7 +427,7 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
     from flows.backup import logical_backup
     from flows.restore import restore_backup
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
     with _primary_is(run.dsn(BENCH_DB)):
         flow_settings = get_settings()
@@ -439,7 +439,7 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
             run.backup_id = logical_backup(operator="bench")
             times["flow_backup"] = time.perf_counter() - t0
         run.python_rss["after_flow_backup"] = rss_by_kind()[SELF_KIND]
-        manifest = listing.resolve(ObjectStore(flow_settings), run.backup_id)
+        manifest = listing.resolve(open_store(flow_settings), run.backup_id)
         times["flow_backup_stream"] = manifest.duration_seconds
         sizes["flow_dump_bytes"] = manifest.plaintext.size_bytes
         sizes["stored_bytes"] = manifest.object.size_bytes

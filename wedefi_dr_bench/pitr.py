@@ -38,7 +38,7 @@ from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository, open_store
 from wedefi_dr_bench.logical import gpg_symmetric_cmd
 from wedefi_dr_dev.stack import Cluster, Stack
 
@@ -57,8 +57,8 @@ class PitrBench:
     work: Path
 
     @property
-    def store(self) -> ObjectStore:
-        return ObjectStore(self.settings)
+    def store(self) -> Repository:
+        return open_store(self.settings)
 
 
 def _one(dsn: str, query: str) -> Any:

@@ -37,7 +37,7 @@ from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.physical.walreceiver import APP_NAME, WalStream
 from wedefi_dr.postgres.tools import connect, tool
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 from wedefi_dr_dev.stack import Cluster, Stack
 
 SETTLE_SECONDS = 3.0  # after the kill: the stream's last upload of its partial
@@ -209,7 +209,7 @@ def drill(
                 c.stop("immediate")
             shutil.rmtree(c.home, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-        store = ObjectStore(own)
+        store = open_store(own)
         for obj in list(store.list_keys(f"{prefix}/")):
             store.delete(obj["Key"])
 

@@ -34,11 +34,13 @@ def backup(
     if not as_json:  # first: the backup exists whatever happens to its summary
         print(run.result, flush=True)
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    manifest = listing.resolve(ObjectStore(settings), run.result)
+    store = open_store(settings)
+    manifest = listing.resolve(store, run.result)
     record = {
         "backup_id": run.result,
+        "location": store.url(manifest.object.key),
         "flow_run_id": run.run_id,
         "seconds": round(run.seconds, 3),
         "manifest": manifest.model_dump(mode="json"),
@@ -56,7 +58,7 @@ def backup_summary(record: dict) -> list[str]:
     return [
         f"backup {record['backup_id']}: database {m['source']['dbname']}, "
         f"{len(m['tables'])} tables, {rows:,} rows",
-        f"stored at s3://{obj['bucket']}/{obj['key']} ({obj['size_bytes'] / 1e6:,.1f} MB, "
+        f"stored at {record['location']} ({obj['size_bytes'] / 1e6:,.1f} MB, "
         f"encrypted, sha256 {obj['sha256'][:12]}…)",
         f"took {record['seconds']:.1f} s; report: flow run {record['flow_run_id']} "
         "(artifact backup-summary)",
@@ -67,9 +69,9 @@ def backup_summary(record: dict) -> list[str]:
 def backups_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Backups that have a manifest, oldest first."""
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    manifests = listing.list_backups(ObjectStore(ready()))
+    manifests = listing.list_backups(open_store(ready()))
     if as_json:
         print(
             json.dumps([m.model_dump(mode="json", exclude={"tables"}) for m in manifests], indent=2)
@@ -92,7 +94,7 @@ def backups_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
 def backups_show(backup_id: str) -> None:
     """The whole manifest of one backup (or 'latest')."""
     from wedefi_dr.catalog import listing
-    from wedefi_dr.storage.s3 import ObjectStore
+    from wedefi_dr.storage.repository import open_store
 
-    manifest = listing.resolve(ObjectStore(ready()), backup_id)
+    manifest = listing.resolve(open_store(ready()), backup_id)
     print(json.dumps(manifest.model_dump(mode="json"), indent=2))

@@ -7,6 +7,7 @@ Development and demos only: production points the settings at its own servers.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,13 +30,26 @@ def up(
     with_deployments: Annotated[
         bool, typer.Option(help="also register the work pool and every deployment")
     ] = False,
+    repo: Annotated[
+        str | None,
+        typer.Option(
+            help="s3 (moto, in memory: lost at `stack down`) or posix (a directory kept "
+            "across `stack down`/`stack up`); default: as the stack was last brought up"
+        ),
+    ] = None,
+    repo_path: Annotated[
+        Path | None,
+        typer.Option(help="with --repo posix: the directory (default: repo/ in the stack)"),
+    ] = None,
 ) -> None:
     """Start (creating when missing) the primary and ops clusters, the S3 endpoint, the
     Prefect server and a worker for the local work pool."""
     from wedefi_dr_dev.stack import Stack
 
+    if repo_path is not None and repo != "posix":
+        raise InvalidInput("--repo-path goes with --repo posix")
     t0 = time.monotonic()
-    stack = Stack(fast=fast)
+    stack = Stack(fast=fast, repo=repo, repo_path=repo_path)
     stack.up()
     ready_after = time.monotonic() - t0
     if with_standby:
@@ -44,6 +58,7 @@ def up(
         stack.start_wal_stream()
     for name, state in stack.status().items():
         err.print(f"{name:22} {state}")
+    err.print(f"{'repository':22} {stack.repo_path or 's3 (moto, in memory)'}")
     err.print(f"Prefect UI answering {ready_after:.1f} s after `stack up` began")
     if with_deployments:
         _deploy(stack)
@@ -87,12 +102,22 @@ def url() -> None:
 
 
 @app.command("down")
-def down() -> None:
-    """Stop everything the stack started (the data stays)."""
+def down(
+    purge_repo: Annotated[
+        bool,
+        typer.Option(help="also delete the stack's own posix repository and every backup in it"),
+    ] = False,
+) -> None:
+    """Stop everything the stack started (the data stays: clusters, ops database, Prefect
+    history and a posix repository; moto's buckets are in its memory and go)."""
     from wedefi_dr_dev.stack import Stack
 
-    stopped = Stack().down()
+    stack = Stack()
+    stopped = stack.down()
     err.print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    if purge_repo:
+        purged = stack.purge_repo()
+        err.print(f"removed the posix repository {purged}" if purged else "no posix repository")
 
 
 @app.command("status")

@@ -21,10 +21,11 @@ def sync(
 ) -> None:
     """Run the sync flow: copy what the DR bucket lacks (server-side, each copy verified),
     propagate only the deletions the lifecycle recorded; refuse a wiped primary."""
+    from wedefi_dr.config import get_settings
     from wedefi_dr.lifecycle.sync import check_regions, describe
 
+    check_regions(get_settings())  # before any server is asked: a refusal needs none
     settings = ready(settings=("ops_dsn", "gpg_passphrase"), servers=("ops_dsn",))
-    check_regions(settings)
     run = run_flow("sync", "sync", operator=operator or settings.operator, dry_run=dry_run)
     if json_out:
         print_json(run.result)
@@ -79,6 +80,10 @@ def archive(
     operator: Annotated[str, typer.Option(help="who runs it (audit log)")] = "",
 ) -> None:
     """Run the archive-tier flow: the backup and its manifest copied to the Glacier bucket."""
+    from wedefi_dr.config import get_settings
+    from wedefi_dr.storage.repository import require_s3
+
+    require_s3(get_settings(), "the archive tier (Glacier)")
     settings = ready(settings=("ops_dsn", "gpg_passphrase"), servers=("ops_dsn",))
     run = run_flow(
         "archive_tier", "archive_tier", backup_id=backup_id, operator=operator or settings.operator

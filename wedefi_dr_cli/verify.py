@@ -15,7 +15,8 @@ def verify(
         bool, typer.Option("--deep", help="also decrypt every object end to end")
     ] = False,
     region: Annotated[
-        list[str] | None, typer.Option(help="primary and/or dr (default: both)")
+        list[str] | None,
+        typer.Option(help="primary and/or dr (default: every copy the repository has)"),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="the full report on stdout")] = False,
 ) -> None:
@@ -25,8 +26,8 @@ def verify(
     from wedefi_dr.errors import InvalidInput
     from wedefi_dr.lifecycle.verify import verify as run_verify
 
-    regions = tuple(region or ("primary", "dr"))
-    unknown = [r for r in regions if r not in ("primary", "dr")]
+    regions = tuple(region) if region else None
+    unknown = [r for r in regions or () if r not in ("primary", "dr")]
     if unknown:
         raise InvalidInput(f"--region must be primary or dr, not {', '.join(unknown)}")
     settings = ready(settings=("gpg_passphrase",))
@@ -35,7 +36,7 @@ def verify(
         print_json(reports)
     else:
         for r in reports:
-            lines = [f"{r['region']}: s3://{r['bucket']} — {r['objects']} objects checked"]
+            lines = [f"{r['region']}: {r['location']} — {r['objects']} objects checked"]
             for b in r["restorable"]:
                 if not b["restorable"]:
                     lines.append(f"  {b['kind']} {b['backup_id']}: NOT restorable")

@@ -10,6 +10,9 @@ lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), w
   protected database can never rewrite the record of doing so.
 - ``s3``: a moto server process (real HTTP, SigV4, multipart, SSE, storage classes, SNS);
   three buckets stand for the primary region, the DR region and the Glacier tier.
+- ``repo``: where backups go. ``s3`` (default): the moto buckets, held in moto's memory,
+  so ``down`` loses them. ``posix``: a directory (``repo/`` here, or a given path) that
+  ``down`` keeps; ``down --purge-repo`` removes the stack's own one.
 - ``pushgateway``: Debian's Prometheus Pushgateway, where every run pushes its metrics.
 - ``prefect``: the control plane, ``prefect server start`` on loopback (its SQLite database
   and ``PREFECT_HOME`` in the stack's folder) and a ``process`` worker for the local work
@@ -23,6 +26,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,18 +40,20 @@ import boto3
 from pydantic import Field, SecretStr
 
 from wedefi_dr.config import PROJECT_ROOT, Settings, host_concurrency_limit
-from wedefi_dr.errors import PreflightFailed
+from wedefi_dr.errors import InvalidInput, PreflightFailed
 from wedefi_dr.lifecycle import buckets
 from wedefi_dr.observability import audit
 from wedefi_dr.physical import archiving
 from wedefi_dr.postgres.cluster import (
     ClusterHandle,
+    chown_to,
     free_port,
     os_user_kwargs,
     read_clusters,
     write_clusters,
 )
 from wedefi_dr.postgres.tools import connect, running_as_root
+from wedefi_dr.storage import repository
 from wedefi_dr_dev import approvers
 
 PRIMARY_DB = "wedefi"
@@ -144,7 +150,13 @@ class Stack:
     """The local stack rooted at one folder; see the module docstring."""
 
     def __init__(
-        self, root: Path | None = None, *, fast: bool = False, control_plane: bool = True
+        self,
+        root: Path | None = None,
+        *,
+        fast: bool = False,
+        control_plane: bool = True,
+        repo: str | None = None,
+        repo_path: Path | None = None,
     ) -> None:
         self.root = Path(root) if root else default_stack_dir()
         self.fast = fast
@@ -154,6 +166,13 @@ class Stack:
         self.state: dict = (
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         )
+        # None: what the stack was last brought up with (s3 for a new one).
+        if repo is not None and repo not in repository.REPO_TYPES:
+            raise InvalidInput(f"--repo must be s3 or posix, not {repo!r}")
+        if repo_path is not None and not repo_path.is_absolute():
+            raise InvalidInput(f"--repo-path must be an absolute path, not {str(repo_path)!r}")
+        self.repo = repo
+        self.repo_path_override = repo_path
 
     # ---- state -------------------------------------------------------------------------
     def _save(self) -> None:
@@ -209,6 +228,53 @@ class Stack:
         return self.cluster("ops")
 
     @property
+    def repo_type(self) -> str:
+        return self.state.get("repo_type", "s3")
+
+    @property
+    def default_repo_path(self) -> Path:
+        return self.root / "repo"
+
+    @property
+    def repo_path(self) -> Path | None:
+        """The posix repository's directory (None for the S3 one)."""
+        if self.repo_type != "posix":
+            return None
+        return Path(self.state.get("repo_path") or self.default_repo_path)
+
+    def _configure_repo(self) -> None:
+        """Record the repository choice and, for posix, create its directory owned by the
+        server's OS user: ``archive_command`` writes WAL there as that user, and the posix
+        driver gives every file and directory to the repository root's owner."""
+        if self.repo is not None:
+            self.state["repo_type"] = self.repo
+            self.state.pop("repo_path", None)
+            if self.repo_path_override is not None:
+                self.state["repo_path"] = str(self.repo_path_override)
+        self._save()
+        path = self.repo_path
+        if path is None:
+            return
+        fresh = not path.exists()
+        path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if fresh or path == self.default_repo_path:
+            chown_to(path)
+
+    def purge_repo(self) -> Path | None:
+        """Remove the stack's own posix repository (``repo/`` in its folder) and every
+        backup in it; a repository at a given path is never removed from here."""
+        path = self.repo_path
+        if path is None or not path.exists():
+            return None
+        if path.resolve() != self.default_repo_path.resolve():
+            raise InvalidInput(
+                f"the posix repository {path} is not the stack's own ({self.default_repo_path}): "
+                "not removing it; delete it yourself if you mean to"
+            )
+        shutil.rmtree(path)
+        return path
+
+    @property
     def s3_port(self) -> int:
         return self._port("s3_port")
 
@@ -224,7 +290,7 @@ class Stack:
         self._check_server_user_can_enter()
         self.state.setdefault("fast", self.fast)
         self.state["control_plane"] = self.control_plane
-        self._save()
+        self._configure_repo()
         (self.root / "pg").mkdir(exist_ok=True)
         if self.control_plane:  # takes longest to answer: started first, awaited last
             self._spawn_prefect_server()
@@ -361,6 +427,8 @@ class Stack:
             wal_archiver_aws_secret_access_key=SecretStr(
                 env["WEDEFI_DR_WAL_ARCHIVER_AWS_SECRET_ACCESS_KEY"]
             ),
+            repo_type=self.repo_type,
+            repo_path=self.repo_path,
         )
         env_file = archiving.write_wal_env(
             settings,
@@ -574,7 +642,10 @@ class Stack:
             "WEDEFI_DR_WAL_ARCHIVER_AWS_ACCESS_KEY_ID": LOCAL_WAL_ARCHIVER_KEY,
             "WEDEFI_DR_WAL_ARCHIVER_AWS_SECRET_ACCESS_KEY": self._secret("wal_archiver_aws_secret"),
             **BUCKETS,
+            "WEDEFI_DR_REPO_TYPE": self.repo_type,
         }
+        if self.repo_path is not None:
+            env["WEDEFI_DR_REPO_PATH"] = str(self.repo_path)
         if self.state.get("control_plane", self.control_plane):
             env.update(self._prefect_client_env())
         if self.state.get("sns_topic_arn"):

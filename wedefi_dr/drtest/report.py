@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.runbook import DRTest
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -117,29 +117,24 @@ def report_dir(settings: Settings, run_name: str) -> Path:
     return Path(base) / run_name
 
 
-def report_prefix(store: ObjectStore, backup_id: str, run_name: str) -> str:
+def report_prefix(store: Repository, backup_id: str, run_name: str) -> str:
     return store.key(listing.KIND, backup_id, "dr-tests", run_name)
 
 
-def _upload_tree(store: ObjectStore, folder: Path, prefix: str) -> int:
+def _upload_tree(store: Repository, folder: Path, prefix: str) -> int:
     count = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        extra: dict[str, Any] = {}
-        if store.settings.sse:
-            extra["ServerSideEncryption"] = store.settings.sse
-        store.client.put_object(
-            Bucket=store.bucket,
-            Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
-            Body=path.read_bytes(),
-            ContentType=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-            **extra,
+        store.put_bytes(
+            f"{prefix}/{path.relative_to(folder).as_posix()}",
+            path.read_bytes(),
+            content_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
         )
         count += 1
     return count
 
 
 def write_report(
-    context: dict[str, Any], report_dir: Path, store: ObjectStore | None
+    context: dict[str, Any], report_dir: Path, store: Repository | None
 ) -> dict[str, Any]:
     """Render both forms, write the HTML into ``report_dir`` and upload the folder."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +142,9 @@ def write_report(
     prefix = report_prefix(store, context["backup_id"], context["run_name"]) if store else None
     context = {
         **context,
-        "html_location": (f"s3://{store.bucket}/{prefix}/report.html" if store else "")
+        "html_location": (store.url(prefix + "/report.html") if store else "")
         + f" (local copy {html_path})",
-        "data_docs_location": (
-            f"s3://{store.bucket}/{prefix}/data_docs/index.html" if store else ""
-        )
+        "data_docs_location": (store.url(prefix + "/data_docs/index.html") if store else "")
         + f" (local copy {report_dir / 'data_docs' / 'index.html'})",
     }
     env = _env()
@@ -162,6 +155,6 @@ def write_report(
     return {
         "html": str(html_path),
         "markdown": markdown,
-        "s3_html": f"s3://{store.bucket}/{prefix}/report.html" if store else None,
+        "s3_html": store.url(prefix + "/report.html") if store else None,
         "uploaded_objects": uploaded,
     }

@@ -20,29 +20,29 @@ from wedefi_dr.errors import InvalidInput
 from wedefi_dr.lifecycle import gfs, records
 from wedefi_dr.observability import audit
 from wedefi_dr.physical import basebackup, wal
-from wedefi_dr.storage.clients import aws_client
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository, open_store
 
 log = logging.getLogger(__name__)
 DELETE_BATCH = 1000  # S3's DeleteObjects limit
+# A write unfinished for this long belongs to a run that died (every step has a timeout).
+INCOMPLETE_AFTER_SECONDS = 24 * 3600
 
 
-def lifecycle_store(settings: Settings) -> ObjectStore:
+def lifecycle_store(settings: Settings) -> Repository:
     """The primary bucket under the lifecycle's deleting credential (when configured)."""
-    store = ObjectStore(settings)
     key_id = settings.lifecycle_aws_access_key_id.get_secret_value()
     secret = settings.lifecycle_aws_secret_access_key.get_secret_value()
     if key_id and secret:
-        store.client = aws_client(settings, "s3", credentials=(key_id, secret))
-    else:
+        return open_store(settings, credentials=(key_id, secret))
+    if settings.repo_type == "s3":
         log.warning(
             "WEDEFI_DR_LIFECYCLE_AWS_ACCESS_KEY_ID is not set: deleting with the default "
             "credentials (production gives the lifecycle role its own)"
         )
-    return store
+    return open_store(settings)
 
 
-def _verified(store: ObjectStore, m: Any) -> bool:
+def _verified(store: Repository, m: Any) -> bool:
     head = store.head(m.object.key)
     return head is not None and head["ContentLength"] == m.object.size_bytes
 
@@ -51,7 +51,7 @@ def plan(settings: Settings, now: datetime) -> dict[str, Any]:
     """Every candidate, kept or going, with its reason. Changes nothing."""
     if settings.source_region != "primary":
         raise InvalidInput("the backup lifecycle works on the primary bucket: unset SOURCE_REGION")
-    store = ObjectStore(settings)
+    store = open_store(settings)
     logical = listing.list_backups(store)
     selection = gfs.select_logical(
         [gfs.Logical(m.backup_id, m.finished_at, _verified(store, m)) for m in logical],
@@ -83,7 +83,7 @@ def plan(settings: Settings, now: datetime) -> dict[str, Any]:
     }
 
 
-def _keys_under(store: ObjectStore, prefix: str) -> dict[str, int]:
+def _keys_under(store: Repository, prefix: str) -> dict[str, int]:
     return {o["Key"]: o["Size"] for o in store.list_keys(prefix)}
 
 
@@ -121,18 +121,16 @@ def prune(
             operator=operator,
         )
         try:
-            for start in range(0, len(keys), DELETE_BATCH):
-                chunk = list(keys)[start : start + DELETE_BATCH]
-                response = store.client.delete_objects(
-                    Bucket=store.bucket,
-                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
-                )
-                if response.get("Errors"):
-                    first = response["Errors"][0]
-                    raise RuntimeError(f"{first['Key']}: {first['Code']} {first.get('Message')}")
+            store.delete_many(list(keys))
         except Exception as exc:
             audit.backup_finished(ops, audit_id, status="failed", error=audit.scrub(str(exc)))
             raise
         audit.backup_finished(ops, audit_id, status="success", size_bytes=sum(keys.values()))
         done.append({"type": backup_type, "id": backup_id, "objects": len(keys), "why": reason})
-    return {"record": record, "deleted": done, "objects": len(deleted)}
+    incomplete = store.clean_incomplete(INCOMPLETE_AFTER_SECONDS)
+    return {
+        "record": record,
+        "deleted": done,
+        "objects": len(deleted),
+        "incomplete_removed": incomplete,
+    }

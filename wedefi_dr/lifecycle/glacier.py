@@ -20,6 +20,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import ChecksumMismatch, InvalidInput
 from wedefi_dr.lifecycle.sync import b64_of_hex
+from wedefi_dr.storage import repository
 from wedefi_dr.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ RETRIEVAL_HOURS = {
 def archive_backup(settings: Settings, backup_id: str = "latest") -> dict[str, Any]:
     """Copy one logical backup (data object as the archive class, manifest as STANDARD) to
     the Glacier bucket, server-side, verified against the manifest; a no-op when there."""
+    repository.require_s3(settings, "the archive tier (Glacier)")
     if settings.source_region != "primary":
         raise InvalidInput("the archive tier copies from the primary bucket: unset SOURCE_REGION")
     source = ObjectStore(settings)
@@ -100,6 +102,7 @@ def thaw(
 ) -> dict[str, Any]:
     """Make the Glacier copy of ``backup_id`` readable: request the restore when none is
     under way, say how long it takes, then wait (``wait``) or return its state."""
+    repository.require_s3(settings, "the archive tier (Glacier)")
     tier = ObjectStore(settings, bucket=settings.glacier_bucket)
     manifest = listing.resolve(tier, backup_id)
     key = manifest.object.key

@@ -23,7 +23,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.drtest import environments
 from wedefi_dr.observability import audit
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository, open_store
 
 _ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 SPOOL_RE = re.compile(rf"^{_ID}\.([0-9a-f]{{12}}\.pgc|base\.tar\.gz)\.gpg$")
@@ -33,7 +33,7 @@ def plan_records(settings: Settings, now: datetime) -> dict[str, Any]:
     """What is older than its class allows: report keys, spool files, DR environments."""
     logs_before = now - timedelta(days=settings.records_log_days)
     temp_before = (now - timedelta(days=settings.records_temp_days)).timestamp()
-    store = ObjectStore(settings)
+    store = open_store(settings)
     reports = [
         o["Key"]
         for o in store.list_keys(store.key(listing.KIND) + "/")
@@ -63,7 +63,7 @@ def plan_records(settings: Settings, now: datetime) -> dict[str, Any]:
 
 
 def prune_records(
-    settings: Settings, the_plan: dict[str, Any], store: ObjectStore, *, operator: str
+    settings: Settings, the_plan: dict[str, Any], store: Repository, *, operator: str
 ) -> dict[str, int]:
     """Remove what :func:`plan_records` listed; one audit row per class of record."""
     ops = settings.ops_dsn.get_secret_value()
@@ -88,11 +88,7 @@ def prune_records(
     if keys:
 
         def delete_reports() -> None:
-            for i in range(0, len(keys), 1000):
-                store.client.delete_objects(
-                    Bucket=store.bucket,
-                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
-                )
+            store.delete_many(keys)
             done["dr_reports"] = len(keys)
 
         audited("dr-reports", delete_reports)

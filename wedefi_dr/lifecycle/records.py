@@ -14,17 +14,17 @@ from typing import Any
 
 from wedefi_dr.errors import NotAuthentic
 from wedefi_dr.storage import authentication
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository
 
 log = logging.getLogger(__name__)
 FOLDER = "lifecycle/deletions"
 
 
-def records_prefix(store: ObjectStore) -> str:
+def records_prefix(store: Repository) -> str:
     return store.key(FOLDER) + "/"
 
 
-def write_record(store: ObjectStore, run_id: str, deleted: dict[str, str], operator: str) -> str:
+def write_record(store: Repository, run_id: str, deleted: dict[str, str], operator: str) -> str:
     """Store the record of one lifecycle run: key -> why it went. Returns its key."""
     now = datetime.now(UTC)
     key = f"{records_prefix(store)}{now:%Y%m%dT%H%M%SZ}-{run_id}.json"
@@ -38,7 +38,7 @@ def write_record(store: ObjectStore, run_id: str, deleted: dict[str, str], opera
     return key
 
 
-def deleted_on_purpose(store: ObjectStore) -> dict[str, str]:
+def deleted_on_purpose(store: Repository) -> dict[str, str]:
     """Every key an authentic record names (key -> reason); a record that does not verify
     is ignored with a warning naming it."""
     keyring = authentication.keyring_of(store.settings)
@@ -48,9 +48,7 @@ def deleted_on_purpose(store: ObjectStore) -> dict[str, str]:
         if document is None:
             continue
         try:
-            authentication.verify(
-                document, keyring, f"deletion record s3://{store.bucket}/{obj['Key']}"
-            )
+            authentication.verify(document, keyring, f"deletion record {store.url(obj['Key'])}")
         except NotAuthentic as exc:
             log.warning("deletion record ignored: %s", exc)
             continue

@@ -35,7 +35,9 @@ from wedefi_dr.errors import ChecksumMismatch, DRError, InvalidInput, SyncRefuse
 from wedefi_dr.lifecycle import buckets, records
 from wedefi_dr.observability import notify
 from wedefi_dr.physical.basebackup import BaseBackupManifest
-from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
+from wedefi_dr.storage import repository
+from wedefi_dr.storage.repository import READ_CHUNK
+from wedefi_dr.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,7 @@ class Copier:
 
 
 def check_regions(settings: Settings) -> None:
+    repository.require_s3(settings, "the DR-region sync")
     if settings.source_region != "primary":
         raise InvalidInput(
             f"WEDEFI_DR_SOURCE_REGION={settings.source_region}: the sync copies the primary "

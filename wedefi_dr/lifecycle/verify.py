@@ -21,17 +21,17 @@ from typing import Any
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import DRError, NotAuthentic
+from wedefi_dr.errors import DRError, IntegrityError, NotAuthentic
 from wedefi_dr.lifecycle.gfs import segment_number
 from wedefi_dr.physical import basebackup, wal
 from wedefi_dr.physical.pitr.window import int_to_lsn, segment_end_lsn
-from wedefi_dr.storage import authentication, encryption
-from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
+from wedefi_dr.storage import authentication, encryption, repository
+from wedefi_dr.storage.repository import READ_CHUNK, Repository, open_store
 
 log = logging.getLogger(__name__)
 
 
-def _hash(store: ObjectStore, key: str, sink: Any = None) -> tuple[str, int]:
+def _hash(store: Repository, key: str, sink: Any = None) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     for chunk in store.get_body(key).iter_chunks(chunk_size=READ_CHUNK):
         digest.update(chunk)
@@ -65,7 +65,7 @@ class Verifier:
     def __init__(self, settings: Settings, region: str, bucket: str, deep: bool) -> None:
         self.settings = settings.model_copy(update={"bucket": bucket})
         self.region, self.deep = region, deep
-        self.store = ObjectStore(self.settings, bucket=bucket)
+        self.store = open_store(self.settings, bucket=bucket)
         self.keyring = authentication.keyring_of(settings)
         self.problems: list[str] = []
         self.objects = 0
@@ -82,7 +82,7 @@ class Verifier:
                 continue
             try:
                 m = listing.get_manifest(self.store, obj["Key"], model)
-            except (NotAuthentic, ValueError) as exc:
+            except (IntegrityError, ValueError) as exc:
                 self.problem(f"{obj['Key']}: manifest not authentic ({exc})")
                 continue
             if m is not None:
@@ -242,6 +242,7 @@ class Verifier:
         return {
             "region": self.region,
             "bucket": self.store.bucket,
+            "location": self.store.url(self.store.key("")),
             "objects": self.objects,
             "problems": self.problems,
             "restorable": restorable,
@@ -256,8 +257,12 @@ def _lsn_segment(lsn: str, segment_bytes: int) -> str:
 
 
 def verify(
-    settings: Settings, *, deep: bool = False, regions: tuple[str, ...] = ("primary", "dr")
+    settings: Settings, *, deep: bool = False, regions: tuple[str, ...] | None = None
 ) -> list[dict[str, Any]]:
-    """Each region's report (primary and DR by default)."""
+    """Each region's report (by default every region the repository holds a copy in)."""
+    regions = regions or repository.regions(settings)
+    unsupported = [r for r in regions if r not in repository.regions(settings)]
+    if unsupported:
+        repository.require_s3(settings, f"verify --region {unsupported[0]}")
     buckets = {"primary": settings.bucket, "dr": settings.dr_bucket}
     return [Verifier(settings, r, buckets[r], deep).run() for r in regions]

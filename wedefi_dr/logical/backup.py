@@ -41,7 +41,7 @@ from wedefi_dr.postgres.fingerprint import (
 from wedefi_dr.postgres.tools import tool, tool_major_version
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def preflight(settings: Settings) -> dict[str, Any]:
             f"pg_dump {dump_major} cannot dump a PostgreSQL {server_major} server: "
             f"install the postgresql-client-{server_major} package"
         )
-    ObjectStore(settings).check_writable()
+    open_store(settings).check_writable()
     check_gpg_params(settings)
     return {
         "server_version": info.server_version,
@@ -141,7 +141,7 @@ def check_gpg_params(settings: Settings) -> None:
 def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> BackupManifest:
     """Run the streaming pass and return the manifest it proves (not yet written)."""
     target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
-    store = ObjectStore(settings)
+    store = open_store(settings)
     data_key = listing.data_key(store, backup_id)
     params = encryption.GpgParams.from_settings(settings)
     started = datetime.now(UTC)

@@ -53,7 +53,7 @@ from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
 from wedefi_dr.postgres.tools import child_env, connect, tool
 from wedefi_dr.storage import authentication, encryption
-from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
+from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
 log = logging.getLogger(__name__)
 PGDMP_MAGIC = b"PGDMP"
@@ -207,7 +207,7 @@ def assess(settings: Settings, request: RestoreRequest) -> tuple[BackupManifest,
     if not request.target.dbname:
         raise InvalidInput("--target-dsn must name a database (dbname=...)")
     settings.require("ops_dsn", "gpg_passphrase")
-    manifest = listing.resolve(ObjectStore(settings), request.backup_id)
+    manifest = listing.resolve(open_store(settings), request.backup_id)
     if manifest.fingerprint_method != FINGERPRINT_METHOD:
         raise InvalidInput(
             f"backup {manifest.backup_id} was fingerprinted with {manifest.fingerprint_method!r}; "
@@ -234,7 +234,7 @@ def fetch_verified(settings: Settings, manifest: BackupManifest, spool_dir: Path
     spool_dir.mkdir(parents=True, exist_ok=True)
     # One file per download: two restores of one backup never share (or unlink) a spool file.
     path = spool_dir / f"{manifest.backup_id}.{uuid.uuid4().hex[:12]}.pgc.gpg"
-    store = ObjectStore(settings, bucket=settings.object_bucket(manifest.object.bucket))
+    store = open_store(settings, bucket=settings.object_bucket(manifest.object.bucket))
     t0 = time.monotonic()
     store.download_verified(
         manifest.object.key,

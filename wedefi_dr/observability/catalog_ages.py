@@ -16,7 +16,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.physical.basebackup import list_base_backups
 from wedefi_dr.physical.pitr.window import recoverable_window
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository, dr_copy, open_store
 
 
 @dataclass
@@ -32,12 +32,14 @@ class CatalogState:
     newest_wal: str | None
     primary_newest_object: float | None
     dr_newest_object: float | None
+    # False for a repository without a DR copy (posix): then there is no lag to report.
+    has_dr_copy: bool = True
 
     @property
     def sync_lag_seconds(self) -> float | None:
         """How much newer the primary's newest object is than the DR copy's newest: 0 when
         in step, the primary's whole history when the DR bucket holds nothing."""
-        if self.primary_newest_object is None:
+        if self.primary_newest_object is None or not self.has_dr_copy:
             return None
         return max(0.0, self.primary_newest_object - (self.dr_newest_object or 0.0))
 
@@ -49,7 +51,7 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-def newest_object(store: ObjectStore) -> float | None:
+def newest_object(store: Repository) -> float | None:
     """``LastModified`` of the newest object under the prefix (None: empty or no bucket)."""
     newest = None
     try:
@@ -62,7 +64,7 @@ def newest_object(store: ObjectStore) -> float | None:
 
 
 def catalog_state(settings: Settings) -> CatalogState:
-    store = ObjectStore(settings)
+    store = open_store(settings)
     logical = listing.list_backups(store)
     base = list_base_backups(store)
     window = recoverable_window(settings)
@@ -76,5 +78,6 @@ def catalog_state(settings: Settings) -> CatalogState:
         window_end=_ts(window.newest_wal_time) if earliest else None,
         newest_wal=window.newest_wal,
         primary_newest_object=newest_object(store),
-        dr_newest_object=newest_object(ObjectStore(settings, bucket=settings.dr_bucket)),
+        dr_newest_object=newest_object(dr) if (dr := dr_copy(settings)) else None,
+        has_dr_copy=dr is not None,
     )

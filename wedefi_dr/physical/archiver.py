@@ -186,9 +186,9 @@ class Archiver:
         idle_since = time.monotonic()
         last_tidy = 0.0
         _log(
-            f"archiving {self.pg_wal} to s3://{self.archive.bucket}/"
-            f"{wal.archive_prefix(self.settings)}/ ({self.settings.wal_archiver_parallel} "
-            "uploads at a time)"
+            f"archiving {self.pg_wal} to "
+            f"{self.archive.store.url(wal.archive_prefix(self.settings))}/ "
+            f"({self.settings.wal_archiver_parallel} uploads at a time)"
         )
         while not self.stop.is_set():
             busy = self.scan_once()

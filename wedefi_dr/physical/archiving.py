@@ -76,6 +76,9 @@ def write_wal_env(
         "WEDEFI_DR_WAL_ARCHIVER_PARALLEL": str(settings.wal_archiver_parallel),
         "WEDEFI_DR_WAL_ARCHIVER_IDLE_SECONDS": str(settings.wal_archiver_idle_seconds),
     }
+    values["WEDEFI_DR_REPO_TYPE"] = settings.repo_type
+    if settings.repo_path is not None:
+        values["WEDEFI_DR_REPO_PATH"] = str(settings.repo_path)
     if settings.aws_endpoint_url:
         values["WEDEFI_DR_AWS_ENDPOINT_URL"] = settings.aws_endpoint_url
     source = os.environ if aws_env is None else aws_env

@@ -45,7 +45,7 @@ from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
-from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
+from wedefi_dr.storage.repository import READ_CHUNK, Repository, open_store
 
 log = logging.getLogger(__name__)
 KIND = "base"
@@ -114,20 +114,20 @@ def lsn_to_int(lsn: str) -> int:
     return (int(hi, 16) << 32) | int(lo, 16)
 
 
-def data_key(store: ObjectStore, backup_id: str, compression: str = "gzip") -> str:
+def data_key(store: Repository, backup_id: str, compression: str = "gzip") -> str:
     return store.key(KIND, backup_id, DATA_NAMES[compression])
 
 
-def manifest_key(store: ObjectStore, backup_id: str) -> str:
+def manifest_key(store: Repository, backup_id: str) -> str:
     return store.key(KIND, backup_id, MANIFEST_NAME)
 
 
-def list_base_backups(store: ObjectStore) -> list[BaseBackupManifest]:
+def list_base_backups(store: Repository) -> list[BaseBackupManifest]:
     """Every base backup with a manifest, oldest first."""
     return listing.list_manifests(store, KIND, BaseBackupManifest)
 
 
-def resolve(store: ObjectStore, backup_id: str) -> BaseBackupManifest:
+def resolve(store: Repository, backup_id: str) -> BaseBackupManifest:
     manifest = listing.get_manifest(store, manifest_key(store, backup_id), BaseBackupManifest)
     if manifest is None:
         raise UnknownBackup(f"no base backup {backup_id!r} (no manifest under {store.key(KIND)}/)")
@@ -248,11 +248,11 @@ def basebackup_command(target: ConnTarget, label: str) -> list[str]:
 def take(settings: Settings, operator: str, backup_id: str | None = None) -> BaseBackupManifest:
     """Stream a base backup and write its manifest: both steps, for callers outside a flow."""
     manifest = stream(settings, operator, backup_id or new_backup_id())
-    write_manifest(ObjectStore(settings), manifest)
+    write_manifest(open_store(settings), manifest)
     return manifest
 
 
-def write_manifest(store: ObjectStore, manifest: BaseBackupManifest) -> str:
+def write_manifest(store: Repository, manifest: BaseBackupManifest) -> str:
     """Written last: from this moment the base backup exists."""
     key = manifest_key(store, manifest.backup_id)
     listing.put_manifest(store, key, manifest)
@@ -264,7 +264,7 @@ def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManif
     written (a base backup exists only once :func:`write_manifest` ran)."""
     settings.require("primary_dsn", "gpg_passphrase")
     target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
-    store = ObjectStore(settings)
+    store = open_store(settings)
     compression = settings.base_backup_compression
     key = data_key(store, backup_id, compression)
     params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # compressed

@@ -6,12 +6,13 @@ import only the standard library, boto3 and the settings (no Prefect, no GX, no 
 
 PostgreSQL's contract, which this module keeps exactly:
 
-- ``push`` exits 0 only once the object is durably stored (S3 PUT returned). A re-push of
-  identical content exits 0 (the server re-sends after a crash); different content under
-  a name that exists exits non-zero, stores nothing and says so loudly. The same rule
-  protects ``.history`` files (never overwritten), ``.partial`` segments (their own
-  names, never the complete segment's) and ``.backup`` labels. The check-then-put race is
-  closed by a conditional PUT (``If-None-Match: *``).
+- ``push`` exits 0 only once the object is durably stored (S3 PUT returned; posix:
+  fsynced and linked). A re-push of identical content exits 0 (the server re-sends after
+  a crash); different content under a name that exists exits non-zero, stores nothing
+  and says so loudly. The same rule protects ``.history`` files (never overwritten),
+  ``.partial`` segments (their own names, never the complete segment's) and ``.backup``
+  labels. The check-then-put race is closed by a conditional PUT (``If-None-Match: *``;
+  posix: ``link()``).
 - ``fetch`` of a file that is not in the archive exits 1 without noise: the server asks
   for files that may not exist (the next timeline's history, the segment after the end).
   Any other failure (access, checksum, decryption) exits 128, which the server treats as
@@ -56,11 +57,10 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wedefi_dr.errors import DRError, NotAuthentic
-from wedefi_dr.storage import authentication, encryption
-from wedefi_dr.storage.clients import aws_client
+from wedefi_dr.storage import authentication, encryption, repository
 
 if TYPE_CHECKING:  # pydantic costs ~0.3 s: a prefetched segment is handed over without it
     from wedefi_dr.config import Settings
@@ -186,45 +186,38 @@ def _sha256(data: bytes) -> str:
 # ---- the archive -------------------------------------------------------------------------
 @dataclass
 class Archive:
-    """The WAL prefix of one bucket, with the push and fetch rules."""
+    """The WAL prefix of the repository, with the push and fetch rules."""
 
     settings: Settings
 
     def __post_init__(self) -> None:
-        self.client = aws_client(
-            self.settings, "s3", max_pool_connections=max(16, self.settings.wal_prefetch + 2)
+        self.store = repository.open_store(
+            self.settings, connections=max(16, self.settings.wal_prefetch + 2)
         )
-        self.bucket = self.settings.bucket
+        self.bucket = self.store.bucket
         self.keyring = authentication.keyring_of(self.settings)
 
-    def _missing(self, exc: Exception) -> bool:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        return code in {"404", "NoSuchKey", "NotFound"}
+    @property
+    def client(self) -> Any:
+        """The boto3 client of an S3 repository, for S3-only operations (AttributeError on
+        a posix one, which has none)."""
+        return self.store.client  # type: ignore[attr-defined]
 
     def head(self, name: str) -> dict | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=archive_key(self.settings, name))
-        except ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise
+        return self.store.head(archive_key(self.settings, name))
 
     def _same_or_conflict(self, name: str, head: dict, sha: str) -> None:
         stored = head.get("Metadata", {}).get("plain-sha256")
         if stored != sha:
             raise ArchiveConflict(
-                f"REFUSED: {name} is already archived at s3://{self.bucket}/"
-                f"{archive_key(self.settings, name)} with different content (stored sha256 "
-                f"{stored}, this file {sha}); nothing was stored. Two clusters may be "
-                "archiving into one prefix: stop and check before anything else."
+                f"REFUSED: {name} is already archived at "
+                f"{self.store.url(archive_key(self.settings, name))} with different content "
+                f"(stored sha256 {stored}, this file {sha}); nothing was stored. Two clusters "
+                "may be archiving into one prefix: stop and check before anything else."
             )
 
     def push_bytes(self, name: str, plain: bytes) -> str:
         """Store ``plain`` under ``name`` unless it is there; returns what happened."""
-        from botocore.exceptions import ClientError
-
         validate_name(name)
         sha = _sha256(plain)
         head = self.head(name)
@@ -232,47 +225,33 @@ class Archive:
             self._same_or_conflict(name, head, sha)
             return "already archived (identical)"
         cipher = encode(self.settings, plain)
-        extra = {"ServerSideEncryption": self.settings.sse} if self.settings.sse else {}
-        try:
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=archive_key(self.settings, name),
-                Body=cipher,
-                IfNoneMatch="*",
-                StorageClass=self.settings.storage_class,
-                Metadata={
-                    "plain-sha256": sha,
-                    "plain-size": str(len(plain)),
-                    "object-sha256": _sha256(cipher),
-                    "encoding": ENCODING,
-                    MAC_KEY_ID: self.keyring.current.key_id,
-                    MAC: authentication.object_mac(self.keyring.current, name, sha, len(plain)),
-                },
-                **extra,
-            )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code not in {"PreconditionFailed", "ConditionalRequestConflict", "412"}:
-                raise
+        stored = self.store.put_new(
+            archive_key(self.settings, name),
+            cipher,
+            storage_class=self.settings.storage_class,
+            metadata={
+                "plain-sha256": sha,
+                "plain-size": str(len(plain)),
+                "object-sha256": _sha256(cipher),
+                "encoding": ENCODING,
+                MAC_KEY_ID: self.keyring.current.key_id,
+                MAC: authentication.object_mac(self.keyring.current, name, sha, len(plain)),
+            },
+        )
+        if not stored:
             head = self.head(name)  # someone stored it between our HEAD and PUT
             if head is None:
-                raise
+                raise ArchiveConflict(f"{name}: the conditional put failed but nothing is stored")
             self._same_or_conflict(name, head, sha)
             return "already archived (identical, concurrent push)"
         return f"archived ({len(plain)} -> {len(cipher)} bytes)"
 
     def fetch_bytes(self, name: str, workdir: Path) -> bytes | None:
         """The verified plaintext, or None when the archive has no such object."""
-        from botocore.exceptions import ClientError
-
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=archive_key(self.settings, name))
-        except ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise
-        cipher = obj["Body"].read()
-        meta = obj.get("Metadata", {})
+        found = self.store.get(archive_key(self.settings, name))
+        if found is None:
+            return None
+        cipher, meta = found
         if meta.get("encoding") != ENCODING or "plain-sha256" not in meta:
             raise ArchiveCorrupt(f"{name}: object has no {ENCODING} checksums in its metadata")
         if _sha256(cipher) != meta.get("object-sha256"):
@@ -296,14 +275,12 @@ class Archive:
     def later_segments(self, name: str, limit: int = 5) -> list[str]:
         """Archived segments (or .partial) of ``name``'s timeline that come after it."""
         prefix = archive_prefix(self.settings) + "/"
-        resp = self.client.list_objects_v2(
-            Bucket=self.bucket,
-            Prefix=prefix + name[:8],
-            StartAfter=prefix + name + "~",  # '~' sorts after '.partial' and '.backup'
-            MaxKeys=50,
-        )
         found = []
-        for obj in resp.get("Contents", []):
+        for obj in self.store.list_keys(
+            prefix + name[:8],
+            start_after=prefix + name + "~",  # '~' sorts after '.partial' and '.backup'
+            max_keys=50,
+        ):
             base = obj["Key"][len(prefix) :]
             if SEGMENT_RE.match(base[:24]) and (len(base) == 24 or base.endswith(".partial")):
                 found.append(base)
@@ -311,11 +288,7 @@ class Archive:
 
     def list_names(self) -> list[str]:
         prefix = archive_prefix(self.settings) + "/"
-        paginator = self.client.get_paginator("list_objects_v2")
-        names = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
-        return names
+        return [o["Key"][len(prefix) :] for o in self.store.list_keys(prefix)]
 
 
 # ---- push --------------------------------------------------------------------------------
@@ -505,8 +478,8 @@ def fetch(settings: Settings, name: str, dest: str | Path) -> bool:
             later = archive.later_segments(name)
             if later and archive.head(name) is None:
                 raise ArchiveGap(
-                    f"GAP IN THE WAL ARCHIVE: segment {name} is missing from s3://"
-                    f"{archive.bucket}/{archive_prefix(settings)}/ but later segments exist "
+                    f"GAP IN THE WAL ARCHIVE: segment {name} is missing from "
+                    f"{archive.store.url(archive_prefix(settings))}/ but later segments exist "
                     f"({', '.join(later)}): recovery stops here rather than end early"
                 )
             if later:  # it arrived meanwhile (a live primary archiving)

@@ -64,13 +64,11 @@ def put_partial(archive: wal.Archive, segment: str, plain: bytes) -> None:
     settings = archive.settings
     sha = _sha256(plain)
     cipher = wal.encode(settings, plain)
-    extra = {"ServerSideEncryption": settings.sse} if settings.sse else {}
-    archive.client.put_object(
-        Bucket=archive.bucket,
-        Key=stream_key(settings, segment),
-        Body=cipher,
-        StorageClass=settings.storage_class,
-        Metadata={
+    archive.store.put_bytes(
+        stream_key(settings, segment),
+        cipher,
+        storage_class=settings.storage_class,
+        metadata={
             "plain-sha256": sha,
             "plain-size": str(len(plain)),
             "object-sha256": _sha256(cipher),
@@ -81,24 +79,17 @@ def put_partial(archive: wal.Archive, segment: str, plain: bytes) -> None:
                 archive.keyring.current, _mac_name(segment), sha, len(plain)
             ),
         },
-        **extra,
     )
 
 
 def fetch_partial(archive: wal.Archive, segment: str, workdir: Path) -> tuple[bytes, str] | None:
     """The verified plaintext of ``segment``'s streamed partial and when it was uploaded,
     or None when there is none. A damaged or planted object raises ArchiveCorrupt."""
-    from botocore.exceptions import ClientError
-
     settings = archive.settings
-    try:
-        obj = archive.client.get_object(Bucket=archive.bucket, Key=stream_key(settings, segment))
-    except ClientError as exc:
-        if archive._missing(exc):
-            return None
-        raise
-    cipher = obj["Body"].read()
-    meta = obj.get("Metadata", {})
+    found = archive.store.get(stream_key(settings, segment))
+    if found is None:
+        return None
+    cipher, meta = found
     if meta.get("encoding") != wal.ENCODING or _sha256(cipher) != meta.get("object-sha256"):
         raise wal.ArchiveCorrupt(f"streamed partial {segment}: object fails its sha256")
     try:
@@ -122,10 +113,8 @@ def later_timeline_exists(archive: wal.Archive, segment: str) -> bool:
     """True when the archive holds a history file or segment of a timeline after
     ``segment``'s (keys sort by timeline first)."""
     prefix = wal.archive_prefix(archive.settings) + "/"
-    resp = archive.client.list_objects_v2(
-        Bucket=archive.bucket, Prefix=prefix, StartAfter=prefix + segment[:8] + "~", MaxKeys=1
-    )
-    return bool(resp.get("Contents"))
+    later = archive.store.list_keys(prefix, start_after=prefix + segment[:8] + "~", max_keys=1)
+    return next(later, None) is not None
 
 
 def best_partial(archive: wal.Archive, segment: str, workdir: Path) -> bytes | None:

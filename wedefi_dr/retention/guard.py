@@ -31,7 +31,7 @@ from wedefi_dr.postgres.timestamps import naive_utc
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.retention.batches import TablePreview
 from wedefi_dr.retention.policy import APPLICATION_NAME, TablePlan
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import Repository
 
 CLOCK_SKEW = timedelta(minutes=5)
 """How far ``as_of`` may lie ahead of this machine's clock (hosts' clocks differ a bit)."""
@@ -142,7 +142,7 @@ class VerifiedBackup:
 
 
 def recent_backup(
-    store: ObjectStore, dbname: str, within_hours: float, now: datetime | None = None
+    store: Repository, dbname: str, within_hours: float, now: datetime | None = None
 ) -> VerifiedBackup:
     """The newest logical backup of ``dbname`` that finished within ``within_hours`` and
     whose object is stored at its manifest's size; NoRecentBackup saying what was found.
@@ -165,7 +165,7 @@ def recent_backup(
     raise NoRecentBackup(
         f"retention refused before its first batch (nothing was changed): no verified "
         f"logical backup of database {dbname!r} finished in the last {within_hours:g} h "
-        f"in s3://{store.bucket}/{store.key('logical')}/ ({'; '.join(seen) or 'none found'}); "
+        f"in {store.url(store.key('logical'))}/ ({'; '.join(seen) or 'none found'}); "
         "take one with 'wedefi-dr backup' first"
     )
 
@@ -174,7 +174,7 @@ def _hours(now: datetime, then: datetime) -> float:
     return (now - then).total_seconds() / 3600
 
 
-def _stored(store: ObjectStore, manifest: BackupManifest) -> bool:
+def _stored(store: Repository, manifest: BackupManifest) -> bool:
     if manifest.object.bucket != store.bucket:
         return False
     head = store.head(manifest.object.key)

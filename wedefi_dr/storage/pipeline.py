@@ -32,7 +32,7 @@ from typing import IO
 
 from wedefi_dr.errors import BackupFailed
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.s3 import READ_CHUNK, HashingReader, ObjectStore
+from wedefi_dr.storage.repository import READ_CHUNK, HashingReader, Repository
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 64 * 1024 * 1024
@@ -115,7 +115,7 @@ class EncryptedUpload:
     alongside: Mapping[str, Callable[[], None]] = field(default_factory=dict)
     label: str = "backup"
 
-    def run(self, store: ObjectStore, key: str) -> Streamed:
+    def run(self, store: Repository, key: str) -> Streamed:
         """Stream, encrypt and upload; raises BackupFailed with nothing left at ``key``."""
         proc = gpg = upload = None
         try:

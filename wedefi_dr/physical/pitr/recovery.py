@@ -39,7 +39,7 @@ from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import child_env, connect
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
+from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
 
 class RecoveryFailed(DRError):
@@ -109,7 +109,7 @@ def stage_base_backup(
     staged = staging_dir(cluster)
     if staged.exists():
         shutil.rmtree(staged)  # an earlier attempt's leftovers: never a live data directory
-    store = ObjectStore(settings)
+    store = open_store(settings)
     spool.mkdir(parents=True, exist_ok=True)
     cipher = spool / f"{manifest.backup_id}.{Path(manifest.object.key).name}"
     unpack_argv = basebackup.decompressor_argv(basebackup.compression_of(manifest))

@@ -13,7 +13,7 @@ from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical import wal
 from wedefi_dr.physical.basebackup import BaseBackupManifest, list_base_backups, lsn_to_int
 from wedefi_dr.physical.pitr.target import RecoveryTarget
-from wedefi_dr.storage.s3 import ObjectStore
+from wedefi_dr.storage.repository import open_store
 
 
 class TargetOutsideWindow(InvalidInput):
@@ -48,7 +48,7 @@ class Window:
 
 def recoverable_window(settings: Settings) -> Window:
     """Earliest base-backup end → newest archived WAL segment (its upload time)."""
-    store = ObjectStore(settings)
+    store = open_store(settings)
     backups = list_base_backups(store)
     newest: tuple | None = None
     count = 0
