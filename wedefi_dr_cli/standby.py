@@ -126,9 +126,11 @@ def failover(
             f"old primary {r['old_primary']}: {r['fence']['stopped']}, fenced: "
             f"{r['fence']['fenced']}",
             f"approved by {', '.join(r['approvers'])}; flow run {record.run_id}",
+            r["clusters_file"]["operator_action"]
+            or f"clusters file: {', '.join(r['clusters_file']['changes']) or 'already so'}",
         ]
     )
-    if r["archive_problem"]:
+    if r["archive_problem"] or r["clusters_file"]["operator_action"]:
         raise typer.Exit(EXIT_FAILED)
 
 
