@@ -46,7 +46,15 @@ def rejoin(
     new_primary: str = "standby",
     slot: str | None = None,
 ) -> dict[str, Any]:
-    """Make the fenced cluster ``old_primary`` a streaming standby of ``new_primary``."""
+    """Make the fenced cluster ``old_primary`` a streaming standby of ``new_primary``.
+
+    Args:
+        operator: Who rejoins it (audit log).
+        justification: Why now (audit log).
+        old_primary: The fenced old primary's name in the clusters file.
+        new_primary: The promoted primary's name there; the rejoined one streams from it.
+        slot: Its replication slot on the new primary (default: the standby slot setting).
+    """
     timings: dict[Rejoin, dict[str, float]] = {}
     subject = f"WeDefiDaily rejoin {old_primary} as a standby of {new_primary}"
     details = {"old_primary": old_primary, "new_primary": new_primary}

@@ -67,8 +67,8 @@ def rewind(request: dict[str, Any]) -> dict[str, Any]:
     done = rejoin.rewind_or_reprovision(
         handle(request["old"]),
         handle(request["new"]),
-        request,
         request["slot"],
+        not_rewindable=request["not_rewindable"],
         archive_command=_archive_command(request["old"]),
         timeout=timeouts.BASE_BACKUP,
     )

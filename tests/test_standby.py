@@ -322,3 +322,26 @@ def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_
     roles = read_clusters(pair["clusters"])
     assert (roles[PRIMARY].production, roles[PRIMARY].fenced) == (False, False)
     assert roles[STANDBY].production is True
+
+
+def test_rejoin_falls_back_to_a_fresh_base_backup_and_keeps_the_old_directory(pair):
+    """When pg_rewind cannot work (here: told the cluster has no hint bits logged), the old
+    directory is moved aside still fenced and pg_basebackup re-provisions the standby."""
+    p, s = pair["primary"], pair["standby"]
+    p.stop()
+    done = rejoin.rewind_or_reprovision(
+        p,
+        s,
+        "wedefi_standby",
+        not_rewindable="pytest: no wal_log_hints",
+        archive_command=None,
+        timeout=300,
+    )
+    assert done["method"] == "pg_basebackup"
+    assert done["fallback"].startswith("pytest: no wal_log_hints; re-provisioned")
+    kept = Path(done["kept_at"])
+    assert (kept / "PG_VERSION").exists() and (kept / FENCE_MARKER).exists()
+    assert (kept / "standby.signal").exists()
+    status = standby.wait_streaming(s, p, "wedefi_standby")
+    assert status["state"] == "streaming"
+    assert sql1(p.dsn(), "SELECT count(*) FROM acks WHERE n IN (10, 11, 12)") == 3

@@ -216,16 +216,16 @@ def refence(data_dir: Path, os_user: str, why: str) -> None:
 def rewind_or_reprovision(
     old: ClusterHandle,
     new_primary: ClusterHandle,
-    request: dict[str, Any],
     slot: str,
     *,
+    not_rewindable: str | None,
     archive_command: str | None,
     timeout: float,
 ) -> dict[str, Any]:
-    """pg_rewind when it can; else the old directory aside (fenced) and a fresh
-    ``pg_basebackup`` of the new primary in its place, started (``method`` says which,
-    ``fallback`` why)."""
-    why = request["not_rewindable"]
+    """pg_rewind when it can (``not_rewindable`` None, see :func:`rewindable`); else the
+    old directory aside (fenced) and a fresh ``pg_basebackup`` of the new primary in its
+    place, started (``method`` says which, ``fallback`` why)."""
+    why = not_rewindable
     if why is None:
         ensure_slot(new_primary, slot)
         try:
@@ -233,7 +233,7 @@ def rewind_or_reprovision(
         except (RewindFailed, subprocess.TimeoutExpired) as exc:
             why = f"pg_rewind could not rewind {old.name}: {exc}"
             refence(old.data_dir, old.os_user, why)
-        standby.drop_slot(new_primary, slot)
+    standby.drop_slot(new_primary, slot)  # pg_basebackup -C makes it afresh
     aside = move_aside(old, "before-rejoin")
     if aside is not None:
         refence(aside, old.os_user, f"kept by rejoin before a fresh pg_basebackup: {why}")
