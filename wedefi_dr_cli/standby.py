@@ -22,6 +22,13 @@ StandbyName = Annotated[str, typer.Option("--standby", help="the standby's name 
 AsJson = Annotated[bool, typer.Option("--json", help="the full record instead of a summary")]
 
 
+def _clusters_file_line(roles: dict) -> str:
+    """What the run did to the clusters file, or what the operator must change in it."""
+    return roles["operator_action"] or (
+        f"clusters file: {', '.join(roles['changes']) or 'already so'}"
+    )
+
+
 def _described(settings, *names: str) -> None:  # noqa: ANN001 - Settings
     """Every named cluster is in the clusters file (refused before Prefect starts)."""
     from wedefi_dr.postgres.cluster import cluster_handle
@@ -138,8 +145,7 @@ def rejoin(
             *([r["fallback"]] if r["fallback"] else []),
             f"WAL kept: {len(kept['pushed'])} segment(s) pushed, {len(kept['copied_aside'])} "
             f"copied to {kept['aside']}",
-            r["clusters_file"]["operator_action"]
-            or f"clusters file: {', '.join(r['clusters_file']['changes']) or 'already so'}",
+            _clusters_file_line(r["clusters_file"]),
         ]
     )
     if r["clusters_file"]["operator_action"]:
@@ -181,8 +187,7 @@ def failover(
             f"old primary {r['old_primary']}: {r['fence']['stopped']}, fenced: "
             f"{r['fence']['fenced']}",
             f"approved by {', '.join(r['approvers'])}; flow run {record.run_id}",
-            r["clusters_file"]["operator_action"]
-            or f"clusters file: {', '.join(r['clusters_file']['changes']) or 'already so'}",
+            _clusters_file_line(r["clusters_file"]),
         ]
     )
     if r["archive_problem"] or r["clusters_file"]["operator_action"]:
