@@ -38,7 +38,7 @@ from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import child_env, connect
-from wedefi_dr.storage import encryption
+from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.s3 import READ_CHUNK, ObjectStore
 
 
@@ -94,6 +94,28 @@ def _pump_hashed(source: IO[bytes], sink: IO[bytes], *, gunzip: bool) -> tuple[s
     return digest.hexdigest(), size
 
 
+def backup_passphrase(settings: Settings, store: ObjectStore, manifest: BaseBackupManifest) -> str:
+    """The passphrase ``manifest``'s base backup was encrypted under: the one whose key
+    signed its manifest (the current one, or after a rotation one of
+    ``WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES``). The key id picks it, so no decryption is tried
+    with a wrong passphrase; a key id no configured passphrase derives is named."""
+    keyring = authentication.keyring_of(settings)
+    key = basebackup.manifest_key(store, manifest.backup_id)
+    what = f"manifest s3://{store.bucket}/{key}"
+    document = store.get_json(key)
+    if document is None:
+        raise BaseBackupRefused(f"base backup {manifest.backup_id}: {what} is gone")
+    auth = document.get(authentication.FIELD)
+    key_id = auth.get("key_id") if isinstance(auth, dict) else None
+    if key_id and keyring.key(str(key_id)) is None:
+        raise BaseBackupRefused(
+            f"base backup {manifest.backup_id} was written under key id {key_id!r}, which no "
+            f"configured passphrase derives ({', '.join(keyring.key_ids)}): add the passphrase "
+            "it was taken with to WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES"
+        )
+    return authentication.verify(document, keyring, what).passphrase
+
+
 def stage_base_backup(
     settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
 ) -> Path:
@@ -127,7 +149,7 @@ def stage_base_backup(
             cluster.give(cluster.home)
         staged.mkdir(mode=0o700)
         cluster.give(staged)
-        gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), cipher)
+        gpg = encryption.start_decrypt(backup_passphrase(settings, store, manifest), cipher)
         gpg.require_encrypted()  # before tar writes a byte
         source = gpg.stdout
         if unpack_argv is not None:  # zstd -d or lz4 -d reads gpg's output directly
