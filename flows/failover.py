@@ -131,9 +131,15 @@ def failover(
         or (None if fenced["fenced"] else fenced["note"]),
     )
     new = request["standby"]
+    address = f"{new['host']}:{new['port']}"
+    next_steps = (
+        f"point WEDEFI_DR_PRIMARY_DSN at {address} (backups and monitoring read it); "
+        f"rejoin the old primary as a standby: wedefi-dr standby rejoin --old-primary {primary} "
+        f"--new-primary {standby}"
+    )
     result = {
         "new_primary": standby,
-        "new_primary_address": f"{new['host']}:{new['port']}",
+        "new_primary_address": address,
         "old_primary": primary,
         "timeline": promoted["timeline"],
         "promoted_at_lsn": promoted["promoted_at_lsn"],
@@ -142,6 +148,7 @@ def failover(
         "last_archived_wal": archived["last_archived_wal"],
         "archive_problem": archived["problem"],
         "clusters_file": roles,
+        "next_steps": next_steps,
         "approvers": approvers,
         "timings": {step.value: round(t["seconds"], 3) for step, t in timings.items()},
         "finished_at": datetime.now(UTC).isoformat(),
@@ -166,6 +173,7 @@ def failover(
             f"| archive | last archived {archived['last_archived_wal']} |\n"
             f"| clusters file | {roles['operator_action'] or ', '.join(roles['changes'])} |\n"
             f"| approvers | {', '.join(approvers)} |\n"
+            f"| next | {next_steps} |\n"
         ),
         description=f"failover to {standby}",
     )

@@ -254,6 +254,7 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
     assert (roles[STANDBY].production, roles[STANDBY].fenced) == (True, False)
     assert (roles[PRIMARY].production, roles[PRIMARY].fenced) == (False, True)
     assert result["clusters_file"]["written"] is True
+    assert f"--old-primary {PRIMARY} --new-primary {STANDBY}" in result["next_steps"]
     assert (p.data_dir / "standby.signal").exists() and (p.data_dir / FENCE_MARKER).exists()
     with pytest.raises(ClusterFenced, match="fenced by a failover"):
         p.start()
@@ -345,3 +346,8 @@ def test_rejoin_falls_back_to_a_fresh_base_backup_and_keeps_the_old_directory(pa
     status = standby.wait_streaming(s, p, "wedefi_standby")
     assert status["state"] == "streaming"
     assert sql1(p.dsn(), "SELECT count(*) FROM acks WHERE n IN (10, 11, 12)") == 3
+    # A crashed old primary is refused before anything changes: pg_rewind needs a clean stop.
+    (p.data_dir / FENCE_MARKER).write_text("{}\n")
+    p.stop("immediate")
+    with pytest.raises(InvalidInput, match="was not stopped cleanly"):
+        rejoin.check_request(p, s, "wedefi_standby")

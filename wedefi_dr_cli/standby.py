@@ -188,6 +188,7 @@ def failover(
             f"{r['fence']['fenced']}",
             f"approved by {', '.join(r['approvers'])}; flow run {record.run_id}",
             _clusters_file_line(r["clusters_file"]),
+            f"next: {r['next_steps']}",
         ]
     )
     if r["archive_problem"] or r["clusters_file"]["operator_action"]:
