@@ -66,7 +66,8 @@ def controldata(cluster: ClusterHandle) -> dict[str, str]:
 
 
 def rewindable(control: dict[str, str]) -> str | None:
-    """None when pg_rewind can work on this cluster, else why not."""
+    """None when pg_rewind can work on this cluster (its hint-bit changes are in the WAL),
+    else why not. The source's ``full_page_writes=on`` is checked on the server."""
     if control.get("Data page checksum version", "0") != "0":
         return None
     if control.get("wal_log_hints setting") == "on":
@@ -100,10 +101,11 @@ def check_request(old: ClusterHandle, new_primary: ClusterHandle, slot: str) -> 
     with connect(new_primary.dsn(), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system()),"
-            " (SELECT active FROM pg_replication_slots WHERE slot_name = %s)",
+            " (SELECT active FROM pg_replication_slots WHERE slot_name = %s),"
+            " current_setting('full_page_writes')",
             (slot,),
         )
-        in_recovery, system_id, slot_active = cur.fetchone()
+        in_recovery, system_id, slot_active, full_page_writes = cur.fetchone()
     if in_recovery:
         raise InvalidInput(f"{new_primary.name} is in recovery: it is no primary to rejoin")
     if str(system_id) != control.get("Database system identifier"):
@@ -118,7 +120,12 @@ def check_request(old: ClusterHandle, new_primary: ClusterHandle, slot: str) -> 
         "timeline": int(control.get("Latest checkpoint's TimeLineID", "1")),
         "end_lsn": control.get("Latest checkpoint location", "0/0"),
         "segment_bytes": int(control.get("Bytes per WAL segment", str(16 * 2**20))),
-        "not_rewindable": rewindable(control),
+        "not_rewindable": rewindable(control)
+        or (
+            None
+            if full_page_writes == "on"
+            else f"the new primary {new_primary.name} runs with full_page_writes=off"
+        ),
     }
 
 
