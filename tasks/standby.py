@@ -42,7 +42,7 @@ def record_roles(
         ops = settings.ops_dsn.get_secret_value()
         audit_id = audit.recovery_started(
             ops,
-            recovery_type="clusters-file",
+            recovery_type="clusters_file",
             backup_id=None,
             target=f"clusters file {path}: {', '.join(done['changes'])}"[:300],
             operator=operator,
