@@ -14,7 +14,8 @@ WAL), fences it, then promotes the standby. The fence is two things:
   directory: whoever starts it afterwards (pg_ctl, systemctl, a reboot) gets a read-only
   server in recovery, never a second primary. PostgreSQL itself enforces this, which a
   renamed directory does not (an operator renames it back, a unit file points at it);
-  bringing it back as a standby is then ``pg_rewind`` and a start.
+  bringing it back as a standby is then ``pg_rewind`` and a start
+  (:mod:`wedefi_dr.physical.rejoin`).
 - a marker file, :data:`FENCE_MARKER`, saying when, why and who is primary now, which
   :meth:`ClusterHandle.start` (and so the local stack and PITR) refuses to start.
 """
@@ -424,7 +425,10 @@ def fence(old: ClusterHandle, new_primary: ClusterHandle, *, reason: str) -> dic
         "fenced_at": datetime.now(UTC).isoformat(),
         "reason": reason,
         "new_primary": f"{new_primary.name} ({new_primary.host}:{new_primary.port})",
-        "rejoin": "pg_rewind --source-server=<new primary>, then remove this file and start",
+        "rejoin": (
+            f"wedefi-dr standby rejoin --old-primary {old.name} --new-primary "
+            f"{new_primary.name} (pg_rewind, its WAL kept; wedefi_dr.physical.rejoin)"
+        ),
     }
     (data / FENCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     old.give(data / FENCE_MARKER)
