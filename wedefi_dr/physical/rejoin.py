@@ -244,9 +244,15 @@ def rewind_or_reprovision(
     aside = move_aside(old, "before-rejoin")
     if aside is not None:
         refence(aside, old.os_user, f"kept by rejoin before a fresh pg_basebackup: {why}")
-    done = standby.provision(
-        new_primary, old, slot, archive_command=archive_command, timeout=timeout
-    )
+    try:
+        done = standby.provision(
+            new_primary, old, slot, archive_command=archive_command, timeout=timeout
+        )
+    except DRError as exc:
+        raise standby.StandbyFailed(
+            f"{why}; the fresh pg_basebackup failed too: {exc}; the old directory is kept, "
+            f"fenced, at {aside}"
+        ) from exc
     return {
         "method": "pg_basebackup",
         "fallback": f"{why}; re-provisioned with pg_basebackup, the old directory kept at {aside}",
