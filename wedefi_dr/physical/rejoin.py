@@ -203,16 +203,12 @@ def pg_rewind(old: ClusterHandle, new_primary: ClusterHandle, *, timeout: float)
     if result.returncode != 0:
         raise RewindFailed(f"pg_rewind exited {result.returncode}: {output[-800:]}")
     diverged = next((line for line in output.splitlines() if "diverged at" in line), None)
-    return {
-        "method": "pg_rewind",
-        "diverged": diverged,
-        "rewind_needed": "no rewind required" not in output,
-    }
+    return {"method": "pg_rewind", "diverged": diverged}
 
 
 def refence(data_dir: Path, os_user: str, why: str) -> None:
-    """Put the fence back on a directory pg_rewind left half-done (it removes files the
-    source lacks, the marker and ``standby.signal`` among them)."""
+    """Put the fence back on a directory pg_rewind changed (it removes the files the source
+    lacks, the marker and ``standby.signal`` among them)."""
     for name, text in (("standby.signal", ""), (FENCE_MARKER, why + "\n")):
         path = data_dir / name
         if not path.exists():
@@ -236,10 +232,14 @@ def rewind_or_reprovision(
     if why is None:
         ensure_slot(new_primary, slot)
         try:
-            return {**pg_rewind(old, new_primary, timeout=timeout), "fallback": None}
+            rewound = pg_rewind(old, new_primary, timeout=timeout)
         except (RewindFailed, subprocess.TimeoutExpired) as exc:
             why = f"pg_rewind could not rewind {old.name}: {exc}"
             refence(old.data_dir, old.os_user, why)
+        else:
+            # Fenced until configure_and_unfence: a start in between must not make a primary.
+            refence(old.data_dir, old.os_user, "rewound by rejoin, not yet a configured standby")
+            return {**rewound, "fallback": None}
     standby.drop_slot(new_primary, slot)  # pg_basebackup -C makes it afresh
     aside = move_aside(old, "before-rejoin")
     if aside is not None:
