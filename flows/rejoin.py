@@ -90,12 +90,17 @@ def rejoin(
     audit_recovery_finished(
         audit_id, "success", error=rewound["fallback"] or roles["operator_action"]
     )
+    if rewound["method"] == "pg_rewind":
+        rewind = rewound["diverged"] or "no rewind required"
+    else:
+        rewind = "replaced by a fresh pg_basebackup"
     result = {
         "rejoined": old_primary,
         "new_primary": new_primary,
         "method": rewound["method"],
         "fallback": rewound["fallback"],
         "diverged": rewound.get("diverged"),
+        "rewind": rewind,
         "wal_kept": kept,
         "slot": request["slot"],
         "state": status["state"],
@@ -115,7 +120,7 @@ def rejoin(
             f"# Rejoin {old_primary} → standby of {new_primary}\n\n| | |\n|---|---|\n"
             f"| method | {rewound['method']} |\n"
             f"| fallback | {rewound['fallback'] or 'none'} |\n"
-            f"| diverged | {rewound.get('diverged') or 'no rewind required'} |\n"
+            f"| rewind | {rewind} |\n"
             f"| WAL kept | pushed {len(kept['pushed'])}, copied aside "
             f"{len(kept['copied_aside'])} to {kept['aside']} |\n"
             f"| streaming | {status['state']} on slot {request['slot']}, lag "

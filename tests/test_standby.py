@@ -298,6 +298,7 @@ def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_
     )
     assert result["method"] == "pg_rewind" and result["fallback"] is None
     assert result["diverged"] and "diverged at" in result["diverged"]
+    assert result["rewind"] == result["diverged"]
     assert result["state"] == "streaming"
     # The divergent row's WAL was never archived (.ready): pushed before the rewind, and
     # copied aside as well.

@@ -141,7 +141,7 @@ def rejoin(
     summarize(
         [
             f"{old_primary}: {r['state']} from {new_primary} on slot {r['slot']}, lag "
-            f"{r['lag_bytes']} bytes ({r['method']}: {r['diverged'] or 'no rewind required'})",
+            f"{r['lag_bytes']} bytes ({r['method']}: {r['rewind']})",
             *([r["fallback"]] if r["fallback"] else []),
             f"WAL kept: {len(kept['pushed'])} segment(s) pushed, {len(kept['copied_aside'])} "
             f"copied to {kept['aside']}",
