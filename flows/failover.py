@@ -11,8 +11,11 @@
    that every start through a cluster handle refuses (wedefi_dr.physical.standby)
 5. production archiving on the standby (its own archive env file)
 6. ``pg_promote()``: not in recovery, writable, on a new timeline
-7. confirm the archive: a segment of the new timeline (after its ``.history``) archived
-8. audit row 'success'; report the new primary
+7. clusters file: the new primary ``production: true``, the old one ``production: false``
+   and ``fenced: true`` (written atomically, audited; a file we may not write is named
+   with the keys the operator must change)
+8. confirm the archive: a segment of the new timeline (after its ``.history``) archived
+9. audit row 'success'; report the new primary
 
 A failure between the fence and a finished promotion rolls back: the old primary is
 unfenced and started again if it ran (the standby, not promoted, stays a standby).
@@ -116,17 +119,27 @@ def failover(
             with timed() as timings[Failover.ROLL_BACK]:
                 rolled = steps.roll_back(request, fenced)
             raise RolledBack(f"{type(exc).__name__}: {exc}\n[{rolled}]") from exc
+        with timed() as timings[Failover.CLUSTERS_FILE]:
+            roles = steps.update_clusters_file(request, operator, justification)
         with timed() as timings[Failover.CONFIRM_ARCHIVE]:
             archived = steps.confirm_archive(request, promoted["timeline"])
     audit_recovery_finished(
         audit_id,
         "success",
-        error=archived["problem"] or (None if fenced["fenced"] else fenced["note"]),
+        error=archived["problem"]
+        or roles["operator_action"]
+        or (None if fenced["fenced"] else fenced["note"]),
     )
     new = request["standby"]
+    address = f"{new['host']}:{new['port']}"
+    next_steps = (
+        f"point WEDEFI_DR_PRIMARY_DSN at {address} (backups and monitoring read it); "
+        f"rejoin the old primary as a standby: wedefi-dr standby rejoin --old-primary {primary} "
+        f"--new-primary {standby}"
+    )
     result = {
         "new_primary": standby,
-        "new_primary_address": f"{new['host']}:{new['port']}",
+        "new_primary_address": address,
         "old_primary": primary,
         "timeline": promoted["timeline"],
         "promoted_at_lsn": promoted["promoted_at_lsn"],
@@ -134,14 +147,21 @@ def failover(
         "archive_env": archive_env,
         "last_archived_wal": archived["last_archived_wal"],
         "archive_problem": archived["problem"],
+        "clusters_file": roles,
+        "next_steps": next_steps,
         "approvers": approvers,
         "timings": {step.value: round(t["seconds"], 3) for step, t in timings.items()},
         "finished_at": datetime.now(UTC).isoformat(),
     }
     send_notification(
         f"{subject}: {standby} is the primary (timeline {promoted['timeline']})",
-        "success" if not archived["problem"] else "failure",
-        {**details, "fenced": fenced["fenced"], "archive_problem": archived["problem"]},
+        "success" if not (archived["problem"] or roles["operator_action"]) else "failure",
+        {
+            **details,
+            "fenced": fenced["fenced"],
+            "archive_problem": archived["problem"],
+            "clusters_file": roles["operator_action"] or "updated",
+        },
     )
     create_markdown_artifact(
         key="failover-report",
@@ -151,7 +171,9 @@ def failover(
             f"| timeline | {promoted['timeline']} (from {promoted['promoted_at_lsn']}) |\n"
             f"| old primary | {fenced['stopped']}; fenced: {fenced['fenced']} |\n"
             f"| archive | last archived {archived['last_archived_wal']} |\n"
+            f"| clusters file | {roles['operator_action'] or ', '.join(roles['changes'])} |\n"
             f"| approvers | {', '.join(approvers)} |\n"
+            f"| next | {next_steps} |\n"
         ),
         description=f"failover to {standby}",
     )

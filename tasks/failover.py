@@ -8,10 +8,11 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from tasks import timeouts
-from tasks.standby import handle, resolve_pair
+from tasks.standby import handle, record_roles, resolve_pair
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical import archiving, standby
+from wedefi_dr.postgres import clusters_file
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.runbook import Failover
 
@@ -103,6 +104,19 @@ def confirm_archive(request: dict[str, Any], timeline: int) -> dict[str, Any]:
     )
     get_run_logger().error(problem)
     return {"last_archived_wal": row[1] if row else None, "problem": problem}
+
+
+@task(name=Failover.CLUSTERS_FILE.value, timeout_seconds=timeouts.SHORT)
+def update_clusters_file(
+    request: dict[str, Any], operator: str, justification: str
+) -> dict[str, Any]:
+    """After the promotion: restore-target policy, PITR and monitoring follow the flag."""
+    old, new = request["primary"]["name"], request["standby"]["name"]
+    return record_roles(
+        lambda path: clusters_file.after_failover(path, old, new),
+        operator=operator,
+        justification=justification,
+    )
 
 
 @task(name=Failover.ROLL_BACK.value, timeout_seconds=timeouts.MEDIUM)

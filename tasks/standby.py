@@ -6,6 +6,8 @@ their descriptions (plain dicts): a retried run acts on what was checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -13,6 +15,7 @@ from prefect import get_run_logger, task
 from tasks import timeouts
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.observability import audit
 from wedefi_dr.physical import archiving, standby
 from wedefi_dr.physical.pitr.approval import validate_cluster_name
 from wedefi_dr.postgres.cluster import ClusterHandle, cluster_handle
@@ -21,6 +24,41 @@ from wedefi_dr.runbook import Standby
 
 def handle(description: dict[str, Any]) -> ClusterHandle:
     return ClusterHandle.model_validate(description)
+
+
+def record_roles(
+    change: Callable[[Path], dict[str, Any]], *, operator: str, justification: str
+) -> dict[str, Any]:
+    """Apply ``change`` to the clusters file (wedefi_dr.postgres.clusters_file) and audit
+    it as its own recovery row: ``success`` with the keys changed, or ``failed`` with the
+    sentence telling the operator what to change by hand. Never raises for a file we may
+    not write: the roles have changed on the servers already, the file must catch up."""
+    settings = get_settings()
+    path = settings.clusters_file
+    assert path is not None  # the request check resolved both clusters through it
+    done = change(path)
+    logger = get_run_logger()
+    if done["written"] or done["operator_action"]:
+        ops = settings.ops_dsn.get_secret_value()
+        audit_id = audit.recovery_started(
+            ops,
+            recovery_type="clusters_file",
+            backup_id=None,
+            target=f"clusters file {path}: {', '.join(done['changes'])}"[:300],
+            operator=operator,
+            justification=justification,
+        )
+        audit.recovery_finished(
+            ops,
+            audit_id,
+            status="success" if done["written"] else "failed",
+            error=done["operator_action"],
+        )
+    if done["operator_action"]:
+        logger.error(done["operator_action"])
+    else:
+        logger.info("clusters file %s: %s", path, ", ".join(done["changes"]) or "already so")
+    return done
 
 
 def resolve_pair(primary: str, standby_name: str) -> tuple[ClusterHandle, ClusterHandle]:

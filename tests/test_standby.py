@@ -21,12 +21,13 @@ from tests.test_pitr import EnvPatch, sql1
 from wedefi_dr.approval import ApprovalRefused
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.physical import archiving, standby, wal, walreceiver, walstream
+from wedefi_dr.physical import archiving, rejoin, standby, wal, walreceiver, walstream
 from wedefi_dr.postgres.cluster import (
     FENCE_MARKER,
     ClusterFenced,
     ClusterHandle,
     free_port,
+    read_clusters,
     write_clusters,
 )
 
@@ -75,7 +76,13 @@ def pair(stack, settings, prefect_api):
         from flows.standby import provision_standby
 
         result = provision_standby(primary=PRIMARY, standby=STANDBY)
-        yield {"primary": p, "standby": s, "prefix": prefix, "provisioned": result}
+        yield {
+            "primary": p,
+            "standby": s,
+            "prefix": prefix,
+            "provisioned": result,
+            "clusters": clusters,
+        }
     finally:
         for h in (s, p):
             if h.is_running():
@@ -243,6 +250,11 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
     assert sql1(s.dsn(), "SELECT count(*) FROM acks WHERE n = 10") == 1
 
     assert not p.is_running() and result["fence"]["fenced"] is True
+    roles = read_clusters(pair["clusters"])
+    assert (roles[STANDBY].production, roles[STANDBY].fenced) == (True, False)
+    assert (roles[PRIMARY].production, roles[PRIMARY].fenced) == (False, True)
+    assert result["clusters_file"]["written"] is True
+    assert f"--old-primary {PRIMARY} --new-primary {STANDBY}" in result["next_steps"]
     assert (p.data_dir / "standby.signal").exists() and (p.data_dir / FENCE_MARKER).exists()
     with pytest.raises(ClusterFenced, match="fenced by a failover"):
         p.start()
@@ -258,3 +270,85 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
     )
     assert names and result["last_archived_wal"].startswith("00000002")
     assert get_settings().prefix == prefix
+
+
+def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_its_wal(pair):
+    """The old primary wrote a row the new one never received (a standby that lagged):
+    pg_rewind discards it from the data directory, the WAL holding it is kept aside, and
+    the old primary streams from the new one with the new rows."""
+    from flows.rejoin import rejoin as rejoin_flow
+
+    p, s = pair["primary"], pair["standby"]
+    with pytest.raises(InvalidInput, match="is not fenced"):
+        rejoin.check_request(s, p, "wedefi_standby")
+    (p.data_dir / FENCE_MARKER).unlink()
+    (p.data_dir / "standby.signal").unlink()
+    with (p.data_dir / "postgresql.auto.conf").open("a") as f:
+        f.write("archive_command = '/bin/false'\n")  # its divergent WAL stays .ready
+    p.start()
+    divergent = f"divergent-{uuid.uuid4().hex}"
+    sql1(p.dsn(), f"INSERT INTO acks VALUES (20, '{divergent}')")
+    standby.fence(p, s, reason="pytest: the divergent old primary stopped again")
+    with pytest.raises(InvalidInput, match="not fenced"):
+        rejoin.check_request(s, p, "wedefi_standby")
+    sql1(s.dsn(), "INSERT INTO acks VALUES (11, 'after the failover')")
+
+    result = rejoin_flow(
+        operator="pytest", justification="drill", old_primary=PRIMARY, new_primary=STANDBY
+    )
+    assert result["method"] == "pg_rewind" and result["fallback"] is None
+    assert result["diverged"] and "diverged at" in result["diverged"]
+    assert result["rewind"] == result["diverged"]
+    assert result["state"] == "streaming"
+    # The divergent row's WAL was never archived (.ready): pushed before the rewind, and
+    # copied aside as well.
+    at = result["diverged"].split("WAL location ")[1].split()[0]
+    segment = rejoin.segment_name(1, at, get_settings().wal_segment_bytes)
+    assert segment in result["wal_kept"]["pushed"]
+    assert divergent.encode() in (Path(result["wal_kept"]["aside"]) / segment).read_bytes()
+    fetched = p.home / "divergent-from-the-archive"
+    assert wal.fetch(get_settings(), segment, fetched) is True
+    assert divergent.encode() in fetched.read_bytes()
+
+    assert p.is_running() and not (p.data_dir / FENCE_MARKER).exists()
+    assert sql1(p.dsn(), "SELECT pg_is_in_recovery()") is True
+    assert sql1(p.dsn(), "SELECT count(*) FROM acks WHERE n IN (10, 11)") == 2
+    assert sql1(p.dsn(), "SELECT count(*) FROM acks WHERE n = 20") == 0
+    sql1(s.dsn(), "INSERT INTO acks VALUES (12, 'streamed to the rejoined standby')")
+    poll(
+        "row 12 on the rejoined standby",
+        lambda: sql1(p.dsn(), "SELECT count(*) FROM acks WHERE n = 12"),
+    )
+    status = standby.replication_status(s, p, result["slot"])
+    assert status["state"] == "streaming" and status["application_name"] == PRIMARY
+    roles = read_clusters(pair["clusters"])
+    assert (roles[PRIMARY].production, roles[PRIMARY].fenced) == (False, False)
+    assert roles[STANDBY].production is True
+
+
+def test_rejoin_falls_back_to_a_fresh_base_backup_and_keeps_the_old_directory(pair):
+    """When pg_rewind cannot work (here: told the cluster has no hint bits logged), the old
+    directory is moved aside still fenced and pg_basebackup re-provisions the standby."""
+    p, s = pair["primary"], pair["standby"]
+    p.stop()
+    done = rejoin.rewind_or_reprovision(
+        p,
+        s,
+        "wedefi_standby",
+        not_rewindable="pytest: no wal_log_hints",
+        archive_command=None,
+        timeout=300,
+    )
+    assert done["method"] == "pg_basebackup"
+    assert done["fallback"].startswith("pytest: no wal_log_hints; re-provisioned")
+    kept = Path(done["kept_at"])
+    assert (kept / "PG_VERSION").exists() and (kept / FENCE_MARKER).exists()
+    assert (kept / "standby.signal").exists()
+    status = standby.wait_streaming(s, p, "wedefi_standby")
+    assert status["state"] == "streaming"
+    assert sql1(p.dsn(), "SELECT count(*) FROM acks WHERE n IN (10, 11, 12)") == 3
+    # A crashed old primary is refused before anything changes: pg_rewind needs a clean stop.
+    (p.data_dir / FENCE_MARKER).write_text("{}\n")
+    p.stop("immediate")
+    with pytest.raises(InvalidInput, match="was not stopped cleanly"):
+        rejoin.check_request(p, s, "wedefi_standby")

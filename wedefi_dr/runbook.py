@@ -128,7 +128,19 @@ class Failover(StrEnum):
     ARCHIVING = "configure production archiving on the standby"
     PROMOTE = "promote the standby with pg_promote() and confirm it is writable"
     CONFIRM_ARCHIVE = "confirm the new timeline reaches the archive"
+    CLUSTERS_FILE = "clusters file: the new primary production, the old one fenced"
     ROLL_BACK = "roll back: unfence the old primary and start it as it was"
+
+
+class Rejoin(StrEnum):
+    """Flow ``rejoin``: the fenced old primary back as a standby of the new one."""
+
+    CHECK_REQUEST = "check the old primary is fenced and stopped cleanly, the new one runs"
+    KEEP_WAL = "keep the old primary's WAL: push .ready segments, copy divergent ones aside"
+    REWIND = "pg_rewind onto the new primary's timeline (or a fresh pg_basebackup)"
+    CONFIGURE = "configure it as a streaming standby of the new primary and unfence it"
+    VERIFY_STREAMING = "start it and verify streaming: pg_stat_replication"
+    CLUSTERS_FILE = "clusters file: the rejoined cluster is no longer fenced"
 
 
 def step_key(step: StrEnum) -> str:

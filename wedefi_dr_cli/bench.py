@@ -155,6 +155,18 @@ def pitr(
     print_json(pitr_bench.run_bench(settings, seconds=seconds, clients=clients, pushes=pushes))
 
 
+@app.command("delta")
+def delta(
+    scale: Annotated[int, typer.Option(help="pgbench scale of the bench's cluster")] = 10,
+    rounds: Annotated[int, typer.Option(help="rounds; the best is reported")] = 3,
+) -> None:
+    """Delta restore of a base backup against a full staging of the same backup."""
+    from wedefi_dr_bench import delta as delta_bench
+
+    settings = ready(settings=("gpg_passphrase",), tools=("pgbench", "pg_basebackup", "initdb"))
+    print_json(delta_bench.run_bench(settings, scale=scale, rounds=rounds))
+
+
 @app.command("rpo")
 def rpo(
     seconds: Annotated[float, typer.Option(help="seconds of load before the kill -9")] = 20.0,

@@ -1,7 +1,8 @@
 """``wedefi-dr standby``, ``failover`` and ``wal-stream``: Tier 1 and near-zero RPO.
 
-``standby provision`` and ``failover`` run their flows (the failover pauses for the
-break-glass approval in the Prefect UI); ``standby status`` asks the servers directly;
+``standby provision``, ``standby rejoin`` and ``failover`` run their flows (the failover
+pauses for the break-glass approval in the Prefect UI); ``standby status`` asks the servers
+directly;
 ``wal-stream`` is the resident ``pg_receivewal`` uploader, in the foreground until
 Ctrl-C or SIGTERM (the local stack starts the same process with ``--with-wal-stream``).
 """
@@ -19,6 +20,13 @@ app = typer.Typer(no_args_is_help=True, help="The streaming standby (Tier 1).")
 Primary = Annotated[str, typer.Option(help="the primary's name in the clusters file")]
 StandbyName = Annotated[str, typer.Option("--standby", help="the standby's name there")]
 AsJson = Annotated[bool, typer.Option("--json", help="the full record instead of a summary")]
+
+
+def _clusters_file_line(roles: dict) -> str:
+    """What the run did to the clusters file, or what the operator must change in it."""
+    return roles["operator_action"] or (
+        f"clusters file: {', '.join(roles['changes']) or 'already so'}"
+    )
 
 
 def _described(settings, *names: str) -> None:  # noqa: ANN001 - Settings
@@ -91,6 +99,59 @@ def status(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("rejoin")
+def rejoin(
+    operator: Annotated[str, typer.Option(help="who is rejoining it")] = "",
+    justification: Annotated[str, typer.Option(help="why (audit log)")] = "",
+    old_primary: Annotated[str, typer.Option(help="the fenced old primary")] = "primary",
+    new_primary: Annotated[str, typer.Option(help="the primary it streams from")] = "standby",
+    slot: Annotated[str | None, typer.Option(help="replication slot (default: setting)")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Flow ``rejoin``: the fenced old primary rewound (pg_rewind) into a standby."""
+    from wedefi_dr.physical.pitr.approval import validate_cluster_name
+    from wedefi_dr.physical.standby import validate_slot
+
+    require_text(operator, "--operator", "who is rejoining the old primary (audit log)")
+    require_text(justification, "--justification", "why (audit log)")
+    validate_cluster_name(old_primary)
+    validate_cluster_name(new_primary)
+    if slot is not None:
+        validate_slot(slot)
+    settings = ready(
+        settings=("ops_dsn", "clusters_file"),
+        tools=("pg_rewind", "pg_basebackup", "pg_controldata"),
+        servers=("ops_dsn",),
+    )
+    _described(settings, old_primary, new_primary)
+    record = run_flow(
+        "rejoin",
+        "rejoin",
+        operator=operator,
+        justification=justification,
+        old_primary=old_primary,
+        new_primary=new_primary,
+        slot=slot,
+    )
+    r = record.result
+    if as_json:
+        print_json({**r, "flow_run_id": record.run_id})
+        return
+    kept = r["wal_kept"]
+    summarize(
+        [
+            f"{old_primary}: {r['state']} from {new_primary} on slot {r['slot']}, lag "
+            f"{r['lag_bytes']} bytes ({r['method']}: {r['rewind']})",
+            *([r["fallback"]] if r["fallback"] else []),
+            f"WAL kept: {len(kept['pushed'])} segment(s) pushed, {len(kept['copied_aside'])} "
+            f"copied to {kept['aside']}",
+            _clusters_file_line(r["clusters_file"]),
+        ]
+    )
+    if r["clusters_file"]["operator_action"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
 def failover(
     operator: Annotated[str, typer.Option(help="who is failing over")] = "",
     justification: Annotated[str, typer.Option(help="why (audit log)")] = "",
@@ -126,9 +187,11 @@ def failover(
             f"old primary {r['old_primary']}: {r['fence']['stopped']}, fenced: "
             f"{r['fence']['fenced']}",
             f"approved by {', '.join(r['approvers'])}; flow run {record.run_id}",
+            _clusters_file_line(r["clusters_file"]),
+            f"next: {r['next_steps']}",
         ]
     )
-    if r["archive_problem"]:
+    if r["archive_problem"] or r["clusters_file"]["operator_action"]:
         raise typer.Exit(EXIT_FAILED)
 
 

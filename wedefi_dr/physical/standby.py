@@ -14,7 +14,8 @@ WAL), fences it, then promotes the standby. The fence is two things:
   directory: whoever starts it afterwards (pg_ctl, systemctl, a reboot) gets a read-only
   server in recovery, never a second primary. PostgreSQL itself enforces this, which a
   renamed directory does not (an operator renames it back, a unit file points at it);
-  bringing it back as a standby is then ``pg_rewind`` and a start.
+  bringing it back as a standby is then ``pg_rewind`` and a start
+  (:mod:`wedefi_dr.physical.rejoin`).
 - a marker file, :data:`FENCE_MARKER`, saying when, why and who is primary now, which
   :meth:`ClusterHandle.start` (and so the local stack and PITR) refuses to start.
 """
@@ -118,6 +119,17 @@ def _passfile_password(path: Path) -> str:
     return fields[4].replace("\\:", ":").replace("\\\\", "\\") if len(fields) == 5 else ""
 
 
+def passfile_to(new_primary: ClusterHandle, old: ClusterHandle) -> Path:
+    """``old``'s passfile for streaming from (or rewinding onto) ``new_primary``, which was
+    its standby. The new primary's superuser password is the old one's (the base backup
+    copied pg_authid): the passfile the standby streamed with, keyed for the new address."""
+    passfile = old.home / PASSFILE_NAME
+    _write_passfile(
+        passfile, new_primary, _passfile_password(new_primary.home / PASSFILE_NAME), old.os_user
+    )
+    return passfile
+
+
 def pgpass_lookup(cluster: ClusterHandle) -> str:
     """The superuser's password for ``cluster`` as libpq would find it (``PGPASSFILE``,
     else ``~/.pgpass``), for the standby's own passfile; '' when there is none."""
@@ -161,6 +173,42 @@ def _strip_generated_conninfo(data_dir: Path) -> str:
         keep.append(line)
     auto.write_text("\n".join(keep) + "\n")
     return password
+
+
+def write_standby_settings(
+    primary: ClusterHandle,
+    standby: ClusterHandle,
+    passfile: Path,
+    slot: str,
+    archive_command: str | None,
+) -> None:
+    """``standby``'s own identity (port, sockets, name) and its streaming from ``primary``
+    appended to ``postgresql.auto.conf``, after whatever a copy of the primary brought
+    along (pg_basebackup and pg_rewind both copy the primary's configuration files).
+
+    ``wal_log_hints=on``: the day this standby is promoted and its old primary rejoins,
+    or the day it is itself the old primary, ``pg_rewind`` needs hint-bit changes in the
+    WAL; a cluster with data checksums logs them anyway, one without would be refused.
+    """
+    settings = {
+        "primary_conninfo": replication_conninfo(primary, passfile, standby.name),
+        "primary_slot_name": slot,
+        "port": str(standby.port),
+        "listen_addresses": standby.host,
+        "unix_socket_directories": str(standby.sockets),
+        "cluster_name": standby.name,
+        "hot_standby": "on",
+        "wal_log_hints": "on",
+        "archive_mode": "on" if archive_command else "off",
+    }
+    if archive_command:
+        settings["archive_command"] = archive_command
+    _append_auto_conf(standby.data_dir, f"standby of {primary.name} by wedefi-dr", settings)
+    signal = standby.data_dir / "standby.signal"
+    signal.touch()
+    standby.give(signal)
+    for leftover in ("postmaster.pid", "postmaster.opts"):
+        (standby.data_dir / leftover).unlink(missing_ok=True)
 
 
 def provision(
@@ -224,21 +272,7 @@ def provision(
     password = _strip_generated_conninfo(standby.data_dir) or pgpass_lookup(primary)
     passfile = standby.home / PASSFILE_NAME
     _write_passfile(passfile, primary, password, standby.os_user)
-    settings = {
-        "primary_conninfo": replication_conninfo(primary, passfile, standby.name),
-        "primary_slot_name": slot,
-        "port": str(standby.port),
-        "listen_addresses": standby.host,
-        "unix_socket_directories": str(standby.sockets),
-        "cluster_name": standby.name,
-        "hot_standby": "on",
-        "archive_mode": "on" if archive_command else "off",
-    }
-    if archive_command:
-        settings["archive_command"] = archive_command
-    _append_auto_conf(standby.data_dir, f"standby of {primary.name} by wedefi-dr", settings)
-    for leftover in ("postmaster.pid", "postmaster.opts"):
-        (standby.data_dir / leftover).unlink(missing_ok=True)
+    write_standby_settings(primary, standby, passfile, slot, archive_command)
     _give_tree(standby.data_dir, standby.os_user)
     standby.start(wait=True)
     return {"slot": slot, "copy_seconds": round(copied, 3), "passfile": str(passfile)}
@@ -379,12 +413,7 @@ def fence(old: ClusterHandle, new_primary: ClusterHandle, *, reason: str) -> dic
             "fenced": False,
             "note": f"{data} is not reachable from here: fence it before its host comes back",
         }
-    # The new primary's superuser password is the old one's (the base backup copied
-    # pg_authid): the passfile the standby streamed with, keyed for the new address.
-    passfile = old.home / PASSFILE_NAME
-    _write_passfile(
-        passfile, new_primary, _passfile_password(new_primary.home / PASSFILE_NAME), old.os_user
-    )
+    passfile = passfile_to(new_primary, old)
     (data / "standby.signal").write_text("")
     old.give(data / "standby.signal")
     _append_auto_conf(
@@ -396,7 +425,10 @@ def fence(old: ClusterHandle, new_primary: ClusterHandle, *, reason: str) -> dic
         "fenced_at": datetime.now(UTC).isoformat(),
         "reason": reason,
         "new_primary": f"{new_primary.name} ({new_primary.host}:{new_primary.port})",
-        "rejoin": "pg_rewind --source-server=<new primary>, then remove this file and start",
+        "rejoin": (
+            f"wedefi-dr standby rejoin --old-primary {old.name} --new-primary "
+            f"{new_primary.name} (pg_rewind, its WAL kept; wedefi_dr.physical.rejoin)"
+        ),
     }
     (data / FENCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     old.give(data / FENCE_MARKER)

@@ -117,6 +117,9 @@ class ClusterHandle(BaseModel):
     start_command: list[str] = Field(default_factory=list)
     stop_command: list[str] = Field(default_factory=list)
     production: bool = False
+    # Set by a failover on the old primary (its data directory carries FENCE_MARKER too),
+    # cleared by the rejoin that makes it a standby again (wedefi_dr.postgres.clusters_file).
+    fenced: bool = False
 
     # ---- where things are ---------------------------------------------------------------
     @property

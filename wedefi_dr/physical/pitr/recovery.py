@@ -38,8 +38,8 @@ from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import child_env, connect
-from wedefi_dr.storage import encryption
-from wedefi_dr.storage.repository import READ_CHUNK, open_store
+from wedefi_dr.storage import authentication, encryption
+from wedefi_dr.storage.repository import READ_CHUNK, Repository, open_store
 
 
 class RecoveryFailed(DRError):
@@ -94,6 +94,129 @@ def _pump_hashed(source: IO[bytes], sink: IO[bytes], *, gunzip: bool) -> tuple[s
     return digest.hexdigest(), size
 
 
+def backup_passphrase(settings: Settings, store: Repository, manifest: BaseBackupManifest) -> str:
+    """The passphrase ``manifest``'s base backup was encrypted under: the one whose key
+    signed its manifest (the current one, or after a rotation one of
+    ``WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES``). The key id picks it, so no decryption is tried
+    with a wrong passphrase; a key id no configured passphrase derives is named."""
+    keyring = authentication.keyring_of(settings)
+    key = basebackup.manifest_key(store, manifest.backup_id)
+    what = f"manifest s3://{store.bucket}/{key}"
+    document = store.get_json(key)
+    if document is None:
+        raise BaseBackupRefused(f"base backup {manifest.backup_id}: {what} is gone")
+    auth = document.get(authentication.FIELD)
+    key_id = auth.get("key_id") if isinstance(auth, dict) else None
+    if key_id and keyring.key(str(key_id)) is None:
+        raise BaseBackupRefused(
+            f"base backup {manifest.backup_id} was written under key id {key_id!r}, which no "
+            f"configured passphrase derives ({', '.join(keyring.key_ids)}): add the passphrase "
+            "it was taken with to WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES"
+        )
+    return authentication.verify(document, keyring, what).passphrase
+
+
+class _TarSink:
+    """``tar -x`` into a folder as the cluster's OS user: where the plaintext goes."""
+
+    def __init__(self, folder: Path, os_user: str) -> None:
+        self.proc = subprocess.Popen(
+            ["tar", "-xf", "-", "-C", str(folder)],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            env=child_env(),
+            **os_user_kwargs(os_user),
+        )
+        self.stdin = self.proc.stdin
+
+    def wait(self) -> str | None:
+        """Its error once the stream is in, or None."""
+        err = self.proc.stderr.read().decode(errors="replace")
+        return f"tar -x failed: {err[-500:]}" if self.proc.wait() != 0 else None
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def stream_plaintext(
+    settings: Settings,
+    store: Repository,
+    manifest: BaseBackupManifest,
+    cipher: Path,
+    sink: Any,
+    what: str,
+) -> None:
+    """The downloaded ``cipher`` decrypted (the passphrase its manifest's key id picks),
+    decompressed and hashed on its way into ``sink`` (``.stdin``, ``.wait()`` -> error or
+    None, ``.kill()``), then every check of the stream: gpg's status (encrypted before a
+    byte reaches the sink, intact at the end), the tar's sha256 and size against the
+    manifest, and the sink's own error."""
+    unpack_argv = basebackup.decompressor_argv(basebackup.compression_of(manifest))
+    gpg = encryption.start_decrypt(backup_passphrase(settings, store, manifest), cipher)
+    unpack = None
+    try:
+        gpg.require_encrypted()  # before the sink gets a byte
+        source = gpg.stdout
+        if unpack_argv is not None:  # zstd -d or lz4 -d reads gpg's output directly
+            unpack = subprocess.Popen(
+                unpack_argv, stdin=gpg.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            gpg.stdout.close()
+            source = unpack.stdout
+        try:
+            sha, size = _pump_hashed(source, sink.stdin, gunzip=unpack is None)
+        except (zlib.error, BrokenPipeError) as exc:
+            sink.kill()
+            gpg.kill()
+            raise BaseBackupRefused(
+                f"{what}: decompressing/tar of the decrypted stream failed: {exc}"
+                + (f" ({error})" if (error := sink.wait()) else "")
+            ) from exc
+        if unpack is not None and unpack.wait() != 0:
+            sink.kill()
+            gpg.kill()
+            unpack_err = unpack.stderr.read().decode(errors="replace")
+            raise BaseBackupRefused(
+                f"{what}: {unpack_argv[0]} of the decrypted stream failed: {unpack_err[-300:]}"
+            )
+        sink_error = sink.wait()
+        gpg_err = gpg.stderr.read()
+        if gpg.wait() != 0:
+            raise encryption.decrypt_error(gpg.returncode, gpg_err)
+        gpg.require_authentic()
+        if (sha, size) != (manifest.plaintext_sha256, manifest.plaintext_size_bytes):
+            raise BaseBackupRefused(
+                f"{what}: plaintext check failed: the decrypted tar has sha256 {sha} and "
+                f"{size} bytes, its manifest says {manifest.plaintext_sha256} and "
+                f"{manifest.plaintext_size_bytes}: refusing to start a server on it"
+            )
+        if sink_error:
+            raise BaseBackupRefused(f"{what}: {sink_error}")
+    finally:
+        if unpack is not None and unpack.poll() is None:
+            unpack.kill()
+        if gpg.poll() is None:
+            gpg.kill()
+
+
+def download_cipher(store: Repository, manifest: BaseBackupManifest, spool: Path) -> Path:
+    """The base backup's object into ``spool``, its size and sha256 checked."""
+    spool.mkdir(parents=True, exist_ok=True)
+    cipher = spool / f"{manifest.backup_id}.{Path(manifest.object.key).name}"
+    try:
+        store.download_verified(
+            manifest.object.key,
+            cipher,
+            size_bytes=manifest.object.size_bytes,
+            sha256=manifest.object.sha256,
+        )
+    except BaseException:
+        cipher.unlink(missing_ok=True)
+        raise
+    return cipher
+
+
 def stage_base_backup(
     settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
 ) -> Path:
@@ -110,77 +233,23 @@ def stage_base_backup(
     if staged.exists():
         shutil.rmtree(staged)  # an earlier attempt's leftovers: never a live data directory
     store = open_store(settings)
-    spool.mkdir(parents=True, exist_ok=True)
-    cipher = spool / f"{manifest.backup_id}.{Path(manifest.object.key).name}"
-    unpack_argv = basebackup.decompressor_argv(basebackup.compression_of(manifest))
-    unpack = None
     what = f"base backup {manifest.backup_id}"
+    cipher: Path | None = None
     try:
-        store.download_verified(
-            manifest.object.key,
-            cipher,
-            size_bytes=manifest.object.size_bytes,
-            sha256=manifest.object.sha256,
-        )
+        cipher = download_cipher(store, manifest, spool)
         if not cluster.home.exists():  # a new scratch cluster: its socket goes here too
             cluster.home.mkdir(parents=True)
             cluster.give(cluster.home)
         staged.mkdir(mode=0o700)
         cluster.give(staged)
-        gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), cipher)
-        gpg.require_encrypted()  # before tar writes a byte
-        source = gpg.stdout
-        if unpack_argv is not None:  # zstd -d or lz4 -d reads gpg's output directly
-            unpack = subprocess.Popen(
-                unpack_argv, stdin=gpg.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-            gpg.stdout.close()
-            source = unpack.stdout
-        tar = subprocess.Popen(
-            ["tar", "-xf", "-", "-C", str(staged)],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd="/",
-            env=child_env(),
-            **os_user_kwargs(cluster.os_user),
-        )
-        try:
-            sha, size = _pump_hashed(source, tar.stdin, gunzip=unpack is None)
-        except (zlib.error, BrokenPipeError) as exc:
-            tar.kill()
-            gpg.kill()
-            raise BaseBackupRefused(
-                f"{what}: decompressing/tar of the decrypted stream failed: {exc}"
-            ) from exc
-        if unpack is not None and unpack.wait() != 0:
-            tar.kill()
-            gpg.kill()
-            unpack_err = unpack.stderr.read().decode(errors="replace")
-            raise BaseBackupRefused(
-                f"{what}: {unpack_argv[0]} of the decrypted stream failed: {unpack_err[-300:]}"
-            )
-        tar_err = tar.stderr.read().decode(errors="replace")
-        tar.wait()
-        gpg_err = gpg.stderr.read()
-        if gpg.wait() != 0:
-            raise encryption.decrypt_error(gpg.returncode, gpg_err)
-        gpg.require_authentic()
-        if (sha, size) != (manifest.plaintext_sha256, manifest.plaintext_size_bytes):
-            raise BaseBackupRefused(
-                f"{what}: plaintext check failed: the decrypted tar has sha256 {sha} and "
-                f"{size} bytes, its manifest says {manifest.plaintext_sha256} and "
-                f"{manifest.plaintext_size_bytes}: refusing to start a server on it"
-            )
-        if tar.returncode != 0:
-            raise BaseBackupRefused(f"{what}: tar -x failed: {tar_err[-500:]}")
+        stream_plaintext(settings, store, manifest, cipher, _TarSink(staged, cluster.os_user), what)
         verify_staged(cluster, staged, manifest.pg_backup_manifest, what)
     except BaseException:
-        if unpack is not None and unpack.poll() is None:
-            unpack.kill()
         shutil.rmtree(staged, ignore_errors=True)
         raise
     finally:
-        cipher.unlink(missing_ok=True)
+        if cipher is not None:
+            cipher.unlink(missing_ok=True)
     return staged
 
 
