@@ -56,11 +56,25 @@ class AuditRefused(DRError):
 
 
 _SECRETISH = re.compile(r"(password|passphrase|secret|aws_secret_access_key)\s*[=:]\s*\S+", re.I)
+# Where PostgreSQL's messages quote row data (a key, a failing row, a value that did not
+# parse, a COPY line: the quoted text after a colon): the value goes, the names and the
+# reason stay. Each runs to the last bracket or quote of its line, as a value may itself
+# hold brackets or quotes.
+_ROW_DATA = (
+    (re.compile(r"(\bKey \([^\n]*?\)=)\([^\n]*\)"), r"\1(***)"),
+    (re.compile(r"(\bFailing row contains )\([^\n]*\)"), r"\1(***)"),
+    (re.compile(r'(:\s+)"[^\n]*"'), r'\1"***"'),
+    (re.compile(r'(\b(?:value|Token) )"[^\n]*?"(?= is )'), r'\1"***"'),
+)
 
 
 def scrub(message: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove anything that looks like a credential, and every known secret, from a message."""
+    """Remove anything that looks like a credential, every known secret, and the row data
+    PostgreSQL quotes in its errors (audit rows and notifications outlive the data they
+    would copy: a restored row's values must not reach a pager or the audit chain)."""
     message = _SECRETISH.sub(lambda m: f"{m.group(1)}=***", message)
+    for pattern, replacement in _ROW_DATA:
+        message = pattern.sub(replacement, message)
     for secret in secrets:
         if secret:
             message = message.replace(secret, "***")
