@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import socket
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,13 +87,31 @@ def _require_final(status: str) -> None:
         raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
 
 
-def _require_operator(operator: str | None) -> None:
-    """Refused here, before the audit write, with the limit named (not a driver error)."""
-    if operator is not None and len(operator) > OPERATOR_MAX:
+def check_operator(operator: str) -> str:
+    """``operator`` as the audit log can keep it, else :class:`InvalidInput` naming why.
+
+    A run checks it before anything else (its first step), so a name the audit would
+    refuse is not first met by the audit of that run's own failure. No control or format
+    characters: a newline or a bidi override in a name forges lines in logs and reports.
+    """
+    if len(operator) > OPERATOR_MAX:
         raise InvalidInput(
             f"operator is {len(operator)} characters long; the audit log keeps at most "
             f"{OPERATOR_MAX}"
         )
+    bad = next((ch for ch in operator if unicodedata.category(ch).startswith("C")), None)
+    if bad is not None:
+        raise InvalidInput(
+            f"operator has a control character (U+{ord(bad):04X}); the audit log keeps a "
+            "name on one printable line"
+        )
+    return operator
+
+
+def _require_operator(operator: str | None) -> None:
+    """Refused here too, before the audit write (not a driver error)."""
+    if operator is not None:
+        check_operator(operator)
 
 
 # ---- who started a row ------------------------------------------------------------------
