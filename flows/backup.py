@@ -21,6 +21,7 @@ from tasks.common import (
     publish_summary,
     run_lock,
 )
+from wedefi_dr.observability.audit import check_operator
 
 
 @flow(name="logical-backup", log_prints=True)
@@ -30,6 +31,7 @@ def logical_backup(operator: str = "scheduler") -> str:
     Args:
         operator: Who asked for it, recorded in the audit row and the manifest.
     """
+    check_operator(operator)  # before anything: the failure path's audit would refuse it
     backup_id = backup_id_for_this_run("backup-id")
     audit_id = attempt_scoped_uuid("backup-audit")
     get_run_logger().info("backup %s starting (operator %s)", backup_id, operator)
@@ -76,6 +78,7 @@ def fleet_backup(fleet_file: str = "deployments/fleet.yaml", operator: str = "sc
     from tasks import fleet as fleet_steps
     from wedefi_dr.errors import BackupFailed
 
+    check_operator(operator)
     fleet = fleet_steps.load(fleet_file)
     fleet_steps.set_host_limits(
         {host: spec["max_concurrent_backups"] for host, spec in fleet["hosts"].items()}

@@ -185,7 +185,10 @@ def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict
     settings = get_settings()
     c = _handle(request)
     restore_env = archiving.write_wal_env(
-        settings, c.home / archiving.RESTORE_ENV_NAME, os_user=c.os_user
+        settings,
+        c.home / archiving.RESTORE_ENV_NAME,
+        os_user=c.os_user,
+        aws_env=archiving.archiver_aws_env(settings),
     )
     archive_command = None
     if request["archives_into_production"]:
@@ -233,8 +236,11 @@ def validate_recovered(request: dict[str, Any]) -> dict[str, Any]:
 
 @task(name=PITR.PROMOTE.value, timeout_seconds=timeouts.MEDIUM)
 def promote(request: dict[str, Any]) -> dict[str, Any]:
+    """``pg_promote()``; then the restore env file goes: it holds the archive's credential
+    and passphrase, and a primary never runs ``restore_command``."""
     c = _handle(request)
     result = recovery.promote(c.dsn())
     recovery.clear_prefetch(c)
+    (c.home / archiving.RESTORE_ENV_NAME).unlink(missing_ok=True)
     result["timeline"] = recovery.current_timeline(c.dsn())
     return result

@@ -143,8 +143,16 @@ def test_server_unreachable_exit_5_names_the_server_without_its_password(tmp_pat
             ["dr-test", "run", "--provider", "docker", "--target-dsn", "dbname=x"],
             "--target-dsn is only for --provider dsn",
         ),
+        (["backup", "--operator", "o" * 101], "operator is 101 characters long"),
+        (["backup", "--operator", "ops\nFORGED line"], "control character (U+000A)"),
     ],
-    ids=["restore-empty-operator", "pitr-bad-target", "dr-test-dsn-without-dsn-provider"],
+    ids=[
+        "restore-empty-operator",
+        "pitr-bad-target",
+        "dr-test-dsn-without-dsn-provider",
+        "backup-operator-too-long",
+        "backup-operator-control-character",
+    ],
 )
 def test_bad_input_exit_2_before_any_flow_run(stack, tmp_path, args, message):
     """With the real stack's settings (a flow could run), bad input is still refused first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -20,8 +21,14 @@ from tests.helpers import (
 )
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
-from wedefi_dr.errors import BackupFailed, ChecksumMismatch, NotAuthentic, TruncatedObject
-from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.errors import (
+    BackupFailed,
+    ChecksumMismatch,
+    NotAuthentic,
+    RestoreFailed,
+    TruncatedObject,
+)
+from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
 from wedefi_dr.postgres.tools import connect
 
 
@@ -197,3 +204,54 @@ def test_retrying_a_failed_backup_run_keeps_its_id_and_audits_each_attempt(
     assert attempts == [(backup_id, "failed"), (backup_id, "success")]
     assert listing.resolve(store, "latest").backup_id == backup_id
     drop_backup(store, backup_id)
+
+
+def test_a_restore_failing_on_a_row_keeps_its_values_out_of_audit_and_notification(
+    settings: Settings, store, scratch_dsn: str, env_override, prefect_api
+):
+    """A backup whose restore fails on a row (a CHECK reads a table restored before it):
+    PostgreSQL's error quotes the row twice (DETAIL, CONTEXT); the audit row and the
+    pager's notification say why, with neither copy of the value."""
+    value = f"row-value-{uuid.uuid4().hex[:8]}"
+    admin = settings.primary_dsn.get_secret_value()
+    source_db = f"rowdata_{uuid.uuid4().hex[:8]}"
+    source = with_dbname(admin, source_db)
+    with connect(with_dbname(admin, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {source_db}")
+        cur.execute(f"CREATE DATABASE {ConnTarget.parse(scratch_dsn, allow_password=False).dbname}")
+    with connect(source) as conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE a_banned (v text);"
+            "CREATE FUNCTION allowed(text) RETURNS boolean LANGUAGE sql AS "
+            "'SELECT NOT EXISTS (SELECT 1 FROM public.a_banned b WHERE b.v = $1)';"
+            "CREATE TABLE t (id int PRIMARY KEY, v text CHECK (allowed(v)));"
+            "INSERT INTO t VALUES (1, %s); INSERT INTO a_banned VALUES (%s)",
+            (value, value),
+        )
+    env_override(WEDEFI_DR_PRIMARY_DSN=source)
+    backup_id = logical_backup(operator="pytest-rowdata")
+    env_override(WEDEFI_DR_PRIMARY_DSN=admin)
+    inbox = sns_inbox(settings, "wedefi-dr-rowdata-inbox")
+    try:
+        with pytest.raises(RestoreFailed, match=value):  # the operator's own error has it
+            restore_backup(
+                backup_id=backup_id,
+                target_dsn=scratch_dsn,
+                operator="pytest",
+                justification="row data test",
+            )
+    finally:
+        drop_backup(store, backup_id)
+        with connect(with_dbname(admin, "postgres"), autocommit=True) as conn:
+            conn.cursor().execute(f"DROP DATABASE {source_db} WITH (FORCE)")
+    with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT status, error_message FROM recovery_audit_log WHERE backup_id = %s",
+            (backup_id,),
+        )
+        status, error = cur.fetchone()
+    (notice,) = [m for m in inbox() if m.get("backup_id") == backup_id]
+    assert status == "failed" and 'violates check constraint "t_v_check"' in error
+    assert "Failing row contains (***)" in error and 'COPY t, line 1: "***"' in error
+    assert notice["error"] == error
+    assert value not in error and value not in json.dumps(notice)

@@ -59,3 +59,27 @@ def test_redaction_of_dsns_and_messages():
     assert set(redacted.split()) == {"host=db", "user=u", "password=***", "dbname=x"}
     assert "s3cret" not in scrub("connect failed: password=s3cret host=db")
     assert "topsecret" not in scrub("gpg said topsecret", ("topsecret",))
+
+
+def test_row_data_quoted_by_postgres_is_scrubbed_and_the_reason_kept():
+    """The other shapes of PostgreSQL's quoted values (the restore test meets two)."""
+    cases = {
+        "DETAIL:  Key (id, w)=(42, (x)) already exists.": (
+            "DETAIL:  Key (id, w)=(***) already exists."
+        ),
+        'DETAIL:  Key (wallet)=(0xabc) is not present in table "w".': (
+            'DETAIL:  Key (wallet)=(***) is not present in table "w".'
+        ),
+        'ERROR:  invalid input syntax for type integer: "abc"': (
+            'ERROR:  invalid input syntax for type integer: "***"'
+        ),
+        'ERROR:  value "99999999999" is out of range for type integer': (
+            'ERROR:  value "***" is out of range for type integer'
+        ),
+        'DETAIL:  Token "s3" is invalid.': 'DETAIL:  Token "***" is invalid.',
+        'FATAL:  password authentication failed for user "postgres"': (
+            'FATAL:  password authentication failed for user "postgres"'
+        ),
+    }
+    for message, expected in cases.items():
+        assert scrub(message) == expected

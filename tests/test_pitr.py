@@ -217,7 +217,7 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     auto_conf = (c.data_dir / "postgresql.auto.conf").read_text()
     assert "prefetch.py" in auto_conf  # restore_command: the spool's hand-over, then wal-fetch
     assert settings.gpg_passphrase.get_secret_value() not in auto_conf  # it is in a 600 file
-    assert oct((c.home / "wal-restore.env").stat().st_mode & 0o777) == "0o600"
+    assert not (c.home / archiving.RESTORE_ENV_NAME).exists()  # its keys go with the replay
     assert not (c.data_dir / "recovery.signal").exists()  # promoted: recovery is over
     rows = audit_rows(settings.ops_dsn.get_secret_value())
     assert rows[-1][0:2] == ("pitr", "success") and c.name in rows[-1][3]
@@ -684,6 +684,11 @@ def test_failure_after_the_stop_rolls_back_to_the_running_original(history, tmp_
         assert not list(c.home.glob("data.before-pitr-*"))
         row = audit_rows(get_settings().ops_dsn.get_secret_value())[-1]
         assert row[1] == "failed" and "rolled back" in row[2]
+        # The kept recovery replays again with the archiver's credential, never the worker's.
+        restore_env = (c.home / archiving.RESTORE_ENV_NAME).read_text()
+        archiver_key = get_settings().wal_archiver_aws_access_key_id.get_secret_value()
+        assert f"AWS_ACCESS_KEY_ID={archiver_key}\n" in restore_env
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in restore_env
     finally:
         history["env"].set(WEDEFI_DR_DR_DRILL_FAULT_STEP="", WEDEFI_DR_DR_DRILL_FAULT_MARKER="")
         c.stop()

@@ -9,6 +9,7 @@ waiting on their stdin), and its environment and argv are read with psutil.
 from __future__ import annotations
 
 import os
+import pwd
 import secrets as tokens
 import shutil
 import stat
@@ -23,9 +24,9 @@ from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.logical.restore import apply_command, restore_command
 from wedefi_dr.physical import archiving
-from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, free_port
+from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, free_port, os_user_kwargs
 from wedefi_dr.postgres.conninfo import ConnTarget
-from wedefi_dr.postgres.tools import child_env, connect, tool
+from wedefi_dr.postgres.tools import child_env, connect, running_as_root, tool
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.encryption import GpgParams
 
@@ -169,6 +170,34 @@ def test_a_gpg_home_someone_else_can_open_is_refused(tmp_path, monkeypatch):
         secretfiles.write_secret_file(made, "f", "y")
     assert (made / "f").read_text() == "x"
     assert stat.S_IMODE((made / "f").stat().st_mode) == 0o600
+
+
+def test_dr_reports_and_environments_default_to_product_folders(settings: Settings, tmp_path):
+    """Unset, ``dr_report_dir`` is our ``.wedefi-dr/dr-reports`` and ``dr_env_dir`` the
+    ``.wedefi-dr/dr-envs`` of the OS user the DR clusters run as (as root: ``postgres``,
+    who could not pass root's 0700 home): 0700, that user's, enterable by the clusters'
+    user; never a fixed name in the shared temporary folder."""
+    from wedefi_dr.drtest import environments, report
+    from wedefi_dr.storage import secretfiles
+
+    unset = settings.model_copy(update={"dr_env_dir": None, "dr_report_dir": None})
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    cluster_user = environments.LOCAL_CLUSTER_OS_USER if running_as_root() else me
+    envs = environments.env_dir(unset)
+    for folder, owner in ((report.report_dir(unset, "run").parent, me), (envs, cluster_user)):
+        entry = pwd.getpwnam(owner)
+        assert folder.parent == Path(entry.pw_dir) / secretfiles.PRODUCT_DIR
+        info = os.lstat(folder)
+        assert stat.S_ISDIR(info.st_mode) and info.st_uid == entry.pw_uid
+        assert stat.S_IMODE(info.st_mode) == 0o700
+    entered = subprocess.run(
+        ["test", "-x", str(envs)], cwd="/", timeout=10, **os_user_kwargs(cluster_user)
+    )
+    assert entered.returncode == 0  # the clusters' user reaches its clusters below it
+    if running_as_root():  # a folder of ours where postgres's is expected is refused
+        mine = secretfiles.owned_private_dir(tmp_path / "mine")
+        with pytest.raises(InvalidInput, match="not to postgres"):
+            secretfiles.owned_private_dir(mine, os_user="postgres")
 
 
 @pytest.mark.parametrize("bad", ["line\n", "two\nlines", "nul\0"])

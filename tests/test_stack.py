@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import tempfile
 from pathlib import Path
 
@@ -54,3 +55,24 @@ def test_stack_up_is_idempotent_and_down_stops_by_pid(stack: Stack):
     assert not any(pid_alive(p) for p in pids)
     # The session's own stack is untouched by another stack's down.
     assert all(state.startswith("running") for state in stack.status().values())
+
+
+def test_state_and_passfile_are_new_private_files_naming_each_port(tmp_path: Path):
+    """``state.json`` and ``pgpass`` are swapped in as new 0600 files, never written through
+    a link planted in their place; the passfile names each cluster's port, no wildcard."""
+    root, outside = tmp_path / "stack", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    for name in ("state.json", "pgpass"):
+        (root / name).symlink_to(outside / name)
+    other = Stack(root, fast=True, control_plane=False)
+    primary = other.primary  # describing a cluster saves its port in the state file
+    other._write_pgpass()
+    later = other.cluster("recovered-later")  # described afterwards: the passfile follows
+    for name in ("state.json", "pgpass"):
+        path = root / name
+        assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert not (outside / name).exists()
+    ports = {line.split(":")[1] for line in other.pgpass.read_text().splitlines()}
+    assert "*" not in ports
+    assert {str(primary.port), str(other.ops.port), str(later.port)} <= ports

@@ -30,6 +30,7 @@ from wedefi_dr.postgres.cluster import (
     read_clusters,
     write_clusters,
 )
+from wedefi_dr.storage.secretfiles import write_secret_file
 
 PRIMARY, STANDBY = "sb-primary", "sb-standby"
 
@@ -58,8 +59,17 @@ def pair(stack, settings, prefect_api):
     }
     clusters = root / "clusters.json"
     write_clusters(clusters, handles)
+    # The stack's passfile names its own clusters' ports only; these two are added.
+    pgpass = write_secret_file(
+        root,
+        "pgpass",
+        "".join(
+            f"{h.host}:{h.port}:*:postgres:{stack.primary.password}\n" for h in handles.values()
+        )
+        + stack.pgpass.read_text(),
+    )
     prefix = f"standby-{uuid.uuid4().hex[:6]}"
-    env.set(WEDEFI_DR_CLUSTERS_FILE=str(clusters), WEDEFI_DR_PREFIX=prefix)
+    env.set(WEDEFI_DR_CLUSTERS_FILE=str(clusters), WEDEFI_DR_PREFIX=prefix, PGPASSFILE=str(pgpass))
     p, s = handles[PRIMARY], handles[STANDBY]
     try:
         s_env = get_settings()

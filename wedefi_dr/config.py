@@ -135,7 +135,8 @@ class Settings(BaseSettings):
     retention_timeout_seconds: int = Field(default=6 * 3600, gt=0)
 
     # The monthly DR test (restore, validate, smoke, benchmark, report).
-    # Where local DR clusters and reports go (default: under the system temp dir).
+    # Where local DR clusters and reports go (default: the product folder .wedefi-dr/dr-envs
+    # of the clusters' OS user, .wedefi-dr/dr-reports of ours; both 0700).
     dr_env_dir: Path | None = None
     dr_report_dir: Path | None = None
     # fsync off in the local DR cluster: faster, but then the RTO flatters production.

@@ -27,6 +27,9 @@ def backup(
     ] = False,
 ) -> None:
     """Run the logical-backup flow; prints the backup id (a summary goes to stderr)."""
+    from wedefi_dr.observability.audit import check_operator
+
+    check_operator(operator)
     settings = ready(
         settings=BACKUP_SETTINGS, tools=("pg_dump",), servers=("primary_dsn", "ops_dsn")
     )

@@ -54,6 +54,7 @@ from wedefi_dr.postgres.cluster import (
 )
 from wedefi_dr.postgres.tools import connect, running_as_root
 from wedefi_dr.storage import repository
+from wedefi_dr.storage.secretfiles import replace_secret_file
 from wedefi_dr_dev import approvers
 
 PRIMARY_DB = "wedefi"
@@ -177,8 +178,7 @@ class Stack:
     # ---- state -------------------------------------------------------------------------
     def _save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.state_path.write_text(json.dumps(self.state, indent=2))
-        self.state_path.chmod(0o600)
+        replace_secret_file(self.root, self.state_path.name, json.dumps(self.state, indent=2))
 
     def _secret(self, key: str) -> str:
         """A secret generated once per stack and kept in its state file (mode 600)."""
@@ -218,6 +218,8 @@ class Stack:
         if known.get(cluster.name) != handle:
             self.root.mkdir(parents=True, exist_ok=True)
             write_clusters(self.clusters_file, {**known, cluster.name: handle})
+            if self.pgpass.exists():
+                self._write_pgpass()
 
     @property
     def primary(self) -> Cluster:
@@ -562,18 +564,22 @@ class Stack:
         return self.root / "pgpass"
 
     def _write_pgpass(self) -> None:
-        """The stack's passwords in libpq's own file, so no DSN needs to carry one."""
+        """The stack's passwords in libpq's own file, so no DSN needs to carry one.
+
+        One line per cluster the stack describes (all share the superuser's password),
+        rewritten when a cluster is added: a wildcard port would hand the password to
+        whatever local server listens on any other port and asks for it.
+        """
+        password = self._secret("pg_password")
         lines = [
-            f"127.0.0.1:{self.primary.port}:*:postgres:{self._secret('pg_password')}",
-            f"127.0.0.1:{self.ops.port}:*:postgres:{self._secret('pg_password')}",
-            f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
-            f"{self._secret('ops_app_password')}",
-            # Clusters recovered from base backups of the primary (PITR) share its
-            # password and listen on ports chosen at recovery time.
-            f"127.0.0.1:*:*:postgres:{self._secret('pg_password')}",
+            f"{handle.host}:{handle.port}:*:postgres:{password}"
+            for handle in read_clusters(self.clusters_file).values()
         ]
-        self.pgpass.write_text("\n".join(lines) + "\n")
-        self.pgpass.chmod(0o600)
+        lines.append(
+            f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
+            f"{self._secret('ops_app_password')}"
+        )
+        replace_secret_file(self.root, self.pgpass.name, "\n".join(lines) + "\n")
 
     @property
     def audit_owner_password_file(self) -> Path:

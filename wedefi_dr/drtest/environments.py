@@ -27,7 +27,6 @@ import pwd
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,12 +40,14 @@ from wedefi_dr.errors import DRError, InvalidInput, TargetRefused
 from wedefi_dr.logical.restore import user_tables
 from wedefi_dr.postgres.cluster import ClusterHandle, free_port
 from wedefi_dr.postgres.conninfo import ConnTarget
-from wedefi_dr.postgres.tools import connect
+from wedefi_dr.postgres.tools import connect, running_as_root
+from wedefi_dr.storage.secretfiles import owned_private_dir, product_home, write_secret_file
 
 log = logging.getLogger(__name__)
 PROVIDERS = ("local", "dsn", "docker")
 DR_DATABASE = "wedefi_dr_test"  # the plan's name for the restored copy
 PEER_MAP = "wedefi_dr"
+LOCAL_CLUSTER_OS_USER = "postgres"  # as root; otherwise the clusters run as we do
 # Written into every environment folder at provisioning: ``dr-test teardown`` removes only
 # folders that carry it, so no path handed to it can reach a cluster it did not make.
 ENV_MARKER = ".wedefi-dr-environment"
@@ -177,11 +178,14 @@ class LocalClusterProvider:
         self.fast = fast
 
     def _cluster(self, name: str, home: Path, port: int) -> ClusterHandle:
-        return ClusterHandle(name=name, data_dir=home / "data", port=port)
+        return ClusterHandle(
+            name=name, data_dir=home / "data", port=port, os_user=LOCAL_CLUSTER_OS_USER
+        )
 
     def provision(self, name: str) -> DREnvironment:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.base_dir.chmod(0o755)  # the postgres OS user must reach the cluster below it
+        if not self.base_dir.is_dir():  # a folder named by dr_env_dir, made here
+            self.base_dir.mkdir(parents=True)
+            self.base_dir.chmod(0o755)  # the postgres OS user must reach the cluster below it
         home = self.base_dir / name
         if home.exists():
             raise ProvisioningFailed(f"{home} already exists: a DR environment named {name}")
@@ -327,9 +331,7 @@ class DockerProvider:
             labels={"wedefi-dr.environment": name},
         )
         # The password lives in a 0600 passfile next to the environment, named by the DSN.
-        passfile = home / "pgpass"
-        passfile.write_text(f"127.0.0.1:{port}:*:postgres:{password}\n")
-        passfile.chmod(0o600)
+        passfile = write_secret_file(home, "pgpass", f"127.0.0.1:{port}:*:postgres:{password}\n")
         target = ConnTarget.parse(
             f"host=127.0.0.1 port={port} user=postgres dbname={DR_DATABASE} passfile={passfile}",
             allow_password=False,
@@ -396,8 +398,19 @@ def make_provider(
 
 
 def env_dir(settings: Settings) -> Path:
-    """Where local DR clusters live: ``dr_env_dir``, else a folder in the temporary dir."""
-    return Path(settings.dr_env_dir or Path(tempfile.gettempdir()) / "wedefi-dr-envs")
+    """Where local DR clusters live: ``dr_env_dir``, else ``.wedefi-dr/dr-envs`` of the OS
+    user the clusters run as (0700, that user's, refused if a link or someone else's).
+
+    Not a fixed name in the shared temporary folder: another local user could create it
+    first and then swap or read what we put there. As root the clusters run as
+    ``postgres``, which must enter the folder to reach its cluster, and cannot pass
+    through root's own 0700 home: so the folder is in ``postgres``'s product home, its
+    own; root enters any folder.
+    """
+    if settings.dr_env_dir:
+        return Path(settings.dr_env_dir)
+    os_user = LOCAL_CLUSTER_OS_USER if running_as_root() else None
+    return owned_private_dir(product_home(os_user) / "dr-envs", os_user=os_user)
 
 
 def provider_from_settings(settings: Settings, kind: str, target_dsn: str | None):

@@ -10,7 +10,6 @@ a DSN with credentials or a secret.
 from __future__ import annotations
 
 import mimetypes
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings
 from wedefi_dr.runbook import DRTest
 from wedefi_dr.storage.repository import Repository
+from wedefi_dr.storage.secretfiles import owned_private_dir, product_home
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -112,8 +112,11 @@ def build_context(
 
 
 def report_dir(settings: Settings, run_name: str) -> Path:
-    """The run's local report folder (HTML, markdown, Data Docs) before it is uploaded."""
-    base = settings.dr_report_dir or Path(tempfile.gettempdir()) / "wedefi-dr-reports"
+    """The run's local report folder (HTML, markdown, Data Docs) before it is uploaded:
+    under ``dr_report_dir``, else ``.wedefi-dr/dr-reports`` (0700, ours, refused if a link
+    or someone else's), not a fixed name another local user could create first in the
+    shared temporary folder and read the reports (row counts, failed rows) from."""
+    base = settings.dr_report_dir or owned_private_dir(product_home() / "dr-reports")
     return Path(base) / run_name
 
 

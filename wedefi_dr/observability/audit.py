@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import socket
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,11 +57,25 @@ class AuditRefused(DRError):
 
 
 _SECRETISH = re.compile(r"(password|passphrase|secret|aws_secret_access_key)\s*[=:]\s*\S+", re.I)
+# Where PostgreSQL's messages quote row data (a key, a failing row, a value that did not
+# parse, a COPY line: the quoted text after a colon): the value goes, the names and the
+# reason stay. Each runs to the last bracket or quote of its line, as a value may itself
+# hold brackets or quotes.
+_ROW_DATA = (
+    (re.compile(r"(\bKey \([^\n]*?\)=)\([^\n]*\)"), r"\1(***)"),
+    (re.compile(r"(\bFailing row contains )\([^\n]*\)"), r"\1(***)"),
+    (re.compile(r'(:\s+)"[^\n]*"'), r'\1"***"'),
+    (re.compile(r'(\b(?:value|Token) )"[^\n]*?"(?= is )'), r'\1"***"'),
+)
 
 
 def scrub(message: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove anything that looks like a credential, and every known secret, from a message."""
+    """Remove anything that looks like a credential, every known secret, and the row data
+    PostgreSQL quotes in its errors (audit rows and notifications outlive the data they
+    would copy: a restored row's values must not reach a pager or the audit chain)."""
     message = _SECRETISH.sub(lambda m: f"{m.group(1)}=***", message)
+    for pattern, replacement in _ROW_DATA:
+        message = pattern.sub(replacement, message)
     for secret in secrets:
         if secret:
             message = message.replace(secret, "***")
@@ -72,13 +87,31 @@ def _require_final(status: str) -> None:
         raise ValueError(f"final status must be one of {FINAL_STATUSES}, not {status!r}")
 
 
-def _require_operator(operator: str | None) -> None:
-    """Refused here, before the audit write, with the limit named (not a driver error)."""
-    if operator is not None and len(operator) > OPERATOR_MAX:
+def check_operator(operator: str) -> str:
+    """``operator`` as the audit log can keep it, else :class:`InvalidInput` naming why.
+
+    A run checks it before anything else (its first step), so a name the audit would
+    refuse is not first met by the audit of that run's own failure. No control or format
+    characters: a newline or a bidi override in a name forges lines in logs and reports.
+    """
+    if len(operator) > OPERATOR_MAX:
         raise InvalidInput(
             f"operator is {len(operator)} characters long; the audit log keeps at most "
             f"{OPERATOR_MAX}"
         )
+    bad = next((ch for ch in operator if unicodedata.category(ch).startswith("C")), None)
+    if bad is not None:
+        raise InvalidInput(
+            f"operator has a control character (U+{ord(bad):04X}); the audit log keeps a "
+            "name on one printable line"
+        )
+    return operator
+
+
+def _require_operator(operator: str | None) -> None:
+    """Refused here too, before the audit write (not a driver error)."""
+    if operator is not None:
+        check_operator(operator)
 
 
 # ---- who started a row ------------------------------------------------------------------

@@ -13,7 +13,6 @@ Standard library only: the archive_command's import chain (gpg via ``encryption`
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import pwd
 import shutil
@@ -29,20 +28,28 @@ _lock = threading.Lock()
 _runtime: Path | None = None
 
 
-def owned_private_dir(path: Path) -> Path:
+def owned_private_dir(path: Path, *, os_user: str | None = None) -> Path:
     """``path`` as a directory of ours with mode 0700: created so, or checked to be so.
 
     A folder that exists but is a symlink, another user's, or open to group/others is
     refused rather than repaired: someone else may already have put files in it.
+    ``os_user`` (only as root): the folder belongs to that OS user instead, for what a
+    server running as that user must enter (its clusters' homes).
     """
-    with contextlib.suppress(FileExistsError):
+    owner = pwd.getpwnam(os_user) if os_user else pwd.getpwuid(os.geteuid())
+    try:
         path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    else:
+        if owner.pw_uid != os.geteuid():
+            os.chown(path, owner.pw_uid, owner.pw_gid)
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
-        raise InvalidInput(f"{path} must be a directory of this user, not a link or a file")
-    if info.st_uid != os.geteuid():
+        raise InvalidInput(f"{path} must be a directory of {owner.pw_name}, not a link or a file")
+    if info.st_uid != owner.pw_uid:
         raise InvalidInput(
-            f"{path} belongs to uid {info.st_uid}, not to this user ({os.geteuid()}): "
+            f"{path} belongs to uid {info.st_uid}, not to {owner.pw_name} ({owner.pw_uid}): "
             "refusing to keep secrets in a folder someone else controls; remove it"
         )
     if info.st_mode & 0o077:
@@ -53,20 +60,22 @@ def owned_private_dir(path: Path) -> Path:
     return path
 
 
-def product_home() -> Path:
-    """``.wedefi-dr`` (0700, ours) in the home directory of the user this process runs as.
+def product_home(os_user: str | None = None) -> Path:
+    """``.wedefi-dr`` (0700, ours) in the home directory of the user this process runs as
+    (or of ``os_user``, owned by that user: see :func:`owned_private_dir`).
 
     The home comes from the password database, not ``$HOME``: a server started as
     ``postgres`` by root keeps root's ``$HOME``, and its archive_command must not look
     for its folder there.
     """
-    home = Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    entry = pwd.getpwnam(os_user) if os_user else pwd.getpwuid(os.geteuid())
+    home = Path(entry.pw_dir)
     if not home.is_dir():
         raise InvalidInput(
-            f"the home directory of uid {os.geteuid()} ({home}) does not exist: it holds "
+            f"the home directory of {entry.pw_name} ({home}) does not exist: it holds "
             f"the product's private folder {PRODUCT_DIR}; create it, owned by that user"
         )
-    return owned_private_dir(home / PRODUCT_DIR)
+    return owned_private_dir(home / PRODUCT_DIR, os_user=os_user)
 
 
 def runtime_dir() -> Path:
@@ -91,3 +100,19 @@ def write_secret_file(folder: Path, name: str, content: str) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(content)
     return path
+
+
+def replace_secret_file(folder: Path, name: str, content: str) -> Path:
+    """``folder/name`` replaced by a file holding ``content``, mode 0600 from its first byte.
+
+    For secret files rewritten in place (a state file, a passfile): the new content goes to
+    a fresh file (:func:`write_secret_file`), then ``os.replace`` swaps it in, so a reader
+    sees the old file or the new one, never a half-written one or a moment of a wider mode.
+    """
+    tmp = write_secret_file(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}", content)
+    try:
+        os.replace(tmp, folder / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return folder / name
