@@ -113,6 +113,7 @@ def restore_backup(
             counts = steps.verify_restore(manifest, conn_target, restored)
     audit_recovery_finished(audit_id, "success")
     seconds = {step_key(step): round(t["seconds"], 3) for step, t in timings.items()}
+    seconds["verify_tables_in_transaction"] = restored["verify_seconds"]
     get_run_logger().info(
         "restore of %s into %s verified: %d tables, %d rows identical to the backup",
         resolved,

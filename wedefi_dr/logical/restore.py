@@ -81,9 +81,11 @@ Fingerprints = dict[str, dict[str, object]]
 
 class Restored(BaseModel):
     """What a committed restore proved inside its transaction: every table's fingerprint,
-    computed from the restored rows before COMMIT, equal to the manifest's."""
+    computed from the restored rows before COMMIT, equal to the manifest's.
+    ``verify_seconds``: how long those fingerprints took, of the whole restore."""
 
     tables: Fingerprints
+    verify_seconds: float = 0.0
 
 
 # Never a restore target: the templates every new database is copied from, and the
@@ -412,17 +414,18 @@ def decrypt_and_restore(
                 f"nothing was committed to {target.location}: {restore_err.last()}"
             )
         marker = uuid.uuid4().hex
-        os.write(sql_write, _verification_script(results_fd, marker).encode())
+        _write_all(sql_write, _verification_script(results_fd, marker).encode())
         with os.fdopen(results_read, "rb") as results:
             results_read = -1
-            restored = _read_results(results, marker)
-        if restored is None:
+            read = _read_results(results, marker)
+        if read is None:
             psql.wait()
             raise RestoreFailed(
                 f"restore into {target.location} failed while fingerprinting its tables "
                 f"(psql exit {psql.returncode}); the single transaction was rolled back: "
                 f"{psql_err.last()}"
             )
+        restored, verify_seconds = read
         expected = {k: v for k, v in manifest.tables.items() if is_table_entry(k)}
         problems = compare(expected, restored)
         if problems:
@@ -447,34 +450,50 @@ def decrypt_and_restore(
         for fd in (sql_read, sql_write, results_read, results_write):
             if fd >= 0:
                 os.close(fd)
-    return Restored(tables=restored)
+    return Restored(tables=restored, verify_seconds=round(verify_seconds, 3))
 
 
 def _verification_script(results_fd: int, marker: str) -> str:
-    """psql commands, run after the restored script and before COMMIT, that write each
-    table's fingerprint as a JSON line to the results pipe (psql inherited it as
-    ``results_fd``), then ``marker``: the results are whole."""
+    """psql commands, run after the restored script and before COMMIT, that write to the
+    results pipe (psql inherited it as ``results_fd``) the server's clock, each table's
+    fingerprint as a JSON array, then ``marker`` and the clock again: the results are
+    whole, and the clocks say how long the fingerprints took."""
+    clock = "extract(epoch FROM clock_timestamp())"
     return (
         f"\\o /dev/fd/{results_fd}\n"
         "\\pset format unaligned\n"
         "\\pset tuples_only on\n"
         f"{FINGERPRINT_SETTINGS};\n"
+        f"SELECT 'started ' || {clock};\n"
         f"{session_table_queries()} \\gexec\n"
-        f"\\qecho {marker}\n"
+        f"SELECT '{marker} ' || {clock};\n"
         "\\o\n"
     )
 
 
-def _read_results(results, marker: str) -> Fingerprints | None:
-    """The tables' fingerprints psql wrote, or None when it stopped before the marker."""
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to psql's input; a psql that already stopped is judged by what it
+    wrote (its results end early), not by the broken pipe."""
+    view = memoryview(data)
+    with contextlib.suppress(BrokenPipeError):
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _read_results(results, marker: str) -> tuple[Fingerprints, float] | None:
+    """The tables' fingerprints psql wrote and the seconds they took, or None when psql
+    stopped before the marker."""
     found: Fingerprints = {}
+    started = None
     for raw in results:
         line = raw.decode().strip()
-        if line == marker:
-            return found
-        if line:
+        if line.startswith("["):
             name, rows, total = json.loads(line)
             found[name] = table_entry(rows, total)
+        elif line.startswith("started "):
+            started = float(line.split()[1])
+        elif line.startswith(marker + " ") and started is not None:
+            return found, float(line.split()[1]) - started
     return None
 
 
