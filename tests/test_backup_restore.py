@@ -178,7 +178,8 @@ def test_a_restore_that_differs_from_its_manifest_is_rolled_back_naming_the_tabl
     settings: Settings, store: ObjectStore, scratch_dsn: str, tmp_path
 ):
     """The tables are fingerprinted inside the restore transaction: names that need quoting
-    come back under their manifest keys, and one table whose content is not what the
+    come back under their manifest keys, a value whose text depends on the search_path
+    (regclass) reads as the backup read it, and one table whose content is not what the
     manifest says fails the restore before COMMIT, naming it, with nothing left behind."""
     admin = settings.primary_dsn.get_secret_value()
     target = ConnTarget.parse(scratch_dsn, allow_password=True)
@@ -189,7 +190,8 @@ def test_a_restore_that_differs_from_its_manifest_is_rolled_back_naming_the_tabl
                 'CREATE TABLE "odd ""schema"""."Dotted.Name" (id int, note text); '
                 'INSERT INTO "odd ""schema"""."Dotted.Name" SELECT i, \'n\' || i '
                 "FROM generate_series(1, 200) i; "
-                "CREATE TABLE plain (v numeric); INSERT INTO plain VALUES (1.50), (NULL); "
+                "CREATE TABLE plain (v numeric, r regclass); "
+                "INSERT INTO plain VALUES (1.50, 'plain'), (NULL, NULL); "
                 "CREATE MATERIALIZED VIEW totals AS SELECT sum(v) AS s FROM plain"
             )
         ours = settings.model_copy(update={"primary_dsn": SecretStr(source)})

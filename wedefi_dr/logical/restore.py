@@ -457,12 +457,17 @@ def _verification_script(results_fd: int, marker: str) -> str:
     """psql commands, run after the restored script and before COMMIT, that write to the
     results pipe (psql inherited it as ``results_fd``) the server's clock, each table's
     fingerprint as a JSON array, then ``marker`` and the clock again: the results are
-    whole, and the clocks say how long the fingerprints took."""
+    whole, and the clocks say how long the fingerprints took.
+
+    The restored script emptied the search_path, which changes the text of some values
+    (a ``regclass`` reads ``public.t``, not ``t``): it is reset to the connection's own, as
+    the backup's fingerprints saw it."""
     clock = "extract(epoch FROM clock_timestamp())"
     return (
         f"\\o /dev/fd/{results_fd}\n"
         "\\pset format unaligned\n"
         "\\pset tuples_only on\n"
+        "RESET search_path;\n"
         f"{FINGERPRINT_SETTINGS};\n"
         f"SELECT 'started ' || {clock};\n"
         f"{session_table_queries()} \\gexec\n"
