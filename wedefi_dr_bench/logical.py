@@ -551,6 +551,9 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
             times["flow_restore"] = time.perf_counter() - t0
         for step, seconds in run.restore_result["timings"].items():
             times[f"flow_restore_{step}"] = seconds
+        times["flow_restore_verify_tables_in_transaction"] = run.restore_result.get(
+            "tables_verified_in_transaction_seconds", 0.0
+        )
         if not keep_backup:
             _delete_backup(flow_settings, run.backup_id)
 
