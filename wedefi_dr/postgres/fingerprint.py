@@ -9,7 +9,9 @@ on a 1 GB database that difference was most of the backup flow's overhead over b
 pg_dump. ``FINGERPRINT_METHOD`` is recorded in each manifest so a restore never compares
 hashes computed two different ways. Sessions run with ``TimeZone=UTC``, ``DateStyle=ISO`` and
 ``extra_float_digits=1`` so the text form is the same on every server that holds the
-same data.
+same data. A restore takes the tables' fingerprints inside its own transaction, through
+psql (:func:`session_table_queries`); both paths build on ``USER_TABLES_SQL`` and
+``ROW_HASH_SQL``, so they compute the same thing.
 
 Not only tables: a restore also brings back what pg_dump dumps besides rows.
 
