@@ -44,15 +44,18 @@ def download_and_verify(manifest: dict[str, Any]) -> str:
 
 
 @task(name=Restore.DECRYPT_RESTORE, timeout_seconds=timeouts.RESTORE)
-def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target: ConnTarget) -> None:
-    """gpg --decrypt | pg_restore --clean --if-exists --single-transaction."""
+def decrypt_and_restore(
+    manifest: dict[str, Any], ciphertext: str, target: ConnTarget
+) -> dict[str, Any]:
+    """gpg --decrypt | pg_restore --clean --if-exists --single-transaction, every table
+    fingerprinted inside the transaction; returns what that proved."""
     settings = get_settings()
     m = BackupManifest(**manifest)
     path = Path(ciphertext)
     if not path.exists():  # a retried flow run whose spool file was already removed
         path = restore.fetch_verified(settings, m, settings.spool_path)
     try:
-        restore.decrypt_and_restore(settings, m, path, target)
+        return restore.decrypt_and_restore(settings, m, path, target).model_dump(mode="json")
     finally:
         path.unlink(missing_ok=True)
 
@@ -64,5 +67,10 @@ def decrypt_and_restore(manifest: dict[str, Any], ciphertext: str, target: ConnT
     retry_condition_fn=retry_transient,
     timeout_seconds=timeouts.CHECKS,
 )
-def verify_restore(manifest: dict[str, Any], target: ConnTarget) -> dict[str, int]:
-    return restore.verify(BackupManifest(**manifest), target)
+def verify_restore(
+    manifest: dict[str, Any], target: ConnTarget, restored: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """Tables as proven inside the restore transaction (``restored``), large objects and
+    sequences read after COMMIT; without ``restored``, every table is read again."""
+    proven = restore.Restored(**restored) if restored is not None else None
+    return restore.verify(BackupManifest(**manifest), target, proven)

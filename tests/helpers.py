@@ -20,6 +20,7 @@ from prefect import tags
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.flow_runs import resume_flow_run
+from psycopg2 import sql
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
@@ -154,6 +155,21 @@ def recovery_audit_rows(ops_dsn: str) -> int:
     with connect(ops_dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM recovery_audit_log")
         return cur.fetchone()[0]
+
+
+@contextmanager
+def new_database(admin_dsn: str, name: str) -> Iterator[str]:
+    """A database made for one test (its DSN), dropped afterwards whatever happened."""
+    maintenance = with_dbname(admin_dsn, "postgres")
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_dbname(admin_dsn, name)
+    finally:
+        with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def database_exists(admin_dsn: str, name: str) -> bool:

@@ -6,13 +6,17 @@ import subprocess
 
 import boto3
 import pytest
+from pydantic import SecretStr
 
 from flows.restore import restore_backup
-from tests.helpers import BREAK_GLASS, fingerprint, run_approved, schema_of
+from tests.helpers import BREAK_GLASS, fingerprint, new_database, run_approved, schema_of
 from wedefi_dr.catalog import listing
+from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import VerificationFailed
+from wedefi_dr.logical import backup, restore
 from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
+from wedefi_dr.postgres.fingerprint import is_table_entry
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.s3 import ObjectStore
 from wedefi_dr_dev.seed import SAMPLE_WALLET_ADDRESS
@@ -168,3 +172,50 @@ def test_break_glass_restore_with_stock_tools_only(
         check=True,
     )
     assert fingerprint(scratch_dsn) == fingerprint(settings.primary_dsn.get_secret_value())
+
+
+def test_a_restore_that_differs_from_its_manifest_is_rolled_back_naming_the_table(
+    settings: Settings, store: ObjectStore, scratch_dsn: str, tmp_path
+):
+    """The tables are fingerprinted inside the restore transaction: names that need quoting
+    come back under their manifest keys, a value whose text depends on the search_path
+    (regclass) reads as the backup read it, and one table whose content is not what the
+    manifest says fails the restore before COMMIT, naming it, with nothing left behind."""
+    admin = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    with new_database(admin, f"src_{target.dbname}") as source:
+        with connect(source) as conn, conn.cursor() as cur:
+            cur.execute(
+                'CREATE SCHEMA "odd ""schema"""; '
+                'CREATE TABLE "odd ""schema"""."Dotted.Name" (id int, note text); '
+                'INSERT INTO "odd ""schema"""."Dotted.Name" SELECT i, \'n\' || i '
+                "FROM generate_series(1, 200) i; "
+                "CREATE TABLE plain (v numeric, r regclass); "
+                "INSERT INTO plain VALUES (1.50, 'plain'), (NULL, NULL); "
+                "CREATE MATERIALIZED VIEW totals AS SELECT sum(v) AS s FROM plain"
+            )
+        ours = settings.model_copy(update={"primary_dsn": SecretStr(source)})
+        manifest = backup.dump_encrypt_upload(ours, new_backup_id(), "pytest")
+    try:
+        odd = 'odd "schema".Dotted.Name'
+        assert {odd, "public.plain", "public.totals"} <= set(manifest.tables)
+        spool = restore.fetch_verified(settings, manifest, tmp_path / "a")
+        proven = restore.decrypt_and_restore(settings, manifest, spool, target)
+        tables = {k: v for k, v in manifest.tables.items() if is_table_entry(k)}
+        assert proven.tables == tables
+        assert restore.verify(manifest, target, proven)["tables"] == len(manifest.tables)
+
+        tampered = dict(manifest.tables)
+        tampered[odd] = {**tampered[odd], "content_hash": "0" * 64}
+        lying = manifest.model_copy(update={"tables": tampered})
+        spool = restore.fetch_verified(settings, manifest, tmp_path / "b")
+        with new_database(admin, f"{target.dbname}_b") as second_dsn:
+            second = ConnTarget.parse(second_dsn, allow_password=True)
+            with pytest.raises(
+                VerificationFailed,
+                match=r'rolled back: odd "schema"\.Dotted\.Name: same row count, different',
+            ):
+                restore.decrypt_and_restore(settings, lying, spool, second)
+            assert restore.user_tables(second) == 0
+    finally:
+        store.delete(manifest.object.key)

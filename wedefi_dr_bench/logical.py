@@ -1,14 +1,16 @@
 """``wedefi-dr bench``: the flows measured against the bare tools, in one process tree.
 
 Why this exists: the flows add safety (snapshot fingerprints, two checksums, S3 multipart,
-audit rows, a verified download, a full verification after the restore) and the on-call
+audit rows, a verified download, a full verification of the restore) and the on-call
 engineer needs to know what that safety costs against the plan's one-liners. So one run,
 on one database, times
 
-- bare ``pg_dump -Fc -Z9 | gpg --symmetric`` to a local file (two processes, one pipe)
-  against the ``logical-backup`` flow, and
-- bare ``pg_restore --clean --if-exists --single-transaction`` of a plain dump file
-  against the ``restore-backup`` flow,
+- bare ``pg_dump -Fc -Z<level> | gpg --symmetric`` (the flow's compression level and gpg
+  parameters) to a local file (two processes, one pipe) against the ``logical-backup``
+  flow, and
+- bare ``pg_restore --clean --if-exists --single-transaction`` of a plain dump file, and
+  bare ``gpg --decrypt | pg_restore`` of the encrypted one (what the stored object needs
+  by hand), against the ``restore-backup`` flow,
 
 and prints the ratios (DESIGN.md: "ratios against the bare tools run in the same process
 tree", never timed assertions in tests). A background thread samples the RSS of this
@@ -57,8 +59,15 @@ BENCH_DB = "wedefi_bench"
 BARE_DB = "wedefi_bench_bare"
 FLOW_DB = "wedefi_bench_flow"
 COMMENT_KEY = "wedefi_dr_bench"
-PHASES = ("bare_dump", "bare_backup", "bare_restore", "flow_backup", "flow_restore")
-BARE_PHASES = ("bare_dump", "bare_backup", "bare_restore")
+PHASES = (
+    "bare_dump",
+    "bare_backup",
+    "bare_decrypt_restore",
+    "bare_restore",
+    "flow_backup",
+    "flow_restore",
+)
+BARE_PHASES = ("bare_dump", "bare_backup", "bare_decrypt_restore", "bare_restore")
 FLOW_PHASES = ("flow_backup", "flow_restore")
 
 
@@ -164,24 +173,38 @@ def _check(proc: subprocess.Popen[bytes], name: str, errfile: Path) -> None:
         raise BenchFailed(f"bare {name} failed (exit {proc.returncode}): {text[-800:]}")
 
 
-def _pg_dump_cmd(target: ConnTarget) -> list[str]:
+def _pg_dump_cmd(target: ConnTarget, compress_level: int) -> list[str]:
+    """The flow's dump (same format and compression level), without the snapshot."""
     return [
         tool("pg_dump"),
         "--format=custom",
-        "--compress=9",
+        f"--compress={compress_level}",
         "--no-password",
         *target.tool_args(),
     ]
 
 
-def bare_dump(dsn: str, out: Path, work: Path) -> float:
-    """``pg_dump -Fc -Z9 > file``: the plaintext archive the bare restore reads."""
+def _pg_restore_cmd(target: ConnTarget, archive: Path | None = None) -> list[str]:
+    """pg_restore into ``target`` in one transaction, from ``archive`` or stdin."""
+    return [
+        tool("pg_restore"),
+        "--clean",
+        "--if-exists",
+        "--single-transaction",
+        "--no-password",
+        *target.tool_args(),
+        *([str(archive)] if archive is not None else []),
+    ]
+
+
+def bare_dump(dsn: str, out: Path, work: Path, compress_level: int = 9) -> float:
+    """``pg_dump -Fc -Z<level> > file``: the plaintext archive the bare restore reads."""
     err = work / "pg_dump.err"
     target = ConnTarget.parse(dsn, allow_password=True)
     with out.open("wb") as sink, err.open("wb") as errf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            _pg_dump_cmd(target), stdout=sink, stderr=errf, env=target.tool_env()
+            _pg_dump_cmd(target, compress_level), stdout=sink, stderr=errf, env=target.tool_env()
         )
         proc.wait()
         elapsed = time.perf_counter() - t0
@@ -189,8 +212,7 @@ def bare_dump(dsn: str, out: Path, work: Path) -> float:
     return elapsed
 
 
-def gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> list[str]:
-    """Stock gpg with the plan's parameters (what the flow's encryption module runs)."""
+def _gpg_cmd(homedir: Path, passphrase_fd: int) -> list[str]:
     return [
         "gpg",
         "--batch",
@@ -203,41 +225,103 @@ def gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> l
         "--no-symkey-cache",
         "--passphrase-fd",
         str(passphrase_fd),
-    ] + params.symmetric_args()
+    ]
 
 
-def bare_dump_encrypt(
-    dsn: str, out: Path, work: Path, passphrase: str, params: GpgParams, gnupg_home: Path
-) -> float:
-    """``pg_dump -Fc -Z9 | gpg --symmetric > file``: two processes and a kernel pipe."""
+def gpg_symmetric_cmd(homedir: Path, passphrase_fd: int, params: GpgParams) -> list[str]:
+    """Stock gpg with the plan's parameters (what the flow's encryption module runs)."""
+    return _gpg_cmd(homedir, passphrase_fd) + params.symmetric_args()
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One process of a bare pipeline: its command line, environment and extra fds."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] | None = None
+    pass_fds: tuple[int, ...] = ()
+
+
+def _piped(first: _Stage, second: _Stage, sink: int | Any, work: Path) -> float:
+    """``first | second > sink``: two processes and a kernel pipe, timed; BenchFailed
+    naming the stage that failed."""
+    first_err, second_err = work / f"pipe-{first.name}.err", work / f"pipe-{second.name}.err"
+    with first_err.open("wb") as ferr, second_err.open("wb") as serr:
+        t0 = time.perf_counter()
+        head = subprocess.Popen(
+            first.argv, stdout=subprocess.PIPE, stderr=ferr, env=first.env, pass_fds=first.pass_fds
+        )
+        tail = subprocess.Popen(
+            second.argv,
+            stdin=head.stdout,
+            stdout=sink,
+            stderr=serr,
+            env=second.env,
+            pass_fds=second.pass_fds,
+        )
+        assert head.stdout is not None
+        head.stdout.close()  # the second holds the only read end: the first sees EPIPE
+        tail.wait()
+        head.wait()
+        elapsed = time.perf_counter() - t0
+    _check(head, first.name, first_err)
+    _check(tail, second.name, second_err)
+    return elapsed
+
+
+def _passphrase_fd(passphrase: str) -> int:
     read_fd, write_fd = os.pipe()
     os.write(write_fd, passphrase.encode() + b"\n")
     os.close(write_fd)
-    dump_err, gpg_err = work / "pipe-pg_dump.err", work / "pipe-gpg.err"
+    return read_fd
+
+
+def bare_dump_encrypt(
+    dsn: str,
+    out: Path,
+    work: Path,
+    passphrase: str,
+    params: GpgParams,
+    gnupg_home: Path,
+    compress_level: int = 9,
+) -> float:
+    """``pg_dump -Fc -Z<level> | gpg --symmetric > file``: two processes and a kernel pipe."""
+    fd = _passphrase_fd(passphrase)
     target = ConnTarget.parse(dsn, allow_password=True)
     try:
-        with out.open("wb") as sink, dump_err.open("wb") as derr, gpg_err.open("wb") as gerr:
-            t0 = time.perf_counter()
-            dump = subprocess.Popen(
-                _pg_dump_cmd(target), stdout=subprocess.PIPE, stderr=derr, env=target.tool_env()
+        with out.open("wb") as sink:
+            return _piped(
+                _Stage("pg_dump", _pg_dump_cmd(target, compress_level), target.tool_env()),
+                _Stage("gpg --symmetric", gpg_symmetric_cmd(gnupg_home, fd, params), None, (fd,)),
+                sink,
+                work,
             )
-            gpg = subprocess.Popen(
-                gpg_symmetric_cmd(gnupg_home, read_fd, params),
-                stdin=dump.stdout,
-                stdout=sink,
-                stderr=gerr,
-                pass_fds=(read_fd,),
-            )
-            assert dump.stdout is not None
-            dump.stdout.close()  # gpg holds the only read end: pg_dump sees EPIPE if gpg dies
-            gpg.wait()
-            dump.wait()
-            elapsed = time.perf_counter() - t0
     finally:
-        os.close(read_fd)
-    _check(dump, "pg_dump", dump_err)
-    _check(gpg, "gpg --symmetric", gpg_err)
-    return elapsed
+        os.close(fd)
+
+
+def bare_decrypt_restore(
+    dsn: str, encrypted: Path, work: Path, passphrase: str, gnupg_home: Path
+) -> float:
+    """``gpg --decrypt file | pg_restore --clean --if-exists --single-transaction``: what
+    restoring the stored (encrypted) object takes by hand, checking nothing else."""
+    fd = _passphrase_fd(passphrase)
+    target = ConnTarget.parse(dsn, allow_password=True)
+    try:
+        return _piped(
+            _Stage(
+                "gpg --decrypt",
+                [*_gpg_cmd(gnupg_home, fd), "--decrypt", str(encrypted)],
+                None,
+                (fd,),
+            ),
+            _Stage("pg_restore", _pg_restore_cmd(target), target.tool_env()),
+            subprocess.DEVNULL,
+            work,
+        )
+    finally:
+        os.close(fd)
 
 
 def bare_restore(dsn: str, archive: Path, work: Path) -> float:
@@ -247,15 +331,7 @@ def bare_restore(dsn: str, archive: Path, work: Path) -> float:
     with err.open("wb") as errf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [
-                tool("pg_restore"),
-                "--clean",
-                "--if-exists",
-                "--single-transaction",
-                "--no-password",
-                *target.tool_args(),
-                str(archive),
-            ],
+            _pg_restore_cmd(target, archive),
             stdout=subprocess.DEVNULL,
             stderr=errf,
             env=target.tool_env(),
@@ -387,22 +463,34 @@ def run_bare_phases(run: BenchRun) -> None:
     say, times, sizes = run.say, run.times, run.sizes
     plain, encrypted = run.work / "bare.pgc", run.work / "bare.pgc.gpg"
     checkpoint(run.server_dsn)
-    say("bare pg_dump -Fc -Z9 > file")
+    level = run.settings.compress_level
+    say(f"bare pg_dump -Fc -Z{level} > file")
     with run.sampler.measuring("bare_dump"):
-        times["bare_pg_dump"] = bare_dump(run.dsn(BENCH_DB), plain, run.work)
+        times["bare_pg_dump"] = bare_dump(run.dsn(BENCH_DB), plain, run.work, level)
     checkpoint(run.server_dsn)
-    say("bare pg_dump -Fc -Z9 | gpg --symmetric > file")
+    say(f"bare pg_dump -Fc -Z{level} | gpg --symmetric > file")
+    passphrase = run.settings.gpg_passphrase.get_secret_value()
     with run.sampler.measuring("bare_backup"):
         times["bare_pg_dump_gpg"] = bare_dump_encrypt(
             run.dsn(BENCH_DB),
             encrypted,
             run.work,
-            run.settings.gpg_passphrase.get_secret_value(),
+            passphrase,
             GpgParams.from_settings(run.settings),
             run.gnupg_home,
+            level,
         )
     sizes["bare_dump_bytes"] = plain.stat().st_size
     sizes["bare_encrypted_bytes"] = encrypted.stat().st_size
+
+    recreate_database(run.server_dsn, BARE_DB)
+    checkpoint(run.server_dsn)
+    say(f"bare gpg --decrypt | pg_restore --single-transaction -> {BARE_DB}")
+    with run.sampler.measuring("bare_decrypt_restore"):
+        times["bare_gpg_pg_restore"] = bare_decrypt_restore(
+            run.dsn(BARE_DB), encrypted, run.work, passphrase, run.gnupg_home
+        )
+    drop_database(run.server_dsn, BARE_DB)
     encrypted.unlink()
 
     # The restore goes into a fresh empty database created outside the timing.
@@ -463,6 +551,9 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
             times["flow_restore"] = time.perf_counter() - t0
         for step, seconds in run.restore_result["timings"].items():
             times[f"flow_restore_{step}"] = seconds
+        times["flow_restore_verify_tables_in_transaction"] = run.restore_result.get(
+            "tables_verified_in_transaction_seconds", 0.0
+        )
         if not keep_backup:
             _delete_backup(flow_settings, run.backup_id)
 
@@ -489,8 +580,9 @@ NOTES = [
     "counts and content hashes in pg_dump's snapshot, concurrently with the dump "
     "(timed alone as fingerprints_alone).",
     "The flow restore downloads with one streaming GET to a spool file (ciphertext), "
-    "checks its sha256, then runs gpg --decrypt | pg_restore and verifies every table; "
-    "the bare restore reads a plaintext dump from a local file.",
+    "checks its sha256, then runs gpg --decrypt | pg_restore | psql and fingerprints every "
+    "table in the restore transaction before COMMIT (timed apart); the bare restore reads "
+    "a plaintext dump from a local file and verifies nothing.",
     "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
     "The moto and PostgreSQL server processes are excluded from the memory figures.",
 ]
@@ -499,13 +591,20 @@ NOTES = [
 def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
     """Every figure of the run, with the flow ÷ bare ratios, as a JSON-able dict."""
     times = run.times
-    restore_without_verify = times["flow_restore"] - times.get("flow_restore_verify", 0.0)
+    restore_without_verify = (
+        times["flow_restore"]
+        - times.get("flow_restore_verify", 0.0)
+        - times.get("flow_restore_verify_tables_in_transaction", 0.0)
+    )
     times["flow_restore_without_verify"] = restore_without_verify
     ratios = {
         "backup_flow_vs_bare_pg_dump_gpg": _ratio(times["flow_backup"], times["bare_pg_dump_gpg"]),
         "restore_flow_vs_bare_pg_restore": _ratio(times["flow_restore"], times["bare_pg_restore"]),
         "restore_flow_without_verify_vs_bare_pg_restore": _ratio(
             restore_without_verify, times["bare_pg_restore"]
+        ),
+        "restore_flow_vs_bare_gpg_pg_restore": _ratio(
+            times["flow_restore"], times.get("bare_gpg_pg_restore")
         ),
     }
     sampler = run.sampler
@@ -574,7 +673,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         head.add_row("VACUUM (FREEZE, ANALYZE)", f"{db['vacuum_freeze_analyze_seconds']:.1f} s")
     else:
         head.add_row("seed", f"reused (seeded {db.get('seeded_at')})")
-    head.add_row("dump size (pg_dump -Fc -Z9)", _mb(s.get("bare_dump_bytes")))
+    head.add_row("dump size (bare pg_dump -Fc)", _mb(s.get("bare_dump_bytes")))
     head.add_row("stored size (flow, encrypted)", _mb(s.get("stored_bytes")))
     head.add_row("bare encrypted file", _mb(s.get("bare_encrypted_bytes")))
     head.add_row("restored database size", _mb(s.get("restored_bytes")))
@@ -591,17 +690,22 @@ def render(report: dict[str, Any], console: Console) -> None:
     times.add_column("step")
     times.add_column("seconds", justify="right")
     rows = [
-        ("bare pg_dump -Fc -Z9 > file", "bare_pg_dump"),
+        ("bare pg_dump -Fc > file", "bare_pg_dump"),
         ("bare pg_dump | gpg > file", "bare_pg_dump_gpg"),
         ("Prefect warm-up flow (not counted)", "prefect_warm_up"),
         ("flow logical-backup", "flow_backup"),
         ("  of which dump→gpg→S3 stream (manifest)", "flow_backup_stream"),
         ("fingerprints alone (inside the flow, concurrent)", "fingerprints_alone"),
         ("bare pg_restore (file)", "bare_pg_restore"),
+        ("bare gpg --decrypt | pg_restore (file)", "bare_gpg_pg_restore"),
         ("flow restore-backup", "flow_restore"),
         ("  download + verify checksum", "flow_restore_download_verify"),
-        ("  decrypt + pg_restore", "flow_restore_decrypt_restore"),
-        ("  verify row counts + hashes", "flow_restore_verify"),
+        ("  decrypt + pg_restore (+ tables' fingerprints)", "flow_restore_decrypt_restore"),
+        (
+            "    of which tables' fingerprints, before COMMIT",
+            "flow_restore_verify_tables_in_transaction",
+        ),
+        ("  verify the rest (large objects, sequences)", "flow_restore_verify"),
         ("  flow restore without verify", "flow_restore_without_verify"),
     ]
     for label, key in rows:
@@ -616,6 +720,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         "backup_flow_vs_bare_pg_dump_gpg": "backup flow ÷ bare pg_dump | gpg",
         "restore_flow_vs_bare_pg_restore": "restore flow ÷ bare pg_restore",
         "restore_flow_without_verify_vs_bare_pg_restore": "restore flow without verify ÷ bare",
+        "restore_flow_vs_bare_gpg_pg_restore": "restore flow ÷ bare gpg -d | pg_restore",
     }
     for key, label in labels.items():
         value = r.get(key)

@@ -18,13 +18,22 @@ Order matters, because the target must stay untouched by anything unverified:
    Letting ``pg_restore`` connect itself would leave the COMMIT to it: it commits when the
    archive's last entry is done, which may be before the stream's end (and gpg's integrity
    check) or after it stopped reading;
-6. fingerprint every table of the target and compare with the manifest.
+6. before that end of input, this process appends the fingerprint queries of every table
+   to psql's script: they run in the restore transaction, on the restored rows, and their
+   results come back on a pipe of their own. A table that differs from the manifest kills
+   psql before COMMIT, so a restore that is not the backup never commits (an overwritten
+   target keeps what it held). Reading the rows inside the transaction that wrote them
+   also spares the full second pass a later session would pay: it would set every row's
+   hint bits, writing (and with data checksums WAL-logging) every page once more;
+7. after COMMIT, :func:`verify` checks what is not a table (large objects, sequences) and
+   reports the counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -36,6 +45,7 @@ from pathlib import Path
 
 import psycopg2
 from psycopg2 import sql
+from pydantic import BaseModel
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
@@ -50,13 +60,32 @@ from wedefi_dr.errors import (
     WrongPassphrase,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
-from wedefi_dr.postgres.fingerprint import FINGERPRINT_METHOD, compare, fingerprint_tables
+from wedefi_dr.postgres.fingerprint import (
+    FINGERPRINT_METHOD,
+    FINGERPRINT_SETTINGS,
+    compare,
+    fingerprint_extras,
+    fingerprint_tables,
+    is_table_entry,
+    session_table_queries,
+    table_entry,
+)
 from wedefi_dr.postgres.tools import child_env, connect, tool
 from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
 log = logging.getLogger(__name__)
 PGDMP_MAGIC = b"PGDMP"
+Fingerprints = dict[str, dict[str, object]]
+
+
+class Restored(BaseModel):
+    """What a committed restore proved inside its transaction: every table's fingerprint,
+    computed from the restored rows before COMMIT, equal to the manifest's.
+    ``verify_seconds``: how long those fingerprints took, of the whole restore."""
+
+    tables: Fingerprints
+    verify_seconds: float = 0.0
 
 
 # Never a restore target: the templates every new database is copied from, and the
@@ -317,10 +346,11 @@ def _kill(*procs: subprocess.Popen | None) -> None:
 
 def decrypt_and_restore(
     settings: Settings, manifest: BackupManifest, ciphertext: Path, target: ConnTarget
-) -> None:
+) -> Restored:
     """gpg --decrypt | pg_restore | psql --single-transaction, committed only after gpg's
     integrity check and the plaintext hash passed (on every path, including pg_restore
-    stopping before the stream's end)."""
+    stopping before the stream's end) and every restored table's fingerprint, taken in
+    the transaction, matched the manifest (VerificationFailed otherwise, rolled back)."""
     gpg, first = _start_plaintext(settings, ciphertext)
     gpg.require_encrypted()
     if not first.startswith(PGDMP_MAGIC):
@@ -329,6 +359,7 @@ def decrypt_and_restore(
 
     _ensure_database(target)
     sql_read, sql_write = os.pipe()
+    results_read, results_write = os.pipe()
     restore = psql = None
     committed = False
     try:
@@ -338,7 +369,11 @@ def decrypt_and_restore(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=target.tool_env(),
+            pass_fds=(results_write,),
         )
+        results_fd = results_write
+        os.close(results_write)
+        results_write = -1
         restore = subprocess.Popen(
             restore_command(),
             stdin=subprocess.PIPE,
@@ -378,6 +413,27 @@ def decrypt_and_restore(
                 f"pg_restore of backup {manifest.backup_id} failed (exit {restore.returncode}); "
                 f"nothing was committed to {target.location}: {restore_err.last()}"
             )
+        marker = uuid.uuid4().hex
+        _write_all(sql_write, _verification_script(results_fd, marker).encode())
+        with os.fdopen(results_read, "rb") as results:
+            results_read = -1
+            read = _read_results(results, marker)
+        if read is None:
+            psql.wait()
+            raise RestoreFailed(
+                f"restore into {target.location} failed while fingerprinting its tables "
+                f"(psql exit {psql.returncode}); the single transaction was rolled back: "
+                f"{psql_err.last()}"
+            )
+        restored, verify_seconds = read
+        expected = {k: v for k, v in manifest.tables.items() if is_table_entry(k)}
+        problems = compare(expected, restored)
+        if problems:
+            raise VerificationFailed(
+                f"restore of {manifest.backup_id} into {target.location} differs from the "
+                f"backup in {len(problems)} table(s), so it was rolled back: "
+                + "; ".join(problems[:10])
+            )
         # Every check passed: the end of psql's input is its COMMIT.
         os.close(sql_write)
         sql_write = -1
@@ -391,9 +447,59 @@ def decrypt_and_restore(
         if not committed:
             _kill(psql)  # before its input ends: the transaction never commits
         _kill(restore, gpg)
-        for fd in (sql_read, sql_write):
+        for fd in (sql_read, sql_write, results_read, results_write):
             if fd >= 0:
                 os.close(fd)
+    return Restored(tables=restored, verify_seconds=round(verify_seconds, 3))
+
+
+def _verification_script(results_fd: int, marker: str) -> str:
+    """psql commands, run after the restored script and before COMMIT, that write to the
+    results pipe (psql inherited it as ``results_fd``) the server's clock, each table's
+    fingerprint as a JSON array, then ``marker`` and the clock again: the results are
+    whole, and the clocks say how long the fingerprints took.
+
+    The restored script emptied the search_path, which changes the text of some values
+    (a ``regclass`` reads ``public.t``, not ``t``): it is reset to the connection's own, as
+    the backup's fingerprints saw it."""
+    clock = "extract(epoch FROM clock_timestamp())"
+    return (
+        f"\\o /dev/fd/{results_fd}\n"
+        "\\pset format unaligned\n"
+        "\\pset tuples_only on\n"
+        "RESET search_path;\n"
+        f"{FINGERPRINT_SETTINGS};\n"
+        f"SELECT 'started ' || {clock};\n"
+        f"{session_table_queries()} \\gexec\n"
+        f"SELECT '{marker} ' || {clock};\n"
+        "\\o\n"
+    )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to psql's input; a psql that already stopped is judged by what it
+    wrote (its results end early), not by the broken pipe."""
+    view = memoryview(data)
+    with contextlib.suppress(BrokenPipeError):
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _read_results(results, marker: str) -> tuple[Fingerprints, float] | None:
+    """The tables' fingerprints psql wrote and the seconds they took, or None when psql
+    stopped before the marker."""
+    found: Fingerprints = {}
+    started = None
+    for raw in results:
+        line = raw.decode().strip()
+        if line.startswith("["):
+            name, rows, total = json.loads(line)
+            found[name] = table_entry(rows, total)
+        elif line.startswith("started "):
+            started = float(line.split()[1])
+        elif line.startswith(marker + " ") and started is not None:
+            return found, float(line.split()[1]) - started
+    return None
 
 
 def _plaintext_problem(
@@ -420,10 +526,20 @@ def _authentic(gpg: encryption.Decryption) -> bool:
     return True
 
 
-def verify(manifest: BackupManifest, target: ConnTarget) -> dict[str, int]:
-    """Compare every table's row count and content hash with the manifest."""
+def verify(
+    manifest: BackupManifest, target: ConnTarget, restored: Restored | None = None
+) -> dict[str, int]:
+    """Compare every table's row count and content hash with the manifest.
+
+    With ``restored`` (what :func:`decrypt_and_restore` proved before COMMIT) the tables
+    are not read again; the large objects and sequences are read from the committed
+    target either way.
+    """
     with connect(target.conninfo) as conn:
-        actual = fingerprint_tables(conn)
+        if restored is None:
+            actual = fingerprint_tables(conn)
+        else:
+            actual = {**restored.tables, **fingerprint_extras(conn)}
     problems = compare(manifest.tables, actual)
     if problems:
         raise VerificationFailed(

@@ -9,7 +9,9 @@ on a 1 GB database that difference was most of the backup flow's overhead over b
 pg_dump. ``FINGERPRINT_METHOD`` is recorded in each manifest so a restore never compares
 hashes computed two different ways. Sessions run with ``TimeZone=UTC``, ``DateStyle=ISO`` and
 ``extra_float_digits=1`` so the text form is the same on every server that holds the
-same data.
+same data. A restore takes the tables' fingerprints inside its own transaction, through
+psql (:func:`session_table_queries`); both paths build on ``USER_TABLES_SQL`` and
+``ROW_HASH_SQL``, so they compute the same thing.
 
 Not only tables: a restore also brings back what pg_dump dumps besides rows.
 
@@ -37,6 +39,16 @@ FINGERPRINT_METHOD = "hashtextextended64-sum/v2-sequences-lo-matviews"
 LARGE_OBJECTS = "large objects"
 SEQUENCE_PREFIX = "sequence "
 
+# What is fingerprinted: the tables and the populated materialized views (schema, name).
+USER_TABLES_SQL = """SELECT n.nspname, c.relname FROM pg_class c
+   JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE (c.relkind IN ('r', 'p') OR (c.relkind = 'm' AND c.relispopulated))
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+     AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+   ORDER BY 1, 2"""
+# One table's fingerprint, over the alias ``t``: its row count and its rows' hash sum.
+ROW_HASH_SQL = "count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)"
+
 FINGERPRINT_SETTINGS = (
     "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
     "SET LOCAL extra_float_digits = 1; SET LOCAL IntervalStyle = 'postgres'"
@@ -47,14 +59,7 @@ def user_tables(conn: connection) -> list[tuple[str, str]]:
     """Every ordinary and partitioned table, and every populated materialized view,
     outside the system schemas, sorted."""
     with conn.cursor() as cur:
-        cur.execute(
-            """SELECT n.nspname, c.relname FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE (c.relkind IN ('r', 'p') OR (c.relkind = 'm' AND c.relispopulated))
-                 AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                 AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
-               ORDER BY 1, 2"""
-        )
+        cur.execute(USER_TABLES_SQL)
         return [(s, t) for s, t in cur.fetchall()]
 
 
@@ -81,15 +86,12 @@ def fingerprint_tables(
         cur.execute(FINGERPRINT_SETTINGS)
         for schema, table in tables if tables is not None else user_tables(conn):
             cur.execute(
-                sql.SQL(
-                    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {} t"
-                ).format(sql.Identifier(schema, table))
+                sql.SQL("SELECT " + ROW_HASH_SQL + " FROM {} t").format(
+                    sql.Identifier(schema, table)
+                )
             )
             rows, total = cur.fetchone()
-            result[table_name(schema, table)] = {
-                "rows": int(rows),
-                "content_hash": _digest(rows, total),
-            }
+            result[table_name(schema, table)] = table_entry(rows, total)
             if progress:
                 progress(table_name(schema, table), int(rows))
         if tables is None:
@@ -103,6 +105,37 @@ def sequence_fingerprints(conn: connection) -> dict[str, dict[str, object]]:
     """Each user sequence's entry, its position as of now: a lower bound for a later dump."""
     with conn.cursor() as cur:
         return _sequences(cur)
+
+
+def table_entry(rows: object, total: object) -> dict[str, object]:
+    """A table's manifest entry from its row count and hash sum (as numbers or their text:
+    the text of an integer sum is what ``str`` gives of the number)."""
+    return {"rows": int(str(rows)), "content_hash": _digest(int(str(rows)), total)}
+
+
+def fingerprint_extras(conn: connection) -> dict[str, dict[str, object]]:
+    """The entries that are not tables: the large objects and each sequence."""
+    with conn.cursor() as cur:
+        cur.execute(FINGERPRINT_SETTINGS)
+        return {**_large_objects(cur), **_sequences(cur)}
+
+
+def is_table_entry(name: str) -> bool:
+    """A manifest entry of a table or materialized view (not large objects, a sequence)."""
+    return name != LARGE_OBJECTS and not name.startswith(SEQUENCE_PREFIX)
+
+
+def session_table_queries() -> str:
+    """A query whose rows are, per table, the SQL of that table's fingerprint as one JSON
+    array ``[name, rows, sum as text]``: run with psql's ``\\gexec`` in the restore's own
+    session, it fingerprints the restored tables inside the restore transaction with the
+    same expression :func:`fingerprint_tables` uses."""
+    return (
+        "SELECT format('SELECT json_build_array(%L, count, sum::text) FROM (SELECT "
+        + ROW_HASH_SQL.replace("'", "''")
+        + " FROM %I.%I t) AS f(count, sum)', "
+        "nspname || '.' || relname, nspname, relname) FROM (" + USER_TABLES_SQL + ") AS user_tables"
+    )
 
 
 def _digest(*parts: object) -> str:
