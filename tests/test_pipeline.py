@@ -6,8 +6,10 @@ nothing behind: no object at the key, no multipart upload open (invariant 2).
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -16,9 +18,14 @@ import pytest
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed
-from wedefi_dr.physical.basebackup import TarGzip
+from wedefi_dr.physical.basebackup import (
+    TAR_READ_BYTES,
+    TarGzip,
+    compressor_argv,
+    decompressor_argv,
+)
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
+from wedefi_dr.storage.pipeline import PIPE_BYTES, EncryptedUpload, Producer, widen_pipe
 from wedefi_dr.storage.s3 import ObjectStore
 
 # Over one 5 MiB part (the session's chunk size), so a multipart upload is under way
@@ -129,3 +136,43 @@ def test_a_tar_without_backup_label_is_not_stored(settings: Settings, store: Obj
         _pipeline(settings, _tar_of(data), transform=TarGzip(level=1)).run(store, key)
     assert store.head(key) is None
     assert _open_uploads(store, key) == []
+
+
+def test_the_zstd_transform_keeps_a_manifest_larger_than_its_tar_reads(
+    settings: Settings, store: ObjectStore, tmp_path
+):
+    """A big cluster's backup_manifest spans many of tarfile's reads, among small members."""
+    data = tmp_path / "data"
+    (data / "global").mkdir(parents=True)
+    for i in range(300):
+        (data / "global" / f"{i}").write_bytes(bytes([i % 251]) * (i * 37 % 9000))
+    manifest = b'{"Files": [' + b",".join(b'{"Path": "f%d"}' % i for i in range(20_000)) + b"]}"
+    assert len(manifest) > 4 * TAR_READ_BYTES
+    (data / "backup_manifest").write_bytes(manifest)
+    (data / "backup_label").write_text("START WAL LOCATION: 0/2000028\n")
+    key = store.key("pipeline-test", uuid.uuid4().hex, "base.tar.zst.gpg")
+    tar = TarGzip(level=1, compressor=compressor_argv("zstd", 1))
+    streamed = _pipeline(settings, _tar_of(data), transform=tar).run(store, key)
+
+    assert tar.found["backup_manifest"] == manifest
+    tar_bytes = subprocess.run(_tar_of(data), capture_output=True, check=True).stdout
+    assert streamed.plaintext_sha256 == hashlib.sha256(tar_bytes).hexdigest()
+    body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    unpacked = subprocess.run(
+        decompressor_argv("zstd"),
+        input=_decrypt(settings, body, tmp_path),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert unpacked == tar_bytes
+    store.delete(key)
+
+
+def test_widen_pipe_gives_the_pipe_a_megabyte_and_ignores_what_is_no_pipe(tmp_path):
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as r, os.fdopen(write_end, "wb") as w:
+        widen_pipe(w)
+        assert fcntl.fcntl(r.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES
+    with (tmp_path / "file").open("wb") as f:
+        widen_pipe(f)  # not a pipe: left as it is, no error
+    widen_pipe(None)

@@ -3,10 +3,11 @@
 One source cluster of the bench's own (fsync on, pgbench tables at ``scale``), measured in
 one run, side by side:
 
-1. base backup: ``wedefi-dr base-backup``'s stream (zstd and lz4) against pgBackRest 2.x
+1. base backup: ``wedefi-dr base-backup``'s stream (zstd and lz4), into the S3 endpoint
+   and into a posix repository in a temp folder (like for like), against pgBackRest 2.x
    ``backup --type=full`` (posix repo in a temp folder, lz4, process-max 2, aes-256-cbc);
-2. physical restore: staging our base backup (download, decrypt, decompress, extract,
-   ``pg_verifybackup``) against ``pgbackrest restore`` into an empty folder;
+2. physical restore: staging each of our base backups (download, decrypt, decompress,
+   extract, ``pg_verifybackup``) against ``pgbackrest restore`` into an empty folder;
 3. pgbench TPS with ``archive_command=/bin/true`` and with the resident archiver, the
    ``.ready`` backlog sampled every second during the archived run, and the server's wait
    per segment as the hand-off logged it;
@@ -252,26 +253,51 @@ def single_segment_latency(
     return result
 
 
+POSIX_REPO = "posix-repo"
+REPOS = ("s3", "posix")
+
+
+def repo_settings(settings: Settings, bench: pitr_bench.PitrBench, repo: str) -> Settings:
+    """``settings`` writing to the bench's S3 prefix, or to a posix repository in its work
+    folder (owned by the server's OS user, as a posix repository beside pgBackRest's)."""
+    if repo == "s3":
+        return settings
+    return settings.model_copy(update={"repo_type": "posix", "repo_path": bench.work / POSIX_REPO})
+
+
+def _label(repo: str, compression: str) -> str:
+    """``zstd``/``lz4`` into S3 (the keys of earlier reports), ``posix_zstd``/``posix_lz4``."""
+    return compression if repo == "s3" else f"{repo}_{compression}"
+
+
 def base_backups(
     bench: pitr_bench.PitrBench, pgbr: PgBackRest, source: Settings
 ) -> tuple[dict[str, Any], dict[str, basebackup.BaseBackupManifest]]:
-    """Ours (zstd, lz4) and pgBackRest's full backup of the same cluster, back to back."""
+    """Ours (zstd, lz4; into S3 and into a posix repository) and pgBackRest's full backup
+    of the same cluster, back to back."""
     out: dict[str, Any] = {}
     manifests = {}
-    for compression in ("zstd", "lz4"):
-        chosen = source.model_copy(update={"base_backup_compression": compression})
-        t = time.monotonic()
-        manifest = basebackup.take(chosen, "bench", new_backup_id())
-        out[f"ours_{compression}_s"] = round(time.monotonic() - t, 2)
-        out[f"ours_{compression}_stored_mb"] = round(manifest.object.size_bytes / 1e6, 1)
-        manifests[compression] = manifest
-        time.sleep(1.1)  # backup ids are per second
+    posix_root = bench.work / POSIX_REPO
+    posix_root.mkdir(mode=0o750)
+    chown_to(posix_root, pgbr.user)
+    for repo in REPOS:
+        for compression in ("zstd", "lz4"):
+            label = _label(repo, compression)
+            chosen = repo_settings(source, bench, repo).model_copy(
+                update={"base_backup_compression": compression}
+            )
+            t = time.monotonic()
+            manifest = basebackup.take(chosen, "bench", new_backup_id())
+            out[f"ours_{label}_s"] = round(time.monotonic() - t, 2)
+            out[f"ours_{label}_stored_mb"] = round(manifest.object.size_bytes / 1e6, 1)
+            manifests[label] = manifest
+            time.sleep(1.1)  # backup ids are per second
     out["tar_mb"] = round(manifests["zstd"].plaintext_size_bytes / 1e6, 1)
     out["pgbackrest_s"] = round(pgbr.cmd("backup", "--type=full"), 2)
     out["pgbackrest_stored_mb"] = round(pgbr.repo_bytes() / 1e6, 1)
-    for compression in ("zstd", "lz4"):
-        out[f"ratio_ours_{compression}_vs_pgbackrest"] = _ratio(
-            out[f"ours_{compression}_s"], out["pgbackrest_s"]
+    for label in manifests:
+        out[f"ratio_ours_{label}_vs_pgbackrest"] = _ratio(
+            out[f"ours_{label}_s"], out["pgbackrest_s"]
         )
     return out, manifests
 
@@ -279,22 +305,30 @@ def base_backups(
 def restores(
     bench: pitr_bench.PitrBench, pgbr: PgBackRest, manifests: dict[str, Any]
 ) -> dict[str, Any]:
-    """Stage (verified) our base backups, and ``pgbackrest restore`` into an empty folder."""
+    """Stage (verified) our base backups, from S3 and from the posix repository, and
+    ``pgbackrest restore`` into an empty folder."""
     out: dict[str, Any] = {}
     cluster = bench.dst
-    for compression, manifest in manifests.items():
-        t = time.monotonic()
-        staged = recovery.stage_base_backup(bench.settings, manifest, cluster, bench.work / "sp")
-        out[f"ours_{compression}_stage_verified_s"] = round(time.monotonic() - t, 2)
-        shutil.rmtree(staged, ignore_errors=True)
+    for repo in REPOS:
+        for compression in ("zstd", "lz4"):
+            label = _label(repo, compression)
+            t = time.monotonic()
+            staged = recovery.stage_base_backup(
+                repo_settings(bench.settings, bench, repo),
+                manifests[label],
+                cluster,
+                bench.work / "sp",
+            )
+            out[f"ours_{label}_stage_verified_s"] = round(time.monotonic() - t, 2)
+            shutil.rmtree(staged, ignore_errors=True)
     target = bench.work / "pgbr-restore"
     target.mkdir(mode=0o700)
     chown_to(target, pgbr.user)
     out["pgbackrest_restore_s"] = round(pgbr.cmd("restore", f"--pg1-path={target}"), 2)
     shutil.rmtree(target, ignore_errors=True)
-    for compression in manifests:
-        out[f"ratio_ours_{compression}_vs_pgbackrest"] = _ratio(
-            out[f"ours_{compression}_stage_verified_s"], out["pgbackrest_restore_s"]
+    for label in manifests:
+        out[f"ratio_ours_{label}_vs_pgbackrest"] = _ratio(
+            out[f"ours_{label}_stage_verified_s"], out["pgbackrest_restore_s"]
         )
     return out
 

@@ -53,19 +53,21 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ph = report.get("physical")
     if ph:
         bb, rs = ph.get("base_backup", {}), ph.get("restore", {})
-        for c in ("zstd", "lz4"):
+        labels = [(c, f"{c}, to S3") for c in ("zstd", "lz4")]
+        labels += [(f"posix_{c}", f"{c}, posix repo") for c in ("zstd", "lz4")]
+        for c, what in labels:
             out.append(
                 (
-                    f"base backup, encrypted ({c}) ÷ pgBackRest full (lz4, aes, 2 proc)",
+                    f"base backup, encrypted ({what}) ÷ pgBackRest full (posix, lz4, aes, 2 proc)",
                     _fmt(bb.get(f"ours_{c}_s"), " s"),
                     _fmt(bb.get("pgbackrest_s"), " s"),
                     _fmt(bb.get(f"ratio_ours_{c}_vs_pgbackrest")),
                 )
             )
-        for c in ("zstd", "lz4"):
+        for c, what in labels:
             out.append(
                 (
-                    f"physical restore ({c}, pg_verifybackup incl.) ÷ pgbackrest restore",
+                    f"physical restore ({what}, pg_verifybackup incl.) ÷ pgbackrest restore",
                     _fmt(rs.get(f"ours_{c}_stage_verified_s"), " s"),
                     _fmt(rs.get("pgbackrest_restore_s"), " s"),
                     _fmt(rs.get(f"ratio_ours_{c}_vs_pgbackrest")),

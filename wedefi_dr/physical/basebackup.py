@@ -44,7 +44,7 @@ from wedefi_dr.errors import BackupFailed, ToolNotFound, UnknownBackup
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import encryption
-from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
+from wedefi_dr.storage.pipeline import EncryptedUpload, Producer, widen_pipe
 from wedefi_dr.storage.repository import READ_CHUNK, Repository, open_store
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ KIND = "base"
 DATA_NAME = "base.tar.gz.gpg"  # gzip: the earlier format, still read
 DATA_NAMES = {"zstd": "base.tar.zst.gpg", "lz4": "base.tar.lz4.gpg", "gzip": DATA_NAME}
 MANIFEST_NAME = listing.MANIFEST_NAME
+# What tarfile's stream mode reads at a time (its default is 10 KiB): fewer calls through
+# the hashing reader and the compressor's pipe. Not more: each small member's header and
+# data are sliced off a buffer of this size, so the cost of a small read grows with it.
+TAR_READ_BYTES = 64 * 1024
 
 
 def compressor_argv(compression: str, level: int) -> list[str] | None:
@@ -161,6 +165,7 @@ class _ProcessTee:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.PIPE
         )
+        widen_pipe(self.proc.stdin)
 
     def read(self, n: int = -1) -> bytes:
         data = self.source.read(n)
@@ -206,7 +211,7 @@ class TarGzip:
         else:
             tee = _ProcessTee(source, sink, self.compressor)
         try:
-            with tarfile.open(fileobj=tee, mode="r|") as tar:
+            with tarfile.open(fileobj=tee, mode="r|", bufsize=TAR_READ_BYTES) as tar:
                 for member in tar:
                     name = member.name.lstrip("./")
                     if name in self.WANTED:
