@@ -55,6 +55,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -292,19 +293,31 @@ class Archive:
 
     def push_bytes(self, name: str, plain: bytes) -> str:
         """Store ``plain`` under ``name`` unless it is there; returns what happened."""
+        return self.store_segment(name, plain)[0]
+
+    def store_segment(self, name: str, plain: bytes) -> tuple[str, str]:
+        """:meth:`push_bytes`, also returning the plaintext sha256 it stored.
+
+        The server waits for this, so the work overlaps: the plaintext's sha256 runs in a
+        thread while zstd and gpg run (both release the GIL), and no HEAD comes first: the
+        conditional PUT (``If-None-Match: *``) is the existence check, and only a refused
+        PUT reads what is there (a re-push is rare: after a crash, or a second archiver).
+        """
         from botocore.exceptions import ClientError
 
         validate_name(name)
-        sha = _sha256(plain)
-        head = self.head(name)
-        if head is not None:
-            self._same_or_conflict(name, head, sha)
-            return "already archived (identical)"
         try:
             wal_key = self.wal_keys.for_key(self.keyring.current, create=True)
         except walkey.WalKeyError as exc:
             raise ArchiveCorrupt(str(exc)) from exc
-        cipher = encode(self.settings, plain, wal_key=wal_key)
+        digest: list[str] = []
+        hasher = threading.Thread(target=lambda: digest.append(_sha256(plain)))
+        hasher.start()
+        try:
+            cipher = encode(self.settings, plain, wal_key=wal_key)
+        finally:
+            hasher.join()
+        sha = digest[0]
         extra = {"ServerSideEncryption": self.settings.sse} if self.settings.sse else {}
         try:
             self.client.put_object(
@@ -327,12 +340,12 @@ class Archive:
             code = exc.response.get("Error", {}).get("Code")
             if code not in PUT_CONFLICT_CODES:
                 raise
-            head = self.head(name)  # someone stored it between our HEAD and PUT
+            head = self.head(name)
             if head is None:
                 raise
             self._same_or_conflict(name, head, sha)
-            return "already archived (identical, concurrent push)"
-        return f"archived ({len(plain)} -> {len(cipher)} bytes)"
+            return "already archived (identical)", sha
+        return f"archived ({len(plain)} -> {len(cipher)} bytes)", sha
 
     def fetch_bytes(self, name: str, workdir: Path) -> bytes | None:
         """The verified plaintext, or None when the archive has no such object."""
