@@ -458,3 +458,39 @@ def test_tampered_or_planted_wal_key_is_refused_by_name(archive, store, settings
         assert refused.returncode == wal.EXIT_FATAL, refused.stderr
         assert walkey.mac_name(key_id) in refused.stderr and "refused" in refused.stderr
         assert not (archive["pg_wal"] / "RECOVERYXLOG").exists()
+
+
+def test_restore_command_waits_for_a_segment_the_prefetcher_is_fetching(tmp_path):
+    """``prefetch.py`` hands over a segment the live prefetcher lists in its plan once it is
+    spooled, and goes to the full fetch at once when the segment is not planned or the
+    prefetcher is gone (never waiting on a process that will not deliver)."""
+    import threading
+
+    from wedefi_dr.physical import prefetch
+
+    spool = tmp_path / wal.PREFETCH_DIR
+    spool.mkdir()
+    planned, other = FIRST, wal.next_segments(FIRST, 1, SEG)[0]
+    worker = subprocess.Popen(["sleep", "30"])
+    try:
+        (spool / wal.PREFETCHER_PID).write_text(str(worker.pid))
+        (spool / wal.PREFETCH_PLAN).write_text(planned)
+        data = b"spooled segment"
+
+        def deliver() -> None:
+            time.sleep(0.3)
+            wal._atomic_write(spool / planned, data)
+            wal._atomic_write(spool / f"{planned}.sha256", wal._sha256(data).encode())
+
+        threading.Thread(target=deliver).start()
+        assert not prefetch.wait_for_prefetcher(str(spool), other, timeout=5)
+        assert prefetch.wait_for_prefetcher(str(spool), planned, timeout=5)
+        assert prefetch.from_spool(str(spool), planned, str(tmp_path / "RECOVERYXLOG"))
+        assert (tmp_path / "RECOVERYXLOG").read_bytes() == data
+        (spool / wal.PREFETCH_PLAN).write_text(other)
+        worker.kill()
+        worker.wait()
+        assert not prefetch.wait_for_prefetcher(str(spool), other, timeout=5)
+    finally:
+        worker.kill()
+        worker.wait()

@@ -8,7 +8,10 @@ archive-get queue does. What is left per segment is this script: executed with `
 -I -S`` (standard library only, no site-packages, no package import), it checks the
 spooled file still hashes as the prefetcher recorded, renames it to ``%p``, and starts the
 next prefetcher when the spool runs low. So replay waits for an interpreter start and a
-sha256, close to what ``cp`` of the decrypted file costs.
+sha256, close to what ``cp`` of the decrypted file costs. A segment the running prefetcher
+is downloading now (its ``.prefetcher.plan``) is waited for, not downloaded a second time
+by a full ``wal-fetch``: replay asks for the next segment within a fraction of a second,
+sooner than a new prefetcher delivers the first one.
 
 A segment that is not spooled goes to the full ``wal-fetch`` (``os.execv``: the same
 process, the same exit status contract: 0 found, 1 not archived, 128 anything else, which
@@ -23,10 +26,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
+PREFETCH_PLAN = ".prefetcher.plan"
+WAIT_SECONDS = 60.0
+POLL_SECONDS = 0.01
 READ_CHUNK = 1 << 20
 
 
@@ -78,6 +85,29 @@ def _prefetcher_alive(spool: str) -> bool:
     return True
 
 
+def _planned(spool: str, name: str) -> bool:
+    try:
+        with open(os.path.join(spool, PREFETCH_PLAN)) as f:
+            return name in f.read().split()
+    except FileNotFoundError:
+        return False
+
+
+def wait_for_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> bool:
+    """True once ``name`` is spooled; False at once when the prefetcher is not fetching it,
+    and as soon as it stops (it stops at a segment it could not spool: the full
+    ``wal-fetch`` then reports why) or ``timeout`` passes."""
+    done = os.path.join(spool, f"{name}.sha256")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(done):
+            return True
+        if not (_planned(spool, name) and _prefetcher_alive(spool)):
+            return os.path.exists(done)
+        time.sleep(POLL_SECONDS)
+    return False
+
+
 def _spooled_ahead(spool: str, name: str) -> int:
     try:
         return sum(1 for n in os.listdir(spool) if SEGMENT_RE.match(n) and n > name)
@@ -110,7 +140,11 @@ def main(argv: list[str]) -> int:
     env_file, name, dest = argv[1], argv[2], argv[3]
     try:
         spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
-        if SEGMENT_RE.match(name) and from_spool(spool, name, dest):
+        spooled = SEGMENT_RE.match(name) and (
+            from_spool(spool, name, dest)
+            or (wait_for_prefetcher(spool, name) and from_spool(spool, name, dest))
+        )
+        if spooled:
             ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
             refill(env_file, spool, name, ahead)
             return 0

@@ -81,6 +81,9 @@ NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9
 PUSHED_DIR = ".wedefi-pushed"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
+PREFETCH_PLAN = ".prefetcher.plan"
+PREFETCH_WIDTH = 8
+SEGMENT_BYTES_DEFAULT = 16 * 1024 * 1024
 PREFETCH_IDLE_SECONDS = 60.0
 ENCODING = "gzip+gpg"
 ENCODING_WALKEY = "zstd+gpg-walkey"
@@ -518,7 +521,13 @@ def _prefetcher_alive(spool: Path) -> bool:
     return True
 
 
-def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) -> bool:
+def start_prefetcher(
+    env_file: str | None,
+    name: str,
+    dest: Path,
+    ahead: int,
+    segment_bytes: int = SEGMENT_BYTES_DEFAULT,
+) -> bool:
     """Fill the spool with the ``ahead`` segments after ``name`` in a detached process.
 
     The server is not kept waiting: this call returns at once and replay overlaps the
@@ -534,7 +543,7 @@ def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) ->
     cmd = [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, str(spool)]
     if env_file:
         cmd += ["--env-file", env_file]
-    subprocess.Popen(
+    child = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -542,7 +551,15 @@ def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) ->
         start_new_session=True,
         close_fds=True,
     )
+    _atomic_write(spool / PREFETCHER_PID, str(child.pid).encode())
+    _write_plan(spool, next_segments(name, min(PREFETCH_WIDTH, ahead), segment_bytes))
     return True
+
+
+def _write_plan(spool: Path, names: list[str]) -> None:
+    """The segments the prefetcher is fetching now: ``prefetch.py`` waits for one of them
+    (while the prefetcher lives) instead of downloading it a second time."""
+    _atomic_write(spool / PREFETCH_PLAN, "\n".join(names).encode())
 
 
 def prefetch(settings: Settings, name: str, spool: Path) -> int:
@@ -558,7 +575,7 @@ def prefetch(settings: Settings, name: str, spool: Path) -> int:
     (spool / PREFETCHER_PID).write_text(str(os.getpid()))
     try:
         archive = Archive(settings)
-        width = max(1, min(8, settings.wal_prefetch))
+        width = max(1, min(PREFETCH_WIDTH, settings.wal_prefetch))
         cursor, fetched, busy_at = name, 0, time.monotonic()
         with ThreadPoolExecutor(max_workers=width) as pool:
             while True:
@@ -569,13 +586,16 @@ def prefetch(settings: Settings, name: str, spool: Path) -> int:
                     time.sleep(0.05)
                     continue
                 names = next_segments(cursor, min(room, width), settings.wal_segment_bytes)
+                _write_plan(spool, names)
                 found = list(pool.map(lambda n: _prefetch_one(archive, spool, n), names))
+                _write_plan(spool, [])  # nothing in flight: no one waits for an old plan
                 fetched += sum(found)
                 busy_at, cursor = time.monotonic(), names[-1]
                 if not all(found):
                     break
         return fetched
     finally:
+        (spool / PREFETCH_PLAN).unlink(missing_ok=True)
         (spool / PREFETCHER_PID).unlink(missing_ok=True)
 
 
@@ -714,7 +734,9 @@ def run(
         _log(f"fetch {name} FATAL (archive unreachable?): {type(exc).__name__}: {exc}")
         return EXIT_FATAL
     if found:
-        start_prefetcher(env_file, name, Path(dest), settings.wal_prefetch)
+        start_prefetcher(
+            env_file, name, Path(dest), settings.wal_prefetch, settings.wal_segment_bytes
+        )
     return EXIT_OK if found else EXIT_MISSING
 
 
