@@ -59,7 +59,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,15 +157,7 @@ def archive_key(settings: Settings, name: str) -> str:
 # ---- encoding ----------------------------------------------------------------------------
 def _gpg_params(settings: Settings, wal_key: walkey.WalKey | None) -> encryption.GpgParams:
     params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # packed
-    if wal_key is None:
-        return params
-    return encryption.GpgParams(
-        cipher=params.cipher,
-        s2k_mode=params.s2k_mode,
-        s2k_digest=params.s2k_digest,
-        s2k_count=WALKEY_S2K_COUNT,
-        compress_algo="none",
-    )
+    return params if wal_key is None else replace(params, s2k_count=WALKEY_S2K_COUNT)
 
 
 def encode(settings: Settings, plain: bytes, *, wal_key: walkey.WalKey | None = None) -> bytes:
