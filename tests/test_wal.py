@@ -190,13 +190,11 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert wal_cmd(archive, "fetch", names[0], "pg_wal/RECOVERYXLOG").returncode == 0
     spool = archive["pg_wal"] / wal.PREFETCH_DIR
     deadline = time.monotonic() + 60  # the prefetcher runs detached, replay goes on
+    spooled = set(names[1:]) | {f"{n}.sha256" for n in names[1:]}
     while time.monotonic() < deadline:
-        if (spool / wal.PREFETCHER_PID).exists() or not spool.exists():
-            time.sleep(0.2)
-        elif {p.name for p in spool.iterdir()} >= set(names[1:]):
+        if spool.exists() and {p.name for p in spool.iterdir()} >= spooled:
             break
-        else:
-            time.sleep(0.2)
+        time.sleep(0.2)
     assert {p.name for p in spool.iterdir()} >= set(names[1:])
     # A prefetched file that changed on disk is not handed over: it is fetched again.
     (spool / names[2]).write_bytes(b"damaged")
@@ -211,7 +209,23 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert not (spool / names[1]).exists()  # handed over by rename, not copied
     missing = shlex.split(command.replace("%f", FIRST[:-1] + "F").replace("%p", "pg_wal/X"))
     gone = subprocess.run(missing, cwd=archive["pg_wal"].parent, capture_output=True)
-    assert gone.returncode == wal.EXIT_MISSING  # not spooled, not archived: the full fetch
+    assert gone.returncode == wal.EXIT_MISSING  # not spooled, not archived
+
+    # What replay asks for at the end (a segment again, a history file, the next segment)
+    # the lingering prefetcher answers; a gap still goes to the full fetch and is fatal.
+    def restore(name: str) -> subprocess.CompletedProcess:
+        argv = shlex.split(command.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG"))
+        return subprocess.run(argv, cwd=archive["pg_wal"].parent, capture_output=True, text=True)
+
+    again = restore(names[1])
+    assert again.returncode == 0, again.stderr
+    assert (archive["pg_wal"] / "RECOVERYXLOG").read_bytes() == contents[names[1]]
+    assert restore("00000002.history").returncode == wal.EXIT_MISSING
+    hole, after = wal.next_segments(names[-1], 2, SEG)
+    put_file(archive, after, segment_bytes(19))
+    assert wal_cmd(archive, "push", f"pg_wal/{after}").returncode == 0
+    gap = restore(hole)
+    assert gap.returncode == wal.EXIT_FATAL and "GAP" in gap.stderr, gap.stderr
 
 
 def test_push_archives_other_ready_files_in_parallel(archive, store):

@@ -11,7 +11,10 @@ next prefetcher when the spool runs low. So replay waits for an interpreter star
 sha256, close to what ``cp`` of the decrypted file costs. A segment the running prefetcher
 is downloading now (its ``.prefetcher.plan``) is waited for, not downloaded a second time
 by a full ``wal-fetch``: replay asks for the next segment within a fraction of a second,
-sooner than a new prefetcher delivers the first one.
+sooner than a new prefetcher delivers the first one. Any other file, while a prefetcher
+lives, is asked of it (``.ask/<name>``, answered in ``<name>.answer``): it answers
+``spooled`` or ``missing`` with its warm client, and ``defer`` for anything the full
+``wal-fetch`` must decide and log (an error, a gap, a streamed partial).
 
 A segment that is not spooled goes to the full ``wal-fetch`` (``os.execv``: the same
 process, the same exit status contract: 0 found, 1 not archived, 128 anything else, which
@@ -29,6 +32,9 @@ import sys
 import time
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+ASK_DIR = ".ask"
+ANSWER_SUFFIX = ".answer"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
 PREFETCH_PLAN = ".prefetcher.plan"
@@ -108,6 +114,34 @@ def wait_for_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) ->
     return False
 
 
+def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str | None:
+    """The live prefetcher's answer about ``name``: ``spooled`` or ``missing``; None when
+    no prefetcher lives, it defers to the full fetch, it stops, or ``timeout`` passes."""
+    if not NAME_RE.match(name) or not _prefetcher_alive(spool):
+        return None
+    answer = os.path.join(spool, f"{name}{ANSWER_SUFFIX}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(answer)  # an earlier call's: only an answer to this question counts
+    asks = os.path.join(spool, ASK_DIR)
+    os.makedirs(asks, exist_ok=True)
+    with open(os.path.join(asks, name), "w"):
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(answer) as f:
+                what = f.read().strip()
+        except FileNotFoundError:
+            if not _prefetcher_alive(spool):
+                return None
+            time.sleep(POLL_SECONDS)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(answer)
+        return what if what in ("spooled", "missing") else None
+    return None
+
+
 def _spooled_ahead(spool: str, name: str) -> int:
     try:
         return sum(1 for n in os.listdir(spool) if SEGMENT_RE.match(n) and n > name)
@@ -144,7 +178,10 @@ def main(argv: list[str]) -> int:
             from_spool(spool, name, dest)
             or (wait_for_prefetcher(spool, name) and from_spool(spool, name, dest))
         )
-        if spooled:
+        answer = None if spooled else ask_prefetcher(spool, name)
+        if answer == "missing":
+            return 1
+        if spooled or (answer == "spooled" and from_spool(spool, name, dest)):
             ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
             refill(env_file, spool, name, ahead)
             return 0

@@ -53,6 +53,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -85,6 +86,10 @@ PREFETCH_PLAN = ".prefetcher.plan"
 PREFETCH_WIDTH = 8
 SEGMENT_BYTES_DEFAULT = 16 * 1024 * 1024
 PREFETCH_IDLE_SECONDS = 60.0
+PREFETCH_LINGER_SECONDS = 10.0
+ASK_DIR = ".ask"
+ANSWER_SUFFIX = ".answer"
+ANSWER_POLL_SECONDS = 0.01
 ENCODING = "gzip+gpg"
 ENCODING_WALKEY = "zstd+gpg-walkey"
 ENCODINGS = (ENCODING_WALKEY, ENCODING)
@@ -497,6 +502,60 @@ def _prefetch_one(archive: Archive, spool: Path, name: str) -> bool:
     return True
 
 
+def _answer(archive: Archive, spool: Path, name: str) -> str:
+    """``prefetch.py``'s question about ``name``: ``spooled`` (verified, in the spool),
+    ``missing`` (not archived, and nothing that would make :func:`fetch` say otherwise), or
+    ``defer``: the full ``wal-fetch`` decides, and logs, whatever else it is (an error, a
+    gap, a segment arriving, a streamed partial)."""
+    try:
+        validate_name(name)
+        plain = archive.fetch_bytes(name, spool)
+        if plain is not None:
+            _atomic_write(spool / name, plain)
+            _atomic_write(spool / f"{name}.sha256", _sha256(plain).encode())
+            return "spooled"
+        if not SEGMENT_RE.match(name):
+            return "missing"
+        from wedefi_dr.physical import walstream
+
+        if (
+            archive.later_segments(name, limit=1)
+            or walstream.later_timeline_exists(archive, name)
+            or walstream.fetch_partial(archive, name, spool) is not None
+        ):
+            return "defer"
+        return "missing"
+    except Exception:
+        return "defer"
+
+
+class _Answers(threading.Thread):
+    """Answers ``prefetch.py``'s questions (``<spool>/.ask/<name>``) with the prefetcher's
+    warm client and WAL key, so the files replay asks for that are not spooled (the next
+    timeline's history, the segment after the end, one asked for again) cost the server an
+    interpreter start and a request instead of a full ``wal-fetch``."""
+
+    def __init__(self, archive: Archive, spool: Path) -> None:
+        super().__init__(daemon=True, name="answers")
+        self.archive, self.spool = archive, spool
+        self.last_at = time.monotonic()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        asks = self.spool / ASK_DIR
+        while not self.halt.wait(ANSWER_POLL_SECONDS):
+            try:
+                names = sorted(p.name for p in asks.iterdir())
+            except OSError:
+                continue
+            for name in names:
+                self.last_at = time.monotonic()
+                what = _answer(self.archive, self.spool, name)
+                _atomic_write(self.spool / f"{name}{ANSWER_SUFFIX}", what.encode())
+                (asks / name).unlink(missing_ok=True)
+                self.last_at = time.monotonic()
+
+
 def _spooled_ahead(spool: Path, name: str) -> int:
     try:
         return sum(1 for p in spool.iterdir() if SEGMENT_RE.match(p.name) and p.name > name)
@@ -559,21 +618,27 @@ def prefetch(settings: Settings, name: str, spool: Path) -> int:
 
     It keeps ``wal_prefetch`` segments spooled for as long as replay takes them (each one
     handed over makes room for the next), so one process with one S3 client serves the
-    whole replay; it stops at the first segment the archive does not have (the end, or
-    an error the server's own request will report) or after PREFETCH_IDLE_SECONDS
-    without room (replay paused or over).
+    whole replay. At the first segment the archive does not have (the end, or an error the
+    server's own request will report) it stops reading ahead and stays
+    PREFETCH_LINGER_SECONDS after the last question to answer ``prefetch.py`` (see
+    :class:`_Answers`); it exits after PREFETCH_IDLE_SECONDS without room (replay paused
+    or over).
     """
     spool.mkdir(exist_ok=True)
     (spool / PREFETCHER_PID).write_text(str(os.getpid()))
+    (spool / ASK_DIR).mkdir(exist_ok=True)
+    archive = Archive(settings)
+    answers = _Answers(archive, spool)
+    answers.start()
     try:
-        archive = Archive(settings)
         width = max(1, min(PREFETCH_WIDTH, settings.wal_prefetch))
-        cursor, fetched, busy_at = name, 0, time.monotonic()
+        cursor, fetched, busy_at, ahead = name, 0, time.monotonic(), True
         with ThreadPoolExecutor(max_workers=width) as pool:
             while True:
-                room = settings.wal_prefetch - _spooled_ahead(spool, "")
+                room = settings.wal_prefetch - _spooled_ahead(spool, "") if ahead else 0
                 if room <= 0:
-                    if time.monotonic() - busy_at > PREFETCH_IDLE_SECONDS:
+                    limit = PREFETCH_IDLE_SECONDS if ahead else PREFETCH_LINGER_SECONDS
+                    if time.monotonic() - max(busy_at, answers.last_at) > limit:
                         break
                     time.sleep(0.05)
                     continue
@@ -583,12 +648,13 @@ def prefetch(settings: Settings, name: str, spool: Path) -> int:
                 _write_plan(spool, [])  # nothing in flight: no one waits for an old plan
                 fetched += sum(found)
                 busy_at, cursor = time.monotonic(), names[-1]
-                if not all(found):
-                    break
+                ahead = all(found)
         return fetched
     finally:
+        answers.halt.set()
         (spool / PREFETCH_PLAN).unlink(missing_ok=True)
         (spool / PREFETCHER_PID).unlink(missing_ok=True)
+        answers.join(timeout=30)
 
 
 def fetch(settings: Settings, name: str, dest: str | Path) -> bool:
@@ -636,11 +702,7 @@ def streamed_partial(archive: Archive, name: str, spool: Path) -> bytes | None:
 def clear_spool(pg_wal: Path) -> None:
     """Remove prefetched and marker files (after a promotion they are of no use)."""
     for sub in (PREFETCH_DIR, PUSHED_DIR):
-        d = pg_wal / sub
-        if d.is_dir():
-            for f in d.iterdir():
-                f.unlink(missing_ok=True)
-            d.rmdir()
+        shutil.rmtree(pg_wal / sub, ignore_errors=True)
 
 
 # ---- entry point -------------------------------------------------------------------------
