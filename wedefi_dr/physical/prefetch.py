@@ -150,12 +150,15 @@ def _spooled_ahead(spool: str, name: str) -> int:
 
 
 def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
-    """Start the prefetcher after ``name`` unless one runs or enough is spooled."""
+    """Start the prefetcher after ``name`` unless one runs or enough is spooled. Its pid is
+    recorded at once (it records it again when it starts), so the next call asks it
+    instead of starting another or running the full fetch while it imports."""
     if ahead <= 0 or not SEGMENT_RE.match(name):
         return
     if _spooled_ahead(spool, name) > ahead // 2 or _prefetcher_alive(spool):
         return
-    subprocess.Popen(
+    os.makedirs(spool, exist_ok=True)
+    child = subprocess.Popen(
         [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, spool]
         + ["--env-file", env_file],
         stdin=subprocess.DEVNULL,
@@ -164,6 +167,10 @@ def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
         start_new_session=True,
         close_fds=True,
     )
+    pid_file = os.path.join(spool, PREFETCHER_PID)
+    with open(f"{pid_file}.tmp{os.getpid()}", "w") as f:
+        f.write(str(child.pid))
+    os.replace(f"{pid_file}.tmp{os.getpid()}", pid_file)
 
 
 def main(argv: list[str]) -> int:
@@ -181,10 +188,11 @@ def main(argv: list[str]) -> int:
         answer = None if spooled else ask_prefetcher(spool, name)
         if answer == "missing":
             return 1
+        ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
         if spooled or (answer == "spooled" and from_spool(spool, name, dest)):
-            ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
             refill(env_file, spool, name, ahead)
             return 0
+        refill(env_file, spool, name, ahead)  # the segments after this one, meanwhile
     except Exception as exc:  # fall through to the full fetch, which reports real errors
         print(f"wedefi-dr wal: spool of {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     cmd = [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "fetch", "--env-file"]

@@ -33,7 +33,7 @@ fetch with the old one listed in ``WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES``. The MAC
 derived once per process (PBKDF2, ~0.06 s), and no derived key is written anywhere.
 
 Throughput: the server runs one ``archive_command`` at a time, and a process per 16 MB
-segment (start, gzip, gpg, PUT) can fall behind a write burst. So ``push`` also archives
+segment (start, zstd, gpg, PUT) can fall behind a write burst. So ``push`` also archives
 up to ``wal_push_parallel - 1`` other ``.ready`` segments in parallel and leaves a marker
 (``pg_wal/.wedefi-pushed/<name>``, the plaintext sha256) for each one stored; when the
 server later asks for that file, the marker answers if the file still hashes the same
@@ -44,7 +44,9 @@ one runs or enough is spooled) that keeps the next ``wal_prefetch`` segments, do
 in parallel, verified and decrypted, in ``pg_wal/.wedefi-prefetch`` for as long as replay
 takes them (``restore_command`` is ``prefetch.py``, which hands them over). The following calls
 hand them over by rename, checking the hash again, without importing pydantic or boto3:
-replay overlaps the downloads instead of waiting for one at a time.
+replay overlaps the downloads instead of waiting for one at a time. The prefetcher also
+answers ``prefetch.py``'s questions about files it has not spooled (:class:`_Answers`),
+so the end of a recovery costs no full ``wal-fetch`` either.
 """
 
 from __future__ import annotations
