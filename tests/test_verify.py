@@ -13,8 +13,9 @@ from wedefi_dr.catalog.manifest import ObjectInfo, new_backup_id
 from wedefi_dr.config import get_settings
 from wedefi_dr.lifecycle.sync import sync as core_sync
 from wedefi_dr.lifecycle.verify import verify
-from wedefi_dr.physical import basebackup, wal
+from wedefi_dr.physical import basebackup, wal, walkey
 from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage.authentication import keyring_of
 from wedefi_dr.storage.s3 import ObjectStore
 
 
@@ -62,6 +63,7 @@ def repository(settings, good_backup, env_override):
     archive_segments(settings.primary_dsn.get_secret_value(), 5)
     segments = consecutive_segments(store, settings, 5)
     keys = [listing.data_key(store, good_backup), listing.manifest_key(store, good_backup)]
+    keys.append(walkey.object_key(settings, keyring_of(settings).current.key_id))
     src, dr = make_pair(settings, keys + [wal.archive_key(settings, n) for n in segments])
     env_override(WEDEFI_DR_BUCKET=src, WEDEFI_DR_DR_BUCKET=dr)
     s = get_settings()

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from tests.test_basebackup import GPG_D, by_hand
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiver, archiving, wal
+from wedefi_dr.physical import archiver, archiving, wal, walkey
 from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage import authentication, encryption
 from wedefi_dr_dev.stack import Stack
 
 SEG = 16 * 1024 * 1024
@@ -80,10 +82,10 @@ def test_push_fetch_round_trip_is_encrypted_and_checksummed(archive, store):
     key = wal.archive_key(archive["settings"], FIRST)
     obj = store.client.get_object(Bucket=store.bucket, Key=key)
     body = obj["Body"].read()
-    assert b"wal segment 1" not in body  # gzip + gpg: no plaintext at rest
+    assert b"wal segment 1" not in body  # zstd + gpg: no plaintext at rest
     assert len(body) < SEG // 10  # the zero tail compressed away
     assert obj["Metadata"]["plain-sha256"] == wal._sha256(data)
-    assert obj["Metadata"]["encoding"] == "gzip+gpg"
+    assert obj["Metadata"]["encoding"] == "zstd+gpg-walkey"
     assert obj["ServerSideEncryption"] == "AES256"
 
     fetched = wal_cmd(archive, "fetch", FIRST, "pg_wal/RECOVERYXLOG")
@@ -188,13 +190,11 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert wal_cmd(archive, "fetch", names[0], "pg_wal/RECOVERYXLOG").returncode == 0
     spool = archive["pg_wal"] / wal.PREFETCH_DIR
     deadline = time.monotonic() + 60  # the prefetcher runs detached, replay goes on
+    spooled = set(names[1:]) | {f"{n}.sha256" for n in names[1:]}
     while time.monotonic() < deadline:
-        if (spool / wal.PREFETCHER_PID).exists() or not spool.exists():
-            time.sleep(0.2)
-        elif {p.name for p in spool.iterdir()} >= set(names[1:]):
+        if spool.exists() and {p.name for p in spool.iterdir()} >= spooled:
             break
-        else:
-            time.sleep(0.2)
+        time.sleep(0.2)
     assert {p.name for p in spool.iterdir()} >= set(names[1:])
     # A prefetched file that changed on disk is not handed over: it is fetched again.
     (spool / names[2]).write_bytes(b"damaged")
@@ -209,7 +209,23 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert not (spool / names[1]).exists()  # handed over by rename, not copied
     missing = shlex.split(command.replace("%f", FIRST[:-1] + "F").replace("%p", "pg_wal/X"))
     gone = subprocess.run(missing, cwd=archive["pg_wal"].parent, capture_output=True)
-    assert gone.returncode == wal.EXIT_MISSING  # not spooled, not archived: the full fetch
+    assert gone.returncode == wal.EXIT_MISSING  # not spooled, not archived
+
+    # What replay asks for at the end (a segment again, a history file, the next segment)
+    # the lingering prefetcher answers; a gap still goes to the full fetch and is fatal.
+    def restore(name: str) -> subprocess.CompletedProcess:
+        argv = shlex.split(command.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG"))
+        return subprocess.run(argv, cwd=archive["pg_wal"].parent, capture_output=True, text=True)
+
+    again = restore(names[1])
+    assert again.returncode == 0, again.stderr
+    assert (archive["pg_wal"] / "RECOVERYXLOG").read_bytes() == contents[names[1]]
+    assert restore("00000002.history").returncode == wal.EXIT_MISSING
+    hole, after = wal.next_segments(names[-1], 2, SEG)
+    put_file(archive, after, segment_bytes(19))
+    assert wal_cmd(archive, "push", f"pg_wal/{after}").returncode == 0
+    gap = restore(hole)
+    assert gap.returncode == wal.EXIT_FATAL and "GAP" in gap.stderr, gap.stderr
 
 
 def test_push_archives_other_ready_files_in_parallel(archive, store):
@@ -327,3 +343,168 @@ def test_unarchived_wal_of_a_set_aside_directory_is_pushed_or_kept_and_named(arc
     assert "different content" in result["kept"][0]
     assert (archive["pg_wal"] / clash).exists()
     assert head(store, archive, fresh) is not None
+
+
+def _fetch_env(archive: dict, settings: Settings, path: Path, **update) -> dict:
+    """``archive`` with an env file of other settings (no prefetcher: one fetch each)."""
+    chosen = settings.model_copy(update={"wal_prefetch": 0, **update})
+    env = archiving.write_wal_env(chosen, path, prefix=archive["prefix"])
+    return {**archive, "env": env}
+
+
+def _put_legacy(archive: dict, name: str, plain: bytes) -> None:
+    """A segment as the earlier ``wal-push`` stored it: gzip + gpg under the backup
+    passphrase itself, encoding ``gzip+gpg``, MAC under that passphrase's key."""
+    s = archive["settings"]
+    store = wal.Archive(s)
+    sha = wal._sha256(plain)
+    cipher = wal.encode(s, plain)
+    store.client.put_object(
+        Bucket=store.bucket,
+        Key=wal.archive_key(s, name),
+        Body=cipher,
+        Metadata={
+            "plain-sha256": sha,
+            "plain-size": str(len(plain)),
+            "object-sha256": wal._sha256(cipher),
+            "encoding": wal.ENCODING,
+            wal.MAC_KEY_ID: store.keyring.current.key_id,
+            wal.MAC: authentication.object_mac(store.keyring.current, name, sha, len(plain)),
+        },
+    )
+
+
+def test_wal_key_encoding_round_trip_and_by_hand_with_stock_tools(archive, store, tmp_path):
+    """A segment is zstd + gpg under the random WAL key; the WAL key object is gpg under the
+    backup passphrase; both open by hand with gpg and zstd (README "Break-glass restore"),
+    and the WAL key's plaintext is written nowhere by push or fetch."""
+    data = segment_bytes(50)
+    put_file(archive, FIRST, data)
+    pushed = wal_cmd(archive, "push", f"pg_wal/{FIRST}")
+    assert pushed.returncode == 0, pushed.stderr
+    s = archive["settings"]
+    meta = head(store, archive, FIRST)["Metadata"]
+    assert meta["encoding"] == wal.ENCODING_WALKEY
+    key_object = walkey.object_key(s, meta[wal.MAC_KEY_ID])
+    assert store.head(key_object) is not None
+    fetched = wal_cmd(archive, "fetch", FIRST, "pg_wal/RECOVERYXLOG")
+    assert fetched.returncode == 0, fetched.stderr
+    assert (archive["pg_wal"] / "RECOVERYXLOG").read_bytes() == data
+
+    hand = tmp_path / "by-hand"
+    (hand / "gnupg").mkdir(parents=True, mode=0o700)
+    store.client.download_file(store.bucket, key_object, str(hand / "walkey.gpg"))
+    store.client.download_file(store.bucket, wal.archive_key(s, FIRST), str(hand / "seg.gpg"))
+    body = (hand / "seg.gpg").read_bytes()
+    assert b"wal segment 50" not in body and len(body) < SEG // 10
+    passphrase = s.gpg_passphrase.get_secret_value()
+    opened = by_hand(GPG_D.format(obj=hand / "walkey.gpg"), passphrase, hand / "gnupg")
+    assert opened.returncode == 0, opened.stderr.decode()
+    wal_key = opened.stdout.decode()
+    assert len(wal_key) == 64 and wal_key != passphrase
+    segment = by_hand(f"{GPG_D.format(obj=hand / 'seg.gpg')} | zstd -d", wal_key, hand / "gnupg")
+    assert segment.returncode == 0, segment.stderr.decode()
+    assert segment.stdout == data
+
+    secret = wal_key.encode()
+    written = [tmp_path, encryption.gnupg_home()]
+    for root in written:
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                assert secret not in path.read_bytes(), path
+
+
+def test_rotated_passphrase_still_fetches_old_and_new_encodings_and_names_a_missing_key(
+    archive, settings, tmp_path
+):
+    """Segments archived under passphrase A (both encodings) fetch once B is current and A
+    is listed as previous; with A gone, the error names A's key id (exit 128)."""
+    legacy, current = FIRST, wal.next_segments(FIRST, 1, SEG)[0]
+    old, new = segment_bytes(60), segment_bytes(61)
+    _put_legacy(archive, legacy, old)
+    put_file(archive, current, new)
+    assert wal_cmd(archive, "push", f"pg_wal/{current}").returncode == 0
+    a = settings.gpg_passphrase
+    a_id = authentication.derive_key(a.get_secret_value()).key_id
+    b = SecretStr(f"rotated-{uuid.uuid4().hex}")
+    rotated = _fetch_env(
+        archive, settings, tmp_path / "b.env", gpg_passphrase=b, gpg_previous_passphrases=[a]
+    )
+    for name, plain in ((legacy, old), (current, new)):
+        got = wal_cmd(rotated, "fetch", name, "pg_wal/RECOVERYXLOG")
+        assert got.returncode == 0, got.stderr
+        assert (archive["pg_wal"] / "RECOVERYXLOG").read_bytes() == plain
+
+    only_b = _fetch_env(archive, settings, tmp_path / "b-only.env", gpg_passphrase=b)
+    refused = wal_cmd(only_b, "fetch", current, "pg_wal/RECOVERYXLOG2")
+    assert refused.returncode == wal.EXIT_FATAL
+    assert a_id in refused.stderr and current in refused.stderr
+    assert b.get_secret_value() not in refused.stderr
+    assert not (archive["pg_wal"] / "RECOVERYXLOG2").exists()
+
+
+def test_tampered_or_planted_wal_key_is_refused_by_name(archive, store, settings, tmp_path):
+    """The WAL key object is trusted only under its MAC: a damaged body, or a key planted
+    with consistent checksums but no MAC of ours, stops the fetch (exit 128) naming it."""
+    put_file(archive, FIRST, segment_bytes(70))
+    assert wal_cmd(archive, "push", f"pg_wal/{FIRST}").returncode == 0
+    s = archive["settings"]
+    key_id = head(store, archive, FIRST)["Metadata"][wal.MAC_KEY_ID]
+    key = walkey.object_key(s, key_id)
+    obj = store.client.get_object(Bucket=store.bucket, Key=key)
+    genuine, meta = obj["Body"].read(), obj["Metadata"]
+    damaged = bytearray(genuine)
+    damaged[len(damaged) // 2] ^= 0xFF
+    planted_secret = b"0" * 64
+    gpg = encryption.start_encrypt(
+        s.gpg_passphrase.get_secret_value(), encryption.GpgParams.from_settings(s)
+    )
+    planted = gpg.communicate(planted_secret)[0]
+    planted_meta = {
+        **meta,
+        "plain-sha256": wal._sha256(planted_secret),
+        "object-sha256": wal._sha256(planted),
+    }
+    reader = _fetch_env(archive, settings, tmp_path / "r.env")
+    for body, metadata in ((bytes(damaged), meta), (planted, planted_meta)):
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=body, Metadata=metadata)
+        refused = wal_cmd(reader, "fetch", FIRST, "pg_wal/RECOVERYXLOG")
+        assert refused.returncode == wal.EXIT_FATAL, refused.stderr
+        assert walkey.mac_name(key_id) in refused.stderr and "refused" in refused.stderr
+        assert not (archive["pg_wal"] / "RECOVERYXLOG").exists()
+
+
+def test_restore_command_waits_for_a_segment_the_prefetcher_is_fetching(tmp_path):
+    """``prefetch.py`` hands over a segment the live prefetcher lists in its plan once it is
+    spooled, and goes to the full fetch at once when the segment is not planned or the
+    prefetcher is gone (never waiting on a process that will not deliver)."""
+    import threading
+
+    from wedefi_dr.physical import prefetch
+
+    spool = tmp_path / wal.PREFETCH_DIR
+    spool.mkdir()
+    planned, other = FIRST, wal.next_segments(FIRST, 1, SEG)[0]
+    worker = subprocess.Popen(["sleep", "30"])
+    try:
+        (spool / wal.PREFETCHER_PID).write_text(str(worker.pid))
+        (spool / wal.PREFETCH_PLAN).write_text(planned)
+        data = b"spooled segment"
+
+        def deliver() -> None:
+            time.sleep(0.3)
+            wal._atomic_write(spool / planned, data)
+            wal._atomic_write(spool / f"{planned}.sha256", wal._sha256(data).encode())
+
+        threading.Thread(target=deliver).start()
+        assert not prefetch.wait_for_prefetcher(str(spool), other, timeout=5)
+        assert prefetch.wait_for_prefetcher(str(spool), planned, timeout=5)
+        assert prefetch.from_spool(str(spool), planned, str(tmp_path / "RECOVERYXLOG"))
+        assert (tmp_path / "RECOVERYXLOG").read_bytes() == data
+        (spool / wal.PREFETCH_PLAN).write_text(other)
+        worker.kill()
+        worker.wait()
+        assert not prefetch.wait_for_prefetcher(str(spool), other, timeout=5)
+    finally:
+        worker.kill()
+        worker.wait()

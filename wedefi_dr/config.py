@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     retention_requires_backup_within_hours: float = Field(default=26.0, gt=0)
 
     # WAL archive, base backups, point-in-time recovery.
-    # gzip level for WAL segments and base backups before gpg (a mostly idle segment is
-    # zeros after archive_timeout; level 1 gets nearly all of that at low CPU cost).
+    # Compression level before gpg: zstd for archived WAL segments, gzip for streamed
+    # partials and gzip base backups (a mostly idle segment is zeros after archive_timeout;
+    # level 1 gets nearly all of that at low CPU cost).
     wal_compress_level: int = Field(default=1, ge=0, le=9)
     # Segments fetched ahead, in parallel, by wal-fetch (replay is otherwise bound by one
     # download at a time).

@@ -6,9 +6,10 @@ so a write burst builds a backlog. As pgBackRest's asynchronous ``archive-push``
 this process stays up beside the server: a warm boto3 client, the MAC key derived once,
 and ``wal_archiver_parallel`` uploads at a time of every file the server has marked
 ``.ready`` in ``pg_wal/archive_status`` (and every file a hand-off asks for), oldest first.
-Each segment is stored by :meth:`wedefi_dr.physical.wal.Archive.push_bytes`: the same
-gzip + gpg encoding, checksums, MAC and conditional PUT as ``wal-push``, so ``wal-fetch``
-and PITR read its objects unchanged, and identical re-pushes and conflicts behave alike.
+Each segment is stored by :meth:`wedefi_dr.physical.wal.Archive.store_segment`: the same
+encoding (zstd + gpg under the WAL key, opened once at start), checksums, MAC and
+conditional PUT as ``wal-push``, so ``wal-fetch`` and PITR read its objects unchanged, and
+identical re-pushes and conflicts behave alike.
 
 Its records live in ``pg_wal/.wedefi-archiver`` (mode 700, the server's OS user):
 
@@ -52,6 +53,7 @@ LOCK_WAIT_SECONDS = 3.0
 MAX_BACKOFF_SECONDS = 30.0
 SECRET_ENV = (
     "WEDEFI_DR_GPG_PASSPHRASE",
+    "WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
@@ -113,11 +115,12 @@ class Archiver:
         """Store ``name`` and record the outcome; runs in a pool thread."""
         try:
             plain = (self.pg_wal / name).read_bytes()
-            sha = hashlib.sha256(plain).hexdigest()
-            if self.pushed.get(name) == sha:
+            earlier = self.pushed.get(name)
+            sha = hashlib.sha256(plain).hexdigest() if earlier else None
+            if earlier and earlier == sha:
                 what = "durable earlier (identical)"
             else:
-                what = self.archive.push_bytes(name, plain)
+                what, sha = self.archive.store_segment(name, plain)
             _write(self.spool / "done" / name, sha)
             with self.lock:
                 self.pushed[name] = sha
@@ -180,6 +183,15 @@ class Archiver:
             self.inflight[name] = self.pool.submit(self._push, name)
         return len(self.inflight)
 
+    def warm_up(self) -> None:
+        """Open (or create) the WAL key before the first segment, so no segment waits for
+        the one expensive gpg S2K of the backup passphrase; a failure is retried by the
+        first push, which reports it."""
+        try:
+            self.archive.wal_keys.for_key(self.archive.keyring.current, create=True)
+        except Exception as exc:
+            _log(f"WAL key not ready yet: {type(exc).__name__}: {exc}")
+
     def serve(self) -> None:
         """Scan until idle, the server gone, or a stop signal."""
         postmaster = _postmaster_pid(self.pg_wal)
@@ -190,6 +202,7 @@ class Archiver:
             f"{self.archive.store.url(wal.archive_prefix(self.settings))}/ "
             f"({self.settings.wal_archiver_parallel} uploads at a time)"
         )
+        self.warm_up()
         while not self.stop.is_set():
             busy = self.scan_once()
             now = time.monotonic()

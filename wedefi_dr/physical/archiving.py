@@ -10,6 +10,7 @@ functions, so they archive with the same settings.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -79,6 +80,10 @@ def write_wal_env(
     values["WEDEFI_DR_REPO_TYPE"] = settings.repo_type
     if settings.repo_path is not None:
         values["WEDEFI_DR_REPO_PATH"] = str(settings.repo_path)
+    if settings.gpg_previous_passphrases:  # segments archived before a rotation still fetch
+        values["WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES"] = json.dumps(
+            [p.get_secret_value() for p in settings.gpg_previous_passphrases]
+        )
     if settings.aws_endpoint_url:
         values["WEDEFI_DR_AWS_ENDPOINT_URL"] = settings.aws_endpoint_url
     source = os.environ if aws_env is None else aws_env

@@ -8,7 +8,13 @@ archive-get queue does. What is left per segment is this script: executed with `
 -I -S`` (standard library only, no site-packages, no package import), it checks the
 spooled file still hashes as the prefetcher recorded, renames it to ``%p``, and starts the
 next prefetcher when the spool runs low. So replay waits for an interpreter start and a
-sha256, close to what ``cp`` of the decrypted file costs.
+sha256, close to what ``cp`` of the decrypted file costs. A segment the running prefetcher
+is downloading now (its ``.prefetcher.plan``) is waited for, not downloaded a second time
+by a full ``wal-fetch``: replay asks for the next segment within a fraction of a second,
+sooner than a new prefetcher delivers the first one. Any other file, while a prefetcher
+lives, is asked of it (``.ask/<name>``, answered in ``<name>.answer``): it answers
+``spooled`` or ``missing`` with its warm client, and ``defer`` for anything the full
+``wal-fetch`` must decide and log (an error, a gap, a streamed partial).
 
 A segment that is not spooled goes to the full ``wal-fetch`` (``os.execv``: the same
 process, the same exit status contract: 0 found, 1 not archived, 128 anything else, which
@@ -23,10 +29,17 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+ASK_DIR = ".ask"
+ANSWER_SUFFIX = ".answer"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
+PREFETCH_PLAN = ".prefetcher.plan"
+WAIT_SECONDS = 60.0
+POLL_SECONDS = 0.01
 READ_CHUNK = 1 << 20
 
 
@@ -78,6 +91,57 @@ def _prefetcher_alive(spool: str) -> bool:
     return True
 
 
+def _planned(spool: str, name: str) -> bool:
+    try:
+        with open(os.path.join(spool, PREFETCH_PLAN)) as f:
+            return name in f.read().split()
+    except FileNotFoundError:
+        return False
+
+
+def wait_for_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> bool:
+    """True once ``name`` is spooled; False at once when the prefetcher is not fetching it,
+    and as soon as it stops (it stops at a segment it could not spool: the full
+    ``wal-fetch`` then reports why) or ``timeout`` passes."""
+    done = os.path.join(spool, f"{name}.sha256")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(done):
+            return True
+        if not (_planned(spool, name) and _prefetcher_alive(spool)):
+            return os.path.exists(done)
+        time.sleep(POLL_SECONDS)
+    return False
+
+
+def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str | None:
+    """The live prefetcher's answer about ``name``: ``spooled`` or ``missing``; None when
+    no prefetcher lives, it defers to the full fetch, it stops, or ``timeout`` passes."""
+    if not NAME_RE.match(name) or not _prefetcher_alive(spool):
+        return None
+    answer = os.path.join(spool, f"{name}{ANSWER_SUFFIX}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(answer)  # an earlier call's: only an answer to this question counts
+    asks = os.path.join(spool, ASK_DIR)
+    os.makedirs(asks, exist_ok=True)
+    with open(os.path.join(asks, name), "w"):
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(answer) as f:
+                what = f.read().strip()
+        except FileNotFoundError:
+            if not _prefetcher_alive(spool):
+                return None
+            time.sleep(POLL_SECONDS)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(answer)
+        return what if what in ("spooled", "missing") else None
+    return None
+
+
 def _spooled_ahead(spool: str, name: str) -> int:
     try:
         return sum(1 for n in os.listdir(spool) if SEGMENT_RE.match(n) and n > name)
@@ -86,12 +150,15 @@ def _spooled_ahead(spool: str, name: str) -> int:
 
 
 def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
-    """Start the prefetcher after ``name`` unless one runs or enough is spooled."""
+    """Start the prefetcher after ``name`` unless one runs or enough is spooled. Its pid is
+    recorded at once (it records it again when it starts), so the next call asks it
+    instead of starting another or running the full fetch while it imports."""
     if ahead <= 0 or not SEGMENT_RE.match(name):
         return
     if _spooled_ahead(spool, name) > ahead // 2 or _prefetcher_alive(spool):
         return
-    subprocess.Popen(
+    os.makedirs(spool, exist_ok=True)
+    child = subprocess.Popen(
         [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, spool]
         + ["--env-file", env_file],
         stdin=subprocess.DEVNULL,
@@ -100,6 +167,10 @@ def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
         start_new_session=True,
         close_fds=True,
     )
+    pid_file = os.path.join(spool, PREFETCHER_PID)
+    with open(f"{pid_file}.tmp{os.getpid()}", "w") as f:
+        f.write(str(child.pid))
+    os.replace(f"{pid_file}.tmp{os.getpid()}", pid_file)
 
 
 def main(argv: list[str]) -> int:
@@ -110,10 +181,18 @@ def main(argv: list[str]) -> int:
     env_file, name, dest = argv[1], argv[2], argv[3]
     try:
         spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
-        if SEGMENT_RE.match(name) and from_spool(spool, name, dest):
-            ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
+        spooled = SEGMENT_RE.match(name) and (
+            from_spool(spool, name, dest)
+            or (wait_for_prefetcher(spool, name) and from_spool(spool, name, dest))
+        )
+        answer = None if spooled else ask_prefetcher(spool, name)
+        if answer == "missing":
+            return 1
+        ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
+        if spooled or (answer == "spooled" and from_spool(spool, name, dest)):
             refill(env_file, spool, name, ahead)
             return 0
+        refill(env_file, spool, name, ahead)  # the segments after this one, meanwhile
     except Exception as exc:  # fall through to the full fetch, which reports real errors
         print(f"wedefi-dr wal: spool of {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     cmd = [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "fetch", "--env-file"]

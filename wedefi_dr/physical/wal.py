@@ -19,17 +19,22 @@ PostgreSQL's contract, which this module keeps exactly:
   fatal, so recovery aborts instead of ending early at the wrong point. A missing segment
   while a later one of the same timeline is archived is such a failure: a gap, named.
 
-Each object is ``gzip | gpg --symmetric`` (the backups' scheme; decryptable by hand with
-``gpg -d | gunzip``), with the plaintext's and the object's sha256 and the plaintext size
-in its metadata, and an HMAC over (name, plaintext sha256, size) under the key derived from
-the passphrase (``storage/authentication.py``), with its key id. Whoever can write to the
-bucket can write metadata too, so ``fetch`` refuses (exit 128) any object whose MAC does not
-verify: only this system's own segments are replayed. The key is derived once per process
-(PBKDF2, ~0.06 s), small beside gzip and gpg of a 16 MB segment, so no derived key is
-written anywhere.
+Each object is ``zstd | gpg --symmetric`` under the archive's random WAL key
+(``walkey.py``: one gpg S2K of the backup passphrase per process, not one per segment;
+decryptable by hand with ``gpg -d wal-key/<id>`` then ``gpg -d | zstd -d``), encoding
+``zstd+gpg-walkey``. Objects of the earlier encoding, ``gzip+gpg`` (gzip, then gpg under
+the backup passphrase itself), still fetch: the ``encoding`` metadata tells them apart.
+Either way the metadata holds the plaintext's and the object's sha256 and the plaintext
+size, and an HMAC over (name, plaintext sha256, size) under the key derived from the
+backup passphrase (``storage/authentication.py``), with its key id. Whoever can write to
+the bucket can write metadata too, so ``fetch`` refuses (exit 128) any object whose MAC
+does not verify: only this system's own segments are replayed. The MAC key id also picks
+the passphrase that opens the object, so segments archived before a passphrase rotation
+fetch with the old one listed in ``WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES``. The MAC key is
+derived once per process (PBKDF2, ~0.06 s), and no derived key is written anywhere.
 
 Throughput: the server runs one ``archive_command`` at a time, and a process per 16 MB
-segment (start, gzip, gpg, PUT) can fall behind a write burst. So ``push`` also archives
+segment (start, zstd, gpg, PUT) can fall behind a write burst. So ``push`` also archives
 up to ``wal_push_parallel - 1`` other ``.ready`` segments in parallel and leaves a marker
 (``pg_wal/.wedefi-pushed/<name>``, the plaintext sha256) for each one stored; when the
 server later asks for that file, the marker answers if the file still hashes the same
@@ -40,7 +45,9 @@ one runs or enough is spooled) that keeps the next ``wal_prefetch`` segments, do
 in parallel, verified and decrypted, in ``pg_wal/.wedefi-prefetch`` for as long as replay
 takes them (``restore_command`` is ``prefetch.py``, which hands them over). The following calls
 hand them over by rename, checking the hash again, without importing pydantic or boto3:
-replay overlaps the downloads instead of waiting for one at a time.
+replay overlaps the downloads instead of waiting for one at a time. The prefetcher also
+answers ``prefetch.py``'s questions about files it has not spooled (:class:`_Answers`),
+so the end of a recovery costs no full ``wal-fetch`` either.
 """
 
 from __future__ import annotations
@@ -49,17 +56,19 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wedefi_dr.errors import DRError, NotAuthentic
+from wedefi_dr.physical import walkey
 from wedefi_dr.storage import authentication, encryption, repository
 
 if TYPE_CHECKING:  # pydantic costs ~0.3 s: a prefetched segment is handed over without it
@@ -75,8 +84,21 @@ NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9
 PUSHED_DIR = ".wedefi-pushed"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
+PREFETCH_PLAN = ".prefetcher.plan"
+PREFETCH_WIDTH = 8
+SEGMENT_BYTES_DEFAULT = 16 * 1024 * 1024
 PREFETCH_IDLE_SECONDS = 60.0
+PREFETCH_LINGER_SECONDS = 10.0
+ASK_DIR = ".ask"
+ANSWER_SUFFIX = ".answer"
+ANSWER_POLL_SECONDS = 0.01
 ENCODING = "gzip+gpg"
+ENCODING_WALKEY = "zstd+gpg-walkey"
+ENCODINGS = (ENCODING_WALKEY, ENCODING)
+# The plan's S2K count (M9). The WAL key is 256 random bits: no count makes guessing it
+# harder, and gpg 2.2 took longer with the minimum, 1024 (0.34 s a call, measured), than
+# with 65536 (0.02 s).
+WALKEY_S2K_COUNT = 65536
 MAC = "mac"
 MAC_KEY_ID = "mac-key-id"
 
@@ -139,40 +161,58 @@ def archive_key(settings: Settings, name: str) -> str:
 
 
 # ---- encoding ----------------------------------------------------------------------------
-def _gpg_params(settings: Settings) -> encryption.GpgParams:
-    return encryption.GpgParams.from_settings(settings, compress_algo="none")  # gzip ran
+def _gpg_params(settings: Settings, wal_key: walkey.WalKey | None) -> encryption.GpgParams:
+    params = encryption.GpgParams.from_settings(settings, compress_algo="none")  # packed
+    return params if wal_key is None else replace(params, s2k_count=WALKEY_S2K_COUNT)
 
 
-def encode(settings: Settings, plain: bytes) -> bytes:
-    """gzip then ``gpg --symmetric``, all in memory (a segment is 16 MB)."""
-    z = zlib.compressobj(settings.wal_compress_level, zlib.DEFLATED, 31)
-    packed = z.compress(plain) + z.flush()
-    gpg = encryption.start_encrypt(
-        settings.gpg_passphrase.get_secret_value(), _gpg_params(settings)
-    )
+def encode(settings: Settings, plain: bytes, *, wal_key: walkey.WalKey | None = None) -> bytes:
+    """In memory (a segment is 16 MB): with ``wal_key``, zstd then ``gpg --symmetric`` under
+    it (``ENCODING_WALKEY``); without, gzip then gpg under the backup passphrase
+    (``ENCODING``, the streamed partials' encoding)."""
+    if wal_key is None:
+        z = zlib.compressobj(settings.wal_compress_level, zlib.DEFLATED, 31)
+        packed = z.compress(plain) + z.flush()
+        passphrase = settings.gpg_passphrase.get_secret_value()
+    else:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=max(1, settings.wal_compress_level)).compress(plain)
+        passphrase = wal_key.passphrase
+    gpg = encryption.start_encrypt(passphrase, _gpg_params(settings, wal_key))
     cipher, err = gpg.communicate(packed)
     if gpg.returncode != 0:
         raise DRError(f"gpg --symmetric failed (exit {gpg.returncode}): {err.decode()[-300:]}")
     return cipher
 
 
-def decode(settings: Settings, cipher: bytes, workdir: Path) -> bytes:
-    """``gpg --decrypt`` then gunzip; ArchiveCorrupt when either fails."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".cipher-", delete=False) as tmp:
-        tmp.write(cipher)  # ciphertext only: nothing readable lands on disk
+def decode(
+    settings: Settings,
+    cipher: bytes,
+    workdir: Path,
+    *,
+    encoding: str = ENCODING,
+    passphrase: str | None = None,
+) -> bytes:
+    """``gpg --decrypt`` then gunzip or zstd (by ``encoding``); ArchiveCorrupt when either
+    fails. ``passphrase`` defaults to the backup passphrase; it is the WAL key's for
+    ``ENCODING_WALKEY``. The ciphertext reaches gpg on a pipe: nothing is written to disk,
+    ``workdir`` included."""
+    if passphrase is None:
+        passphrase = settings.gpg_passphrase.get_secret_value()
     try:
-        gpg = encryption.start_decrypt(settings.gpg_passphrase.get_secret_value(), tmp.name)
-        packed, err = gpg.communicate()
-    finally:
-        os.unlink(tmp.name)
-    if gpg.returncode != 0:
-        raise ArchiveCorrupt(str(encryption.decrypt_error(gpg.returncode, err)))
-    try:
-        gpg.require_encrypted()
-        gpg.require_authentic()
+        packed = encryption.decrypt_bytes(passphrase, cipher)
+    except encryption.DecryptionFailed as exc:
+        raise ArchiveCorrupt(str(exc)) from exc
     except NotAuthentic as exc:
         raise ArchiveCorrupt(f"WAL object refused: {exc}") from exc
+    if encoding == ENCODING_WALKEY:
+        import zstandard
+
+        try:
+            return zstandard.ZstdDecompressor().decompress(packed)
+        except zstandard.ZstdError as exc:
+            raise ArchiveCorrupt(f"zstd -d of the decrypted object failed: {exc}") from exc
     try:
         return zlib.decompress(packed, 31)
     except zlib.error as exc:
@@ -196,6 +236,7 @@ class Archive:
         )
         self.bucket = self.store.bucket
         self.keyring = authentication.keyring_of(self.settings)
+        self.wal_keys = walkey.WalKeys(self.settings, self)
 
     @property
     def client(self) -> Any:
@@ -205,6 +246,17 @@ class Archive:
 
     def head(self, name: str) -> dict | None:
         return self.store.head(archive_key(self.settings, name))
+
+    def describe(self, key: str) -> str:
+        return self.store.url(key)
+
+    def get_object_bytes(self, key: str) -> tuple[bytes, dict[str, str]] | None:
+        """An object's body and metadata, or None when there is no such object."""
+        return self.store.get(key)
+
+    def put_new_object(self, key: str, body: bytes, metadata: dict[str, str]) -> bool:
+        """Store ``body`` unless ``key`` exists (conditional PUT); False when it existed."""
+        return self.store.put_new(key, body, metadata=metadata, storage_class=None)
 
     def _same_or_conflict(self, name: str, head: dict, sha: str) -> None:
         stored = head.get("Metadata", {}).get("plain-sha256")
@@ -218,13 +270,29 @@ class Archive:
 
     def push_bytes(self, name: str, plain: bytes) -> str:
         """Store ``plain`` under ``name`` unless it is there; returns what happened."""
+        return self.store_segment(name, plain)[0]
+
+    def store_segment(self, name: str, plain: bytes) -> tuple[str, str]:
+        """:meth:`push_bytes`, also returning the plaintext sha256 it stored.
+
+        The server waits for this, so the work overlaps: the plaintext's sha256 runs in a
+        thread while zstd and gpg run (both release the GIL), and no HEAD comes first: the
+        conditional PUT (``If-None-Match: *``) is the existence check, and only a refused
+        PUT reads what is there (a re-push is rare: after a crash, or a second archiver).
+        """
         validate_name(name)
-        sha = _sha256(plain)
-        head = self.head(name)
-        if head is not None:
-            self._same_or_conflict(name, head, sha)
-            return "already archived (identical)"
-        cipher = encode(self.settings, plain)
+        try:
+            wal_key = self.wal_keys.for_key(self.keyring.current, create=True)
+        except walkey.WalKeyError as exc:
+            raise ArchiveCorrupt(str(exc)) from exc
+        digest: list[str] = []
+        hasher = threading.Thread(target=lambda: digest.append(_sha256(plain)))
+        hasher.start()
+        try:
+            cipher = encode(self.settings, plain, wal_key=wal_key)
+        finally:
+            hasher.join()
+        sha = digest[0]
         stored = self.store.put_new(
             archive_key(self.settings, name),
             cipher,
@@ -233,18 +301,18 @@ class Archive:
                 "plain-sha256": sha,
                 "plain-size": str(len(plain)),
                 "object-sha256": _sha256(cipher),
-                "encoding": ENCODING,
+                "encoding": ENCODING_WALKEY,
                 MAC_KEY_ID: self.keyring.current.key_id,
                 MAC: authentication.object_mac(self.keyring.current, name, sha, len(plain)),
             },
         )
         if not stored:
-            head = self.head(name)  # someone stored it between our HEAD and PUT
+            head = self.head(name)  # the conditional put found an object under the name
             if head is None:
                 raise ArchiveConflict(f"{name}: the conditional put failed but nothing is stored")
             self._same_or_conflict(name, head, sha)
-            return "already archived (identical, concurrent push)"
-        return f"archived ({len(plain)} -> {len(cipher)} bytes)"
+            return "already archived (identical)", sha
+        return f"archived ({len(plain)} -> {len(cipher)} bytes)", sha
 
     def fetch_bytes(self, name: str, workdir: Path) -> bytes | None:
         """The verified plaintext, or None when the archive has no such object."""
@@ -252,12 +320,15 @@ class Archive:
         if found is None:
             return None
         cipher, meta = found
-        if meta.get("encoding") != ENCODING or "plain-sha256" not in meta:
-            raise ArchiveCorrupt(f"{name}: object has no {ENCODING} checksums in its metadata")
+        encoding = meta.get("encoding")
+        if encoding not in ENCODINGS or "plain-sha256" not in meta:
+            raise ArchiveCorrupt(
+                f"{name}: object has no {' or '.join(ENCODINGS)} checksums in its metadata"
+            )
         if _sha256(cipher) != meta.get("object-sha256"):
             raise ArchiveCorrupt(f"{name}: stored object fails its sha256: corrupt at rest")
         try:  # before gpg reads a byte of it
-            authentication.verify_object_mac(
+            signer = authentication.verify_object_mac(
                 self.keyring,
                 name,
                 meta["plain-sha256"],
@@ -265,9 +336,14 @@ class Archive:
                 meta.get(MAC_KEY_ID),
                 meta.get(MAC),
             )
+            passphrase = signer.passphrase
+            if encoding == ENCODING_WALKEY:
+                passphrase = self.wal_keys.for_key(signer).passphrase
         except NotAuthentic as exc:
             raise ArchiveCorrupt(f"WAL object refused: {exc}") from exc
-        plain = decode(self.settings, cipher, workdir)
+        except walkey.WalKeyError as exc:
+            raise ArchiveCorrupt(f"{name}: {exc}") from exc
+        plain = decode(self.settings, cipher, workdir, encoding=encoding, passphrase=passphrase)
         if len(plain) != int(meta.get("plain-size", -1)) or _sha256(plain) != meta["plain-sha256"]:
             raise ArchiveCorrupt(f"{name}: decrypted content fails its sha256")
         return plain
@@ -381,6 +457,60 @@ def _prefetch_one(archive: Archive, spool: Path, name: str) -> bool:
     return True
 
 
+def _answer(archive: Archive, spool: Path, name: str) -> str:
+    """``prefetch.py``'s question about ``name``: ``spooled`` (verified, in the spool),
+    ``missing`` (not archived, and nothing that would make :func:`fetch` say otherwise), or
+    ``defer``: the full ``wal-fetch`` decides, and logs, whatever else it is (an error, a
+    gap, a segment arriving, a streamed partial)."""
+    try:
+        validate_name(name)
+        plain = archive.fetch_bytes(name, spool)
+        if plain is not None:
+            _atomic_write(spool / name, plain)
+            _atomic_write(spool / f"{name}.sha256", _sha256(plain).encode())
+            return "spooled"
+        if not SEGMENT_RE.match(name):
+            return "missing"
+        from wedefi_dr.physical import walstream
+
+        if (
+            archive.later_segments(name, limit=1)
+            or walstream.later_timeline_exists(archive, name)
+            or walstream.fetch_partial(archive, name, spool) is not None
+        ):
+            return "defer"
+        return "missing"
+    except Exception:
+        return "defer"
+
+
+class _Answers(threading.Thread):
+    """Answers ``prefetch.py``'s questions (``<spool>/.ask/<name>``) with the prefetcher's
+    warm client and WAL key, so the files replay asks for that are not spooled (the next
+    timeline's history, the segment after the end, one asked for again) cost the server an
+    interpreter start and a request instead of a full ``wal-fetch``."""
+
+    def __init__(self, archive: Archive, spool: Path) -> None:
+        super().__init__(daemon=True, name="answers")
+        self.archive, self.spool = archive, spool
+        self.last_at = time.monotonic()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        asks = self.spool / ASK_DIR
+        while not self.halt.wait(ANSWER_POLL_SECONDS):
+            try:
+                names = sorted(p.name for p in asks.iterdir())
+            except OSError:
+                continue
+            for name in names:
+                self.last_at = time.monotonic()
+                what = _answer(self.archive, self.spool, name)
+                _atomic_write(self.spool / f"{name}{ANSWER_SUFFIX}", what.encode())
+                (asks / name).unlink(missing_ok=True)
+                self.last_at = time.monotonic()
+
+
 def _spooled_ahead(spool: Path, name: str) -> int:
     try:
         return sum(1 for p in spool.iterdir() if SEGMENT_RE.match(p.name) and p.name > name)
@@ -397,7 +527,13 @@ def _prefetcher_alive(spool: Path) -> bool:
     return True
 
 
-def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) -> bool:
+def start_prefetcher(
+    env_file: str | None,
+    name: str,
+    dest: Path,
+    ahead: int,
+    segment_bytes: int = SEGMENT_BYTES_DEFAULT,
+) -> bool:
     """Fill the spool with the ``ahead`` segments after ``name`` in a detached process.
 
     The server is not kept waiting: this call returns at once and replay overlaps the
@@ -413,7 +549,7 @@ def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) ->
     cmd = [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, str(spool)]
     if env_file:
         cmd += ["--env-file", env_file]
-    subprocess.Popen(
+    child = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -421,7 +557,15 @@ def start_prefetcher(env_file: str | None, name: str, dest: Path, ahead: int) ->
         start_new_session=True,
         close_fds=True,
     )
+    _atomic_write(spool / PREFETCHER_PID, str(child.pid).encode())
+    _write_plan(spool, next_segments(name, min(PREFETCH_WIDTH, ahead), segment_bytes))
     return True
+
+
+def _write_plan(spool: Path, names: list[str]) -> None:
+    """The segments the prefetcher is fetching now: ``prefetch.py`` waits for one of them
+    (while the prefetcher lives) instead of downloading it a second time."""
+    _atomic_write(spool / PREFETCH_PLAN, "\n".join(names).encode())
 
 
 def prefetch(settings: Settings, name: str, spool: Path) -> int:
@@ -429,33 +573,43 @@ def prefetch(settings: Settings, name: str, spool: Path) -> int:
 
     It keeps ``wal_prefetch`` segments spooled for as long as replay takes them (each one
     handed over makes room for the next), so one process with one S3 client serves the
-    whole replay; it stops at the first segment the archive does not have (the end, or
-    an error the server's own request will report) or after PREFETCH_IDLE_SECONDS
-    without room (replay paused or over).
+    whole replay. At the first segment the archive does not have (the end, or an error the
+    server's own request will report) it stops reading ahead and stays
+    PREFETCH_LINGER_SECONDS after the last question to answer ``prefetch.py`` (see
+    :class:`_Answers`); it exits after PREFETCH_IDLE_SECONDS without room (replay paused
+    or over).
     """
     spool.mkdir(exist_ok=True)
     (spool / PREFETCHER_PID).write_text(str(os.getpid()))
+    (spool / ASK_DIR).mkdir(exist_ok=True)
+    archive = Archive(settings)
+    answers = _Answers(archive, spool)
+    answers.start()
     try:
-        archive = Archive(settings)
-        width = max(1, min(8, settings.wal_prefetch))
-        cursor, fetched, busy_at = name, 0, time.monotonic()
+        width = max(1, min(PREFETCH_WIDTH, settings.wal_prefetch))
+        cursor, fetched, busy_at, ahead = name, 0, time.monotonic(), True
         with ThreadPoolExecutor(max_workers=width) as pool:
             while True:
-                room = settings.wal_prefetch - _spooled_ahead(spool, "")
+                room = settings.wal_prefetch - _spooled_ahead(spool, "") if ahead else 0
                 if room <= 0:
-                    if time.monotonic() - busy_at > PREFETCH_IDLE_SECONDS:
+                    limit = PREFETCH_IDLE_SECONDS if ahead else PREFETCH_LINGER_SECONDS
+                    if time.monotonic() - max(busy_at, answers.last_at) > limit:
                         break
                     time.sleep(0.05)
                     continue
                 names = next_segments(cursor, min(room, width), settings.wal_segment_bytes)
+                _write_plan(spool, names)
                 found = list(pool.map(lambda n: _prefetch_one(archive, spool, n), names))
+                _write_plan(spool, [])  # nothing in flight: no one waits for an old plan
                 fetched += sum(found)
                 busy_at, cursor = time.monotonic(), names[-1]
-                if not all(found):
-                    break
+                ahead = all(found)
         return fetched
     finally:
+        answers.halt.set()
+        (spool / PREFETCH_PLAN).unlink(missing_ok=True)
         (spool / PREFETCHER_PID).unlink(missing_ok=True)
+        answers.join(timeout=30)
 
 
 def fetch(settings: Settings, name: str, dest: str | Path) -> bool:
@@ -503,11 +657,7 @@ def streamed_partial(archive: Archive, name: str, spool: Path) -> bytes | None:
 def clear_spool(pg_wal: Path) -> None:
     """Remove prefetched and marker files (after a promotion they are of no use)."""
     for sub in (PREFETCH_DIR, PUSHED_DIR):
-        d = pg_wal / sub
-        if d.is_dir():
-            for f in d.iterdir():
-                f.unlink(missing_ok=True)
-            d.rmdir()
+        shutil.rmtree(pg_wal / sub, ignore_errors=True)
 
 
 # ---- entry point -------------------------------------------------------------------------
@@ -593,7 +743,9 @@ def run(
         _log(f"fetch {name} FATAL (archive unreachable?): {type(exc).__name__}: {exc}")
         return EXIT_FATAL
     if found:
-        start_prefetcher(env_file, name, Path(dest), settings.wal_prefetch)
+        start_prefetcher(
+            env_file, name, Path(dest), settings.wal_prefetch, settings.wal_segment_bytes
+        )
     return EXIT_OK if found else EXIT_MISSING
 
 

@@ -230,9 +230,14 @@ class Decryption(subprocess.Popen):
 
 
 def start_decrypt(
-    passphrase: str, source: Path | str, stdout: int | IO[bytes] = subprocess.PIPE
+    passphrase: str,
+    source: Path | str,
+    stdout: int | IO[bytes] = subprocess.PIPE,
+    *,
+    stdin: int | IO[bytes] = subprocess.DEVNULL,
 ) -> Decryption:
-    """``gpg --decrypt`` of a ciphertext file, plaintext on ``stdout``, status collected."""
+    """``gpg --decrypt`` of a ciphertext file (``"-"`` with ``stdin``: a pipe), plaintext on
+    ``stdout``, status collected."""
     fd = _passphrase_pipe(passphrase)
     status_read, status_write = os.pipe()
     try:
@@ -241,7 +246,7 @@ def start_decrypt(
             + ["--status-fd", str(status_write), "--decrypt", "--output", "-"]
             + ["--", str(source)],  # a path is never read as an option
             status_read,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=stdout,
             stderr=subprocess.PIPE,
             pass_fds=(fd, status_write),
@@ -253,6 +258,19 @@ def start_decrypt(
     finally:
         os.close(fd)
         os.close(status_write)
+
+
+def decrypt_bytes(passphrase: str, cipher: bytes) -> bytes:
+    """The plaintext of a small in-memory message, through pipes (nothing written to disk),
+    accepted only as an intact symmetric-encrypted message; DecryptionFailed (or
+    WrongPassphrase) and NotAuthentic otherwise."""
+    gpg = start_decrypt(passphrase, "-", stdin=subprocess.PIPE)
+    plain, err = gpg.communicate(cipher)
+    if gpg.returncode != 0:
+        raise decrypt_error(gpg.returncode, err)
+    gpg.require_encrypted()
+    gpg.require_authentic()
+    return plain
 
 
 def decrypt_error(returncode: int, stderr: bytes) -> DecryptionFailed:
