@@ -18,6 +18,7 @@ from tasks import timeouts
 from wedefi_dr.config import get_settings
 from wedefi_dr.drtest import drill
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.physical import archiving, basebackup
 from wedefi_dr.physical.pitr import approval, recovery, window
 from wedefi_dr.physical.pitr.target import RecoveryTarget
@@ -46,6 +47,7 @@ def check_request(
     approval_timeout_seconds: int = 3600,
 ) -> dict[str, Any]:
     """Every refusal happens here, before the approval and before anything changes."""
+    check_operator(operator)
     if not 1 <= approval_timeout_seconds <= MAX_APPROVAL_WAIT_SECONDS:
         raise InvalidInput(
             f"approval_timeout_seconds must be 1-{MAX_APPROVAL_WAIT_SECONDS}, "

@@ -94,10 +94,11 @@ def run(
     ] = False,
 ) -> None:
     """Run the point-in-time-recovery flow; it pauses for approval (Prefect UI)."""
+    from wedefi_dr.observability.audit import check_operator
     from wedefi_dr.physical.pitr.approval import validate_cluster_name
     from wedefi_dr.physical.pitr.target import RecoveryTarget
 
-    require_text(operator, "--operator", "who is recovering (audit log)")
+    check_operator(require_text(operator, "--operator", "who is recovering (audit log)"))
     require_text(justification, "--justification", "why (audit log)")
     RecoveryTarget.parse(target, value, inclusive, timeline)
     validate_cluster_name(cluster)
