@@ -89,6 +89,14 @@ def run(
     ] = "pitr-scratch",
     inclusive: Annotated[bool, typer.Option(help="stop just after the target")] = False,
     timeline: Annotated[str, typer.Option(help="latest | current | N")] = "latest",
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="a stopped, non-production copy of the same system: rewrite only what differs "
+            "from the base backup in its own directory (no old copy kept)",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the full record instead of a summary")
     ] = False,
@@ -115,6 +123,7 @@ def run(
         cluster=cluster,
         inclusive=inclusive,
         timeline=timeline,
+        delta=delta,
     )
     record = {
         **flow_run.result,
