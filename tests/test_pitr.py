@@ -228,31 +228,35 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     c.stop()
 
 
-def test_recovery_to_a_named_restore_point_is_exact_then_delta_to_the_next(history, stack):
+def test_recovery_to_a_named_restore_point_is_exact_then_delta_to_the_next(history):
     """A full recovery, then the same copy refreshed by delta to a later point: only what
     differs is rewritten in its own directory, nothing staged or kept beside it."""
+    from tasks.pitr import check_request
     from wedefi_dr.errors import InvalidInput
 
     c = recovered_cluster(history, f"pitr-name-{uuid.uuid4().hex[:6]}")
     recover(ONE, target_kind="name", target_value="before-m4", cluster=c.name)
     assert markers(c.dsn()) == [1, 2, 3]
 
-    to_after_m4 = {"target_kind": "name", "target_value": "after-m4", "timeline": "1"}
     other = recovered_cluster(history, f"pitr-other-{uuid.uuid4().hex[:6]}")
     other.fast = True
     other.init()  # a data directory of another system, stopped
-    for cluster, extra, message in [
-        (c.name, {}, "is running: stop it before a delta restore"),
-        ("primary", {}, "is production"),
-        (c.name, {"becomes_production": True}, "a cluster that becomes production"),
-        (other.name, {}, "holds database system"),
+    for cluster, becomes_production, message in [
+        (c.name, False, "is running: stop it before a delta restore"),
+        ("primary", False, "is production"),
+        (c.name, True, "a cluster that becomes production"),
+        (other.name, False, "holds database system"),
     ]:
-        with pytest.raises(InvalidInput, match=message):
-            recover(None, cluster=cluster, delta=True, **extra, **to_after_m4)
+        with pytest.raises(InvalidInput, match=message):  # the flow's first step, as it runs
+            check_request.fn(
+                "name", "after-m4", False, "1", cluster, "op", "why", becomes_production, 60, True
+            )
     assert markers(c.dsn()) == [1, 2, 3]
     c.stop()
 
-    result = recover(ONE, cluster=c.name, delta=True, **to_after_m4)
+    result = recover(
+        ONE, cluster=c.name, delta=True, target_kind="name", target_value="after-m4", timeline="1"
+    )
     assert markers(c.dsn()) == [1, 2, 3, 4]
     assert result["delta"]["written"] > 0 and result["delta"]["kept"] > result["delta"]["written"]
     assert result["kept_aside"] is None and not list(c.home.glob("data.*"))
