@@ -133,17 +133,21 @@ def run(
     if as_json:
         print_json(record)
         return
-    summarize(
-        [
-            f"recovered cluster {record['cluster']} (port {record['port']}) to "
-            f"{record['target']} from base backup {record['base_backup_id']}: timeline "
-            f"{record['timeline']}, {record['tables']} tables, {record['rows']:,} rows validated",
-            rto_line(
-                "recovery time without the approval wait",
-                record["recovery_seconds"],
-                record["rto_objective_seconds"],
-            ),
-            f"approved by {', '.join(record['approvers'])}; report: flow run "
-            f"{record['flow_run_id']} (artifact pitr-report)",
-        ]
-    )
+    lines = [
+        f"recovered cluster {record['cluster']} (port {record['port']}) to "
+        f"{record['target']} from base backup {record['base_backup_id']}: timeline "
+        f"{record['timeline']}, {record['tables']} tables, {record['rows']:,} rows validated",
+        rto_line(
+            "recovery time without the approval wait",
+            record["recovery_seconds"],
+            record["rto_objective_seconds"],
+        ),
+        f"approved by {', '.join(record['approvers'])}; report: flow run "
+        f"{record['flow_run_id']} (artifact pitr-report)",
+    ]
+    if applied := record.get("delta"):
+        lines.append(
+            f"delta restore in place: {applied['written']} file(s) written, "
+            f"{applied['kept']} kept, {applied['removed']} removed"
+        )
+    summarize(lines)
