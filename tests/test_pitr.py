@@ -780,12 +780,15 @@ def test_approval_timeout_is_audited_and_changes_nothing(history):
 )
 def test_operator_the_audit_cannot_keep_is_refused_first(history, operator, message):
     """Refused by the request check before anything else: no pause, no audit row."""
+    from tasks import failover
     from wedefi_dr.errors import InvalidInput
 
     before = audit_rows(get_settings().ops_dsn.get_secret_value())
     with pytest.raises(InvalidInput, match=re.escape(message)):
         recover(None, operator=operator, target_kind="latest", cluster="pitr-never")
     assert audit_rows(get_settings().ops_dsn.get_secret_value()) == before
+    with pytest.raises(InvalidInput, match=re.escape(message)):  # the failover's first step
+        failover.check_request.fn("pitr-never", "pitr-never-2", operator, "why")
 
 
 @pytest.mark.parametrize("seconds", [0, 8 * 24 * 3600])
