@@ -8,14 +8,18 @@
    two authenticated approvers other than the operator); a timeout is audited and changes
    nothing
 3. audit row 'running'
-4. stage and verify the base backup beside the data directory (the cluster still runs)
+4. stage and verify the base backup beside the data directory (the cluster still runs);
+   with ``delta``, a stopped non-production copy of the same system instead gets the base
+   backup applied to its own directory, only what differs rewritten, then verified
 5. stop application services
 6. stop the cluster, keep its data aside, rename the verified backup into place
 7. push WAL the old server had not archived (production; what fails is kept and named)
 8. write recovery settings (recovery.signal, restore_command, targets)
 9. start the server and wait for replay to reach the target
 10. validate the recovered data
-11. promote with pg_promote() and confirm pg_is_in_recovery() is false
+11. promote with pg_promote() and confirm pg_is_in_recovery() is false; a cluster that
+    becomes production is marked so in the clusters file (atomic, audited; a file we may
+    not write is named with the key the operator must set)
 12. start application services; audit row 'success'; report against the RTO objective
 
 A failure after step 5 rolls back: the recovered server stopped and kept aside, the
@@ -63,6 +67,7 @@ def point_in_time_recovery(
     cluster: str = "pitr-scratch",
     becomes_production: bool = False,
     approval_timeout_seconds: int = 3600,
+    delta: bool = False,
 ) -> dict[str, Any]:
     """Recover ``cluster`` to a time, LSN, named restore point or the latest archived WAL.
 
@@ -82,6 +87,10 @@ def point_in_time_recovery(
         cluster: The cluster of the clusters file to recover into.
         becomes_production: The recovered cluster becomes the primary (break-glass).
         approval_timeout_seconds: How long the run waits for its approval.
+        delta: Apply the base backup to the cluster's own data directory, rewriting only
+            what differs, instead of staging a full copy beside it: for a stopped,
+            non-production copy of the same system (refused otherwise); there is no old
+            directory to roll back to.
     """
     timings: dict[PITR, dict[str, float]] = {}
     with timed() as timings[PITR.CHECK_REQUEST]:
@@ -95,6 +104,7 @@ def point_in_time_recovery(
             justification,
             becomes_production,
             approval_timeout_seconds,
+            delta,
         )
     subject = f"WeDefiDaily point-in-time recovery of {request['cluster']}"
     details = {"cluster": request["cluster"], "target": request["target_description"]}
@@ -142,14 +152,23 @@ def point_in_time_recovery(
         ),
         run_lock("pitr", request["cluster"]),
     ):
-        with timed() as timings[PITR.STAGE_BASE_BACKUP]:
-            staged = steps.stage_base_backup(request)
+        staged: str | None = None
+        applied: dict[str, int] | None = None
+        if request["delta"]:
+            with timed() as timings[PITR.DELTA_RESTORE]:
+                applied = steps.delta_restore_base_backup(request)
+        else:
+            with timed() as timings[PITR.STAGE_BASE_BACKUP]:
+                staged = steps.stage_base_backup(request)
         with timed() as timings[PITR.STOP_APPLICATION]:
             stopped_apps = steps.stop_application_services()
         swapped: dict[str, Any] | None = None
         try:
-            with timed() as timings[PITR.STOP_AND_SWAP]:
-                swapped = steps.stop_and_swap(request, staged)
+            if staged is None:  # delta: the stopped copy's own directory holds the backup
+                swapped = {"kept_aside": None, "was_running": False}
+            else:
+                with timed() as timings[PITR.STOP_AND_SWAP]:
+                    swapped = steps.stop_and_swap(request, staged)
             with timed() as timings[PITR.PUSH_UNARCHIVED_WAL]:
                 salvaged = steps.push_unarchived_wal(request, swapped["kept_aside"])
             with timed() as timings[PITR.WRITE_RECOVERY_SETTINGS]:
@@ -176,9 +195,13 @@ def point_in_time_recovery(
                 steps.start_application_services()
                 rolled += "; application services started again"
             raise RolledBack(f"{type(exc).__name__}: {exc}\n[{rolled}]") from exc
+        roles = None
+        if request["becomes_production"]:
+            with timed() as timings[PITR.CLUSTERS_FILE]:
+                roles = steps.record_production(request, operator, justification)
         with timed() as timings[PITR.START_APPLICATION]:
             steps.start_application_services()
-    audit_recovery_finished(audit_id, "success")
+    audit_recovery_finished(audit_id, "success", error=roles and roles["operator_action"])
 
     result = {
         "cluster": request["cluster"],
@@ -192,6 +215,8 @@ def point_in_time_recovery(
         "rows": validated["rows"],
         "kept_aside": swapped["kept_aside"],
         "unarchived_wal": salvaged,
+        "delta": applied,
+        "clusters_file": roles,
         "approvers": approvers,
         "timings": {step.value: round(t["seconds"], 3) for step, t in timings.items()},
         "recovery_seconds": round(time.monotonic() - recovery_started, 3),

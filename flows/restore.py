@@ -23,6 +23,7 @@ from tasks.common import (
     publish_summary,
     run_lock,
 )
+from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Restore, step_key, timed
 
@@ -52,6 +53,7 @@ def restore_backup(
         overwrite: Replace a target that already holds tables.
         approval_timeout_seconds: How long a break-glass restore waits for its approval.
     """
+    check_operator(operator)  # before anything: the refusal's audit row could not keep it
     conn_target = ConnTarget.parse(target_dsn, allow_password=False)
     target = conn_target.location
     audit_id = attempt_scoped_uuid("recovery-audit")

@@ -11,6 +11,7 @@ from tasks import timeouts
 from tasks.standby import handle, record_roles, resolve_pair
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.physical import archiving, standby
 from wedefi_dr.postgres import clusters_file
 from wedefi_dr.postgres.tools import connect
@@ -24,6 +25,7 @@ def check_request(
     primary: str, standby_name: str, operator: str, justification: str
 ) -> dict[str, Any]:
     """Refusals before the approval: operator, justification, a standby that is one."""
+    check_operator(operator)
     if not operator.strip():
         raise InvalidInput("operator is required: who is failing over (audit log)")
     if not justification.strip():

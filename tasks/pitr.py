@@ -15,12 +15,16 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from tasks import timeouts
+from tasks.standby import record_roles
 from wedefi_dr.config import get_settings
 from wedefi_dr.drtest import drill
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.physical import archiving, basebackup
 from wedefi_dr.physical.pitr import approval, recovery, window
+from wedefi_dr.physical.pitr import delta as pitr_delta
 from wedefi_dr.physical.pitr.target import RecoveryTarget
+from wedefi_dr.postgres import clusters_file
 from wedefi_dr.postgres.cluster import ClusterHandle, cluster_handle, conf_quote
 from wedefi_dr.runbook import PITR
 from wedefi_dr.storage.repository import open_store
@@ -44,8 +48,10 @@ def check_request(
     justification: str,
     becomes_production: bool,
     approval_timeout_seconds: int = 3600,
+    delta: bool = False,
 ) -> dict[str, Any]:
     """Every refusal happens here, before the approval and before anything changes."""
+    check_operator(operator)
     if not 1 <= approval_timeout_seconds <= MAX_APPROVAL_WAIT_SECONDS:
         raise InvalidInput(
             f"approval_timeout_seconds must be 1-{MAX_APPROVAL_WAIT_SECONDS}, "
@@ -63,6 +69,14 @@ def check_request(
     w = window.recoverable_window(settings)
     base = window.choose_base_backup(target, w)
     window.check_timeline(target, w, base)
+    if delta:
+        if becomes_production:
+            raise InvalidInput(
+                "--delta rewrites the cluster's directory in place with no copy to roll back "
+                "to: a cluster that becomes production is recovered without it (the swap keeps "
+                "its old directory aside)"
+            )
+        pitr_delta.check_target(handle, base.system_identifier)
     return {
         "target": {
             "kind": target.kind,
@@ -79,6 +93,8 @@ def check_request(
         "cluster_handle": handle.model_dump(mode="json"),
         "production": handle.production,
         "archives_into_production": handle.production or becomes_production,
+        "becomes_production": becomes_production and not handle.production,
+        "delta": delta,
         "window": w.describe(),
     }
 
@@ -131,6 +147,29 @@ def stage_base_backup(request: dict[str, Any]) -> str:
         manifest.plaintext_size_bytes / 1e6,
     )
     return str(staged)
+
+
+@task(name=PITR.DELTA_RESTORE.value, timeout_seconds=timeouts.RESTORE)
+def delta_restore_base_backup(request: dict[str, Any]) -> dict[str, int]:
+    """The base backup applied to the stopped copy's own data directory, rewriting only the
+    files that differ, through the same checks as staging (object sha256, gpg status,
+    plaintext sha256, pg_verifybackup): a refresh of a copy costs what changed, not a
+    second directory. The request check refused production and other systems."""
+    settings = get_settings()
+    c = _handle(request)
+    manifest = basebackup.resolve(open_store(settings), request["base_backup_id"])
+    done = pitr_delta.delta_restore(settings, manifest, c, settings.spool_path)
+    logger = get_run_logger()
+    logger.info(
+        "base backup %s applied to %s by delta: %d file(s) written, %d kept, %d removed; "
+        "pg_verifybackup passed",
+        manifest.backup_id,
+        c.data_dir,
+        done["written"],
+        done["kept"],
+        len(done["removed"]),
+    )
+    return {"written": done["written"], "kept": done["kept"], "removed": len(done["removed"])}
 
 
 @task(name=PITR.STOP_AND_SWAP.value, timeout_seconds=timeouts.MEDIUM)
@@ -244,3 +283,18 @@ def promote(request: dict[str, Any]) -> dict[str, Any]:
     (c.home / archiving.RESTORE_ENV_NAME).unlink(missing_ok=True)
     result["timeline"] = recovery.current_timeline(c.dsn())
     return result
+
+
+@task(name=PITR.CLUSTERS_FILE.value, timeout_seconds=timeouts.SHORT)
+def record_production(request: dict[str, Any], operator: str, justification: str) -> dict[str, Any]:
+    """The promoted cluster becomes production in the clusters file (written atomically,
+    audited; a file we may not write is named with the key to change by hand), so the
+    restore-target policy, PITR's break-glass rule and the monitor treat it as production.
+    The old primary keeps its flag: this flow neither stopped nor fenced it, and a cluster
+    marked production too many only asks for more approval, never less."""
+    name = request["cluster"]
+    return record_roles(
+        lambda path: clusters_file.set_roles(path, {name: {"production": True}}),
+        operator=operator,
+        justification=justification,
+    )

@@ -145,6 +145,19 @@ def test_server_unreachable_exit_5_names_the_server_without_its_password(tmp_pat
         ),
         (["backup", "--operator", "o" * 101], "operator is 101 characters long"),
         (["backup", "--operator", "ops\nFORGED line"], "control character (U+000A)"),
+        (
+            ["restore", "latest", "--target-dsn", "dbname=x", "--operator", "r" * 101]
+            + ["--justification", "cli test"],
+            "operator is 101 characters long",
+        ),
+        (
+            ["pitr", "run", "--operator", "ops\u202eFORGED", "--justification", "cli test"],
+            "control character (U+202E)",
+        ),
+        (
+            ["failover", "--operator", "ops\rFORGED", "--justification", "cli test"],
+            "control character (U+000D)",
+        ),
     ],
     ids=[
         "restore-empty-operator",
@@ -152,6 +165,9 @@ def test_server_unreachable_exit_5_names_the_server_without_its_password(tmp_pat
         "dr-test-dsn-without-dsn-provider",
         "backup-operator-too-long",
         "backup-operator-control-character",
+        "restore-operator-too-long",
+        "pitr-operator-format-character",
+        "failover-operator-control-character",
     ],
 )
 def test_bad_input_exit_2_before_any_flow_run(stack, tmp_path, args, message):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from prefect import tags
@@ -27,6 +29,8 @@ from wedefi_dr.physical import archiving, wal
 from wedefi_dr.physical.pitr.approval import ApprovalRefused
 from wedefi_dr.physical.pitr.recovery import RecoveryFailed
 from wedefi_dr.physical.pitr.window import TargetOutsideWindow
+from wedefi_dr.postgres.cluster import read_clusters
+from wedefi_dr.postgres.clusters_file import set_roles
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr_dev.stack import Cluster, Stack
 
@@ -224,10 +228,39 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     c.stop()
 
 
-def test_recovery_to_a_named_restore_point_is_exact(history):
+def test_recovery_to_a_named_restore_point_is_exact_then_delta_to_the_next(history):
+    """A full recovery, then the same copy refreshed by delta to a later point: only what
+    differs is rewritten in its own directory, nothing staged or kept beside it."""
+    from tasks.pitr import check_request
+    from wedefi_dr.errors import InvalidInput
+
     c = recovered_cluster(history, f"pitr-name-{uuid.uuid4().hex[:6]}")
     recover(ONE, target_kind="name", target_value="before-m4", cluster=c.name)
     assert markers(c.dsn()) == [1, 2, 3]
+
+    other = recovered_cluster(history, f"pitr-other-{uuid.uuid4().hex[:6]}")
+    other.fast = True
+    other.init()  # a data directory of another system, stopped
+    for cluster, becomes_production, message in [
+        (c.name, False, "is running: stop it before a delta restore"),
+        ("primary", False, "is production"),
+        (c.name, True, "a cluster that becomes production"),
+        (other.name, False, "holds database system"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):  # the flow's first step, as it runs
+            check_request.fn(
+                "name", "after-m4", False, "1", cluster, "op", "why", becomes_production, 60, True
+            )
+    assert markers(c.dsn()) == [1, 2, 3]
+    c.stop()
+
+    result = recover(
+        ONE, cluster=c.name, delta=True, target_kind="name", target_value="after-m4", timeline="1"
+    )
+    assert markers(c.dsn()) == [1, 2, 3, 4]
+    assert result["delta"]["written"] > 0 and result["delta"]["kept"] > result["delta"]["written"]
+    assert result["kept_aside"] is None and not list(c.home.glob("data.*"))
+    assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
     c.stop()
 
 
@@ -240,13 +273,29 @@ def test_new_timeline_archives_beside_the_old_and_old_timeline_still_recovers(hi
         if o["Key"][len(prefix) :][:8] == "00000001"
     }
     c = recovered_cluster(history, f"pitr-tl-{uuid.uuid4().hex[:6]}")
-    result = recover(
-        BREAK_GLASS,
-        target_kind="time",
-        target_value=history["between_2_and_3"].isoformat(),
-        cluster=c.name,
-        becomes_production=True,
-    )
+    clusters = settings.clusters_file
+    assert clusters is not None and not read_clusters(clusters)[c.name].production
+    try:
+        result = recover(
+            BREAK_GLASS,
+            target_kind="time",
+            target_value=history["between_2_and_3"].isoformat(),
+            cluster=c.name,
+            becomes_production=True,
+        )
+        described = read_clusters(clusters)
+        assert described[c.name].production  # restore policy and break-glass follow it
+        assert described["primary"].production  # neither stopped nor fenced: kept
+    finally:
+        set_roles(clusters, {c.name: {"production": False}})
+    assert result["clusters_file"]["changes"] == [f"{c.name}.production: true"]
+    with connect(settings.ops_dsn.get_secret_value()) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT status, target, operator_id FROM recovery_audit_log"
+            " WHERE recovery_type = 'clusters_file' AND target LIKE %s",
+            (f"%{c.name}.production: true%",),
+        )
+        assert cur.fetchall() == [("success", ANY, "pytest-operator")]
     assert result["timeline"] == 2
     sql1(c.dsn(), "INSERT INTO markers (id) VALUES (100)")
     segment = switch_and_wait_archived(c.dsn())
@@ -723,6 +772,23 @@ def test_approval_timeout_is_audited_and_changes_nothing(history):
         assert row[1] == "failed" and "approval timed out" in row[2]
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize(
+    ("operator", "message"),
+    [("o" * 101, "101 characters long"), ("ops\x1b[31mforged", "control character (U+001B)")],
+)
+def test_operator_the_audit_cannot_keep_is_refused_first(history, operator, message):
+    """Refused by the request check before anything else: no pause, no audit row."""
+    from tasks import failover
+    from wedefi_dr.errors import InvalidInput
+
+    before = audit_rows(get_settings().ops_dsn.get_secret_value())
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        recover(None, operator=operator, target_kind="latest", cluster="pitr-never")
+    assert audit_rows(get_settings().ops_dsn.get_secret_value()) == before
+    with pytest.raises(InvalidInput, match=re.escape(message)):  # the failover's first step
+        failover.check_request.fn("pitr-never", "pitr-never-2", operator, "why")
 
 
 @pytest.mark.parametrize("seconds", [0, 8 * 24 * 3600])

@@ -8,6 +8,7 @@ as it was, and the refusal is in the audit log with the operator and the justifi
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -193,11 +194,19 @@ def test_a_listed_production_database_needs_break_glass_anywhere(
             )
 
 
-def test_a_request_without_operator_is_refused_without_an_audit_row(
-    good_backup, settings: Settings
+@pytest.mark.parametrize(
+    ("operator", "message"),
+    [
+        (" ", "--operator is required"),
+        ("o" * 101, "operator is 101 characters long"),
+        ("ops\x85forged", "control character (U+0085)"),
+    ],
+)
+def test_a_request_without_an_operator_the_audit_can_keep_is_refused_without_an_audit_row(
+    good_backup, settings: Settings, operator: str, message: str
 ):
     target = with_dbname(settings.primary_dsn.get_secret_value(), "template1")
     why = f"policy anonymous {uuid.uuid4().hex[:6]}"
-    with pytest.raises(InvalidInput, match="--operator is required"):
-        restore_backup(backup_id="latest", target_dsn=target, operator=" ", justification=why)
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        restore_backup(backup_id="latest", target_dsn=target, operator=operator, justification=why)
     assert _audit_rows(settings, why) == []

@@ -71,6 +71,7 @@ class PITR(StrEnum):
     CHECK_REQUEST = "check the target lies in the recoverable window"
     APPROVAL = "approval"
     STAGE_BASE_BACKUP = "stage and verify the base backup (the cluster still runs)"
+    DELTA_RESTORE = "delta: rewrite what differs from the base backup in the stopped copy, verify"
     STOP_APPLICATION = "stop application services"
     STOP_AND_SWAP = "stop the cluster, keep its data aside, put the verified backup in place"
     PUSH_UNARCHIVED_WAL = "push WAL the old server had not archived"
@@ -78,6 +79,7 @@ class PITR(StrEnum):
     START_AND_REPLAY = "start the server and wait for replay to reach the target"
     VALIDATE = "validate the recovered data"
     PROMOTE = "promote with pg_promote() and confirm pg_is_in_recovery() is false"
+    CLUSTERS_FILE = "clusters file: the recovered cluster is production"
     START_APPLICATION = "start application services"
     ROLL_BACK = "roll back: the original data directory back and started as it was"
 

@@ -89,15 +89,24 @@ def run(
     ] = "pitr-scratch",
     inclusive: Annotated[bool, typer.Option(help="stop just after the target")] = False,
     timeline: Annotated[str, typer.Option(help="latest | current | N")] = "latest",
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="a stopped, non-production copy of the same system: rewrite only what differs "
+            "from the base backup in its own directory (no old copy kept)",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the full record instead of a summary")
     ] = False,
 ) -> None:
     """Run the point-in-time-recovery flow; it pauses for approval (Prefect UI)."""
+    from wedefi_dr.observability.audit import check_operator
     from wedefi_dr.physical.pitr.approval import validate_cluster_name
     from wedefi_dr.physical.pitr.target import RecoveryTarget
 
-    require_text(operator, "--operator", "who is recovering (audit log)")
+    check_operator(require_text(operator, "--operator", "who is recovering (audit log)"))
     require_text(justification, "--justification", "why (audit log)")
     RecoveryTarget.parse(target, value, inclusive, timeline)
     validate_cluster_name(cluster)
@@ -114,6 +123,7 @@ def run(
         cluster=cluster,
         inclusive=inclusive,
         timeline=timeline,
+        delta=delta,
     )
     record = {
         **flow_run.result,
@@ -123,17 +133,21 @@ def run(
     if as_json:
         print_json(record)
         return
-    summarize(
-        [
-            f"recovered cluster {record['cluster']} (port {record['port']}) to "
-            f"{record['target']} from base backup {record['base_backup_id']}: timeline "
-            f"{record['timeline']}, {record['tables']} tables, {record['rows']:,} rows validated",
-            rto_line(
-                "recovery time without the approval wait",
-                record["recovery_seconds"],
-                record["rto_objective_seconds"],
-            ),
-            f"approved by {', '.join(record['approvers'])}; report: flow run "
-            f"{record['flow_run_id']} (artifact pitr-report)",
-        ]
-    )
+    lines = [
+        f"recovered cluster {record['cluster']} (port {record['port']}) to "
+        f"{record['target']} from base backup {record['base_backup_id']}: timeline "
+        f"{record['timeline']}, {record['tables']} tables, {record['rows']:,} rows validated",
+        rto_line(
+            "recovery time without the approval wait",
+            record["recovery_seconds"],
+            record["rto_objective_seconds"],
+        ),
+        f"approved by {', '.join(record['approvers'])}; report: flow run "
+        f"{record['flow_run_id']} (artifact pitr-report)",
+    ]
+    if applied := record.get("delta"):
+        lines.append(
+            f"delta restore in place: {applied['written']} file(s) written, "
+            f"{applied['kept']} kept, {applied['removed']} removed"
+        )
+    summarize(lines)

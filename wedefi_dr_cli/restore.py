@@ -30,9 +30,10 @@ def restore(
     ] = False,
 ) -> None:
     """Run the restore-backup flow: verified download, decrypt, pg_restore, exact check."""
+    from wedefi_dr.observability.audit import check_operator
     from wedefi_dr.postgres.conninfo import refuse_password_in_dsn
 
-    require_text(operator, "--operator", "who is restoring (audit log)")
+    check_operator(require_text(operator, "--operator", "who is restoring (audit log)"))
     require_text(justification, "--justification", "why this restore (audit log)")
     refuse_password_in_dsn(target_dsn)
     settings = ready(

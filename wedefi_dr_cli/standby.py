@@ -160,9 +160,10 @@ def failover(
     as_json: AsJson = False,
 ) -> None:
     """Flow ``failover``: break-glass approval, fence the old primary, promote the standby."""
+    from wedefi_dr.observability.audit import check_operator
     from wedefi_dr.physical.pitr.approval import validate_cluster_name
 
-    require_text(operator, "--operator", "who is failing over (audit log)")
+    check_operator(require_text(operator, "--operator", "who is failing over (audit log)"))
     require_text(justification, "--justification", "why (audit log)")
     validate_cluster_name(primary)
     validate_cluster_name(standby)

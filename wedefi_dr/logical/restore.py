@@ -59,6 +59,7 @@ from wedefi_dr.errors import (
     VerificationFailed,
     WrongPassphrase,
 )
+from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import (
     FINGERPRINT_METHOD,
@@ -229,6 +230,7 @@ def check_target(
 def assess(settings: Settings, request: RestoreRequest) -> tuple[BackupManifest, TargetCheck]:
     """Every refusal, before anything is downloaded, created or changed; the manifest and
     what the target policy found (whether the overwrite needs break-glass approval)."""
+    check_operator(request.operator or "")
     if not request.operator or not request.operator.strip():
         raise InvalidInput("--operator is required: who is restoring (it goes in the audit log)")
     if not request.justification or not request.justification.strip():

@@ -12,9 +12,11 @@ backup does not hold are removed, and ``pg_verifybackup`` (``verify_staged``) ch
 result against the backup's ``backup_manifest`` before any server may start on it.
 
 The directory is changed in place, so there is no old copy to roll back to: a delta restore
-is refused on a production cluster (PITR's swap keeps production's directory aside) and on
-a running one. An interrupted delta restore leaves a directory that is neither: the error
-says so, and the next delta restore or a full one repairs it.
+is refused on a production cluster (PITR's swap keeps production's directory aside), on a
+running one and on one that holds another database system (``check_target``; the PITR
+flow's ``delta`` option asks it before the approval). An interrupted delta restore leaves
+a directory that is neither: the error says so, and the next delta restore or a full one
+repairs it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
+from wedefi_dr.physical.rejoin import controldata
 from wedefi_dr.postgres.cluster import ClusterHandle, chown_to
 from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
@@ -167,16 +170,14 @@ class _ApplySink:
         self.stdin.close()
 
 
-def delta_restore(
-    settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
-) -> dict[str, Any]:
-    """``manifest``'s base backup into ``cluster``'s existing, stopped, non-production data
-    directory, rewriting only what differs; verified by ``pg_verifybackup`` at the end.
-    Returns the counts of files written, kept and removed."""
+def check_target(cluster: ClusterHandle, system_identifier: str) -> None:
+    """Refuse, naming why, a cluster a delta restore must not rewrite: production, running,
+    without a data directory, or holding another system's (its files share nothing with
+    the backup: a full restore is the honest way, and keeps the old directory aside)."""
     if cluster.production:
         raise InvalidInput(
             f"cluster {cluster.name} is production: a delta restore rewrites its directory in "
-            "place with no copy to roll back to; recover it with the point-in-time recovery"
+            "place with no copy to roll back to; recover it without --delta"
         )
     if not cluster.initialized():
         raise InvalidInput(
@@ -184,6 +185,22 @@ def delta_restore(
         )
     if cluster.is_running():
         raise InvalidInput(f"cluster {cluster.name} is running: stop it before a delta restore")
+    found = controldata(cluster).get("Database system identifier")
+    if found != system_identifier:
+        raise InvalidInput(
+            f"{cluster.data_dir} holds database system {found}, the base backup is of system "
+            f"{system_identifier}: a delta restore refreshes a copy of the same system only; "
+            "use a full restore"
+        )
+
+
+def delta_restore(
+    settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
+) -> dict[str, Any]:
+    """``manifest``'s base backup into ``cluster``'s existing, stopped, non-production data
+    directory of the same system, rewriting only what differs; verified by
+    ``pg_verifybackup`` at the end. Returns the counts of files written, kept and removed."""
+    check_target(cluster, manifest.system_identifier)
     store = open_store(settings)
     what = f"base backup {manifest.backup_id} (delta into {cluster.data_dir})"
     cipher = recovery.download_cipher(store, manifest, spool)
