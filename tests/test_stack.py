@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import stat
 import tempfile
 from pathlib import Path
@@ -76,3 +77,27 @@ def test_state_and_passfile_are_new_private_files_naming_each_port(tmp_path: Pat
     ports = {line.split(":")[1] for line in other.pgpass.read_text().splitlines()}
     assert "*" not in ports
     assert {str(primary.port), str(other.ops.port), str(later.port)} <= ports
+
+
+def test_approver_and_replication_passfiles_never_write_through_what_is_there(tmp_path: Path):
+    """A passfile rewritten over a world-readable file or a planted link: the new file is
+    0600 from its first byte, and neither the old file's mode nor the link's target sees the
+    password."""
+    from wedefi_dr.physical.standby import _write_passfile
+    from wedefi_dr.postgres.cluster import ClusterHandle
+    from wedefi_dr_dev.approvers import write_passfile
+
+    decoy = tmp_path / "decoy"
+    decoy.write_text("")
+    wide = tmp_path / "approver.pgpass"
+    wide.write_text("old\n")
+    wide.chmod(0o644)
+    linked = tmp_path / "replication.pgpass"
+    linked.symlink_to(decoy)
+    write_passfile(wide, "127.0.0.1", 5432, "ops", "alice", "s3cret-approver")
+    upstream = ClusterHandle(name="up", data_dir=tmp_path / "data", port=5433)
+    _write_passfile(linked, upstream, "s3cret-replication", os_user=getpass.getuser())
+    for path, secret in ((wide, "s3cret-approver"), (linked, "s3cret-replication")):
+        assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert secret in path.read_text()
+    assert decoy.read_text() == ""

@@ -9,7 +9,6 @@ only that person holds.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
@@ -18,6 +17,7 @@ from psycopg2 import sql
 from psycopg2.extensions import encrypt_password
 
 from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage.secretfiles import replace_secret_file
 
 SQL_FILE = Path(__file__).with_name("sql") / "approvals.sql"
 APPROVER_GROUP = "dr_approver"
@@ -49,13 +49,11 @@ def create_login(admin_dsn: str, name: str, password: str, *, approver: bool = T
 
 
 def write_passfile(path: Path, host: str, port: int, dbname: str, user: str, password: str) -> Path:
-    """One libpq password-file line, created 0600 before the secret is written."""
+    """One libpq password-file line in a new 0600 file swapped in (an existing file of a
+    wider mode, or a link planted at the name, never sees the secret)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{host}:{port}:{dbname}:{user}:{password}\n")
-    path.chmod(0o600)
-    return path
+    line = f"{host}:{port}:{dbname}:{user}:{password}\n"
+    return replace_secret_file(path.parent, path.name, line)
 
 
 def new_password() -> str:

@@ -44,6 +44,7 @@ from wedefi_dr.postgres.cluster import (
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect
+from wedefi_dr.storage.secretfiles import replace_secret_file
 
 SLOT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 PASSFILE_NAME = "replication.pgpass"
@@ -101,11 +102,11 @@ def replication_conninfo(upstream: ClusterHandle, passfile: Path, app_name: str)
 
 
 def _write_passfile(path: Path, upstream: ClusterHandle, password: str, os_user: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        if password:
-            esc = password.replace("\\", "\\\\").replace(":", "\\:")
-            f.write(f"{upstream.host}:{upstream.port}:*:{upstream.superuser}:{esc}\n")
+    line = ""
+    if password:
+        esc = password.replace("\\", "\\\\").replace(":", "\\:")
+        line = f"{upstream.host}:{upstream.port}:*:{upstream.superuser}:{esc}\n"
+    replace_secret_file(path.parent, path.name, line)  # never written through a wider mode
     chown_to(path, os_user)
 
 
