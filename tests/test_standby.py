@@ -150,6 +150,8 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
             return found and marker.encode() in found[0]
 
         poll("the commit in the streamed .partial", partial_has_marker)
+        stored = archive.store.head(walstream.stream_key(settings, segment))
+        assert stored["Metadata"]["encoding"] == wal.ENCODING_WALKEY  # no stretching per upload
         # Whoever can write to the bucket cannot plant a partial: its MAC binds the name.
         other = wal.next_segments(segment, 5, settings.wal_segment_bytes)[-1]
         archive.client.copy_object(

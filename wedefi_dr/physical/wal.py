@@ -169,7 +169,7 @@ def _gpg_params(settings: Settings, wal_key: walkey.WalKey | None) -> encryption
 def encode(settings: Settings, plain: bytes, *, wal_key: walkey.WalKey | None = None) -> bytes:
     """In memory (a segment is 16 MB): with ``wal_key``, zstd then ``gpg --symmetric`` under
     it (``ENCODING_WALKEY``); without, gzip then gpg under the backup passphrase
-    (``ENCODING``, the streamed partials' encoding)."""
+    (``ENCODING``, what was archived before the WAL key; tests write it to show both read)."""
     if wal_key is None:
         z = zlib.compressobj(settings.wal_compress_level, zlib.DEFLATED, 31)
         packed = z.compress(plain) + z.flush()

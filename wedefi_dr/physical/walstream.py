@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wedefi_dr.errors import NotAuthentic
-from wedefi_dr.physical import wal
+from wedefi_dr.physical import wal, walkey
 from wedefi_dr.storage import authentication
 
 if TYPE_CHECKING:
@@ -60,10 +60,18 @@ def _sha256(data: bytes) -> str:
 
 
 def put_partial(archive: wal.Archive, segment: str, plain: bytes) -> None:
-    """Store (overwrite) the streamed partial of ``segment``: encrypted, hashed, MAC'd."""
+    """Store (overwrite) the streamed partial of ``segment``: encrypted, hashed, MAC'd.
+
+    Encoded like an archived segment (zstd, gpg under the WAL key): a partial is uploaded
+    up to once a second, and gzip plus a stretched passphrase each time would cost the
+    database host a fifth of a core while it streams."""
     settings = archive.settings
     sha = _sha256(plain)
-    cipher = wal.encode(settings, plain)
+    try:
+        wal_key = archive.wal_keys.for_key(archive.keyring.current, create=True)
+    except walkey.WalKeyError as exc:
+        raise wal.ArchiveCorrupt(str(exc)) from exc
+    cipher = wal.encode(settings, plain, wal_key=wal_key)
     archive.store.put_bytes(
         stream_key(settings, segment),
         cipher,
@@ -72,7 +80,7 @@ def put_partial(archive: wal.Archive, segment: str, plain: bytes) -> None:
             "plain-sha256": sha,
             "plain-size": str(len(plain)),
             "object-sha256": _sha256(cipher),
-            "encoding": wal.ENCODING,
+            "encoding": wal.ENCODING_WALKEY,
             "uploaded-at": datetime.now(UTC).isoformat(),
             wal.MAC_KEY_ID: archive.keyring.current.key_id,
             wal.MAC: authentication.object_mac(
@@ -90,10 +98,11 @@ def fetch_partial(archive: wal.Archive, segment: str, workdir: Path) -> tuple[by
     if found is None:
         return None
     cipher, meta = found
-    if meta.get("encoding") != wal.ENCODING or _sha256(cipher) != meta.get("object-sha256"):
+    encoding = meta.get("encoding")
+    if encoding not in wal.ENCODINGS or _sha256(cipher) != meta.get("object-sha256"):
         raise wal.ArchiveCorrupt(f"streamed partial {segment}: object fails its sha256")
     try:
-        authentication.verify_object_mac(
+        signer = authentication.verify_object_mac(
             archive.keyring,
             _mac_name(segment),
             meta.get("plain-sha256", ""),
@@ -101,9 +110,14 @@ def fetch_partial(archive: wal.Archive, segment: str, workdir: Path) -> tuple[by
             meta.get(wal.MAC_KEY_ID),
             meta.get(wal.MAC),
         )
+        passphrase = signer.passphrase
+        if encoding == wal.ENCODING_WALKEY:
+            passphrase = archive.wal_keys.for_key(signer).passphrase
     except NotAuthentic as exc:
         raise wal.ArchiveCorrupt(f"streamed partial {segment} refused: {exc}") from exc
-    plain = wal.decode(settings, cipher, workdir)
+    except walkey.WalKeyError as exc:
+        raise wal.ArchiveCorrupt(f"streamed partial {segment}: {exc}") from exc
+    plain = wal.decode(settings, cipher, workdir, encoding=encoding, passphrase=passphrase)
     if _sha256(plain) != meta["plain-sha256"]:
         raise wal.ArchiveCorrupt(f"streamed partial {segment}: decrypted content fails sha256")
     return plain, meta.get("uploaded-at", "?")
