@@ -73,6 +73,7 @@ from wedefi_dr.postgres.fingerprint import (
 )
 from wedefi_dr.postgres.tools import child_env, connect, tool
 from wedefi_dr.storage import authentication, encryption
+from wedefi_dr.storage.pipeline import widen_pipe
 from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
 log = logging.getLogger(__name__)
@@ -354,6 +355,7 @@ def decrypt_and_restore(
     stopping before the stream's end) and every restored table's fingerprint, taken in
     the transaction, matched the manifest (VerificationFailed otherwise, rolled back)."""
     gpg, first = _start_plaintext(settings, ciphertext)
+    widen_pipe(gpg.stdout)
     gpg.require_encrypted()
     if not first.startswith(PGDMP_MAGIC):
         gpg.kill()
@@ -361,6 +363,7 @@ def decrypt_and_restore(
 
     _ensure_database(target)
     sql_read, sql_write = os.pipe()
+    widen_pipe(sql_write)  # pg_restore's SQL to psql: the stream's widest hop
     results_read, results_write = os.pipe()
     restore = psql = None
     committed = False
@@ -385,6 +388,7 @@ def decrypt_and_restore(
         )
         os.close(sql_read)
         sql_read = -1
+        widen_pipe(restore.stdin)
         psql_err, restore_err = _Tail(psql.stderr), _Tail(restore.stderr)
         psql_err.start()
         restore_err.start()

@@ -54,8 +54,9 @@ def copy_stream(source: IO[bytes], sink: IO[bytes]) -> None:
         sink.write(chunk)
 
 
-def widen_pipe(stream: IO[bytes] | None) -> None:
-    """Give the pipe under ``stream`` a buffer of :data:`PIPE_BYTES`, best effort.
+def widen_pipe(stream: IO[bytes] | int | None) -> None:
+    """Give the pipe under ``stream`` (a file object or a descriptor) a buffer of
+    :data:`PIPE_BYTES`, best effort.
 
     With 64 KiB a stage blocks, and must be woken and scheduled again, every 64 KiB: on a
     loaded host that wait for a CPU, repeated at each of the stream's hops, costs more wall
@@ -66,7 +67,8 @@ def widen_pipe(stream: IO[bytes] | None) -> None:
     if stream is None:
         return
     with contextlib.suppress(OSError, ValueError):
-        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        fd = stream if isinstance(stream, int) else stream.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def progress_logger(what: str) -> Callable[[int], None]:
