@@ -374,18 +374,20 @@ def fingerprint_seconds(dsn: str) -> float:
 
 
 @contextmanager
-def _primary_is(dsn: str) -> Iterator[None]:
-    """Point the settings (and so the backup flow) at the bench database, then back."""
-    before = os.environ.get("WEDEFI_DR_PRIMARY_DSN")
-    os.environ["WEDEFI_DR_PRIMARY_DSN"] = dsn
+def _settings_with(**values: str) -> Iterator[None]:
+    """Point the settings (and so the flows) at the bench database or another repository,
+    then back: ``_settings_with(WEDEFI_DR_PRIMARY_DSN=...)``."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     get_settings.cache_clear()
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("WEDEFI_DR_PRIMARY_DSN", None)
-        else:
-            os.environ["WEDEFI_DR_PRIMARY_DSN"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         get_settings.cache_clear()
 
 
@@ -517,7 +519,7 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
     from wedefi_dr.catalog import listing
     from wedefi_dr.storage.repository import open_store
 
-    with _primary_is(run.dsn(BENCH_DB)):
+    with _settings_with(WEDEFI_DR_PRIMARY_DSN=run.dsn(BENCH_DB)):
         flow_settings = get_settings()
         checkpoint(run.server_dsn)
         run.python_rss["before_flow_backup"] = rss_by_kind()[SELF_KIND]
@@ -556,6 +558,40 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
         )
         if not keep_backup:
             _delete_backup(flow_settings, run.backup_id)
+    posix_round_trip(run)
+
+
+def posix_round_trip(run: BenchRun) -> None:
+    """The same backup and restore flows through a posix repository on the local disk:
+    the bare pipeline writes a local file, so this is the like-for-like backup figure (no
+    HTTP, no moto server sharing the CPUs)."""
+    from flows.backup import logical_backup
+    from flows.restore import restore_backup
+
+    times = run.times
+    repo = run.work / "posix-repo"
+    with _settings_with(
+        WEDEFI_DR_PRIMARY_DSN=run.dsn(BENCH_DB),
+        WEDEFI_DR_REPO_TYPE="posix",
+        WEDEFI_DR_REPO_PATH=str(repo),
+    ):
+        checkpoint(run.server_dsn)
+        run.say("flow logical-backup into a posix repository")
+        t0 = time.perf_counter()
+        backup_id = logical_backup(operator="bench")
+        times["flow_backup_posix"] = time.perf_counter() - t0
+        recreate_database(run.server_dsn, FLOW_DB)
+        checkpoint(run.server_dsn)
+        run.say(f"flow restore-backup from the posix repository -> {FLOW_DB}")
+        t0 = time.perf_counter()
+        restore_backup(
+            backup_id=backup_id,
+            target_dsn=run.dsn(FLOW_DB),
+            operator="bench",
+            justification="wedefi-dr bench: restore timing from a posix repository",
+        )
+        times["flow_restore_posix"] = time.perf_counter() - t0
+    shutil.rmtree(repo, ignore_errors=True)
 
 
 def cleanup(run: BenchRun) -> None:
@@ -575,7 +611,8 @@ def cleanup(run: BenchRun) -> None:
 
 NOTES = [
     "The flow backup uploads to S3 (the local moto server, over HTTP on 127.0.0.1: "
-    "multipart, SSE, STANDARD_IA); the bare pipeline writes to a local file.",
+    "multipart, SSE, STANDARD_IA); the bare pipeline writes to a local file, as the "
+    "posix-repository round trip does.",
     "The flow backup also hashes plaintext and ciphertext and takes per-table row "
     "counts and content hashes in pg_dump's snapshot, concurrently with the dump "
     "(timed alone as fingerprints_alone).",
@@ -605,6 +642,12 @@ def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
         ),
         "restore_flow_vs_bare_gpg_pg_restore": _ratio(
             times["flow_restore"], times.get("bare_gpg_pg_restore")
+        ),
+        "backup_flow_posix_vs_bare_pg_dump_gpg": _ratio(
+            times.get("flow_backup_posix"), times["bare_pg_dump_gpg"]
+        ),
+        "restore_flow_posix_vs_bare_pg_restore": _ratio(
+            times.get("flow_restore_posix"), times["bare_pg_restore"]
         ),
     }
     sampler = run.sampler
@@ -707,6 +750,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         ),
         ("  verify the rest (large objects, sequences)", "flow_restore_verify"),
         ("  flow restore without verify", "flow_restore_without_verify"),
+        ("flow logical-backup, posix repository", "flow_backup_posix"),
+        ("flow restore-backup, posix repository", "flow_restore_posix"),
     ]
     for label, key in rows:
         if key in t:
@@ -721,6 +766,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         "restore_flow_vs_bare_pg_restore": "restore flow ÷ bare pg_restore",
         "restore_flow_without_verify_vs_bare_pg_restore": "restore flow without verify ÷ bare",
         "restore_flow_vs_bare_gpg_pg_restore": "restore flow ÷ bare gpg -d | pg_restore",
+        "backup_flow_posix_vs_bare_pg_dump_gpg": "backup flow, posix repo ÷ bare pg_dump | gpg",
+        "restore_flow_posix_vs_bare_pg_restore": "restore flow, posix repo ÷ bare pg_restore",
     }
     for key, label in labels.items():
         value = r.get(key)

@@ -49,6 +49,18 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _fmt(t.get("bare_pg_restore"), " s"),
                 _fmt(r.get("restore_flow_vs_bare_pg_restore")),
             ),
+            (
+                "logical backup, posix repo (flow ÷ bare pg_dump | gpg)",
+                _fmt(t.get("flow_backup_posix"), " s"),
+                _fmt(t.get("bare_pg_dump_gpg"), " s"),
+                _fmt(r.get("backup_flow_posix_vs_bare_pg_dump_gpg")),
+            ),
+            (
+                "logical restore, verified, posix repo (flow ÷ bare pg_restore)",
+                _fmt(t.get("flow_restore_posix"), " s"),
+                _fmt(t.get("bare_pg_restore"), " s"),
+                _fmt(r.get("restore_flow_posix_vs_bare_pg_restore")),
+            ),
         ]
     ph = report.get("physical")
     if ph:
