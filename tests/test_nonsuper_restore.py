@@ -128,3 +128,14 @@ def test_an_operator_named_superuser_target_is_warned_about(
     assert check.privileged.startswith(f"restoring into {target.location} as a privileged")
     assert "is a superuser" in check.privileged
     assert check.privileged in caplog.text
+
+
+def test_the_restore_flow_reports_a_superuser_target(good_backup: str, scratch_dsn: str) -> None:
+    """The warning reaches the restore-backup flow's result, and the restore still runs."""
+    from flows.restore import restore_backup
+
+    result = restore_backup(
+        backup_id=good_backup, target_dsn=scratch_dsn, operator="pytest", justification="warn"
+    )
+    assert result["rows"] > 0
+    assert "is a superuser" in result["privilege_warning"]
