@@ -79,6 +79,8 @@ def restore_backup(
         checked = steps.validate_request(backup_id, conn_target, operator, justification, overwrite)
     manifest = checked["manifest"]
     resolved = manifest["backup_id"]
+    if checked["privileged"]:
+        get_run_logger().warning("%s", checked["privileged"])
     why = justification
     if checked["break_glass"]:
         with failure_reported(subject, {"backup_id": resolved, "target": target}, record_refusal):
@@ -138,4 +140,5 @@ def restore_backup(
         "timings": seconds,
         # Part of decrypt_restore: the tables' fingerprints, taken before COMMIT.
         "tables_verified_in_transaction_seconds": restored["verify_seconds"],
+        "privilege_warning": checked["privileged"],
     }

@@ -27,6 +27,7 @@ def validate_request(
     return {
         "manifest": manifest.model_dump(mode="json"),
         "break_glass": check.production if check.break_glass else "",
+        "privileged": check.privileged,
     }
 
 

@@ -16,6 +16,12 @@ Three providers, one small contract (``provision(name) -> DREnvironment``, ``tea
 
 A :class:`DREnvironment` is plain data (it is a persisted Prefect task result): DSNs and
 names, never a connection or a secret.
+
+The restored copy belongs to :data:`RESTORER_ROLE`, a login that is no superuser and
+reaches no server program or file, and the restore connects as that login (``owner_dsn``),
+not as the superuser with ``SET ROLE`` (the archive's SQL could ``RESET ROLE``). A backup
+proves we wrote it, not that its source database was benign: a function an index
+expression calls runs during CREATE INDEX, with the restoring login's rights.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from typing import Any
 
 import psycopg2
 from psycopg2 import sql
+from psycopg2.extensions import encrypt_password, make_dsn
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput, TargetRefused
-from wedefi_dr.logical.restore import user_tables
+from wedefi_dr.logical.restore import privileged_login, user_tables
 from wedefi_dr.postgres.cluster import ClusterHandle, free_port
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.tools import connect, running_as_root
@@ -54,6 +61,9 @@ ENV_MARKER = ".wedefi-dr-environment"
 # Put on every database the DR test creates: the damage drill runs only where it is.
 DATABASE_MARKER = "wedefi-dr DR test environment"
 ENV_NAME_RE = re.compile(r"^dr-[0-9A-Za-z][0-9A-Za-z-]{0,80}$")
+# Owns the DR copy and runs its restore: LOGIN, and no other attribute.
+RESTORER_ROLE = "dr_restorer"
+RESTORER_ATTRIBUTES = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
 
 
 class ProvisioningFailed(DRError):
@@ -71,6 +81,7 @@ class DREnvironment:
     port: int | None = None
     container_id: str | None = None
     created_database: bool = False
+    owner_dsn: str | None = None  # the copy's owner (RESTORER_ROLE), who restores; no password
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,12 +98,19 @@ class DREnvironment:
         """The admin DSN, parsed (it names no password: that is in PGPASSFILE)."""
         return ConnTarget.parse(self.admin_dsn, allow_password=False)
 
+    @property
+    def owner(self) -> ConnTarget:
+        """Who restores into the copy: its owner's DSN, or the admin's for an environment
+        provisioned without one (the restore then warns that it runs privileged)."""
+        return ConnTarget.parse(self.owner_dsn or self.admin_dsn, allow_password=False)
 
-def create_marked_database(cur: Any, dbname: str, env_name: str) -> None:
-    """``CREATE DATABASE`` plus the comment that says the DR test made it (``cur`` is an
-    autocommit cursor on the server's maintenance database)."""
+
+def create_marked_database(cur: Any, dbname: str, env_name: str, owner: str | None) -> None:
+    """``CREATE DATABASE`` owned by ``owner`` (None: the connected user), plus the comment
+    that says the DR test made it (``cur``: autocommit, on the maintenance database)."""
     ident = sql.Identifier(dbname)
-    cur.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    owned = sql.SQL(" OWNER {}").format(sql.Identifier(owner)) if owner else sql.SQL("")
+    cur.execute(sql.SQL("CREATE DATABASE {}{}").format(ident, owned))
     cur.execute(
         sql.SQL("COMMENT ON DATABASE {} IS {}").format(
             ident, sql.Literal(f"{DATABASE_MARKER} {env_name}")
@@ -150,21 +168,43 @@ def ensure_app_role(admin: ConnTarget, role: str, *, login: bool) -> None:
             )
 
 
-def grant_read_only(admin_dsn: str, role: str) -> None:
+def ensure_restorer(admin: ConnTarget, password: str | None = None) -> None:
+    """Create :data:`RESTORER_ROLE` (or reset an existing one to its attributes), before
+    the database it will own; ``password``: its new one, sent as a SCRAM verifier."""
+    role = sql.Identifier(RESTORER_ROLE)
+    maintenance = admin.with_dbname("postgres").conninfo
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (RESTORER_ROLE,))
+        verb = "CREATE" if cur.fetchone() is None else "ALTER"
+        cur.execute(sql.SQL(f"{verb} ROLE {{}} {RESTORER_ATTRIBUTES}").format(role))
+        if password is not None:
+            verifier = encrypt_password(password, RESTORER_ROLE, conn, "scram-sha-256")
+            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(role), (verifier,))
+
+
+def grant_read_only(owner: ConnTarget, role: str) -> None:
     """After the restore: the application role may connect and read, nothing more.
 
     The DR copy is evidence; smoke tests must not be able to change what was validated.
+    Granted by the copy's owner, who owns every restored object.
     """
-    admin = ConnTarget.parse(admin_dsn, allow_password=False)
-    with connect(admin.conninfo) as conn, conn.cursor() as cur:
+    with connect(owner.conninfo) as conn, conn.cursor() as cur:
         role_id = sql.Identifier(role)
         cur.execute(
             sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-                sql.Identifier(admin.dbname), role_id
+                sql.Identifier(owner.dbname), role_id
             )
         )
         cur.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role_id))
         cur.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(role_id))
+
+
+def ensure_base_dir(base_dir: Path) -> None:
+    """The folder named by ``dr_env_dir``, made here when missing (0755: the postgres OS
+    user must reach the cluster below it)."""
+    if not base_dir.is_dir():
+        base_dir.mkdir(parents=True)
+        base_dir.chmod(0o755)
 
 
 class LocalClusterProvider:
@@ -183,9 +223,7 @@ class LocalClusterProvider:
         )
 
     def provision(self, name: str) -> DREnvironment:
-        if not self.base_dir.is_dir():  # a folder named by dr_env_dir, made here
-            self.base_dir.mkdir(parents=True)
-            self.base_dir.chmod(0o755)  # the postgres OS user must reach the cluster below it
+        ensure_base_dir(self.base_dir)
         home = self.base_dir / name
         if home.exists():
             raise ProvisioningFailed(f"{home} already exists: a DR environment named {name}")
@@ -197,29 +235,34 @@ class LocalClusterProvider:
         (home / ENV_MARKER).write_text(name + "\n")
         user = _os_user()
         # Peer authentication on the socket, first in pg_hba: the OS user running the DR
-        # test may log in as the superuser and as the application role, nobody else.
+        # test may log in as the superuser, the copy's owner and the application role,
+        # nobody else.
         hba = cluster.data_dir / "pg_hba.conf"
         hba.write_text(f"local all all peer map={PEER_MAP}\n" + hba.read_text())
         ident = cluster.data_dir / "pg_ident.conf"
         with ident.open("a") as f:
-            f.write(f"{PEER_MAP} {user} postgres\n{PEER_MAP} {user} {self.app_role}\n")
+            for role in ("postgres", RESTORER_ROLE, self.app_role):
+                f.write(f"{PEER_MAP} {user} {role}\n")
         cluster.start()
+        socket = f"host={home} port={port}"
         env = DREnvironment(
             provider=self.kind,
             name=name,
-            admin_dsn=f"host={home} port={port} user=postgres dbname={DR_DATABASE}",
+            admin_dsn=f"{socket} user=postgres dbname={DR_DATABASE}",
             app_role=self.app_role,
-            app_dsn=f"host={home} port={port} user={self.app_role} dbname={DR_DATABASE}",
+            app_dsn=f"{socket} user={self.app_role} dbname={DR_DATABASE}",
             home=str(home),
             port=port,
             created_database=True,
+            owner_dsn=f"{socket} user={RESTORER_ROLE} dbname={DR_DATABASE}",
         )
         ensure_app_role(env.admin, self.app_role, login=True)
+        ensure_restorer(env.admin)
         with (
             connect(env.admin.with_dbname("postgres").conninfo, autocommit=True) as conn,
             conn.cursor() as cur,
         ):
-            create_marked_database(cur, DR_DATABASE, name)
+            create_marked_database(cur, DR_DATABASE, name, RESTORER_ROLE)
         log.info("provisioned %s in %.1f s", env.describe(), time.monotonic() - t0)
         return env
 
@@ -247,16 +290,43 @@ def _require_empty(target: ConnTarget) -> None:
 
 
 class ExistingServerProvider:
-    """A server someone else runs; the DR test owns only the database it creates there."""
+    """A server someone else runs; the DR test owns only the database it creates there.
+
+    When the DSN's login is privileged (a superuser: see
+    :func:`~wedefi_dr.logical.restore.privileged_login`), the database it creates belongs
+    to :data:`RESTORER_ROLE`, given a fresh password at each provisioning, kept in a 0600
+    passfile in the environment's folder under ``base_dir`` (removed at teardown). An
+    existing empty database keeps its owner and is restored as the DSN's login (with the
+    restore's warning when that login is privileged).
+    """
 
     kind = "dsn"
 
-    def __init__(self, target_dsn: str, app_role: str) -> None:
+    def __init__(self, target_dsn: str, app_role: str, base_dir: Path | None = None) -> None:
         self.target = ConnTarget.parse(target_dsn, allow_password=False)
         self.app_role = app_role
+        self.base_dir = Path(base_dir) if base_dir else None
+
+    def _restorer(self, target: ConnTarget, name: str) -> tuple[str | None, str | None]:
+        """(the owner's DSN, the environment's folder) for a database created here, or
+        (None, None) when the DSN's own login may restore (or no folder is configured)."""
+        if self.base_dir is None or not privileged_login(target):
+            return None, None
+        ensure_base_dir(self.base_dir)
+        home = owned_private_dir(self.base_dir / name)
+        password = secrets.token_urlsafe(24)
+        passfile = write_secret_file(home, "pgpass", f"*:*:*:{RESTORER_ROLE}:{password}\n")
+        try:
+            ensure_restorer(target, password)
+        except BaseException:
+            shutil.rmtree(home, ignore_errors=True)
+            raise
+        params = {**dict(target.params), "user": RESTORER_ROLE, "passfile": str(passfile)}
+        return make_dsn(**params), str(home)
 
     def provision(self, name: str) -> DREnvironment:
         target = self.target if self.target.dbname else self.target.with_dbname(DR_DATABASE)
+        owner_dsn = home = None
         try:
             with (
                 connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn,
@@ -264,24 +334,38 @@ class ExistingServerProvider:
             ):
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
                 created = cur.fetchone() is None
-                if created:
-                    create_marked_database(cur, target.dbname, name)
-            if not created:
+            if created:
+                owner_dsn, home = self._restorer(target, name)
+                with (
+                    connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn,
+                    conn.cursor() as cur,
+                ):
+                    owner = RESTORER_ROLE if owner_dsn else None
+                    create_marked_database(cur, target.dbname, name, owner)
+            else:
                 _require_empty(target)
-        except psycopg2.OperationalError as exc:
-            raise ProvisioningFailed(
-                f"cannot reach the DR server {target.redacted}: {str(exc).strip()}"
-            ) from exc
+        except BaseException as exc:
+            if home:  # no environment: its passfile goes too
+                shutil.rmtree(home, ignore_errors=True)
+            if isinstance(exc, psycopg2.OperationalError):
+                raise ProvisioningFailed(
+                    f"cannot reach the DR server {target.redacted}: {str(exc).strip()}"
+                ) from exc
+            raise
         ensure_app_role(target, self.app_role, login=False)
         return DREnvironment(
             provider=self.kind,
             name=name,
             admin_dsn=target.conninfo,
             app_role=self.app_role,
+            home=home,
             created_database=created,
+            owner_dsn=owner_dsn,
         )
 
     def teardown(self, env: DREnvironment) -> None:
+        if env.home:
+            shutil.rmtree(env.home, ignore_errors=True)
         if not env.created_database:
             log.info("leaving %s: the DR test did not create it", env.describe())
             return
@@ -330,20 +414,25 @@ class DockerProvider:
             ports={"5432/tcp": ("127.0.0.1", port)},
             labels={"wedefi-dr.environment": name},
         )
-        # The password lives in a 0600 passfile next to the environment, named by the DSN.
-        passfile = write_secret_file(home, "pgpass", f"127.0.0.1:{port}:*:postgres:{password}\n")
-        target = ConnTarget.parse(
-            f"host=127.0.0.1 port={port} user=postgres dbname={DR_DATABASE} passfile={passfile}",
-            allow_password=False,
+        restorer_password = secrets.token_urlsafe(24)
+        # The passwords live in a 0600 passfile next to the environment, named by the DSNs.
+        passfile = write_secret_file(
+            home,
+            "pgpass",
+            f"127.0.0.1:{port}:*:postgres:{password}\n"
+            f"127.0.0.1:{port}:*:{RESTORER_ROLE}:{restorer_password}\n",
         )
+        server = f"host=127.0.0.1 port={port} dbname={DR_DATABASE} passfile={passfile}"
+        target = ConnTarget.parse(f"{server} user=postgres", allow_password=False)
         deadline = time.monotonic() + 120
         while True:
             try:
+                ensure_restorer(target, restorer_password)
                 with (
                     connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn,
                     conn.cursor() as cur,
                 ):
-                    create_marked_database(cur, DR_DATABASE, name)
+                    create_marked_database(cur, DR_DATABASE, name, RESTORER_ROLE)
                 break
             except psycopg2.OperationalError:
                 if time.monotonic() > deadline:
@@ -362,6 +451,7 @@ class DockerProvider:
             port=port,
             container_id=container.id,
             created_database=True,
+            owner_dsn=f"{server} user={RESTORER_ROLE}",
         )
 
     def teardown(self, env: DREnvironment) -> None:
@@ -389,7 +479,7 @@ def make_provider(
     if kind == "dsn":
         if not target_dsn:
             raise InvalidInput("--provider dsn needs --target-dsn (the DR server, no password)")
-        return ExistingServerProvider(target_dsn, app_role)
+        return ExistingServerProvider(target_dsn, app_role, base_dir)
     if target_dsn:
         raise InvalidInput(f"--target-dsn is only for --provider dsn, not {kind!r}")
     if kind == "docker":

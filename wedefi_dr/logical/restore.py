@@ -109,10 +109,13 @@ class RestoreRequest:
 @dataclass(frozen=True)
 class TargetCheck:
     """What the target policy found. ``production`` says why the target counts as
-    production ('' when it does not); overwriting such a target is break-glass."""
+    production ('' when it does not); overwriting such a target is break-glass.
+    ``privileged``: the warning that the target's login may run OS commands on the
+    target host ('' when it may not, see :func:`privileged_login`)."""
 
     holds_data: bool
     production: str
+    privileged: str = ""
 
     @property
     def break_glass(self) -> bool:
@@ -120,10 +123,18 @@ class TargetCheck:
         return self.holds_data and bool(self.production)
 
 
-def restore_command() -> list[str]:
+# Predefined roles whose members reach the server host's programs or files from SQL
+# (``COPY ... PROGRAM``, ``COPY ... TO/FROM 'file'``, ``pg_read_file``).
+HOST_ACCESS_ROLES = ("pg_execute_server_program", "pg_read_server_files", "pg_write_server_files")
+
+
+def restore_command(*, no_owner: bool = False) -> list[str]:
     """pg_restore turning the plaintext archive on stdin into SQL on stdout, replacing what
-    the archive holds (it connects nowhere: :func:`apply_command` does)."""
-    return [tool("pg_restore"), "--clean", "--if-exists", "--file=-"]
+    the archive holds (it connects nowhere: :func:`apply_command` does). ``no_owner``:
+    every object belongs to the login that restores it, which then needs no right over
+    the source's roles (a non-superuser owner can restore)."""
+    owner = ["--no-owner"] if no_owner else []
+    return [tool("pg_restore"), "--clean", "--if-exists", *owner, "--file=-"]
 
 
 def apply_command(target: ConnTarget) -> list[str]:
@@ -150,6 +161,40 @@ def _server_identity(server: ConnTarget, what: str, *, maintenance: bool = True)
             return cur.fetchone()[0]
     except psycopg2.OperationalError as exc:
         raise InvalidInput(f"cannot reach {what} {server.redacted}: {str(exc).strip()}") from exc
+
+
+def privileged_login(target: ConnTarget) -> str:
+    """What lets the target's login run commands or touch files on the target host
+    ('' when nothing does): superuser, or membership of :data:`HOST_ACCESS_ROLES`.
+
+    The archive's SQL runs as that login, and the source database's own code runs with
+    it: an index expression or CHECK constraint calling a function that does
+    ``COPY ... FROM PROGRAM`` is executed by CREATE INDEX / ALTER TABLE during the
+    restore. Authenticating the backup proves we wrote it, not that its source was benign.
+    """
+    with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT current_user, rolsuper, ARRAY(SELECT g FROM unnest(%s::text[]) g "
+            "WHERE pg_has_role(current_user, g::name, 'MEMBER')) "
+            "FROM pg_roles WHERE rolname = current_user",
+            (list(HOST_ACCESS_ROLES),),
+        )
+        user, is_super, roles = cur.fetchone()
+    if is_super:
+        return f"{user} is a superuser"
+    if roles:
+        return f"{user} is a member of {', '.join(roles)}"
+    return ""
+
+
+def restore_privilege_warning(target: ConnTarget, privileged: str) -> str:
+    """The one-line warning for a restore that runs as a privileged login."""
+    return (
+        f"restoring into {target.location} as a privileged login ({privileged}): the "
+        "archive's SQL, and any function of the source database an index or constraint "
+        "calls, runs with its rights and could run OS commands on the target host; "
+        "restore as the database's non-superuser owner where possible"
+    )
 
 
 def user_tables(target: ConnTarget) -> int:
@@ -223,8 +268,14 @@ def check_target(
             f"refusing to restore into {target.location}: it holds {tables} table(s). "
             "Restore into a new or empty database, or pass --overwrite to replace it"
         )
+    privileged = privileged_login(target)
+    warning = restore_privilege_warning(target, privileged) if privileged else ""
+    if warning:
+        log.warning("%s", warning)
     return TargetCheck(
-        holds_data=bool(tables), production=_production_reason(settings, target, identity, manifest)
+        holds_data=bool(tables),
+        production=_production_reason(settings, target, identity, manifest),
+        privileged=warning,
     )
 
 
@@ -348,12 +399,18 @@ def _kill(*procs: subprocess.Popen | None) -> None:
 
 
 def decrypt_and_restore(
-    settings: Settings, manifest: BackupManifest, ciphertext: Path, target: ConnTarget
+    settings: Settings,
+    manifest: BackupManifest,
+    ciphertext: Path,
+    target: ConnTarget,
+    *,
+    no_owner: bool = False,
 ) -> Restored:
     """gpg --decrypt | pg_restore | psql --single-transaction, committed only after gpg's
     integrity check and the plaintext hash passed (on every path, including pg_restore
     stopping before the stream's end) and every restored table's fingerprint, taken in
-    the transaction, matched the manifest (VerificationFailed otherwise, rolled back)."""
+    the transaction, matched the manifest (VerificationFailed otherwise, rolled back).
+    ``no_owner``: see :func:`restore_command`."""
     gpg, first = _start_plaintext(settings, ciphertext)
     widen_pipe(gpg.stdout)
     gpg.require_encrypted()
@@ -380,7 +437,7 @@ def decrypt_and_restore(
         os.close(results_write)
         results_write = -1
         restore = subprocess.Popen(
-            restore_command(),
+            restore_command(no_owner=no_owner),
             stdin=subprocess.PIPE,
             stdout=sql_write,
             stderr=subprocess.PIPE,
