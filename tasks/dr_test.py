@@ -115,7 +115,9 @@ def validate_copy(
     drill.fault_once(get_settings(), "validate")
     env = DREnvironment.from_dict(environment)
     with timed() as t:
-        result = integrity.validate_copy(env.admin_dsn, manifest, Path(docs_dir))
+        result = integrity.validate_copy(
+            env.owner.conninfo, manifest, Path(docs_dir), amcheck_dsn=env.admin_dsn
+        )
     return {**result, **t}
 
 
@@ -146,7 +148,7 @@ def benchmark(environment: dict[str, Any]) -> dict[str, Any]:
     with host_slot(protected_database()), timed() as t:
         result = run_benchmark(
             settings.primary_dsn.get_secret_value(),
-            env.admin_dsn,
+            env.owner.conninfo,  # the copy's content runs as its unprivileged owner
             iterations=settings.dr_bench_iterations,
             max_ratio=settings.dr_bench_max_ratio,
         )

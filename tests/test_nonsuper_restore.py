@@ -139,3 +139,38 @@ def test_the_restore_flow_reports_a_superuser_target(good_backup: str, scratch_d
     )
     assert result["rows"] > 0
     assert "is a superuser" in result["privilege_warning"]
+
+
+PLANTED_VIEW = """
+ALTER TABLE "Alert" RENAME TO "Alert_real";
+CREATE FUNCTION public.refuse_superuser() RETURNS boolean LANGUAGE plpgsql STABLE AS $f$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'planted view read by the superuser %', current_user;
+    END IF;
+    RETURN true;
+END $f$;
+CREATE VIEW "Alert" AS SELECT * FROM "Alert_real" WHERE public.refuse_superuser();
+"""
+
+
+def test_the_validation_reads_the_copy_as_its_owner(
+    good_backup: str, settings: Settings, scratch_root: Path
+) -> None:
+    """What the copy holds came from the source: a view planted there runs its functions
+    with the rights of whoever reads it. The suites read the copy as its unprivileged owner
+    (amcheck alone, which reads index pages, as the superuser)."""
+    from tasks.dr_test import validate_copy
+
+    provider = LocalClusterProvider(scratch_root / "envs", settings.dr_app_role, fast=True)
+    env = provider.provision(f"dr-owner-{uuid.uuid4().hex[:6]}")
+    try:
+        restore_into(settings, good_backup, env, "pytest", "validation as the owner")
+        with connect(env.owner.conninfo, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(PLANTED_VIEW)
+        manifest = listing.resolve(open_store(settings), good_backup).model_dump(mode="json")
+        result = validate_copy.fn(env.to_dict(), manifest, str(scratch_root / "docs"))
+        assert "planted view read by the superuser" not in repr(result)
+        assert result["success"], result
+    finally:
+        provider.teardown(env)

@@ -350,16 +350,23 @@ def amcheck(dsn: str) -> dict[str, Any]:
     }
 
 
-def validate_copy(dsn: str, manifest: dict[str, Any], docs_dir: Path) -> dict[str, Any]:
+def validate_copy(
+    dsn: str, manifest: dict[str, Any], docs_dir: Path, *, amcheck_dsn: str | None = None
+) -> dict[str, Any]:
     """The DR test's validation: the three suites with the manifest's facts as thresholds
     (a manifest without facts fails with its reason, never passes by default), then
-    ``bt_index_check``. Plain dicts, since a GX CheckpointResult does not pickle."""
+    ``bt_index_check``. Plain dicts, since a GX CheckpointResult does not pickle.
+
+    The suites read the copy's content, which came from the source, as ``dsn`` — the copy's
+    unprivileged owner, so a view or function planted in the source runs with no server
+    program or file at hand; ``bt_index_check`` (superuser-only by default) reads index
+    pages only, at ``amcheck_dsn`` (default: ``dsn``)."""
     try:
         facts = require_facts(manifest)
     except MissingIntegrityFacts as exc:
         result: dict[str, Any] = {"success": False, "suites": {}, "reason": str(exc)}
     else:
         result = validate_suites(dsn, facts, docs_dir)
-    result["amcheck"] = amcheck(dsn)
+    result["amcheck"] = amcheck(amcheck_dsn or dsn)
     result["success"] = bool(result["success"] and result["amcheck"]["success"])
     return result
