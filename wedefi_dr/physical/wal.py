@@ -236,7 +236,7 @@ class Archive:
         )
         self.bucket = self.store.bucket
         self.keyring = authentication.keyring_of(self.settings)
-        self.wal_keys = walkey.WalKeys(self.settings, self)
+        self.wal_keys = walkey.WalKeys(self.settings, self.store)
 
     @property
     def client(self) -> Any:
@@ -246,17 +246,6 @@ class Archive:
 
     def head(self, name: str) -> dict | None:
         return self.store.head(archive_key(self.settings, name))
-
-    def describe(self, key: str) -> str:
-        return self.store.url(key)
-
-    def get_object_bytes(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        """An object's body and metadata, or None when there is no such object."""
-        return self.store.get(key)
-
-    def put_new_object(self, key: str, body: bytes, metadata: dict[str, str]) -> bool:
-        """Store ``body`` unless ``key`` exists (conditional PUT); False when it existed."""
-        return self.store.put_new(key, body, metadata=metadata, storage_class=None)
 
     def _same_or_conflict(self, name: str, head: dict, sha: str) -> None:
         stored = head.get("Metadata", {}).get("plain-sha256")

@@ -25,7 +25,7 @@ passphrase; this is that design within this project's trust model:
 By hand, with stock tools: ``gpg -d wal-key/<id> > walkey`` (the backup passphrase), then
 ``gpg --passphrase-file walkey -d <segment> | zstd -d`` (README "Break-glass restore").
 
-Standard library, gpg and the archive's client only: the ``wal-push`` import chain uses it.
+Standard library, gpg and the archive's repository only: the ``wal-push`` import chain uses it.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import hashlib
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from wedefi_dr.errors import DRError, NotAuthentic
 from wedefi_dr.storage import authentication, encryption
 
 if TYPE_CHECKING:
     from wedefi_dr.config import Settings
+    from wedefi_dr.storage.repository import Repository
 
 KEY_DIR = "wal-key"
 ENCODING = "gpg"
@@ -57,16 +58,6 @@ class WalKey:
 
     key_id: str
     passphrase: str = field(repr=False)
-
-
-class KeyStore(Protocol):
-    """Where WAL key objects live (the archive's bucket and prefix)."""
-
-    def get_object_bytes(self, key: str) -> tuple[bytes, dict[str, str]] | None: ...
-
-    def put_new_object(self, key: str, body: bytes, metadata: dict[str, str]) -> bool: ...
-
-    def describe(self, key: str) -> str: ...
 
 
 def object_key(settings: Settings, key_id: str) -> str:
@@ -87,7 +78,7 @@ def _sha256(data: bytes) -> str:
 class WalKeys:
     """The WAL keys of one archive, opened or created once and then kept in memory."""
 
-    def __init__(self, settings: Settings, store: KeyStore) -> None:
+    def __init__(self, settings: Settings, store: Repository) -> None:
         self.settings = settings
         self.store = store
         self._keys: dict[str, WalKey] = {}
@@ -102,7 +93,7 @@ class WalKeys:
                 if cached is None and create:
                     cached = self._create(signing)
                 if cached is None:
-                    where = self.store.describe(object_key(self.settings, signing.key_id))
+                    where = self.store.url(object_key(self.settings, signing.key_id))
                     raise WalKeyError(
                         f"the WAL key {mac_name(signing.key_id)} of backup key id "
                         f"{signing.key_id} is missing from {where}: the segments archived "
@@ -113,11 +104,11 @@ class WalKeys:
 
     def _open(self, signing: authentication.SigningKey) -> WalKey | None:
         key = object_key(self.settings, signing.key_id)
-        found = self.store.get_object_bytes(key)
+        found = self.store.get(key)
         if found is None:
             return None
         cipher, meta = found
-        where = self.store.describe(key)
+        where = self.store.url(key)
         name = mac_name(signing.key_id)
         try:
             if meta.get("encoding") != ENCODING or _sha256(cipher) != meta.get("object-sha256"):
@@ -145,10 +136,11 @@ class WalKeys:
         if gpg.returncode != 0:
             raise WalKeyError(f"gpg --symmetric of the WAL key failed: {err.decode()[-300:]}")
         sha = _sha256(secret)
-        stored = self.store.put_new_object(
+        stored = self.store.put_new(
             object_key(self.settings, signing.key_id),
             cipher,
-            {
+            storage_class=None,
+            metadata={
                 "encoding": ENCODING,
                 "plain-sha256": sha,
                 "plain-size": str(len(secret)),
