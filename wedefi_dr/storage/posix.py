@@ -251,10 +251,6 @@ class PosixRepository(BaseRepository):
         if not self._write(key, iter(lambda: stream.read(READ_CHUNK), b""), replace=False):
             raise BackupFailed(f"{self.url(key)} already exists: not overwriting it")
 
-    def put_json(self, key: str, document: dict[str, Any]) -> None:
-        body = json.dumps(document, indent=2, sort_keys=True).encode()
-        self._write(key, [body], content_type="application/json", replace=True)
-
     def put_bytes(
         self,
         key: str,
@@ -384,10 +380,6 @@ class PosixRepository(BaseRepository):
         if body is None:
             return None
         return body.read(), dict(body.meta.get("metadata", {}))
-
-    def get_json(self, key: str) -> dict[str, Any] | None:
-        found = self.get(key)
-        return None if found is None else json.loads(found[0])
 
     def list_keys(
         self, prefix: str, *, start_after: str | None = None, max_keys: int | None = None

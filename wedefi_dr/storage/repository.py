@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,6 +226,29 @@ class BaseRepository:
 
     def head(self, key: str) -> dict[str, Any] | None:
         raise NotImplementedError
+
+    def put_bytes(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+        storage_class: str | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
+        raise NotImplementedError
+
+    def put_json(self, key: str, document: dict[str, Any]) -> None:
+        """A manifest or record, replaced whole (it is written last, or rewritten on purpose)."""
+        body = json.dumps(document, indent=2, sort_keys=True).encode()
+        self.put_bytes(key, body, content_type="application/json")
+
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        found = self.get(key)
+        return None if found is None else json.loads(found[0])
 
     def upload_stream(self, key: str, stream: IO[bytes]) -> None:
         raise NotImplementedError

@@ -9,7 +9,6 @@ transfer manager's parallel ranged GETs ran at 17 MB/s where one stream ran at 2
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from typing import IO, Any
@@ -81,13 +80,6 @@ class ObjectStore(BaseRepository):
         extra: dict[str, Any] = {"StorageClass": self.settings.storage_class, **self._sse()}
         self.client.upload_fileobj(
             stream, self.bucket, key, ExtraArgs=extra, Config=self.transfer_config
-        )
-
-    def put_json(self, key: str, document: dict[str, Any]) -> None:
-        self.put_bytes(
-            key,
-            json.dumps(document, indent=2, sort_keys=True).encode(),
-            content_type="application/json",
         )
 
     def put_bytes(
@@ -179,10 +171,6 @@ class ObjectStore(BaseRepository):
                 return None
             raise
         return obj["Body"].read(), obj.get("Metadata", {})
-
-    def get_json(self, key: str) -> dict[str, Any] | None:
-        found = self.get(key)
-        return None if found is None else json.loads(found[0])
 
     def get_body(self, key: str) -> Any:
         """The object's streaming body; an archived object not yet restored is named as
