@@ -309,6 +309,13 @@ class Archive:
         if found is None:
             return None
         cipher, meta = found
+        return self.open_verified(name, cipher, meta, workdir)
+
+    def open_verified(self, name: str, cipher: bytes, meta: dict[str, str], workdir: Path) -> bytes:
+        """The plaintext of a stored WAL object whose MAC binds ``name`` (a segment's or a
+        streamed partial's), after every check: checksums, MAC before gpg reads a byte, the
+        passphrase its key id picks (the WAL key's for ``ENCODING_WALKEY``), the plaintext's
+        size and sha256. ArchiveCorrupt names what failed."""
         encoding = meta.get("encoding")
         if encoding not in ENCODINGS or "plain-sha256" not in meta:
             raise ArchiveCorrupt(

@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wedefi_dr.errors import NotAuthentic
 from wedefi_dr.physical import wal, walkey
 from wedefi_dr.storage import authentication
 
@@ -98,28 +97,7 @@ def fetch_partial(archive: wal.Archive, segment: str, workdir: Path) -> tuple[by
     if found is None:
         return None
     cipher, meta = found
-    encoding = meta.get("encoding")
-    if encoding not in wal.ENCODINGS or _sha256(cipher) != meta.get("object-sha256"):
-        raise wal.ArchiveCorrupt(f"streamed partial {segment}: object fails its sha256")
-    try:
-        signer = authentication.verify_object_mac(
-            archive.keyring,
-            _mac_name(segment),
-            meta.get("plain-sha256", ""),
-            int(meta.get("plain-size", -1)),
-            meta.get(wal.MAC_KEY_ID),
-            meta.get(wal.MAC),
-        )
-        passphrase = signer.passphrase
-        if encoding == wal.ENCODING_WALKEY:
-            passphrase = archive.wal_keys.for_key(signer).passphrase
-    except NotAuthentic as exc:
-        raise wal.ArchiveCorrupt(f"streamed partial {segment} refused: {exc}") from exc
-    except walkey.WalKeyError as exc:
-        raise wal.ArchiveCorrupt(f"streamed partial {segment}: {exc}") from exc
-    plain = wal.decode(settings, cipher, workdir, encoding=encoding, passphrase=passphrase)
-    if _sha256(plain) != meta["plain-sha256"]:
-        raise wal.ArchiveCorrupt(f"streamed partial {segment}: decrypted content fails sha256")
+    plain = archive.open_verified(_mac_name(segment), cipher, meta, workdir)
     return plain, meta.get("uploaded-at", "?")
 
 
