@@ -5,9 +5,12 @@
    writable; its slot for the old one free
 2. keep the old primary's WAL: ``.ready`` segments pushed to the archive, every segment the
    archive is not known to hold copied aside (nothing pg_rewind discards is lost)
-3. ``pg_rewind --target-pgdata --source-server`` (password in a passfile); when it cannot
-   (no checksums or wal_log_hints, WAL missing), the old directory is moved aside, still
-   fenced, and a fresh ``pg_basebackup`` re-provisions the standby, and the report says why
+3. ``pg_rewind --target-pgdata --source-server`` (password in a passfile), then the new
+   timeline's segments it replays before the stream takes over, from the archive where the
+   new primary has recycled them, and the old timeline's divergent copies out of ``pg_wal``;
+   when it cannot (no checksums or wal_log_hints, WAL missing), the old directory is moved
+   aside, still fenced, and a fresh ``pg_basebackup`` re-provisions the standby, and the
+   report says why
 4. configure it as a standby of the new primary (``standby.signal``, ``primary_conninfo``
    with the passfile, the slot) and remove the fence
 5. start it and verify streaming (``pg_stat_replication`` on the new primary)
@@ -102,6 +105,7 @@ def rejoin(
         "diverged": rewound.get("diverged"),
         "rewind": rewind,
         "wal_kept": kept,
+        "new_timeline_wal": rewound.get("wal"),
         "slot": request["slot"],
         "state": status["state"],
         "lag_bytes": status["lag_bytes"],

@@ -65,6 +65,7 @@ def _archive_command(old_description: dict[str, Any]) -> str:
 @task(name=Rejoin.REWIND.value, timeout_seconds=timeouts.BASE_BACKUP)
 def rewind(request: dict[str, Any]) -> dict[str, Any]:
     done = rejoin.rewind_or_reprovision(
+        get_settings(),
         handle(request["old"]),
         handle(request["new"]),
         request["slot"],
@@ -77,6 +78,11 @@ def rewind(request: dict[str, Any]) -> dict[str, Any]:
         logger.warning(done["fallback"])
     else:
         logger.info("pg_rewind: %s", done["diverged"] or "no rewind required")
+        logger.info(
+            "new timeline's WAL fetched from the archive: %s; divergent files removed: %s",
+            done["wal"]["fetched"] or "none",
+            done["wal"]["removed"] or "none",
+        )
     return done
 
 

@@ -284,6 +284,33 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
     assert get_settings().prefix == prefix
 
 
+def new_timeline_fork_segment(primary: ClusterHandle) -> str:
+    """The new timeline's first segment: the one holding the switch point, which the old
+    primary's own WAL also has under its old timeline with a divergent tail."""
+    timeline = sql1(primary.dsn(), "SELECT timeline_id FROM pg_control_checkpoint()")
+    history = (primary.data_dir / "pg_wal" / f"{timeline:08X}.history").read_text()
+    switch_lsn = history.strip().splitlines()[-1].split()[1]
+    return rejoin.segment_name(timeline, switch_lsn, get_settings().wal_segment_bytes)
+
+
+def recycle_past(primary: ClusterHandle, segment: str) -> None:
+    """Archive and checkpoint ``primary`` past ``segment`` until its pg_wal no longer holds
+    it, as a busy new primary does before an old one is rejoined."""
+    wal_dir = primary.data_dir / "pg_wal"
+
+    def gone() -> bool:
+        sql1(
+            primary.dsn(),
+            "INSERT INTO acks VALUES (1000 + (random() * 1e6)::int, 'churn')"
+            " ON CONFLICT DO NOTHING",
+        )
+        sql1(primary.dsn(), "SELECT pg_switch_wal()")
+        sql1(primary.dsn(), "CHECKPOINT")
+        return not (wal_dir / segment).exists()
+
+    poll(f"{segment} archived and recycled on {primary.name}", gone, timeout=90)
+
+
 def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_its_wal(pair):
     """The old primary wrote a row the new one never received (a standby that lagged):
     pg_rewind discards it from the data directory, the WAL holding it is kept aside, and
@@ -304,6 +331,8 @@ def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_
     with pytest.raises(InvalidInput, match="not fenced"):
         rejoin.check_request(s, p, "wedefi_standby")
     sql1(s.dsn(), "INSERT INTO acks VALUES (11, 'after the failover')")
+    fork = new_timeline_fork_segment(s)
+    recycle_past(s, fork)
 
     result = rejoin_flow(
         operator="pytest", justification="drill", old_primary=PRIMARY, new_primary=STANDBY
@@ -312,6 +341,10 @@ def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_
     assert result["diverged"] and "diverged at" in result["diverged"]
     assert result["rewind"] == result["diverged"]
     assert result["state"] == "streaming"
+    # The new timeline's first segment had left the new primary: it came from the archive,
+    # and the old timeline's divergent copy of it left pg_wal.
+    assert fork in result["new_timeline_wal"]["fetched"]
+    assert f"00000001{fork[8:]}" in result["new_timeline_wal"]["removed"]
     # The divergent row's WAL was never archived (.ready): pushed before the rewind, and
     # copied aside as well.
     at = result["diverged"].split("WAL location ")[1].split()[0]
@@ -344,6 +377,7 @@ def test_rejoin_falls_back_to_a_fresh_base_backup_and_keeps_the_old_directory(pa
     p, s = pair["primary"], pair["standby"]
     p.stop()
     done = rejoin.rewind_or_reprovision(
+        get_settings(),
         p,
         s,
         "wedefi_standby",

@@ -29,7 +29,7 @@ from typing import Any
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
-from wedefi_dr.physical import standby
+from wedefi_dr.physical import standby, wal
 from wedefi_dr.physical.pitr.recovery import move_aside, push_unarchived
 from wedefi_dr.postgres.cluster import FENCE_MARKER, ClusterHandle, chown_to, os_user_kwargs
 from wedefi_dr.postgres.tools import child_env, connect
@@ -206,6 +206,122 @@ def pg_rewind(old: ClusterHandle, new_primary: ClusterHandle, *, timeout: float)
     return {"method": "pg_rewind", "diverged": diverged}
 
 
+def parse_lsn(lsn: str) -> int:
+    """``X/Y`` as an integer position."""
+    high, low = (int(part, 16) for part in lsn.split("/"))
+    return (high << 32) | low
+
+
+def timeline_begins(history: str, timeline: int) -> dict[int, int]:
+    """``{timeline: position where it began}`` for ``timeline`` and its ancestors, from its
+    history file (one line per ancestor: its id and the position where it was left)."""
+    begins, start = {}, 0
+    for fields in (line.split() for line in history.splitlines()):
+        if len(fields) >= 2 and fields[0].isdigit():
+            begins[int(fields[0])] = start
+            start = parse_lsn(fields[1])
+    begins[timeline] = start
+    return begins
+
+
+def segment_timeline(begins: dict[int, int], segno: int, segment_bytes: int) -> int:
+    """The timeline whose file holds segment ``segno`` on the way to the newest one: the
+    newest timeline that began at or before that segment (as the server picks a file)."""
+    return max(t for t, at in begins.items() if at // segment_bytes <= segno)
+
+
+def _segment_file(timeline: int, segno: int, segment_bytes: int) -> str:
+    per_id = 2**32 // segment_bytes
+    return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
+
+
+def _replay_start(data_dir: Path, control: dict[str, str]) -> int:
+    """Where the rewound cluster's recovery begins: pg_rewind's ``backup_label`` when it
+    wrote one, else the last checkpoint's redo position."""
+    label = data_dir / "backup_label"
+    if label.exists():
+        for line in label.read_text().splitlines():
+            if line.startswith("START WAL LOCATION:"):
+                return parse_lsn(line.split(":", 1)[1].split()[0])
+    return parse_lsn(control["Latest checkpoint's REDO location"])
+
+
+def complete_new_timeline_wal(
+    settings: Settings, old: ClusterHandle, new_primary: ClusterHandle, slot: str
+) -> dict[str, list[str]]:
+    """Every segment the rewound cluster replays before streaming can take over, under the
+    new primary's timeline, in its ``pg_wal``; the old timeline's divergent files there
+    removed (``keep_wal`` pushed or copied them aside first).
+
+    pg_rewind copies only the WAL the new primary still holds. A busy new primary has
+    archived and recycled the segment where its timeline began, and then the rewound
+    cluster would replay its own divergent copy of that segment past the fork point and
+    never match the stream. Segments from the slot's reserved position on are streamed;
+    the ones before it come from the archive when the new primary no longer has them.
+    """
+    with connect(new_primary.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT timeline_id FROM pg_control_checkpoint()")
+        (timeline,) = cur.fetchone()
+        name = f"{timeline:08X}.history"
+        history = ""
+        if timeline > 1:
+            cur.execute("SELECT pg_read_binary_file(%s)", (f"pg_wal/{name}",))
+            history = bytes(cur.fetchone()[0]).decode()
+        cur.execute(
+            "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        )
+        row = cur.fetchone()
+    if row is None or row[0] is None:
+        raise RewindFailed(f"slot {slot} on {new_primary.name} reserves no WAL")
+    control = controldata(old)
+    segment_bytes = int(control.get("Bytes per WAL segment", str(16 * 2**20)))
+    begins = timeline_begins(history, timeline)
+    wal_dir = old.data_dir / "pg_wal"
+    if history and not (wal_dir / name).exists():
+        _write_wal_file(wal_dir / name, history.encode(), old.os_user)
+    first = _replay_start(old.data_dir, control) // segment_bytes
+    streamed_from = parse_lsn(row[0]) // segment_bytes
+    fork = min((at // segment_bytes for t, at in begins.items() if at), default=None)
+    removed = []
+    if fork is not None:
+        for path in sorted(wal_dir.iterdir()):
+            if not (path.is_file() and wal.SEGMENT_RE.match(path.name)):
+                continue
+            file_timeline, segno = int(path.name[:8], 16), _segno(path.name, segment_bytes)
+            if segno >= fork and file_timeline < segment_timeline(begins, segno, segment_bytes):
+                path.unlink()
+                removed.append(path.name)
+    fetched = []
+    archive = None
+    for segno in range(first, streamed_from):
+        wanted = _segment_file(segment_timeline(begins, segno, segment_bytes), segno, segment_bytes)
+        if (wal_dir / wanted).exists():
+            continue
+        archive = archive or wal.Archive(settings)
+        plain = archive.fetch_bytes(wanted, old.home)
+        if plain is None:
+            raise RewindFailed(
+                f"{wanted} is needed to replay up to the stream from {new_primary.name} and "
+                f"is neither on {new_primary.name} nor in the archive"
+            )
+        _write_wal_file(wal_dir / wanted, plain, old.os_user)
+        fetched.append(wanted)
+    return {"fetched": fetched, "removed": removed}
+
+
+def _segno(name: str, segment_bytes: int) -> int:
+    return int(name[8:16], 16) * (2**32 // segment_bytes) + int(name[16:24], 16)
+
+
+def _write_wal_file(path: Path, data: bytes, os_user: str) -> None:
+    """A WAL file the server owns, mode 0600, in place only when whole."""
+    partial = path.with_name(path.name + ".rejoin-tmp")
+    partial.write_bytes(data)
+    partial.chmod(0o600)
+    chown_to(partial, os_user)
+    partial.replace(path)
+
+
 def refence(data_dir: Path, os_user: str, why: str) -> None:
     """Put the fence back on a directory pg_rewind changed (it removes the files the source
     lacks, the marker and ``standby.signal`` among them)."""
@@ -217,6 +333,7 @@ def refence(data_dir: Path, os_user: str, why: str) -> None:
 
 
 def rewind_or_reprovision(
+    settings: Settings,
     old: ClusterHandle,
     new_primary: ClusterHandle,
     slot: str,
@@ -233,6 +350,7 @@ def rewind_or_reprovision(
         ensure_slot(new_primary, slot)
         try:
             rewound = pg_rewind(old, new_primary, timeout=timeout)
+            rewound["wal"] = complete_new_timeline_wal(settings, old, new_primary, slot)
         except (RewindFailed, subprocess.TimeoutExpired) as exc:
             why = f"pg_rewind could not rewind {old.name}: {exc}"
             refence(old.data_dir, old.os_user, why)
