@@ -22,7 +22,7 @@ import pytest
 
 from tests.test_wal import FIRST, SEG, segment_bytes
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiver, archiving, wal
+from wedefi_dr.physical import archiver, archiving, wal, walnames
 
 
 def _archiver_pid(pg_wal: Path) -> int | None:
@@ -101,7 +101,7 @@ def ready(spool: dict, name: str, data: bytes) -> None:
 
 def test_handoff_exits_0_only_once_the_segment_is_stored_and_fetchable(spool, tmp_path):
     store = wal.Archive(spool["settings"])
-    names = [FIRST, *wal.next_segments(FIRST, 2, SEG)]
+    names = [FIRST, *walnames.next_segments(FIRST, 2, SEG)]
     contents = {n: segment_bytes(40 + i) for i, n in enumerate(names)}
     for n in names:
         ready(spool, n, contents[n])

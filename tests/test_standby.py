@@ -21,7 +21,7 @@ from tests.test_pitr import EnvPatch, sql1
 from wedefi_dr.approval import ApprovalRefused
 from wedefi_dr.config import get_settings
 from wedefi_dr.errors import InvalidInput
-from wedefi_dr.physical import archiving, rejoin, standby, wal, walreceiver, walstream
+from wedefi_dr.physical import archiving, rejoin, standby, wal, walnames, walreceiver, walstream
 from wedefi_dr.postgres.cluster import (
     FENCE_MARKER,
     ClusterFenced,
@@ -153,7 +153,7 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
         stored = archive.store.head(walstream.stream_key(settings, segment))
         assert stored["Metadata"]["encoding"] == wal.ENCODING_WALKEY  # no stretching per upload
         # Whoever can write to the bucket cannot plant a partial: its MAC binds the name.
-        other = wal.next_segments(segment, 5, settings.wal_segment_bytes)[-1]
+        other = walnames.next_segments(segment, 5, settings.wal_segment_bytes)[-1]
         archive.client.copy_object(
             Bucket=archive.bucket,
             Key=walstream.stream_key(settings, other),
@@ -170,12 +170,14 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
         assert marker.encode() in dest.read_bytes()
         # Once a later segment is archived, the partial is no longer the best data there is.
         sql1(p.dsn(), "SELECT pg_switch_wal()")
-        later = wal.next_segments(segment, 1, settings.wal_segment_bytes)[0]
+        later = walnames.next_segments(segment, 1, settings.wal_segment_bytes)[0]
         sql1(p.dsn(), "INSERT INTO acks VALUES (3, 'next segment')")
         poll("the next segment's partial", lambda: walstream.fetch_partial(archive, later, p.home))
         poll("the switched segment archived", lambda: archive.head(segment))
         assert walstream.best_partial(archive, later, p.home) is not None
-        archive.push_bytes(wal.next_segments(later, 1, settings.wal_segment_bytes)[0], b"x" * 16)
+        archive.push_bytes(
+            walnames.next_segments(later, 1, settings.wal_segment_bytes)[0], b"x" * 16
+        )
         assert walstream.best_partial(archive, later, p.home) is None
     finally:
         stream.stop()
@@ -290,7 +292,7 @@ def new_timeline_fork_segment(primary: ClusterHandle) -> str:
     timeline = sql1(primary.dsn(), "SELECT timeline_id FROM pg_control_checkpoint()")
     history = (primary.data_dir / "pg_wal" / f"{timeline:08X}.history").read_text()
     switch_lsn = history.strip().splitlines()[-1].split()[1]
-    return rejoin.segment_name(timeline, switch_lsn, get_settings().wal_segment_bytes)
+    return walnames.segment_of(timeline, switch_lsn, get_settings().wal_segment_bytes)
 
 
 def recycle_past(primary: ClusterHandle, segment: str) -> None:
@@ -348,7 +350,7 @@ def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_
     # The divergent row's WAL was never archived (.ready): pushed before the rewind, and
     # copied aside as well.
     at = result["diverged"].split("WAL location ")[1].split()[0]
-    segment = rejoin.segment_name(1, at, get_settings().wal_segment_bytes)
+    segment = walnames.segment_of(1, at, get_settings().wal_segment_bytes)
     assert segment in result["wal_kept"]["pushed"]
     assert divergent.encode() in (Path(result["wal_kept"]["aside"]) / segment).read_bytes()
     fetched = p.home / "divergent-from-the-archive"

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from tests.test_basebackup import GPG_D, by_hand
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiver, archiving, wal, walkey
+from wedefi_dr.physical import archiver, archiving, wal, walkey, walnames
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.storage import authentication, encryption
 from wedefi_dr_dev.stack import Stack
@@ -142,7 +142,7 @@ def test_fetch_missing_is_quiet_and_a_gap_is_fatal_and_named(archive):
     assert missing.stderr == ""  # the server asks for files that may not exist
     assert wal_cmd(archive, "fetch", "00000005.history", "pg_wal/RECOVERYHISTORY").returncode == 1
 
-    first, second, third = [FIRST, *wal.next_segments(FIRST, 2, SEG)]
+    first, second, third = [FIRST, *walnames.next_segments(FIRST, 2, SEG)]
     for name in (first, third):
         put_file(archive, name, segment_bytes(5))
         assert wal_cmd(archive, "push", f"pg_wal/{name}").returncode == 0
@@ -181,7 +181,7 @@ def test_corrupt_object_or_wrong_passphrase_aborts_recovery(archive, store, sett
 
 
 def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
-    names = [FIRST, *wal.next_segments(FIRST, 3, SEG)]
+    names = [FIRST, *walnames.next_segments(FIRST, 3, SEG)]
     contents = {n: segment_bytes(10 + i) for i, n in enumerate(names)}
     for n, data in contents.items():
         put_file(archive, n, data)
@@ -221,7 +221,7 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert again.returncode == 0, again.stderr
     assert (archive["pg_wal"] / "RECOVERYXLOG").read_bytes() == contents[names[1]]
     assert restore("00000002.history").returncode == wal.EXIT_MISSING
-    hole, after = wal.next_segments(names[-1], 2, SEG)
+    hole, after = walnames.next_segments(names[-1], 2, SEG)
     put_file(archive, after, segment_bytes(19))
     assert wal_cmd(archive, "push", f"pg_wal/{after}").returncode == 0
     gap = restore(hole)
@@ -229,7 +229,7 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
 
 
 def test_push_archives_other_ready_files_in_parallel(archive, store):
-    names = [FIRST, *wal.next_segments(FIRST, 3, SEG)]
+    names = [FIRST, *walnames.next_segments(FIRST, 3, SEG)]
     for i, n in enumerate(names):
         put_file(archive, n, segment_bytes(20 + i))
         (archive["pg_wal"] / "archive_status" / f"{n}.ready").touch()
@@ -419,7 +419,7 @@ def test_rotated_passphrase_still_fetches_old_and_new_encodings_and_names_a_miss
 ):
     """Segments archived under passphrase A (both encodings) fetch once B is current and A
     is listed as previous; with A gone, the error names A's key id (exit 128)."""
-    legacy, current = FIRST, wal.next_segments(FIRST, 1, SEG)[0]
+    legacy, current = FIRST, walnames.next_segments(FIRST, 1, SEG)[0]
     old, new = segment_bytes(60), segment_bytes(61)
     _put_legacy(archive, legacy, old)
     put_file(archive, current, new)
@@ -484,7 +484,7 @@ def test_restore_command_waits_for_a_segment_the_prefetcher_is_fetching(tmp_path
 
     spool = tmp_path / wal.PREFETCH_DIR
     spool.mkdir()
-    planned, other = FIRST, wal.next_segments(FIRST, 1, SEG)[0]
+    planned, other = FIRST, walnames.next_segments(FIRST, 1, SEG)[0]
     worker = subprocess.Popen(["sleep", "30"])
     try:
         (spool / wal.PREFETCHER_PID).write_text(str(worker.pid))

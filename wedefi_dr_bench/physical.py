@@ -42,6 +42,7 @@ from wedefi_dr.config import Settings
 from wedefi_dr.observability.stats import percentile
 from wedefi_dr.physical import archiver, archiving, basebackup, wal
 from wedefi_dr.physical.pitr import recovery
+from wedefi_dr.physical.walnames import lsn_to_int
 from wedefi_dr.postgres.cluster import chown_to, os_user_kwargs
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr_bench import memory
@@ -176,7 +177,7 @@ def pgbench_run(
         thread.join()
     end_lsn = pitr_bench._one(dsn, "SELECT pg_current_wal_lsn()::text")
     match = re.search(r"tps = ([0-9.]+)", run.stdout)
-    wal_mb = (basebackup.lsn_to_int(end_lsn) - basebackup.lsn_to_int(start_lsn)) / 1e6
+    wal_mb = (lsn_to_int(end_lsn) - lsn_to_int(start_lsn)) / 1e6
     out: dict[str, Any] = {
         "tps": float(match.group(1)) if match else None,
         "wal_mb": round(wal_mb, 1),

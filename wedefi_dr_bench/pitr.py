@@ -36,6 +36,7 @@ from wedefi_dr.physical import archiving, basebackup, wal
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.target import RecoveryTarget
+from wedefi_dr.physical.walnames import lsn_to_int
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
 from wedefi_dr.storage.repository import Repository, open_store
@@ -117,7 +118,7 @@ def archive_backlog(bench: PitrBench, seconds: int, clients: int) -> dict[str, A
     end_lsn = _one(dsn, "SELECT pg_current_wal_lsn()::text")
     status = bench.src.data_dir / "pg_wal" / "archive_status"
     backlog = len(list(status.glob("*.ready")))
-    wal_mb = (basebackup.lsn_to_int(end_lsn) - basebackup.lsn_to_int(start_lsn)) / 1e6
+    wal_mb = (lsn_to_int(end_lsn) - lsn_to_int(start_lsn)) / 1e6
     tps = next((ln for ln in run.stdout.splitlines() if ln.startswith("tps")), "")
     t_drain = time.monotonic()
     _one(dsn, "SELECT pg_switch_wal()")
@@ -224,7 +225,7 @@ def _replay(bench: PitrBench, base: BaseBackupManifest, restore_command: str) ->
     seconds = time.monotonic() - t
     cluster.stop()
     shutil.rmtree(cluster.home, ignore_errors=True)
-    mb = (basebackup.lsn_to_int(reached["replay_lsn"]) - basebackup.lsn_to_int(base.stop_lsn)) / 1e6
+    mb = (lsn_to_int(reached["replay_lsn"]) - lsn_to_int(base.stop_lsn)) / 1e6
     return {
         "base_backup_stage_verified_s": round(extract_s, 2),
         "wal_replayed_mb": round(mb, 1),

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
+from wedefi_dr.physical.walnames import segment_number
+
 SEGMENT_HEX = 24
 
 
@@ -98,12 +100,6 @@ def select_logical(
             else "not verified (object missing or not at its size) and in no slot"
         )
     return Selection(keep=keep, delete=delete)
-
-
-def segment_number(name: str, segment_bytes: int) -> int:
-    """A WAL file's position on any timeline (the LSN it starts at, in segments)."""
-    per_xlogid = 0x100000000 // segment_bytes
-    return int(name[8:16], 16) * per_xlogid + int(name[16:24], 16)
 
 
 def select_physical(

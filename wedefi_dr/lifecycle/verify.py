@@ -22,9 +22,14 @@ from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, IntegrityError, NotAuthentic
-from wedefi_dr.lifecycle.gfs import segment_number
 from wedefi_dr.physical import basebackup, wal
-from wedefi_dr.physical.pitr.window import int_to_lsn, segment_end_lsn
+from wedefi_dr.physical.walnames import (
+    int_to_lsn,
+    lsn_to_int,
+    segment_end_lsn,
+    segment_file,
+    segment_number,
+)
 from wedefi_dr.storage import authentication, encryption, repository
 from wedefi_dr.storage.repository import READ_CHUNK, Repository, open_store
 
@@ -170,11 +175,10 @@ class Verifier:
         segment_bytes = self.settings.wal_segment_bytes
         tli = f"{base.timeline:08X}"
         seg = segment_number(base.start_wal_file, segment_bytes)
-        stop = segment_number(_lsn_segment(base.stop_lsn, segment_bytes), segment_bytes)
-        per = 0x100000000 // segment_bytes
+        stop = lsn_to_int(base.stop_lsn) // segment_bytes
 
         def name(t: str, s: int) -> str:
-            return f"{t}{s // per:08X}{s % per:08X}"
+            return segment_file(int(t, 16), s, segment_bytes)
 
         last = None
         while True:
@@ -247,13 +251,6 @@ class Verifier:
             "problems": self.problems,
             "restorable": restorable,
         }
-
-
-def _lsn_segment(lsn: str, segment_bytes: int) -> str:
-    value = basebackup.lsn_to_int(lsn)
-    seg = value // segment_bytes
-    per = 0x100000000 // segment_bytes
-    return f"00000000{seg // per:08X}{seg % per:08X}"
 
 
 def verify(

@@ -113,11 +113,6 @@ class BaseBackupManifest(BaseModel):
     operator: str
 
 
-def lsn_to_int(lsn: str) -> int:
-    hi, lo = lsn.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
 def data_key(store: Repository, backup_id: str, compression: str = "gzip") -> str:
     return store.key(KIND, backup_id, DATA_NAMES[compression])
 

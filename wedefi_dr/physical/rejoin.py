@@ -31,6 +31,7 @@ from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.physical import standby, wal
 from wedefi_dr.physical.pitr.recovery import move_aside, push_unarchived
+from wedefi_dr.physical.walnames import lsn_to_int, segment_file, segment_number, segment_of
 from wedefi_dr.postgres.cluster import FENCE_MARKER, ClusterHandle, chown_to, os_user_kwargs
 from wedefi_dr.postgres.tools import child_env, connect
 
@@ -129,14 +130,6 @@ def check_request(old: ClusterHandle, new_primary: ClusterHandle, slot: str) -> 
     }
 
 
-def segment_name(timeline: int, lsn: str, segment_bytes: int) -> str:
-    """The WAL file holding ``lsn`` (``X/Y``) on ``timeline``, as ``pg_walfile_name``."""
-    high, low = (int(part, 16) for part in lsn.split("/"))
-    segno = ((high << 32) | low) // segment_bytes
-    per_id = 2**32 // segment_bytes
-    return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
-
-
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
@@ -147,7 +140,7 @@ def keep_wal(settings: Settings, old: ClusterHandle, request: dict[str, Any]) ->
     ``<home>/wal-kept-<stamp>`` (both named in the result)."""
     pushed = push_unarchived(settings, old.data_dir)
     wal_dir = old.data_dir / "pg_wal"
-    last = segment_name(request["timeline"], request["end_lsn"], request["segment_bytes"])
+    last = segment_of(request["timeline"], request["end_lsn"], request["segment_bytes"])
     done = {p.name[: -len(".done")] for p in (wal_dir / "archive_status").glob("*.done")}
     candidates = sorted(
         p
@@ -206,12 +199,6 @@ def pg_rewind(old: ClusterHandle, new_primary: ClusterHandle, *, timeout: float)
     return {"method": "pg_rewind", "diverged": diverged}
 
 
-def parse_lsn(lsn: str) -> int:
-    """``X/Y`` as an integer position."""
-    high, low = (int(part, 16) for part in lsn.split("/"))
-    return (high << 32) | low
-
-
 def timeline_begins(history: str, timeline: int) -> dict[int, int]:
     """``{timeline: position where it began}`` for ``timeline`` and its ancestors, from its
     history file (one line per ancestor: its id and the position where it was left)."""
@@ -219,7 +206,7 @@ def timeline_begins(history: str, timeline: int) -> dict[int, int]:
     for fields in (line.split() for line in history.splitlines()):
         if len(fields) >= 2 and fields[0].isdigit():
             begins[int(fields[0])] = start
-            start = parse_lsn(fields[1])
+            start = lsn_to_int(fields[1])
     begins[timeline] = start
     return begins
 
@@ -230,11 +217,6 @@ def segment_timeline(begins: dict[int, int], segno: int, segment_bytes: int) -> 
     return max(t for t, at in begins.items() if at // segment_bytes <= segno)
 
 
-def _segment_file(timeline: int, segno: int, segment_bytes: int) -> str:
-    per_id = 2**32 // segment_bytes
-    return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
-
-
 def _replay_start(data_dir: Path, control: dict[str, str]) -> int:
     """Where the rewound cluster's recovery begins: pg_rewind's ``backup_label`` when it
     wrote one, else the last checkpoint's redo position."""
@@ -242,8 +224,8 @@ def _replay_start(data_dir: Path, control: dict[str, str]) -> int:
     if label.exists():
         for line in label.read_text().splitlines():
             if line.startswith("START WAL LOCATION:"):
-                return parse_lsn(line.split(":", 1)[1].split()[0])
-    return parse_lsn(control["Latest checkpoint's REDO location"])
+                return lsn_to_int(line.split(":", 1)[1].split()[0])
+    return lsn_to_int(control["Latest checkpoint's REDO location"])
 
 
 def complete_new_timeline_wal(
@@ -280,21 +262,21 @@ def complete_new_timeline_wal(
     if history and not (wal_dir / name).exists():
         _write_wal_file(wal_dir / name, history.encode(), old.os_user)
     first = _replay_start(old.data_dir, control) // segment_bytes
-    streamed_from = parse_lsn(row[0]) // segment_bytes
+    streamed_from = lsn_to_int(row[0]) // segment_bytes
     fork = min((at // segment_bytes for t, at in begins.items() if at), default=None)
     removed = []
     if fork is not None:
         for path in sorted(wal_dir.iterdir()):
             if not (path.is_file() and wal.SEGMENT_RE.match(path.name)):
                 continue
-            file_timeline, segno = int(path.name[:8], 16), _segno(path.name, segment_bytes)
+            file_timeline, segno = int(path.name[:8], 16), segment_number(path.name, segment_bytes)
             if segno >= fork and file_timeline < segment_timeline(begins, segno, segment_bytes):
                 path.unlink()
                 removed.append(path.name)
     fetched = []
     archive = None
     for segno in range(first, streamed_from):
-        wanted = _segment_file(segment_timeline(begins, segno, segment_bytes), segno, segment_bytes)
+        wanted = segment_file(segment_timeline(begins, segno, segment_bytes), segno, segment_bytes)
         if (wal_dir / wanted).exists():
             continue
         archive = archive or wal.Archive(settings)
@@ -307,10 +289,6 @@ def complete_new_timeline_wal(
         _write_wal_file(wal_dir / wanted, plain, old.os_user)
         fetched.append(wanted)
     return {"fetched": fetched, "removed": removed}
-
-
-def _segno(name: str, segment_bytes: int) -> int:
-    return int(name[8:16], 16) * (2**32 // segment_bytes) + int(name[16:24], 16)
 
 
 def _write_wal_file(path: Path, data: bytes, os_user: str) -> None:

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from wedefi_dr.errors import DRError, NotAuthentic
 from wedefi_dr.physical import walkey
+from wedefi_dr.physical.walnames import next_segments
 from wedefi_dr.storage import authentication, encryption, repository
 
 if TYPE_CHECKING:  # pydantic costs ~0.3 s: a prefetched segment is handed over without it
@@ -139,17 +140,6 @@ def validate_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise DRError(f"{name!r} is not a WAL file name (segment, .partial, .backup or .history)")
     return name
-
-
-def next_segments(name: str, count: int, segment_bytes: int) -> list[str]:
-    """The ``count`` segment names after ``name`` on the same timeline."""
-    per_xlogid = 0x100000000 // segment_bytes
-    tli, log_id, seg = int(name[:8], 16), int(name[8:16], 16), int(name[16:24], 16)
-    number = log_id * per_xlogid + seg
-    out = []
-    for n in range(number + 1, number + 1 + count):
-        out.append(f"{tli:08X}{n // per_xlogid:08X}{n % per_xlogid:08X}")
-    return out
 
 
 def archive_prefix(settings: Settings) -> str:

@@ -11,8 +11,9 @@ from typing import Any
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
 from wedefi_dr.physical import wal
-from wedefi_dr.physical.basebackup import BaseBackupManifest, list_base_backups, lsn_to_int
+from wedefi_dr.physical.basebackup import BaseBackupManifest, list_base_backups
 from wedefi_dr.physical.pitr.target import RecoveryTarget
+from wedefi_dr.physical.walnames import int_to_lsn, lsn_to_int, segment_end_lsn
 from wedefi_dr.storage.repository import open_store
 
 
@@ -72,17 +73,6 @@ def recoverable_window(settings: Settings) -> Window:
     return Window(
         backups, newest[1], newest[0] + timedelta(seconds=1), count, end, frozenset(histories)
     )
-
-
-def segment_end_lsn(name: str, segment_bytes: int) -> int:
-    """The LSN just past the last byte of segment ``name`` (what replay can reach with it)."""
-    per_xlogid = 0x100000000 // segment_bytes
-    number = int(name[8:16], 16) * per_xlogid + int(name[16:24], 16)
-    return (number + 1) * segment_bytes
-
-
-def int_to_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def check_timeline(target: RecoveryTarget, window: Window, base: BaseBackupManifest) -> None:
