@@ -249,9 +249,13 @@ def write_recovery_settings(request: dict[str, Any], flow_run_note: str) -> dict
 
 @task(name=PITR.START_AND_REPLAY.value, timeout_seconds=timeouts.REPLAY)
 def start_and_wait(request: dict[str, Any]) -> dict[str, Any]:
-    c = _handle(request)
+    c, settings = _handle(request), get_settings()
+    primed = recovery.prime_prefetch(
+        c, c.home / archiving.RESTORE_ENV_NAME, settings.wal_segment_bytes
+    )
     c.start(wait=False)
-    reached = recovery.wait_for_target(c, float(get_settings().pitr_replay_timeout_seconds))
+    reached = recovery.wait_for_target(c, float(settings.pitr_replay_timeout_seconds))
+    reached["prefetch_primed"] = primed
     get_run_logger().info(
         "replay reached %s (last commit replayed %s) in %.1f s",
         reached["replay_lsn"],

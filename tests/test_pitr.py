@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -25,13 +27,15 @@ from prefect import tags
 
 from tests.helpers import approve_when_paused
 from wedefi_dr.config import get_settings
-from wedefi_dr.physical import archiving, wal
+from wedefi_dr.physical import archiving, basebackup, wal
+from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.approval import ApprovalRefused
 from wedefi_dr.physical.pitr.recovery import RecoveryFailed
 from wedefi_dr.physical.pitr.window import TargetOutsideWindow
 from wedefi_dr.postgres.cluster import read_clusters
 from wedefi_dr.postgres.clusters_file import set_roles
 from wedefi_dr.postgres.tools import connect, tool
+from wedefi_dr.storage.repository import open_store
 from wedefi_dr_dev.stack import Cluster, Stack
 
 ONE = {"approve": True, "approvers": ["alice"]}
@@ -214,6 +218,7 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     )
     assert markers(c.dsn()) == [1, 2]  # exactly the rows committed before the target
     assert result["recovery_point"]["paused"] is True
+    assert result["recovery_point"]["prefetch_primed"] is True
     assert result["timeline"] == 2
     assert sql1(c.dsn(), "SELECT pg_is_in_recovery()") is False
     assert sql1(c.dsn(), "SHOW archive_mode") == "off"  # a copy never archives
@@ -226,6 +231,28 @@ def test_recovery_to_a_time_between_markers_is_exact(history, settings):
     rows = audit_rows(settings.ops_dsn.get_secret_value())
     assert rows[-1][0:2] == ("pitr", "success") and c.name in rows[-1][3]
     c.stop()
+
+
+def test_replay_prefetch_is_primed_before_the_server_starts(history, tmp_path):
+    """The base backup's first segment is in the spool, verified and readable by the
+    server's OS user, before the recovering server asks for anything."""
+    settings = get_settings()
+    c = recovered_cluster(history, f"pitr-prime-{uuid.uuid4().hex[:6]}")
+    manifest = basebackup.resolve(open_store(settings), history["base"]["backup_id"])
+    staged = recovery.stage_base_backup(settings, manifest, c, tmp_path / "spool")
+    recovery.install_staged(c, staged)
+    env = archiving.write_wal_env(settings, c.home / archiving.RESTORE_ENV_NAME, os_user=c.os_user)
+    first = recovery.first_segment(c.data_dir)
+    assert first == manifest.start_wal_file
+    spool = c.data_dir / "pg_wal" / wal.PREFETCH_DIR
+    assert recovery.prime_prefetch(c, env, settings.wal_segment_bytes) is True
+    deadline = time.monotonic() + 60
+    while not (spool / f"{first}.sha256").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (spool / f"{first}.sha256").exists(), sorted(p.name for p in spool.iterdir())
+    assert (spool / first).stat().st_uid == pwd.getpwnam(c.os_user).pw_uid
+    assert not c.is_running()
+    shutil.rmtree(spool, ignore_errors=True)  # the prefetcher idles out without its spool
 
 
 def test_recovery_to_a_named_restore_point_is_exact_then_delta_to_the_next(history):

@@ -205,8 +205,14 @@ def push_latency(bench: PitrBench, pushes: int) -> dict[str, Any]:
     }
 
 
-def _replay(bench: PitrBench, base: BaseBackupManifest, restore_command: str) -> dict[str, Any]:
-    """One recovery of the destination cluster to 'latest' with ``restore_command``."""
+def _replay(
+    bench: PitrBench,
+    base: BaseBackupManifest,
+    restore_command: str,
+    fetch_env: Path | None = None,
+) -> dict[str, Any]:
+    """One recovery of the destination cluster to 'latest' with ``restore_command``
+    (wal-fetch's, with its prefetcher primed before the start, when ``fetch_env`` is set)."""
     cluster, settings = bench.dst, bench.settings
     t = time.monotonic()
     staged = recovery.stage_base_backup(settings, base, cluster, bench.work / "stage-spool")
@@ -220,6 +226,8 @@ def _replay(bench: PitrBench, base: BaseBackupManifest, restore_command: str) ->
         note="bench",
     )
     t = time.monotonic()
+    if fetch_env is not None:
+        recovery.prime_prefetch(cluster, fetch_env, settings.wal_segment_bytes)
     cluster.start(wait=False)
     reached = recovery.wait_for_target(cluster, 1800)
     seconds = time.monotonic() - t
@@ -256,7 +264,7 @@ def replay_rate(
     subprocess.run(["chmod", "-R", "a+rX", str(plain_dir)], check=True)
     prefetched = f"wal_fetch_prefetch_{settings.wal_prefetch}"
     result: dict[str, Any] = {
-        prefetched: _replay(bench, base, archiving.restore_command(fetch_env)),
+        prefetched: _replay(bench, base, archiving.restore_command(fetch_env), fetch_env),
         "bare_cp_local_plaintext": _replay(bench, base, f"cp {plain_dir}/%f %p"),
     }
     if with_no_prefetch:

@@ -16,6 +16,11 @@ lives, is asked of it (``.ask/<name>``, answered in ``<name>.answer``): it answe
 ``spooled`` or ``missing`` with its warm client, and ``defer`` for anything the full
 ``wal-fetch`` must decide and log (an error, a gap, a streamed partial).
 
+Before the recovering server starts, ``prefetch.py --prime --env-file FILE NAME DEST``
+starts the prefetcher after ``NAME`` (the segment before the base backup's first): the
+server's first questions (the next timeline's history, the first segment) then meet a
+prefetcher that is already importing and downloading instead of a full ``wal-fetch`` each.
+
 A segment that is not spooled goes to the full ``wal-fetch`` (``os.execv``: the same
 process, the same exit status contract: 0 found, 1 not archived, 128 anything else, which
 aborts recovery rather than ending it early).
@@ -174,11 +179,17 @@ def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``prefetch.py --env-file FILE NAME DEST`` (``%f %p``)."""
+    """``prefetch.py [--prime] --env-file FILE NAME DEST`` (``%f %p``)."""
+    prime = argv[:1] == ["--prime"]
+    argv = argv[1:] if prime else argv
     if len(argv) != 4 or argv[0] != "--env-file":
-        print("usage: prefetch.py --env-file FILE NAME DEST", file=sys.stderr)
+        print("usage: prefetch.py [--prime] --env-file FILE NAME DEST", file=sys.stderr)
         return 128
     env_file, name, dest = argv[1], argv[2], argv[3]
+    if prime:
+        spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
+        refill(env_file, spool, name, int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8")))
+        return 0 if _prefetcher_alive(spool) else 1
     try:
         spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
         spooled = SEGMENT_RE.match(name) and (

@@ -21,6 +21,7 @@ import hashlib
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 import zlib
 from datetime import UTC, datetime
@@ -32,9 +33,11 @@ from psycopg2 import sql
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError
 from wedefi_dr.physical import basebackup, wal
+from wedefi_dr.physical.archiving import PREFETCH_SCRIPT
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
+from wedefi_dr.physical.walnames import segment_file, segment_number
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import child_env, connect
@@ -340,6 +343,54 @@ def write_recovery_settings(
     signal.write_text("")
     cluster.give(signal)
     return {k: v for k, v in settings.items() if k != "restore_command"}
+
+
+def first_segment(data_dir: Path) -> str | None:
+    """The WAL file replay starts from, as the base backup's ``backup_label`` names it
+    (None without one: a stopped copy recovers from its own checkpoint)."""
+    label = data_dir / "backup_label"
+    if not label.exists():
+        return None
+    for line in label.read_text().splitlines():
+        if line.startswith("START WAL LOCATION:") and "(file " in line:
+            name = line.split("(file ", 1)[1].rstrip(")").strip()
+            return name if wal.SEGMENT_RE.match(name) else None
+    return None
+
+
+def prime_prefetch(cluster: ClusterHandle, restore_env: Path, segment_bytes: int) -> bool:
+    """Start replay's prefetcher before the server does, from the base backup's first
+    segment, as the server's OS user (the spool is in its ``pg_wal``). The first
+    ``restore_command`` calls then find it importing and downloading, instead of each
+    running a full ``wal-fetch``. Best effort: False when nothing was started, and replay
+    fetches as it always can."""
+    first = first_segment(cluster.data_dir)
+    if first is None or segment_number(first, segment_bytes) == 0:
+        return False
+    before = segment_file(
+        int(first[:8], 16), segment_number(first, segment_bytes) - 1, segment_bytes
+    )
+    dest = cluster.data_dir / "pg_wal" / "RECOVERYXLOG"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            str(PREFETCH_SCRIPT),
+            "--prime",
+            "--env-file",
+            str(restore_env),
+            before,
+            str(dest),
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=30,
+        env=child_env(),
+        **os_user_kwargs(cluster.os_user),
+    )
+    return result.returncode == 0
 
 
 def log_evidence(log_path: Path, limit: int = 12) -> str:
