@@ -67,7 +67,40 @@ def test_a_rejoined_old_primary_is_followed_too_a_standby_is_not_what_is_backed_
 ) -> None:
     clusters_file.after_rejoin(failed_over, "old")
     chosen = resolve(DSN, failed_over)
-    assert chosen.cluster == "new" and "not production" in chosen.why
+    assert chosen.cluster == "new" and chosen.why == "replaced by a failover"
+
+
+def test_another_non_production_cluster_is_used_as_written(tmp_path: Path) -> None:
+    """A fleet database on a cluster the file describes but does not mark production (no
+    failover replaced it) stays where the operator pointed, whatever else is production."""
+    path = write(tmp_path, new={"production": True})
+    assert resolve(DSN, path).dsn == DSN
+
+
+def test_the_recorded_successor_is_followed_among_several_production_clusters(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, old={"production": True}, other={"production": True})
+    clusters_file.after_failover(path, "old", "new")
+    assert resolve(DSN, path).cluster == "new"
+
+
+def test_two_failovers_in_a_row_lead_to_the_last_primary(tmp_path: Path) -> None:
+    path = write(tmp_path, old={"production": True})
+    clusters_file.after_failover(path, "old", "new")
+    clusters_file.after_rejoin(path, "old")
+    clusters_file.after_failover(path, "new", "other")
+    chosen = resolve(DSN, path)
+    assert (chosen.cluster, parse_dsn(chosen.dsn)["port"]) == ("other", str(OTHER_PORT))
+
+
+def test_failing_back_makes_the_old_primary_the_primary_again(failed_over: Path) -> None:
+    clusters_file.after_rejoin(failed_over, "old")
+    clusters_file.after_failover(failed_over, "new", "old")
+    chosen = resolve(DSN, failed_over)
+    assert chosen.dsn == DSN and not chosen.followed
+    new_dsn = f"host=127.0.0.1 port={NEW_PORT} dbname=wedefi"
+    assert resolve(new_dsn, failed_over).cluster == "old"
 
 
 def test_a_password_in_the_setting_stays_in_the_dsn_and_out_of_the_note(
@@ -120,20 +153,39 @@ def test_a_file_that_marks_no_cluster_production_leaves_an_unfenced_dsn_alone(
 
 
 @pytest.mark.parametrize(
-    "roles",
+    ("roles", "words"),
     [
-        # fenced, and the promotion never marked a new primary
-        {"old": {"fenced": True}},
-        # fenced, and two clusters claim to be production
-        {"old": {"fenced": True}, "new": {"production": True}, "other": {"production": True}},
-        # not production, and it is unclear which of two production clusters replaced it
-        {"new": {"production": True}, "other": {"production": True}},
+        # fenced by hand, and no cluster is production
+        ({"old": {"fenced": True}}, "production: none"),
+        # fenced by hand, and two clusters claim to be production
+        (
+            {"old": {"fenced": True}, "new": {"production": True}, "other": {"production": True}},
+            "production: new, other",
+        ),
+        # the recorded successor is not production (any more)
+        ({"old": {"fenced": True, "replaced_by": "new"}}, "new is not an unfenced production"),
+        # the chain names a cluster the file does not describe, or loops
+        ({"old": {"fenced": True, "replaced_by": "gone"}}, "is broken"),
+        (
+            {"old": {"fenced": True, "replaced_by": "new"}, "new": {"replaced_by": "old"}},
+            "is broken",
+        ),
     ],
 )
-def test_a_demoted_cluster_with_no_single_successor_is_refused(tmp_path: Path, roles) -> None:  # noqa: ANN001
-    with pytest.raises(PrimaryUnresolved, match="does not name one unfenced production") as info:
+def test_a_demoted_cluster_with_no_successor_to_follow_is_refused(
+    tmp_path: Path,
+    roles: dict,
+    words: str,
+) -> None:
+    with pytest.raises(PrimaryUnresolved, match=words) as info:
         resolve(DSN, write(tmp_path, **roles))
     assert isinstance(info.value, InvalidInput)  # the CLI's bad-input exit code, 2
+
+
+def test_a_hand_fenced_cluster_follows_the_one_production_cluster(tmp_path: Path) -> None:
+    path = write(tmp_path, old={"fenced": True}, other={"production": True})
+    chosen = resolve(DSN, path)
+    assert chosen.cluster == "other" and chosen.why == "fenced by a failover"
 
 
 def test_a_fenced_production_cluster_is_not_a_successor(tmp_path: Path) -> None:

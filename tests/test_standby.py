@@ -268,6 +268,7 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
     roles = read_clusters(pair["clusters"])
     assert (roles[STANDBY].production, roles[STANDBY].fenced) == (True, False)
     assert (roles[PRIMARY].production, roles[PRIMARY].fenced) == (False, True)
+    assert roles[PRIMARY].replaced_by == STANDBY
     assert result["clusters_file"]["written"] is True
     assert f"--old-primary {PRIMARY} --new-primary {STANDBY}" in result["next_steps"]
     assert (p.data_dir / "standby.signal").exists() and (p.data_dir / FENCE_MARKER).exists()
@@ -451,6 +452,7 @@ def test_after_the_failover_backups_locks_and_monitoring_follow_the_new_primary(
     try:
         refused = cli("backup", "--operator", "pytest", env=dict(os.environ))
         assert_one_line_error(refused, 2)
-        assert f"names cluster {PRIMARY} (fenced by a failover)" in refused.stderr
+        assert f"names cluster {PRIMARY}, replaced by a failover" in refused.stderr
+        assert f"{STANDBY} is not an unfenced production cluster" in refused.stderr
     finally:
         clusters_file.set_roles(pair["clusters"], {STANDBY: {"production": True}})

@@ -3,7 +3,8 @@
 The DSN setting lives in every worker's environment and names a server by host and port.
 A failover (``flows.failover``) cannot rewrite those environments, but it does rewrite the
 clusters file (:mod:`wedefi_dr.postgres.clusters_file`): the promoted cluster
-``production: true``, the old one ``production: false`` and ``fenced: true``. So every
+``production: true``, the old one ``production: false``, ``fenced: true`` and
+``replaced_by: <the promoted one>``. So every
 backup, lock, probe and check of the primary reads the DSN through :func:`primary_dsn`,
 which applies the file's roles to it:
 
@@ -11,18 +12,24 @@ which applies the file's roles to it:
   several hosts (libpq's ``target_session_attrs`` already picks the primary among them):
   the DSN as written;
 - the DSN names a production cluster: the DSN as written;
-- it names a cluster the file no longer calls production (fenced by a failover, or rejoined
-  as a standby afterwards) and exactly one unfenced production cluster exists: that
-  cluster's address, every other key of the DSN (user, dbname, passfile, sslmode, options)
-  kept, so credentials and TLS rules are the operator's as before;
-- it names a fenced cluster while no single unfenced production cluster exists, or a
-  demoted one while several do: :class:`PrimaryUnresolved`, before anything connects
-  (guessing would back up, lock or compare against the wrong server);
-- it names an unfenced non-production cluster in a file that marks no cluster production
-  (a file that does not use roles): the DSN as written.
+- it names a cluster a failover replaced (``replaced_by``, written with ``fenced: true`` and
+  kept through the rejoin that makes it a standby): the production cluster that chain of
+  failovers leads to. Following the recorded successor, rather than "the one production
+  cluster", keeps a file that describes several production clusters (a fleet's hosts)
+  unambiguous. The connection takes that cluster's address; every other key of the DSN
+  (user, dbname, passfile, sslmode, options) is kept, so credentials and TLS rules are the
+  operator's as before;
+- it names a fenced cluster with no successor recorded (a file edited by hand): the one
+  unfenced production cluster, if there is exactly one;
+- otherwise, while the DSN names a fenced cluster or a broken chain:
+  :class:`PrimaryUnresolved`, before anything connects (guessing would back up, lock or
+  compare against the wrong server);
+- it names an unfenced cluster that is not production and no failover replaced (another
+  database's cluster, a standby, a DR target): the DSN as written, where the operator
+  pointed it.
 
-A followed DSN is logged once per process (a warning: the setting should be updated when
-convenient, though nothing depends on it any more).
+A followed DSN is logged once per process and clusters file (a warning naming both clusters:
+the setting names a server that is not the primary any more).
 """
 
 from __future__ import annotations
@@ -129,6 +136,46 @@ def _distinct(handles: list[ClusterHandle]) -> list[ClusterHandle]:
     return list(seen.values())
 
 
+def _successor(
+    named: list[ClusterHandle], handles: dict[str, ClusterHandle]
+) -> ClusterHandle | None:
+    """The production cluster the failovers recorded in ``replaced_by`` lead to from
+    ``named``, or None when none recorded one; refused when the chain is broken."""
+    at = next((h for h in named if h.replaced_by), None)
+    if at is None:
+        return None
+    chain = [at.name]
+    while at.replaced_by:
+        if at.replaced_by not in handles or at.replaced_by in chain:
+            raise PrimaryUnresolved(
+                f"the clusters file's replaced_by chain {' -> '.join(chain)} -> "
+                f"{at.replaced_by} is broken (an undescribed cluster, or a loop): fix "
+                "replaced_by there, or point WEDEFI_DR_PRIMARY_DSN at the primary"
+            )
+        at = handles[at.replaced_by]
+        chain.append(at.name)
+        if at.production and not at.fenced:
+            return at
+    raise PrimaryUnresolved(
+        f"WEDEFI_DR_PRIMARY_DSN names cluster {chain[0]}, replaced by a failover "
+        f"({' -> '.join(chain)}), and {at.name} is not an unfenced production cluster: mark "
+        "the primary `production: true` in the clusters file, or point "
+        "WEDEFI_DR_PRIMARY_DSN at it"
+    )
+
+
+def _followed(
+    params: dict[str, str], host: str, names: str, to: ClusterHandle, why: str
+) -> Primary:
+    return Primary(
+        _moved(params, host, to),
+        cluster=to.name,
+        followed_from=names,
+        why=why,
+        address=f"{to.host}:{to.port}",
+    )
+
+
 def resolve(dsn: str, clusters_file: Path | None) -> Primary:
     """Apply the clusters file's roles to ``dsn`` (the rules are the module's docstring)."""
     if clusters_file is None:
@@ -146,19 +193,15 @@ def resolve(dsn: str, clusters_file: Path | None) -> Primary:
     if any(h.production and not h.fenced for h in named):
         return Primary(dsn, cluster=names)
     fenced = any(h.fenced for h in named)
-    production = _distinct([h for h in handles.values() if h.production and not h.fenced])
-    why = "fenced by a failover" if fenced else "not production in the clusters file"
-    if len(production) == 1:
-        new = production[0]
-        return Primary(
-            _moved(params, host, new),
-            cluster=new.name,
-            followed_from=names,
-            why=why,
-            address=f"{new.host}:{new.port}",
-        )
-    if not production and not fenced:
+    why = "fenced by a failover" if fenced else "replaced by a failover"
+    successor = _successor(named, handles)
+    if successor is not None:
+        return _followed(params, host, names, successor, why)
+    if not fenced:
         return Primary(dsn, cluster=names)
+    production = _distinct([h for h in handles.values() if h.production and not h.fenced])
+    if len(production) == 1:
+        return _followed(params, host, names, production[0], why)
     found = ", ".join(h.name for h in production) or "none"
     raise PrimaryUnresolved(
         f"WEDEFI_DR_PRIMARY_DSN names cluster {names} ({why}) and {clusters_file} does not "
