@@ -418,6 +418,7 @@ def test_after_the_failover_backups_locks_and_monitoring_follow_the_new_primary(
     from wedefi_dr.catalog import listing
     from wedefi_dr.postgres import clusters_file
     from wedefi_dr.postgres.fingerprint import fingerprint_tables
+    from wedefi_dr.postgres.primary import PrimaryUnresolved
     from wedefi_dr.storage.repository import open_store
     from wedefi_dr_cli.app import app
 
@@ -454,5 +455,7 @@ def test_after_the_failover_backups_locks_and_monitoring_follow_the_new_primary(
         assert_one_line_error(refused, 2)
         assert f"names cluster {PRIMARY}, replaced by a failover" in refused.stderr
         assert f"{STANDBY} is not an unfenced production cluster" in refused.stderr
+        with pytest.raises(PrimaryUnresolved):  # a scheduled run: failed, audited, notified
+            logical_backup(operator="pytest")
     finally:
         clusters_file.set_roles(pair["clusters"], {STANDBY: {"production": True}})
