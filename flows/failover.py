@@ -15,7 +15,9 @@
    and ``fenced: true`` (written atomically, audited; a file we may not write is named
    with the keys the operator must change)
 8. confirm the archive: a segment of the new timeline (after its ``.history``) archived
-9. audit row 'success'; report the new primary
+9. audit row 'success'; report the new primary, and whether backups and monitoring already
+   follow it (WEDEFI_DR_PRIMARY_DSN naming the old primary leads to the new one through the
+   clusters file, wedefi_dr.postgres.primary) or the setting must be changed by hand
 
 A failure between the fence and a finished promotion rolls back: the old primary is
 unfenced and started again if it ran (the standby, not promoted, stays a standby).
@@ -132,11 +134,7 @@ def failover(
     )
     new = request["standby"]
     address = f"{new['host']}:{new['port']}"
-    next_steps = (
-        f"point WEDEFI_DR_PRIMARY_DSN at {address} (backups and monitoring read it); "
-        f"rejoin the old primary as a standby: wedefi-dr standby rejoin --old-primary {primary} "
-        f"--new-primary {standby}"
-    )
+    next_steps = steps.next_steps(primary, standby, address)
     result = {
         "new_primary": standby,
         "new_primary_address": address,

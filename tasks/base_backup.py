@@ -19,9 +19,10 @@ from wedefi_dr.storage.repository import open_store
 def stream_base_backup(backup_id: str, operator: str) -> dict[str, Any]:
     """pg_basebackup -Ft -X fetch | gzip | gpg | multipart upload; returns the manifest
     (with PostgreSQL's own backup manifest), not yet written."""
-    settings = standby.backup_source(get_settings())
+    settings = get_settings()
+    source = standby.backup_source(settings)
     with host_slot(protected_cluster()):
-        manifest = basebackup.stream(settings, operator, backup_id)
+        manifest = basebackup.stream(settings, operator, backup_id, source)
     return manifest.model_dump(mode="json")
 
 

@@ -34,7 +34,7 @@ from wedefi_dr.observability import audit, health, metrics, notify, records
 from wedefi_dr.observability.audit import AuditRefused
 from wedefi_dr.postgres import locks
 from wedefi_dr.postgres.cluster import ClusterFenced
-from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.primary import primary_target
 from wedefi_dr.retention.batches import ArchiveConflict
 from wedefi_dr.runbook import Shared
 
@@ -317,11 +317,9 @@ def host_slot(location: str) -> Iterator[None]:
 
 
 def protected_database() -> str:
-    """``host:port/dbname`` of the primary: what the logical backup locks."""
-    settings = get_settings()
-    settings.require("primary_dsn")
-    dsn = settings.primary_dsn.get_secret_value()
-    return ConnTarget.parse(dsn, allow_password=True).location
+    """``host:port/dbname`` of the primary now (followed through a failover): what the
+    logical backup locks, so runs before and after a failover lock the server they load."""
+    return primary_target(get_settings()).location
 
 
 def protected_cluster() -> str:

@@ -33,6 +33,7 @@ from wedefi_dr.drtest.environments import DREnvironment, env_dir, provider_from_
 from wedefi_dr.drtest.restore import restore_into
 from wedefi_dr.errors import UnknownBackup
 from wedefi_dr.observability import drtest_metrics, metrics, notify
+from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.runbook import DRTest, timed
 from wedefi_dr.storage.repository import open_store
 
@@ -147,7 +148,7 @@ def benchmark(environment: dict[str, Any]) -> dict[str, Any]:
     # The benchmark's load is on the primary: it waits for the host like a backup does.
     with host_slot(protected_database()), timed() as t:
         result = run_benchmark(
-            settings.primary_dsn.get_secret_value(),
+            primary_dsn(settings),
             env.owner.conninfo,  # the copy's content runs as its unprivileged owner
             iterations=settings.dr_bench_iterations,
             max_ratio=settings.dr_bench_max_ratio,

@@ -10,10 +10,11 @@ from prefect import get_run_logger, task
 from tasks import timeouts
 from tasks.standby import handle, record_roles, resolve_pair
 from wedefi_dr.config import get_settings
-from wedefi_dr.errors import InvalidInput
+from wedefi_dr.errors import InvalidInput, SettingsMissing
 from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.physical import archiving, standby
 from wedefi_dr.postgres import clusters_file
+from wedefi_dr.postgres.primary import current_primary
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.runbook import Failover
 
@@ -112,7 +113,8 @@ def confirm_archive(request: dict[str, Any], timeline: int) -> dict[str, Any]:
 def update_clusters_file(
     request: dict[str, Any], operator: str, justification: str
 ) -> dict[str, Any]:
-    """After the promotion: restore-target policy, PITR and monitoring follow the flag."""
+    """After the promotion: backups, locks, monitoring, the restore-target policy and PITR
+    follow the flag (:mod:`wedefi_dr.postgres.primary`)."""
     old, new = request["primary"]["name"], request["standby"]["name"]
     return record_roles(
         lambda path: clusters_file.after_failover(path, old, new),
@@ -129,3 +131,27 @@ def roll_back(request: dict[str, Any], fenced: dict[str, Any]) -> str:
     )
     get_run_logger().warning(what)
     return what
+
+
+def next_steps(old: str, new: str, address: str) -> str:
+    """What is left for the operator, as the system now sees it: whether
+    ``WEDEFI_DR_PRIMARY_DSN`` already leads backups and monitoring to ``new`` (through the
+    clusters file just written) or must be pointed at ``address`` by hand (a DSN naming a
+    DNS name or a proxy the file does not describe, a file that could not be written)."""
+    rejoin = (
+        f"rejoin the old primary as a standby: wedefi-dr standby rejoin --old-primary {old} "
+        f"--new-primary {new}"
+    )
+    try:
+        now = current_primary(get_settings())
+    except (InvalidInput, SettingsMissing) as exc:
+        return f"point WEDEFI_DR_PRIMARY_DSN at {address} ({exc}); {rejoin}"
+    if new in (now.cluster or "").split("/"):
+        return (
+            f"nothing to change for backups and monitoring: WEDEFI_DR_PRIMARY_DSN now leads to "
+            f"{new} at {address} through the clusters file; {rejoin}"
+        )
+    return (
+        f"point WEDEFI_DR_PRIMARY_DSN at {address}: the server it names is not one the "
+        f"clusters file leads to {new} (backups and monitoring read it); {rejoin}"
+    )

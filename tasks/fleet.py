@@ -22,7 +22,7 @@ from wedefi_dr.config import get_settings
 from wedefi_dr.fleet import FleetDatabase, concurrency_limit_name, load_fleet
 from wedefi_dr.logical import backup
 from wedefi_dr.observability import audit
-from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.primary import primary_target
 from wedefi_dr.runbook import Fleet
 from wedefi_dr.storage.repository import open_store
 
@@ -58,7 +58,7 @@ def back_up_database(
         update={"primary_dsn": SecretStr(db.resolved_dsn()), "prefix": db.prefix}
     )
     ops = base.ops_dsn.get_secret_value()
-    location = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    location = primary_target(settings)
     log = get_run_logger()
     with concurrency(concurrency_limit_name(db.host), occupy=1, strict=True):
         log.info("%s: backup %s starting on host %s", db.name, backup_id, db.host)

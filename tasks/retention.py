@@ -20,6 +20,7 @@ from tasks import timeouts
 from tasks.common import retry_transient, scrub
 from wedefi_dr.config import get_settings
 from wedefi_dr.observability import audit, metrics
+from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.retention import batches, guard
 from wedefi_dr.retention import policy as retention
 from wedefi_dr.runbook import Retention
@@ -29,9 +30,7 @@ PROGRESS_EVERY_SECONDS = 5.0
 
 
 def _primary() -> str:
-    settings = get_settings()
-    settings.require("primary_dsn")
-    return settings.primary_dsn.get_secret_value()
+    return primary_dsn(get_settings())
 
 
 @task(

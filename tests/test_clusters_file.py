@@ -65,6 +65,7 @@ def test_operator_yaml_after_failover_and_rejoin_keeps_their_fields(tmp_path):
     rejoined = clusters_file.after_rejoin(path, "primary")
     assert rejoined["changes"] == ["primary.fenced: false"]
     assert read_clusters(path)["primary"].fenced is False
+    assert read_clusters(path)["primary"].replaced_by == "standby"  # still not the primary
     assert read_clusters(path)["standby"].production is True
 
 
@@ -86,6 +87,7 @@ def test_stack_json_stays_json(tmp_path):
         "port": 1,
         "production": False,
         "fenced": True,
+        "replaced_by": "standby",
     }
 
 
@@ -130,7 +132,7 @@ def test_a_file_we_may_not_write_is_left_whole_and_the_keys_are_named():
     assert done["operator_action"] == (
         f"the clusters file {path} could not be written (not writable by this user): set "
         "standby.production: true, primary.production: false, primary.fenced: true, "
-        "old-name.production: false in it by hand"
+        "primary.replaced_by: standby, old-name.production: false in it by hand"
     )
     assert path.read_text() == OPERATOR_YAML
     assert sorted(p.name for p in folder.iterdir()) == ["clusters.yaml"]

@@ -3,11 +3,14 @@
 The module makes its own primary and standby (small clusters in fast mode, described in a
 clusters file of their own, archiving into a prefix of their own), so the failover never
 touches the session's primary. The tests run in file order: stream the standby, stream WAL
-from the primary, then fail over.
+from the primary, fail over, rejoin, then back up with the setting still naming the old
+primary.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -123,7 +126,7 @@ def test_base_backup_reads_from_the_standby_when_configured(pair, env_override):
     with pytest.raises(InvalidInput, match="is not a standby"):
         standby.backup_source(get_settings())
     env_override(WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER=STANDBY)
-    assert f"port={s.port}" in standby.backup_source(get_settings()).primary_dsn.get_secret_value()
+    assert f"port={s.port}" in standby.backup_source(get_settings())
     manifest = base_backup(operator="pytest")
     assert manifest["system_identifier"] == str(
         sql1(p.dsn(), "SELECT system_identifier FROM pg_control_system()")
@@ -267,6 +270,7 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
     roles = read_clusters(pair["clusters"])
     assert (roles[STANDBY].production, roles[STANDBY].fenced) == (True, False)
     assert (roles[PRIMARY].production, roles[PRIMARY].fenced) == (False, True)
+    assert roles[PRIMARY].replaced_by == STANDBY
     assert result["clusters_file"]["written"] is True
     assert f"--old-primary {PRIMARY} --new-primary {STANDBY}" in result["next_steps"]
     assert (p.data_dir / "standby.signal").exists() and (p.data_dir / FENCE_MARKER).exists()
@@ -400,3 +404,60 @@ def test_rejoin_falls_back_to_a_fresh_base_backup_and_keeps_the_old_directory(pa
     p.stop("immediate")
     with pytest.raises(InvalidInput, match="was not stopped cleanly"):
         rejoin.check_request(p, s, "wedefi_standby")
+
+
+def test_after_the_failover_backups_locks_and_monitoring_follow_the_new_primary(pair, env_override):
+    """WEDEFI_DR_PRIMARY_DSN still names the old primary (stopped, fenced): the backup dumps
+    the new primary, the lock and `wedefi-dr status` name it; with no production cluster in
+    the file the backup is refused before anything runs."""
+    import psycopg2
+    from typer.testing import CliRunner
+
+    from flows.backup import logical_backup
+    from tasks.common import protected_database
+    from tasks.failover import next_steps
+    from tests.test_cli import assert_one_line_error, cli
+    from wedefi_dr.catalog import listing
+    from wedefi_dr.postgres import clusters_file
+    from wedefi_dr.postgres.fingerprint import fingerprint_tables
+    from wedefi_dr.postgres.primary import PrimaryUnresolved
+    from wedefi_dr.storage.repository import open_store
+    from wedefi_dr_cli.app import app
+
+    p, s = pair["primary"], pair["standby"]
+    clusters_file.after_failover(pair["clusters"], PRIMARY, STANDBY)  # as the failover left it
+    if p.is_running():
+        p.stop("immediate")
+    env_override(WEDEFI_DR_PRIMARY_DSN=p.dsn())
+    marker = f"only-on-the-new-primary-{uuid.uuid4().hex[:8]}"
+    sql1(s.dsn(), f"INSERT INTO acks VALUES (30, '{marker}')")
+
+    backup_id = logical_backup(operator="pytest")
+    manifest = listing.resolve(open_store(get_settings()), backup_id)
+    assert (manifest.source.host, manifest.source.port) == (s.host, s.port)
+    with psycopg2.connect(s.dsn()) as conn:
+        on_new = fingerprint_tables(conn, sequences=False)["public.acks"]
+    conn.close()
+    assert manifest.tables["public.acks"] == on_new
+    assert on_new["rows"] == sql1(s.dsn(), "SELECT count(*) FROM acks")
+    assert protected_database() == f"{s.host}:{s.port}/postgres"
+    shown = CliRunner().invoke(app, ["status", "--json"])
+    assert shown.exit_code in (0, 1), shown.output  # 1: an alert fires (this pair's archive)
+    assert json.loads(shown.stdout)["primary"] == {
+        "location": f"{s.host}:{s.port}/postgres",
+        "cluster": STANDBY,
+        "followed_from": PRIMARY,
+        "in_recovery": False,
+    }
+    assert "nothing to change for backups" in next_steps(PRIMARY, STANDBY, f"{s.host}:{s.port}")
+
+    clusters_file.set_roles(pair["clusters"], {STANDBY: {"production": False}})
+    try:
+        refused = cli("backup", "--operator", "pytest", env=dict(os.environ))
+        assert_one_line_error(refused, 2)
+        assert f"names cluster {PRIMARY}, replaced by a failover" in refused.stderr
+        assert f"{STANDBY} is not an unfenced production cluster" in refused.stderr
+        with pytest.raises(PrimaryUnresolved):  # a scheduled run: failed, audited, notified
+            logical_backup(operator="pytest")
+    finally:
+        clusters_file.set_roles(pair["clusters"], {STANDBY: {"production": True}})

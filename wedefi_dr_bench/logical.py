@@ -49,6 +49,7 @@ from rich.table import Table
 from wedefi_dr.config import Settings, apply_prefect_run_defaults, get_settings
 from wedefi_dr.errors import DRError
 from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
+from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
 from wedefi_dr_bench.memory import SAMPLE_SECONDS, SELF_KIND, RssSampler, rss_by_kind
@@ -439,7 +440,7 @@ class BenchRun:
 def prepare(settings: Settings, scale: float, reuse: bool, say: Callable[[str], None]) -> BenchRun:
     """The seeded bench database, a work folder on the spool disk, the memory sampler."""
     settings.require("primary_dsn", "ops_dsn", "gpg_passphrase")
-    server_dsn = settings.primary_dsn.get_secret_value()
+    server_dsn = primary_dsn(settings)
     apply_prefect_run_defaults()
     say(f"server {ConnTarget.parse(_maintenance(server_dsn), allow_password=True).redacted}")
     database = ensure_seeded(server_dsn, scale, reuse, say)

@@ -25,6 +25,7 @@ from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError
 from wedefi_dr.observability.stats import percentile
 from wedefi_dr.postgres.conninfo import with_dbname
+from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.retention import batches
 from wedefi_dr.retention import policy as retention
@@ -109,7 +110,7 @@ def run(
 ) -> dict[str, Any]:
     """Build, measure the writer alone, then archive with the writer running; drop the db."""
     settings.require("primary_dsn")
-    admin = settings.primary_dsn.get_secret_value()
+    admin = primary_dsn(settings)
     now = datetime.now(UTC).replace(tzinfo=None)
     t0 = time.monotonic()
     dsn = build(admin, rows, now)

@@ -110,9 +110,12 @@ def ready(
 
     In this order, so the message names the first thing to fix: ``settings`` set
     (``SettingsMissing``), PostgreSQL ``tools`` installed (``ToolNotFound``), the servers of
-    the DSN settings in ``servers`` accepting connections (``ServerUnreachable``).
+    the DSN settings in ``servers`` accepting connections (``ServerUnreachable``): for
+    ``primary_dsn`` the primary it leads to now (:mod:`wedefi_dr.postgres.primary`; a DSN
+    the clusters file cannot lead to one primary is bad input).
     """
     from wedefi_dr.config import get_settings
+    from wedefi_dr.postgres.primary import primary_dsn
     from wedefi_dr.postgres.tools import connect, tool
 
     s = get_settings()
@@ -120,7 +123,8 @@ def ready(
     for name in tools:
         tool(name)
     for name in servers:
-        with connect(getattr(s, name).get_secret_value(), application_name="wedefi-dr check"):
+        dsn = primary_dsn(s) if name == "primary_dsn" else getattr(s, name).get_secret_value()
+        with connect(dsn, application_name="wedefi-dr check"):
             pass
     return s
 

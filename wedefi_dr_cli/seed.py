@@ -29,12 +29,13 @@ def seed(
     A ``--reset`` drops data: when the ops database is configured, the reset (or its
     refusal) is on the audit record like any other overwrite."""
     from wedefi_dr.errors import InvalidInput
+    from wedefi_dr.postgres.primary import primary_dsn
     from wedefi_dr_dev import seed as seeding
 
     if not scale > 0:  # before prepare: a reset must not drop tables it cannot refill
         raise InvalidInput(f"--scale must be positive, got {scale!r}")
     settings = ready(settings=("primary_dsn",), servers=("primary_dsn",))
-    dsn = settings.primary_dsn.get_secret_value()
+    dsn = primary_dsn(settings)
     with _audited_reset(settings, reset, operator or settings.operator, justification):
         seeding.prepare(dsn, reset=reset, scale=scale)
     counts = seeding.seed(dsn, scale)
@@ -50,11 +51,11 @@ def _audited_reset(settings: Settings, reset: bool, operator: str, why: str) -> 
         return
     from wedefi_dr.errors import InvalidInput
     from wedefi_dr.observability import audit
-    from wedefi_dr.postgres.conninfo import ConnTarget
+    from wedefi_dr.postgres.primary import primary_target
 
     require_text(why, "--justification", "why reset it (audit log)")
     ops = settings.ops_dsn.get_secret_value()
-    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    target = primary_target(settings)
     audit_id = audit.recovery_started(
         ops,
         recovery_type="seed_reset",

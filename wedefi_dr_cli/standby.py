@@ -211,13 +211,15 @@ def wal_stream(
     from wedefi_dr.physical import walreceiver
     from wedefi_dr.physical.standby import validate_slot
     from wedefi_dr.postgres.conninfo import ConnTarget
+    from wedefi_dr.postgres.primary import primary_dsn
 
     settings = ready(settings=("primary_dsn", "gpg_passphrase"), tools=("pg_receivewal",))
-    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    dsn = primary_dsn(settings)
+    target = ConnTarget.parse(dsn, allow_password=True)
     where = Path(directory or settings.wal_stream_dir or settings.spool_path / "wal-stream")
     stream = walreceiver.WalStream(
         settings,
-        settings.primary_dsn.get_secret_value(),
+        dsn,
         where,
         validate_slot(slot or settings.wal_stream_slot),
         synchronous=settings.wal_stream_synchronous if synchronous is None else synchronous,

@@ -43,6 +43,15 @@ def status(
 
 def render(r: dict[str, Any]) -> None:
     table = Table("what", "newest", "when (UTC)", "age", "state", title=f"database {r['database']}")
+    p = r["primary"]
+    followed = f" (WEDEFI_DR_PRIMARY_DSN names {p['followed_from']})" if p["followed_from"] else ""
+    table.add_row(
+        "primary",
+        f"{p['cluster'] or ''} {p['location']}{followed}".strip(),
+        "",
+        "",
+        "[red]in recovery: not a primary[/red]" if p["in_recovery"] else "ok",
+    )
     for kind, b in r["backups"].items():
         table.add_row(
             f"{kind} backup",

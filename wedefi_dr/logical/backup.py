@@ -38,6 +38,7 @@ from wedefi_dr.postgres.fingerprint import (
     fingerprint_tables,
     sequence_fingerprints,
 )
+from wedefi_dr.postgres.primary import primary_target
 from wedefi_dr.postgres.tools import tool, tool_major_version
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.pipeline import EncryptedUpload, Producer
@@ -84,7 +85,7 @@ def source_info(conn: Any) -> SourceInfo:
 def preflight(settings: Settings) -> dict[str, Any]:
     """Server reachable, pg_dump new enough, bucket writable, passphrase set."""
     settings.require("primary_dsn", "ops_dsn", "gpg_passphrase")
-    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    target = primary_target(settings)
     try:
         conn = psycopg2.connect(target.conninfo, connect_timeout=10)
     except psycopg2.OperationalError as exc:
@@ -140,7 +141,7 @@ def check_gpg_params(settings: Settings) -> None:
 
 def dump_encrypt_upload(settings: Settings, backup_id: str, operator: str) -> BackupManifest:
     """Run the streaming pass and return the manifest it proves (not yet written)."""
-    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    target = primary_target(settings)
     store = open_store(settings)
     data_key = listing.data_key(store, backup_id)
     params = encryption.GpgParams.from_settings(settings)

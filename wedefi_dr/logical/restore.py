@@ -71,6 +71,7 @@ from wedefi_dr.postgres.fingerprint import (
     session_table_queries,
     table_entry,
 )
+from wedefi_dr.postgres.primary import primary_target
 from wedefi_dr.postgres.tools import child_env, connect, tool
 from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.pipeline import widen_pipe
@@ -221,10 +222,9 @@ def _production_reason(
         if target.dbname == source.dbname:
             return f"it is the database backup {manifest.backup_id} was taken from"
         return f"it is on the server backup {manifest.backup_id} was taken from"
-    primary_dsn = settings.primary_dsn.get_secret_value()
-    if primary_dsn:
-        primary = ConnTarget.parse(primary_dsn, allow_password=True)
+    if settings.primary_dsn.get_secret_value():
         try:
+            primary = primary_target(settings)
             primary_identity = _server_identity(primary, "the production primary")
         except InvalidInput as exc:
             # Production being down is when restores run; a target this process can

@@ -20,6 +20,7 @@ from wedefi_dr.observability.catalog_ages import CatalogState, catalog_state
 from wedefi_dr.observability.metrics import MetricSet
 from wedefi_dr.observability.pgstats import Archiver, ServerState, Slot, Standby, server_state
 from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.primary import primary_dsn
 
 BACKUP_KINDS = ("logical", "base")
 # The database label of base backups (flow ``base-backup``): a base backup copies the whole
@@ -86,7 +87,7 @@ def collect(settings: Settings) -> Health:
         collected_at=time.time(),
         database=database_label(settings),
         rpo_seconds=settings.rpo_seconds,
-        server=server_state(settings.primary_dsn.get_secret_value()),
+        server=server_state(primary_dsn(settings)),
         catalog=catalog_state(settings),
         backups={kind: records.backup_totals(ops, kind) for kind in BACKUP_KINDS},
         dr_test=records.dr_tests(ops),

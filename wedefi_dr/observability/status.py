@@ -1,5 +1,6 @@
-"""``wedefi-dr status`` in data: the newest backups and their ages, the recoverable window,
-the archive, the DR copy's lag, the last DR test and its RTO, and what alerts fire.
+"""``wedefi-dr status`` in data: the primary it reached (and, after a failover, which
+cluster the setting was followed from), the newest backups and their ages, the recoverable
+window, the archive, the DR copy's lag, the last DR test and its RTO, and what alerts fire.
 
 Firing alerts come from Alertmanager's API when ``alertmanager_url`` is set (what pages
 are open), otherwise from the same evaluation the monitor flow runs without Prometheus.
@@ -17,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import ServerUnreachable
 from wedefi_dr.observability import alerts, health
+from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.primary import current_primary
 
 
 def _age(now: float, then: float | None) -> float | None:
@@ -76,9 +79,16 @@ def status(settings: Settings) -> dict[str, Any]:
     else:
         firing, source = [x.as_dict() for x in alerts.evaluate(h, settings)], "direct evaluation"
     rto = published_value(settings, "rto_seconds", database=h.database)
+    primary = current_primary(settings)
     return {
         "database": h.database,
         "collected_at": now,
+        "primary": {
+            "location": ConnTarget.parse(primary.dsn, allow_password=True).location,
+            "cluster": primary.cluster,
+            "followed_from": primary.followed_from,
+            "in_recovery": h.server.in_recovery,
+        },
         "backups": {
             "logical": {
                 "newest": c.newest_logical_id,

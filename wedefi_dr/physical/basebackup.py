@@ -42,6 +42,7 @@ from wedefi_dr.catalog.manifest import ObjectInfo, new_backup_id
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import BackupFailed, ToolNotFound, UnknownBackup
 from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.postgres.tools import tool
 from wedefi_dr.storage import encryption
 from wedefi_dr.storage.pipeline import EncryptedUpload, Producer, widen_pipe
@@ -259,11 +260,14 @@ def write_manifest(store: Repository, manifest: BaseBackupManifest) -> str:
     return key
 
 
-def stream(settings: Settings, operator: str, backup_id: str) -> BaseBackupManifest:
-    """Stream a base backup of the primary into the store; returns its manifest, not yet
-    written (a base backup exists only once :func:`write_manifest` ran)."""
+def stream(
+    settings: Settings, operator: str, backup_id: str, source_dsn: str | None = None
+) -> BaseBackupManifest:
+    """Stream a base backup of ``source_dsn``'s cluster (default: the primary now) into the
+    store; returns its manifest, not yet written (a base backup exists only once
+    :func:`write_manifest` ran)."""
     settings.require("primary_dsn", "gpg_passphrase")
-    target = ConnTarget.parse(settings.primary_dsn.get_secret_value(), allow_password=True)
+    target = ConnTarget.parse(source_dsn or primary_dsn(settings), allow_password=True)
     store = open_store(settings)
     compression = settings.base_backup_compression
     key = data_key(store, backup_id, compression)

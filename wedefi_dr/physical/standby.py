@@ -31,8 +31,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
-
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.postgres.cluster import (
@@ -43,6 +41,7 @@ from wedefi_dr.postgres.cluster import (
     conf_quote,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.storage.secretfiles import replace_secret_file
 
@@ -464,15 +463,15 @@ def drop_slot(primary: ClusterHandle, slot: str) -> bool:
         return cur.rowcount > 0
 
 
-def backup_source(settings: Settings) -> Settings:
-    """The settings a base backup reads with: the primary's, or, with
-    ``WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER`` set, the standby's (pgBackRest's
+def backup_source(settings: Settings) -> str:
+    """The DSN a base backup reads from: the primary now, or, with
+    ``WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER`` set, that standby's (pgBackRest's
     backup-standby: the copy's I/O lands on the standby, not on the primary). The standby
     must have replayed WAL written with ``full_page_writes=on`` (PostgreSQL refuses
     otherwise, and says so)."""
     name = settings.base_backup_source_cluster
     if not name:
-        return settings
+        return primary_dsn(settings)
     source = cluster_handle(settings.clusters_file, name)
     with connect(source.dsn(), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_is_in_recovery()")
@@ -481,4 +480,4 @@ def backup_source(settings: Settings) -> Settings:
                 f"base_backup_source_cluster {name!r} is not a standby (not in recovery): "
                 "unset it to back up the primary"
             )
-    return settings.model_copy(update={"primary_dsn": SecretStr(source.dsn())})
+    return source.dsn()

@@ -120,6 +120,10 @@ class ClusterHandle(BaseModel):
     # Set by a failover on the old primary (its data directory carries FENCE_MARKER too),
     # cleared by the rejoin that makes it a standby again (wedefi_dr.postgres.clusters_file).
     fenced: bool = False
+    # The cluster a failover promoted in this one's place: set with ``fenced``, kept through
+    # the rejoin, cleared when this one is promoted again. A DSN naming this cluster leads
+    # to the primary along it (wedefi_dr.postgres.primary).
+    replaced_by: str | None = None
 
     # ---- where things are ---------------------------------------------------------------
     @property

@@ -3,7 +3,9 @@
 The clusters file (:mod:`wedefi_dr.postgres.cluster`) says which cluster is production,
 and the restore-target policy, PITR's break-glass rule and the monitor read that flag. So
 after a promotion the file must say so: the new primary ``production: true``, the old one
-``production: false`` and ``fenced: true``; a rejoin clears ``fenced`` again.
+``production: false``, ``fenced: true`` and ``replaced_by: <the new primary>`` (where a DSN
+naming it now leads, :mod:`wedefi_dr.postgres.primary`); a rejoin clears ``fenced`` again
+and keeps ``replaced_by``, since the rejoined standby is still not where the primary is.
 
 The file may be the stack's JSON or a YAML file an operator wrote by hand, with comments,
 fields in their own order and clusters this product never touches. A change edits only the
@@ -26,7 +28,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from wedefi_dr.postgres.cluster import ClustersFileInvalid, read_clusters
+from wedefi_dr.postgres.cluster import ClusterHandle, ClustersFileInvalid, read_clusters
 
 
 def _round_trip() -> YAML:
@@ -57,14 +59,25 @@ def _dump(document: Any, as_json: bool) -> str:
     return out.getvalue()
 
 
-def _changes_needed(document: Any, changes: Mapping[str, Mapping[str, bool]]) -> list[str]:
-    """``cluster.key: value`` for every key whose value differs from what is asked."""
+Role = bool | str | None
+
+
+def _shown(value: Role) -> str:
+    """``value`` as the operator would write it in the file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else value
+
+
+def _changes_needed(document: Any, changes: Mapping[str, Mapping[str, Role]]) -> list[str]:
+    """``cluster.key: value`` for every key whose value differs from what is asked (a key
+    the file leaves out has the description's default)."""
     needed = []
     for name, fields in changes.items():
         entry = document.get(name) or {}
         for key, value in fields.items():
-            if entry.get(key, False) != value:
-                needed.append(f"{name}.{key}: {'true' if value else 'false'}")
+            if entry.get(key, ClusterHandle.model_fields[key].default) != value:
+                needed.append(f"{name}.{key}: {_shown(value)}")
     return needed
 
 
@@ -94,8 +107,8 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-def set_roles(path: Path, changes: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
-    """Set the boolean role keys ``changes`` names (``{cluster: {"production": True}}``).
+def set_roles(path: Path, changes: Mapping[str, Mapping[str, Role]]) -> dict[str, Any]:
+    """Set the role keys ``changes`` names (``{cluster: {"production": True}}``).
 
     Every cluster named must be described. A cluster sharing a data directory with one
     set ``production: false`` loses the flag too (:func:`read_clusters` would otherwise
@@ -123,7 +136,9 @@ def set_roles(path: Path, changes: Mapping[str, Mapping[str, bool]]) -> dict[str
     for name, fields in wanted.items():
         entry = document[name]
         for key, value in fields.items():
-            if value or key in entry:
+            if value is None:
+                entry.pop(key, None)
+            elif value or key in entry:
                 entry[key] = value
     try:
         write_atomically(path, _dump(document, as_json))
@@ -145,12 +160,13 @@ def set_roles(path: Path, changes: Mapping[str, Mapping[str, bool]]) -> dict[str
 
 
 def after_failover(path: Path, old_primary: str, new_primary: str) -> dict[str, Any]:
-    """The promoted cluster is production; the old primary is fenced and is not."""
+    """The promoted cluster is production; the old primary is fenced, is not, and names the
+    cluster that replaced it (what a DSN naming it follows to)."""
     return set_roles(
         path,
         {
-            new_primary: {"production": True, "fenced": False},
-            old_primary: {"production": False, "fenced": True},
+            new_primary: {"production": True, "fenced": False, "replaced_by": None},
+            old_primary: {"production": False, "fenced": True, "replaced_by": new_primary},
         },
     )
 
