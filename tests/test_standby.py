@@ -377,6 +377,24 @@ def test_rejoin_rewinds_the_fenced_old_primary_into_a_streaming_standby_keeping_
     assert roles[STANDBY].production is True
 
 
+def test_base_backup_source_follows_the_failover_to_the_rejoined_standby(pair, env_override):
+    """The setting still names the standby the failover promoted: the base backup reads
+    from the rejoined old primary, which streams from it, and from the primary itself when
+    no standby streams (said in the log); it is never refused for the promotion."""
+    p, s = pair["primary"], pair["standby"]
+    env_override(WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER=STANDBY)
+    assert f"port={p.port}" in standby.backup_source(get_settings())
+    p.stop()
+    try:
+        poll(
+            "the rejoined standby gone from pg_stat_replication",
+            lambda: not standby.streaming_standbys(s, read_clusters(pair["clusters"])),
+        )
+        assert f"port={s.port}" in standby.backup_source(get_settings())
+    finally:
+        p.start()
+
+
 def test_rejoin_falls_back_to_a_fresh_base_backup_and_keeps_the_old_directory(pair):
     """When pg_rewind cannot work (here: told the cluster has no hint bits logged), the old
     directory is moved aside still fenced and pg_basebackup re-provisions the standby."""

@@ -23,6 +23,7 @@ WAL), fences it, then promotes the standby. The fence is two things:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -39,11 +40,14 @@ from wedefi_dr.postgres.cluster import (
     chown_to,
     cluster_handle,
     conf_quote,
+    read_clusters,
 )
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.primary import primary_dsn
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.storage.secretfiles import replace_secret_file
+
+log = logging.getLogger(__name__)
 
 SLOT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 PASSFILE_NAME = "replication.pgpass"
@@ -346,14 +350,19 @@ def _log_tail(cluster: ClusterHandle, lines: int = 6) -> str:
     return " | ".join(text[-lines:])
 
 
+def in_recovery(cluster: ClusterHandle) -> bool:
+    """The running server's own word: a standby (or a recovering copy) or not."""
+    with connect(cluster.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        return bool(cur.fetchone()[0])
+
+
 def check_is_standby(standby: ClusterHandle) -> None:
     """Refuse a failover onto a server that is not a running standby."""
-    with connect(standby.dsn(), autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_is_in_recovery()")
-        if not cur.fetchone()[0]:
-            raise InvalidInput(
-                f"cluster {standby.name} is not in recovery: it is no standby to promote"
-            )
+    if not in_recovery(standby):
+        raise InvalidInput(
+            f"cluster {standby.name} is not in recovery: it is no standby to promote"
+        )
 
 
 def configure_archiving(standby: ClusterHandle, archive_command: str) -> None:
@@ -468,16 +477,60 @@ def backup_source(settings: Settings) -> str:
     ``WEDEFI_DR_BASE_BACKUP_SOURCE_CLUSTER`` set, that standby's (pgBackRest's
     backup-standby: the copy's I/O lands on the standby, not on the primary). The standby
     must have replayed WAL written with ``full_page_writes=on`` (PostgreSQL refuses
-    otherwise, and says so)."""
+    otherwise, and says so).
+
+    A failover promotes the standby the setting names, and the setting stays behind in
+    every worker's environment. The clusters file records the promotion (the old primary's
+    ``replaced_by``), so then the backup reads from a standby streaming from the promoted
+    cluster (the rejoined old primary), else from the promoted cluster itself, and says so: the
+    scheduled base backup after a failover still runs. A named cluster that is not in
+    recovery and was not promoted is a mistake in the setting, and is refused."""
     name = settings.base_backup_source_cluster
     if not name:
         return primary_dsn(settings)
     source = cluster_handle(settings.clusters_file, name)
-    with connect(source.dsn(), autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_is_in_recovery()")
-        if not cur.fetchone()[0]:
-            raise InvalidInput(
-                f"base_backup_source_cluster {name!r} is not a standby (not in recovery): "
-                "unset it to back up the primary"
-            )
+    if in_recovery(source):
+        return source.dsn()
+    handles = read_clusters(settings.clusters_file) if settings.clusters_file else {}
+    if not any(h.replaced_by == name for h in handles.values()):
+        raise InvalidInput(
+            f"base_backup_source_cluster {name!r} is not a standby (not in recovery): "
+            "unset it to back up the primary"
+        )
+    for standby in streaming_standbys(source, handles):
+        log.warning(
+            "base_backup_source_cluster %s was promoted by a failover: backing up %s, "
+            "which streams from it",
+            name,
+            standby.name,
+        )
+        return standby.dsn()
+    log.warning(
+        "base_backup_source_cluster %s was promoted by a failover and no standby streams "
+        "from it: backing up %s itself, the primary now",
+        name,
+        name,
+    )
     return source.dsn()
+
+
+def streaming_standbys(
+    primary: ClusterHandle, handles: dict[str, ClusterHandle]
+) -> list[ClusterHandle]:
+    """The unfenced clusters of the file streaming from ``primary`` now (its
+    ``pg_stat_replication``, by ``application_name``: each standby's cluster name), in
+    recovery by their own account, sorted by name."""
+    with connect(primary.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")
+        names = sorted({row[0] for row in cur.fetchall()})
+    found = []
+    for name in names:
+        handle = handles.get(name)
+        if handle is None or handle.fenced or name == primary.name:
+            continue
+        try:
+            if in_recovery(handle):
+                found.append(handle)
+        except Exception as exc:  # a standby we cannot reach is no source
+            log.warning("standby %s streams but cannot be reached: %s", name, exc)
+    return found
