@@ -16,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from tasks import timeouts
@@ -95,7 +96,14 @@ def attempt_scoped_uuid(purpose: str) -> str:
 
 def run_created_at() -> datetime:
     """When this flow run was created. A Retry (UI or ``prefect flow-run retry``) moves the
-    scheduled start time, not this, so ids built on it stay the same across retries."""
+    scheduled start time, not this, so ids built on it stay the same across retries.
+
+    Taken from the run the engine already holds (it read or created it on starting), so a
+    flow pays no client and no API round trip for it; asked of the API only where no flow
+    run context is at hand."""
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None and context.flow_run.created:
+        return context.flow_run.created
     run_id = flow_run.get_id()
     if not run_id:
         return datetime.now(UTC)

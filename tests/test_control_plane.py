@@ -24,9 +24,10 @@ import pytest
 
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings, host_concurrency_limit
+from wedefi_dr.postgres.tools import connect
 from wedefi_dr.runbook import DRTest, LogicalBackup
 from wedefi_dr.storage.s3 import ObjectStore
-from wedefi_dr_dev.stack import WORK_POOL, Stack, pid_alive
+from wedefi_dr_dev.stack import PREFECT_DB, WORK_POOL, Stack, pid_alive
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 SCREENSHOTS = OUTPUT / "screenshots"
@@ -222,6 +223,11 @@ def test_deploy_registers_every_flow_with_schedules_and_a_host_limit(
             host_concurrency_limit(f"127.0.0.1:{stack.primary.port}")
         )
         assert limit.limit == 1 and limit.active
+    # The server keeps its state in PostgreSQL on the ops cluster, where a slot taken while
+    # it records task states waits for a row lock instead of failing "database is locked".
+    with connect(stack.ops.admin_dsn(PREFECT_DB)) as conn, conn.cursor() as cur:
+        cur.execute('SELECT "limit" FROM concurrency_limit_v2 WHERE name = %s', (limit.name,))
+        assert cur.fetchall() == [(1,)]
 
 
 def test_run_button_backup_completes_on_the_worker(

@@ -46,7 +46,12 @@ from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 from rich.console import Console
 from rich.table import Table
 
-from wedefi_dr.config import Settings, apply_prefect_run_defaults, get_settings
+from wedefi_dr.config import (
+    Settings,
+    apply_prefect_run_defaults,
+    get_settings,
+    host_concurrency_limit,
+)
 from wedefi_dr.errors import DRError
 from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
 from wedefi_dr.postgres.primary import primary_dsn
@@ -357,6 +362,38 @@ def warm_up_prefect() -> float:
     return time.perf_counter() - t0
 
 
+@contextmanager
+def host_limit_in_place(server_dsn: str) -> Iterator[dict[str, Any]]:
+    """The primary host's global concurrency limit for the flow phases, as ``stack deploy``
+    creates it (one slot) when the server has none, so the flows take, renew and give back
+    a slot as every deployed run does rather than run the cheaper no-limit path. A limit
+    the bench created is deleted afterwards; an existing one is left as it was."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    name = host_concurrency_limit(ConnTarget.parse(server_dsn, allow_password=True).location)
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            existing = None
+        if existing is None:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    record = {
+        "name": name,
+        "limit": existing.limit if existing else 1,
+        "active": existing.active if existing else True,
+        "created_by_bench": existing is None,
+    }
+    try:
+        yield record
+    finally:
+        if existing is None:
+            with get_client(sync_client=True) as client:
+                client.delete_global_concurrency_limit_by_name(name)
+
+
 def fingerprint_seconds(dsn: str) -> float:
     """Time the per-table row counts and content hashes alone (the flow runs them
     concurrently with pg_dump, in pg_dump's snapshot), to show what they cost."""
@@ -428,6 +465,7 @@ class BenchRun:
     python_rss: dict[str, int] = field(default_factory=dict)
     backup_id: str | None = None
     restore_result: dict[str, Any] = field(default_factory=dict)
+    host_limit: dict[str, Any] = field(default_factory=dict)
 
     def dsn(self, name: str) -> str:
         return with_dbname(self.server_dsn, name)
@@ -511,14 +549,26 @@ def run_bare_phases(run: BenchRun) -> None:
 def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
     """The backup and restore flows on the same database, after a throwaway flow has started
     Prefect's ephemeral API (its start-up is not billed to either flow)."""
-    say, times, sizes = run.say, run.times, run.sizes
     run.python_rss["before_prefect_warm_up"] = rss_by_kind()[SELF_KIND]
-    say("Prefect warm-up flow (ephemeral API start-up, not counted)")
-    times["prefect_warm_up"] = warm_up_prefect()
+    run.say("Prefect warm-up flow (ephemeral API start-up, not counted)")
+    run.times["prefect_warm_up"] = warm_up_prefect()
+    with host_limit_in_place(run.server_dsn) as limit:
+        run.host_limit = limit
+        run.say(
+            f"host concurrency limit {limit['name']} (created by the bench: "
+            f"{limit['created_by_bench']})"
+        )
+        _flow_round_trips(run, keep_backup)
+
+
+def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
+    """The backup and restore flows, to S3 and then to a posix repository."""
     from flows.backup import logical_backup
     from flows.restore import restore_backup
     from wedefi_dr.catalog import listing
     from wedefi_dr.storage.repository import open_store
+
+    say, times, sizes = run.say, run.times, run.sizes
 
     with _settings_with(WEDEFI_DR_PRIMARY_DSN=run.dsn(BENCH_DB)):
         flow_settings = get_settings()
@@ -622,6 +672,8 @@ NOTES = [
     "table in the restore transaction before COMMIT (timed apart); the bare restore reads "
     "a plaintext dump from a local file and verifies nothing.",
     "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
+    "The flows take a slot of the primary host's global concurrency limit, as deployed "
+    "runs do (host_limit: created for the run and deleted after when the server had none).",
     "The moto and PostgreSQL server processes are excluded from the memory figures.",
 ]
 
@@ -673,6 +725,7 @@ def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
             "samples": sampler.samples,
             "sample_seconds": SAMPLE_SECONDS,
         },
+        "host_limit": run.host_limit,
         "rows_verified": run.restore_result.get("rows"),
         "tables_verified": run.restore_result.get("tables"),
         "notes": NOTES,

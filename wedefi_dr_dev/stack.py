@@ -14,9 +14,13 @@ lives in one folder (``.stack/`` in the project, or ``$WEDEFI_DR_STACK_DIR``), w
   so ``down`` loses them. ``posix``: a directory (``repo/`` here, or a given path) that
   ``down`` keeps; ``down --purge-repo`` removes the stack's own one.
 - ``pushgateway``: Debian's Prometheus Pushgateway, where every run pushes its metrics.
-- ``prefect``: the control plane, ``prefect server start`` on loopback (its SQLite database
-  and ``PREFECT_HOME`` in the stack's folder) and a ``process`` worker for the local work
-  pool, so every run (CLI, schedule, UI) lands in one history the UI shows.
+- ``prefect``: the control plane, ``prefect server start`` on loopback (``PREFECT_HOME`` in
+  the stack's folder, its database ``prefect`` on the ops cluster) and a ``process`` worker
+  for the local work pool, so every run (CLI, schedule, UI) lands in one history the UI
+  shows. PostgreSQL, not SQLite: on SQLite a slot of a global concurrency limit taken while
+  the server records the run's task states fails with "database is locked" (a deferred
+  transaction cannot upgrade to a write), the API answers 503 and the client backs off
+  2 s, 4 s, ... before trying again.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+from psycopg2 import sql
 from pydantic import Field, SecretStr
 
 from wedefi_dr.config import PROJECT_ROOT, Settings, host_concurrency_limit
@@ -59,6 +64,9 @@ from wedefi_dr_dev import approvers
 
 PRIMARY_DB = "wedefi"
 OPS_DB = "wedefi_ops"
+# The Prefect server's database on the ops cluster and the role that owns it.
+PREFECT_DB = "prefect"
+PREFECT_DB_ROLE = "prefect_server"
 SCRATCH_CLUSTER = "pitr-scratch"
 STANDBY_CLUSTER = "standby"
 # The settings' defaults: the stack creates exactly what an unconfigured run expects.
@@ -140,11 +148,15 @@ class Cluster(ClusterHandle):
     def init(self) -> None:
         self.initdb(self.password, self.extra_conf, fast=self.fast)
 
-    def create_database(self, name: str) -> None:
+    def create_database(self, name: str, owner: str | None = None) -> None:
+        """``name`` when missing, owned by ``owner`` (the superuser when None)."""
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if owner is not None:
+            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
         with connect(self.admin_dsn(), autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{name}"')
+                cur.execute(statement)
 
 
 class Stack:
@@ -294,19 +306,16 @@ class Stack:
         self.state["control_plane"] = self.control_plane
         self._configure_repo()
         (self.root / "pg").mkdir(exist_ok=True)
-        if self.control_plane:  # takes longest to answer: started first, awaited last
+        _start(self.ops)  # first: the Prefect server keeps its database there
+        if self.control_plane:  # takes longest to answer: started early, awaited last
             self._spawn_prefect_server()
-        # S3 first: the primary's archive_command pushes to it from its first segment on.
+        # S3 before the primary: its archive_command pushes to it from its first segment on.
         self._start_s3()
         self._create_buckets()
         self._start_pushgateway()
         primary = self.primary
         primary.extra_conf = self.archiving_conf(primary)
-        for cluster in (primary, self.ops):
-            if not cluster.initialized():
-                cluster.init()
-            if not cluster.is_running():
-                cluster.start()
+        _start(primary)
         self.cluster(SCRATCH_CLUSTER)  # the default target of `wedefi-dr pitr run`
         primary.create_database(PRIMARY_DB)
         self.ops.create_database(OPS_DB)
@@ -506,7 +515,7 @@ class Stack:
     def down(self) -> list[str]:
         """Stop everything the stack started — its clusters, including those recovered into
         by PITR, and the S3 endpoint — each by its own PID; the data stays."""
-        stopped = []
+        stopped = self.stop_prefect()  # first: the server's database is on the ops cluster
         if self.stop_wal_stream():
             stopped.append("wal-stream (pg_receivewal)")
         for name, cluster in self._all_clusters().items():
@@ -526,7 +535,6 @@ class Stack:
         self.state.pop("s3_pid", None)
         if self._stop_pushgateway():
             stopped.append("pushgateway")
-        stopped += self.stop_prefect()
         self._save()
         return stopped
 
@@ -578,6 +586,10 @@ class Stack:
         lines.append(
             f"127.0.0.1:{self.ops.port}:{OPS_DB}:{audit.APP_ROLE}:"
             f"{self._secret('ops_app_password')}"
+        )
+        lines.append(
+            f"127.0.0.1:{self.ops.port}:{PREFECT_DB}:{PREFECT_DB_ROLE}:"
+            f"{self._secret('prefect_db_password')}"
         )
         replace_secret_file(self.root, self.pgpass.name, "\n".join(lines) + "\n")
 
@@ -776,16 +788,31 @@ class Stack:
             return False
         return True
 
+    def prefect_database_url(self) -> str:
+        """The server's database on the ops cluster. No password in the URL: asyncpg reads
+        it from the stack's pgpass (``PGPASSFILE``), as libpq does for every other role."""
+        return f"postgresql+asyncpg://{PREFECT_DB_ROLE}@127.0.0.1:{self.ops.port}/{PREFECT_DB}"
+
+    def _install_prefect_database(self) -> None:
+        """The server's own role and database on the (running) ops cluster, and the role's
+        line in the pgpass; the server creates its tables when it starts."""
+        ops = self.ops
+        _start(ops)
+        approvers.create_login(
+            ops.admin_dsn(), PREFECT_DB_ROLE, self._secret("prefect_db_password"), approver=False
+        )
+        ops.create_database(PREFECT_DB, owner=PREFECT_DB_ROLE)
+        self._write_pgpass()
+
     def _spawn_prefect_server(self) -> None:
         if pid_alive(self.state.get("prefect_server_pid")):
             return
+        self._install_prefect_database()
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         log = (self.root / "prefect-server.log").open("ab")
         env = self._prefect_env(
             {
-                "PREFECT_API_DATABASE_CONNECTION_URL": (
-                    f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
-                ),
+                "PREFECT_API_DATABASE_CONNECTION_URL": self.prefect_database_url(),
                 "PREFECT_SERVER_API_HOST": "127.0.0.1",
                 "PREFECT_SERVER_API_PORT": str(self.prefect_port),
             }
@@ -914,6 +941,14 @@ class Stack:
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"prefect deploy --all failed:\n{exc.stdout}\n{exc.stderr}") from exc
         return [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
+
+
+def _start(cluster: Cluster) -> None:
+    """``cluster`` initialised and running, whatever it was."""
+    if not cluster.initialized():
+        cluster.init()
+    if not cluster.is_running():
+        cluster.start()
 
 
 def _stop_group(pid: int | None) -> bool:
