@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from wedefi_dr.catalog import listing
@@ -228,6 +229,16 @@ def test_deploy_registers_every_flow_with_schedules_and_a_host_limit(
     with connect(stack.ops.admin_dsn(PREFECT_DB)) as conn, conn.cursor() as cur:
         cur.execute('SELECT "limit" FROM concurrency_limit_v2 WHERE name = %s', (limit.name,))
         assert cur.fetchall() == [(1,)]
+    # The server runs no flow: none of the stack's secrets is in its environment (or its
+    # children's), which any process of its user could read.
+    server = psutil.Process(stack.state["prefect_server_pid"])
+    secrets = {k: v for k, v in stack.env().items() if "PASSPHRASE" in k or "SECRET" in k}
+    assert len(secrets) >= 3 and all(secrets.values())
+    for process in (server, *server.children(recursive=True)):
+        environ = process.environ()
+        assert "PREFECT_API_DATABASE_CONNECTION_URL" in environ  # readable: the check can fail
+        shown = "\n".join(environ.values())
+        assert [k for k, v in secrets.items() if v in shown] == []
 
 
 def test_run_button_backup_completes_on_the_worker(

@@ -57,7 +57,7 @@ from wedefi_dr.postgres.cluster import (
     read_clusters,
     write_clusters,
 )
-from wedefi_dr.postgres.tools import connect, running_as_root
+from wedefi_dr.postgres.tools import child_env, connect, running_as_root
 from wedefi_dr.storage import repository
 from wedefi_dr.storage.secretfiles import replace_secret_file
 from wedefi_dr_dev import approvers
@@ -804,20 +804,38 @@ class Stack:
         ops.create_database(PREFECT_DB, owner=PREFECT_DB_ROLE)
         self._write_pgpass()
 
+    def _server_env(self) -> dict[str, str]:
+        """The Prefect server's environment: the Prefect settings, the locale and PATH, and
+        a passfile holding its own database login only. None of the stack's secrets (the
+        gpg passphrase, the AWS keys, the other roles' passwords): the server runs no flow,
+        and a process's environment is readable by every process of its user."""
+        passfile = replace_secret_file(
+            self.root,
+            "prefect-server.pgpass",
+            f"127.0.0.1:{self.ops.port}:{PREFECT_DB}:{PREFECT_DB_ROLE}:"
+            f"{self._secret('prefect_db_password')}\n",
+        )
+        env = {
+            k: v
+            for k, v in self._prefect_env().items()
+            if k.startswith("PREFECT_") or k == "HOME" or k in child_env()
+        }
+        env.pop("PREFECT_API_URL", None)  # the server is the API; it needs no client URL
+        env.update(
+            PGPASSFILE=str(passfile),
+            PREFECT_API_DATABASE_CONNECTION_URL=self.prefect_database_url(),
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(self.prefect_port),
+        )
+        return env
+
     def _spawn_prefect_server(self) -> None:
         if pid_alive(self.state.get("prefect_server_pid")):
             return
         self._install_prefect_database()
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         log = (self.root / "prefect-server.log").open("ab")
-        env = self._prefect_env(
-            {
-                "PREFECT_API_DATABASE_CONNECTION_URL": self.prefect_database_url(),
-                "PREFECT_SERVER_API_HOST": "127.0.0.1",
-                "PREFECT_SERVER_API_PORT": str(self.prefect_port),
-            }
-        )
-        env.pop("PREFECT_API_URL")  # the server is the API; it needs no client URL
+        env = self._server_env()
         proc = subprocess.Popen(
             [self._prefect_bin(), "server", "start", "--host", "127.0.0.1"]
             + ["--port", str(self.prefect_port)],
