@@ -202,7 +202,8 @@ class Stack:
     def _port(self, key: str) -> int:
         port = self.state.get(key)
         if not port:
-            port = self.state[key] = free_port()
+            taken = {v for k, v in self.state.items() if k.endswith("_port")}
+            port = self.state[key] = free_port(taken)
             self._save()
         return port
 

@@ -31,7 +31,7 @@ import pwd
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,22 @@ def chown_to(path: Path, os_user: str = "postgres") -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now, for a new scratch cluster."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(taken: Collection[int] = ()) -> int:
+    """A TCP port free on loopback now and not in ``taken``: ports handed out already to
+    servers still starting are free to the kernel until they bind them, and it may offer
+    one again (the stack once gave its Prefect server and its Pushgateway one port)."""
+    held: list[socket.socket] = []
+    try:
+        while True:
+            s = socket.socket()
+            held.append(s)  # kept bound until the end, so the next bind gets another port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in taken:
+                return port
+    finally:
+        for s in held:
+            s.close()
 
 
 def os_user_kwargs(os_user: str = "postgres") -> dict[str, Any]:
