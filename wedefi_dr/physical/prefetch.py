@@ -186,12 +186,11 @@ def main(argv: list[str]) -> int:
         print("usage: prefetch.py [--prime] --env-file FILE NAME DEST", file=sys.stderr)
         return 128
     env_file, name, dest = argv[1], argv[2], argv[3]
+    spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
     if prime:
-        spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
         refill(env_file, spool, name, int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8")))
         return 0 if _prefetcher_alive(spool) else 1
     try:
-        spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
         spooled = SEGMENT_RE.match(name) and (
             from_spool(spool, name, dest)
             or (wait_for_prefetcher(spool, name) and from_spool(spool, name, dest))

@@ -30,7 +30,7 @@ from typing import Any
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DRError, InvalidInput
 from wedefi_dr.physical import standby, wal
-from wedefi_dr.physical.pitr.recovery import move_aside, push_unarchived
+from wedefi_dr.physical.pitr.recovery import backup_label_start, move_aside, push_unarchived
 from wedefi_dr.physical.walnames import lsn_to_int, segment_file, segment_number, segment_of
 from wedefi_dr.postgres.cluster import FENCE_MARKER, ClusterHandle, chown_to, os_user_kwargs
 from wedefi_dr.postgres.tools import child_env, connect
@@ -220,12 +220,8 @@ def segment_timeline(begins: dict[int, int], segno: int, segment_bytes: int) -> 
 def _replay_start(data_dir: Path, control: dict[str, str]) -> int:
     """Where the rewound cluster's recovery begins: pg_rewind's ``backup_label`` when it
     wrote one, else the last checkpoint's redo position."""
-    label = data_dir / "backup_label"
-    if label.exists():
-        for line in label.read_text().splitlines():
-            if line.startswith("START WAL LOCATION:"):
-                return lsn_to_int(line.split(":", 1)[1].split()[0])
-    return lsn_to_int(control["Latest checkpoint's REDO location"])
+    start = backup_label_start(data_dir)
+    return start[0] if start else lsn_to_int(control["Latest checkpoint's REDO location"])
 
 
 def complete_new_timeline_wal(

@@ -37,7 +37,7 @@ from wedefi_dr.physical.archiving import PREFETCH_SCRIPT
 from wedefi_dr.physical.basebackup import BaseBackupManifest
 from wedefi_dr.physical.pitr.target import RecoveryTarget
 from wedefi_dr.physical.pitr.verify import BaseBackupRefused, verify_staged
-from wedefi_dr.physical.walnames import segment_file, segment_number
+from wedefi_dr.physical.walnames import lsn_to_int, segment_file, segment_number
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import child_env, connect
@@ -345,17 +345,26 @@ def write_recovery_settings(
     return {k: v for k, v in settings.items() if k != "restore_command"}
 
 
-def first_segment(data_dir: Path) -> str | None:
-    """The WAL file replay starts from, as the base backup's ``backup_label`` names it
-    (None without one: a stopped copy recovers from its own checkpoint)."""
+def backup_label_start(data_dir: Path) -> tuple[int, str] | None:
+    """Where replay starts, as ``backup_label`` says (a base backup's or pg_rewind's): the
+    position and the WAL file holding it. None without one (a stopped copy recovers from
+    its own checkpoint) or when the line is not in the expected form."""
     label = data_dir / "backup_label"
     if not label.exists():
         return None
     for line in label.read_text().splitlines():
         if line.startswith("START WAL LOCATION:") and "(file " in line:
+            lsn = line.split(":", 1)[1].split()[0]
             name = line.split("(file ", 1)[1].rstrip(")").strip()
-            return name if wal.SEGMENT_RE.match(name) else None
+            return (lsn_to_int(lsn), name) if wal.SEGMENT_RE.match(name) else None
     return None
+
+
+def first_segment(data_dir: Path) -> str | None:
+    """The WAL file replay starts from, as ``backup_label`` names it (see
+    :func:`backup_label_start`)."""
+    start = backup_label_start(data_dir)
+    return start[1] if start else None
 
 
 def prime_prefetch(cluster: ClusterHandle, restore_env: Path, segment_bytes: int) -> bool:
@@ -365,11 +374,10 @@ def prime_prefetch(cluster: ClusterHandle, restore_env: Path, segment_bytes: int
     running a full ``wal-fetch``. Best effort: False when nothing was started, and replay
     fetches as it always can."""
     first = first_segment(cluster.data_dir)
-    if first is None or segment_number(first, segment_bytes) == 0:
+    number = segment_number(first, segment_bytes) if first else 0
+    if first is None or number == 0:
         return False
-    before = segment_file(
-        int(first[:8], 16), segment_number(first, segment_bytes) - 1, segment_bytes
-    )
+    before = segment_file(int(first[:8], 16), number - 1, segment_bytes)
     dest = cluster.data_dir / "pg_wal" / "RECOVERYXLOG"
     result = subprocess.run(
         [
