@@ -293,7 +293,7 @@ def test_failover_break_glass_fences_the_old_primary_and_archives_timeline_2(pai
 def new_timeline_fork_segment(primary: ClusterHandle) -> str:
     """The new timeline's first segment: the one holding the switch point, which the old
     primary's own WAL also has under its old timeline with a divergent tail."""
-    timeline = sql1(primary.dsn(), "SELECT timeline_id FROM pg_control_checkpoint()")
+    timeline = int(sql1(primary.dsn(), "SELECT pg_walfile_name(pg_current_wal_lsn())")[:8], 16)
     history = (primary.data_dir / "pg_wal" / f"{timeline:08X}.history").read_text()
     switch_lsn = history.strip().splitlines()[-1].split()[1]
     return walnames.segment_of(timeline, switch_lsn, get_settings().wal_segment_bytes)

@@ -238,7 +238,8 @@ def complete_new_timeline_wal(
     the ones before it come from the archive when the new primary no longer has them.
     """
     with connect(new_primary.dsn(), autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT timeline_id FROM pg_control_checkpoint()")
+        # The timeline WAL is written on now (the last checkpoint's lags a fresh promotion).
+        cur.execute("SELECT ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int")
         (timeline,) = cur.fetchone()
         name = f"{timeline:08X}.history"
         history = ""
