@@ -16,7 +16,12 @@ from wedefi_dr.config import Settings
 from wedefi_dr.errors import VerificationFailed
 from wedefi_dr.logical import backup, restore
 from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
-from wedefi_dr.postgres.fingerprint import is_table_entry
+from wedefi_dr.postgres.fingerprint import (
+    FINGERPRINT_METHOD,
+    TEXT_METHOD,
+    fingerprint_tables,
+    is_table_entry,
+)
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.s3 import ObjectStore
 from wedefi_dr_dev.seed import SAMPLE_WALLET_ADDRESS
@@ -216,6 +221,45 @@ def test_a_restore_that_differs_from_its_manifest_is_rolled_back_naming_the_tabl
                 match=r'rolled back: odd "schema"\.Dotted\.Name: same row count, different',
             ):
                 restore.decrypt_and_restore(settings, lying, spool, second)
+            assert restore.user_tables(second) == 0
+    finally:
+        store.delete(manifest.object.key)
+
+
+def test_a_backup_fingerprinted_by_the_text_method_still_restores_verified(
+    settings: Settings, store: ObjectStore, scratch_dsn: str, tmp_path
+):
+    """A manifest written before the typed row hash (TEXT_METHOD) is verified by the method
+    it names: its restore commits when the rows match, and rolls back when they do not."""
+    admin = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    with new_database(admin, f"src_{target.dbname}") as source:
+        with connect(source) as conn, conn.cursor() as cur:
+            cur.execute(
+                "CREATE TABLE typed (id serial, v numeric(36, 18), at timestamp(3)); "
+                "INSERT INTO typed (v, at) SELECT i / 7.0, now() FROM generate_series(1, 300) i"
+            )
+        ours = settings.model_copy(update={"primary_dsn": SecretStr(source)})
+        manifest = backup.dump_encrypt_upload(ours, new_backup_id(), "pytest")
+        with connect(source) as conn:
+            text = fingerprint_tables(conn, method=TEXT_METHOD)
+    try:
+        assert manifest.fingerprint_method == FINGERPRINT_METHOD
+        older = manifest.model_copy(update={"fingerprint_method": TEXT_METHOD, "tables": text})
+        assert text["public.typed"] != manifest.tables["public.typed"]
+        spool = restore.fetch_verified(settings, older, tmp_path / "a")
+        proven = restore.decrypt_and_restore(settings, older, spool, target)
+        assert proven.tables["public.typed"] == text["public.typed"]
+        assert restore.verify(older, target, proven)["rows"] == 300
+
+        wrong = {**text, "public.typed": manifest.tables["public.typed"]}  # the typed hash
+        spool = restore.fetch_verified(settings, older, tmp_path / "b")
+        with new_database(admin, f"{target.dbname}_b") as second_dsn:
+            second = ConnTarget.parse(second_dsn, allow_password=True)
+            with pytest.raises(VerificationFailed, match="public.typed: same row count"):
+                restore.decrypt_and_restore(
+                    settings, older.model_copy(update={"tables": wrong}), spool, second
+                )
             assert restore.user_tables(second) == 0
     finally:
         store.delete(manifest.object.key)

@@ -6,7 +6,13 @@ import json
 
 from wedefi_dr.observability.audit import scrub
 from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
-from wedefi_dr.postgres.fingerprint import compare, fingerprint_tables
+from wedefi_dr.postgres.fingerprint import (
+    TEXT_METHOD,
+    TYPED_METHOD,
+    USER_TABLES_SQL,
+    compare,
+    fingerprint_tables,
+)
 from wedefi_dr.postgres.tools import connect
 
 
@@ -49,6 +55,74 @@ def test_hash_ignores_order_and_sees_every_change(settings):
     assert compare(base, _make(admin, "fp_e", rows[:-1])) == [
         "public.T: 49 rows, the backup holds 50"
     ]
+
+
+def _fresh(admin_dsn: str, name: str) -> str:
+    with connect(with_dbname(admin_dsn, "postgres"), autocommit=True) as conn:
+        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.cursor().execute(f'CREATE DATABASE "{name}"')
+    return with_dbname(admin_dsn, name)
+
+
+def test_rows_hash_by_their_types_where_equality_is_identity_else_by_their_text(settings):
+    """The typed row hash is chosen only for tables whose every column type has a hash
+    function and an equality that is identity (equal values print the same); any other
+    column keeps the whole table on the text hash: json (no hash function), jsonb and
+    undeclared-scale numeric (1.5 = 1.50), float (-0 = 0), interval ('1 day' = '24 hours'),
+    a nondeterministic collation. Both methods see a change in any column, and they give
+    different digests."""
+    dsn = _fresh(settings.primary_dsn.get_secret_value(), "fp_types")
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TYPE mood AS ENUM ('calm', 'alert'); "
+            "CREATE DOMAIN usd AS numeric(36, 18); "
+            "CREATE COLLATION nocase (provider = icu, locale = 'und-u-ks-level2', "
+            "deterministic = false); "
+            "CREATE TABLE typed (id int8, tags text[], m mood, v usd, w numeric(10, 2), "
+            "at timestamptz, b bytea, ok bool, u uuid); "
+            "CREATE TABLE with_json (id int, j json); "
+            "CREATE TABLE with_jsonb (id int, j jsonb); "
+            "CREATE TABLE with_numeric (id int, v numeric); "
+            "CREATE TABLE with_float (id int, f float8); "
+            "CREATE TABLE with_interval (id int, span interval); "
+            "CREATE TABLE with_interval_array (id int, spans interval[]); "
+            "CREATE TABLE with_nocase (id int, name text COLLATE nocase); "
+            "INSERT INTO typed VALUES (1, '{a,b}', 'calm', 1.5, 2.25, '2026-01-01 00:00+00', "
+            "'\\x00ff', true, gen_random_uuid()); "
+            """INSERT INTO with_json VALUES (1, '{"k": 1}'); """
+            """INSERT INTO with_jsonb VALUES (1, '{"k": 1.5}'); """
+            "INSERT INTO with_numeric VALUES (1, 1.5); "
+            "INSERT INTO with_float VALUES (1, 0); "
+            "INSERT INTO with_interval VALUES (1, '1 day'); "
+            "INSERT INTO with_interval_array VALUES (1, '{1 day}'); "
+            "INSERT INTO with_nocase VALUES (1, 'Alice')"
+        )
+        cur.execute(USER_TABLES_SQL)
+        found = {t: typed for _, t, typed in cur.fetchall()}
+    assert found == {"typed": True} | {t: False for t in found if t != "typed"}, found
+    assert len(found) == 8
+    with connect(dsn) as conn:
+        typed, text = fingerprint_tables(conn), fingerprint_tables(conn, method=TEXT_METHOD)
+    assert typed["public.typed"]["content_hash"] != text["public.typed"]["content_hash"]
+    changes = {
+        "typed": "UPDATE typed SET tags = '{a,c}'",
+        "with_json": """UPDATE with_json SET j = '{"k":  1}'""",  # only the spacing
+        "with_jsonb": """UPDATE with_jsonb SET j = '{"k": 1.50}'""",
+        "with_numeric": "UPDATE with_numeric SET v = 1.50",
+        "with_float": "UPDATE with_float SET f = '-0'",
+        "with_interval": "UPDATE with_interval SET span = '24 hours'",
+        "with_nocase": "UPDATE with_nocase SET name = 'alice'",
+    }
+    for table, change in changes.items():
+        with connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute(change)
+        with connect(dsn) as conn:
+            for method, before in ((TYPED_METHOD, typed), (TEXT_METHOD, text)):
+                after = fingerprint_tables(conn, method=method)
+                assert compare(before, after) == [
+                    f"public.{table}: same row count, different content"
+                ], (method, table)
+                before.update(after)
 
 
 def test_redaction_of_dsns_and_messages():

@@ -62,8 +62,8 @@ from wedefi_dr.errors import (
 from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import (
-    FINGERPRINT_METHOD,
     FINGERPRINT_SETTINGS,
+    METHODS,
     compare,
     fingerprint_extras,
     fingerprint_tables,
@@ -291,10 +291,10 @@ def assess(settings: Settings, request: RestoreRequest) -> tuple[BackupManifest,
         raise InvalidInput("--target-dsn must name a database (dbname=...)")
     settings.require("ops_dsn", "gpg_passphrase")
     manifest = listing.resolve(open_store(settings), request.backup_id)
-    if manifest.fingerprint_method != FINGERPRINT_METHOD:
+    if manifest.fingerprint_method not in METHODS:
         raise InvalidInput(
             f"backup {manifest.backup_id} was fingerprinted with {manifest.fingerprint_method!r}; "
-            f"this version computes {FINGERPRINT_METHOD!r}, so a restore could not be verified. "
+            f"this version computes {', '.join(METHODS)}, so a restore could not be verified. "
             "Restore it with the version that took it, or by hand (README: break-glass)."
         )
     return manifest, check_target(settings, request.target, manifest, overwrite=request.overwrite)
@@ -477,10 +477,11 @@ def decrypt_and_restore(
                 f"nothing was committed to {target.location}: {restore_err.last()}"
             )
         marker = uuid.uuid4().hex
-        _write_all(sql_write, _verification_script(results_fd, marker).encode())
+        method = manifest.fingerprint_method
+        _write_all(sql_write, _verification_script(results_fd, marker, method).encode())
         with os.fdopen(results_read, "rb") as results:
             results_read = -1
-            read = _read_results(results, marker)
+            read = _read_results(results, marker, method)
         if read is None:
             psql.wait()
             raise RestoreFailed(
@@ -516,7 +517,7 @@ def decrypt_and_restore(
     return Restored(tables=restored, verify_seconds=round(verify_seconds, 3))
 
 
-def _verification_script(results_fd: int, marker: str) -> str:
+def _verification_script(results_fd: int, marker: str, method: str) -> str:
     """psql commands, run after the restored script and before COMMIT, that write to the
     results pipe (psql inherited it as ``results_fd``) the server's clock, each table's
     fingerprint as a JSON array, then ``marker`` and the clock again: the results are
@@ -533,7 +534,7 @@ def _verification_script(results_fd: int, marker: str) -> str:
         "RESET search_path;\n"
         f"{FINGERPRINT_SETTINGS};\n"
         f"SELECT 'started ' || {clock};\n"
-        f"{session_table_queries()} \\gexec\n"
+        f"{session_table_queries(method)} \\gexec\n"
         f"SELECT '{marker} ' || {clock};\n"
         "\\o\n"
     )
@@ -548,16 +549,16 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _read_results(results, marker: str) -> tuple[Fingerprints, float] | None:
-    """The tables' fingerprints psql wrote and the seconds they took, or None when psql
-    stopped before the marker."""
+def _read_results(results, marker: str, method: str) -> tuple[Fingerprints, float] | None:
+    """The tables' fingerprints psql wrote (computed by ``method``) and the seconds they
+    took, or None when psql stopped before the marker."""
     found: Fingerprints = {}
     started = None
     for raw in results:
         line = raw.decode().strip()
         if line.startswith("["):
             name, rows, total = json.loads(line)
-            found[name] = table_entry(rows, total)
+            found[name] = table_entry(rows, total, method)
         elif line.startswith("started "):
             started = float(line.split()[1])
         elif line.startswith(marker + " ") and started is not None:
@@ -599,10 +600,11 @@ def verify(
     target either way.
     """
     with connect(target.conninfo) as conn:
+        method = manifest.fingerprint_method
         if restored is None:
-            actual = fingerprint_tables(conn)
+            actual = fingerprint_tables(conn, method=method)
         else:
-            actual = {**restored.tables, **fingerprint_extras(conn)}
+            actual = {**restored.tables, **fingerprint_extras(conn, method)}
     problems = compare(manifest.tables, actual)
     if problems:
         raise VerificationFailed(
