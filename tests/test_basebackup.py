@@ -79,3 +79,56 @@ def test_by_hand_restore_of_a_compressed_base_backup_passes_pg_verifybackup(
     finally:
         subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "gpg-agent"], check=False)
         store.delete(manifest.object.key)
+
+
+# Where each frame format says it carries a checksum of its content: zstd's frame header
+# descriptor (the byte after the magic), bit 2; lz4's FLG byte, bit 2.
+FRAME_MAGIC = {"zstd": bytes.fromhex("28b52ffd"), "lz4": bytes.fromhex("04224d18")}
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_staging_relies_on_frame_checksums_that_are_there_and_checked(
+    settings: Settings, store: ObjectStore, tmp_path: Path, compression: str
+):
+    """The staging does not hash the tar again (the object's sha256 and gpg's MDC prove the
+    compressed stream): what proves the decompression is the frame's content checksum, so
+    the stream must carry it, and a stream whose content does not match it is refused."""
+    from wedefi_dr.physical.pitr import recovery
+    from wedefi_dr.physical.pitr.verify import BaseBackupRefused
+    from wedefi_dr.storage import encryption
+
+    chosen = settings.model_copy(
+        update={"base_backup_compression": compression, "prefix": f"test-ck-{uuid.uuid4().hex[:8]}"}
+    )
+    manifest = basebackup.take(chosen, "test")
+    chosen_store = ObjectStore(chosen)
+    passphrase = settings.gpg_passphrase.get_secret_value()
+    try:
+        cipher = tmp_path / "object.gpg"
+        recovery.download_cipher(chosen_store, manifest, tmp_path / "spool").rename(cipher)
+        packed, _ = encryption.start_decrypt(passphrase, cipher).communicate()
+        magic = FRAME_MAGIC[compression]
+        assert packed.startswith(magic)
+        assert packed[len(magic)] & 0b100, f"{compression} frame without a content checksum"
+
+        # The same stream with its content checksum wrong (the frame's last 4 bytes), then
+        # encrypted again: gpg is satisfied, the decompressor is not.
+        forged = packed[:-1] + bytes([packed[-1] ^ 0xFF])
+        params = encryption.GpgParams.from_settings(settings, compress_algo="none")
+        reencrypted, _ = encryption.start_encrypt(passphrase, params).communicate(forged)
+        cipher.write_bytes(reencrypted)
+        dest = tmp_path / "data"
+        dest.mkdir()
+        sink = recovery._TarSink(dest, "root")
+        with pytest.raises(BaseBackupRefused, match=f"{compression} of the decrypted stream"):
+            recovery.stream_plaintext(chosen, chosen_store, manifest, cipher, sink, "forged")
+
+        cipher.write_bytes(encryption.start_encrypt(passphrase, params).communicate(packed)[0])
+        clean = tmp_path / "clean"
+        clean.mkdir()
+        sink = recovery._TarSink(clean, "root")
+        recovery.stream_plaintext(chosen, chosen_store, manifest, cipher, sink, "intact")
+        assert (clean / "PG_VERSION").exists()
+    finally:
+        for obj in list(chosen_store.list_keys(chosen.prefix)):
+            chosen_store.delete(obj["Key"])

@@ -4,7 +4,7 @@ pgBackRest's ``--delta`` and Barman's ``--delta-restore`` refresh a cluster from
 without rewriting the files that already hold the backup's bytes: a DR replica or a
 scratch cluster refreshed from last night's base backup, a PITR retried after a failure.
 Here the backup still streams whole through the same checks as a full staging (object
-sha256, gpg's status, the tar's sha256 and size; :func:`recovery.stream_plaintext`), but
+sha256, gpg's status, the decompressor's checksums; :func:`recovery.stream_plaintext`), but
 each file of the tar is compared with the file already in place while it streams: equal
 bytes are not written; at the first difference the file is rewritten beside the old one
 (the equal prefix copied from it, the rest from the stream) and renamed over it. Files the

@@ -77,18 +77,17 @@ def staging_dir(cluster: ClusterHandle) -> Path:
     return cluster.data_dir.with_name(f"{cluster.data_dir.name}.pitr-staging")
 
 
-def _pump_hashed(source: IO[bytes], sink: IO[bytes], *, gunzip: bool) -> tuple[str, int]:
-    """``source`` (gunzipped when ``gunzip``; else a decompressor's output already) into
-    ``sink``; the sha256 and size of the tar that went through."""
-    inflate = zlib.decompressobj(31) if gunzip else None
+def _gunzip_hashed(source: IO[bytes], sink: IO[bytes]) -> tuple[str, int]:
+    """``source`` gunzipped into ``sink``; the sha256 and size of the tar that went through."""
+    inflate = zlib.decompressobj(31)
     digest, size = hashlib.sha256(), 0
     try:
         while chunk := source.read(READ_CHUNK):
-            tar = inflate.decompress(chunk) if inflate is not None else chunk
+            tar = inflate.decompress(chunk)
             digest.update(tar)
             size += len(tar)
             sink.write(tar)
-        tail = inflate.flush() if inflate is not None else b""
+        tail = inflate.flush()
         digest.update(tail)
         size += len(tail)
         sink.write(tail)
@@ -150,48 +149,63 @@ def stream_plaintext(
     sink: Any,
     what: str,
 ) -> None:
-    """The downloaded ``cipher`` decrypted (the passphrase its manifest's key id picks),
-    decompressed and hashed on its way into ``sink`` (``.stdin``, ``.wait()`` -> error or
-    None, ``.kill()``), then every check of the stream: gpg's status (encrypted before a
-    byte reaches the sink, intact at the end), the tar's sha256 and size against the
-    manifest, and the sink's own error."""
+    """The downloaded ``cipher`` decrypted (the passphrase its manifest's key id picks) and
+    decompressed into ``sink`` (``.stdin`` an OS pipe, ``.wait()`` -> error or None,
+    ``.kill()``), then every check of the stream: gpg's status (encrypted before a byte
+    reaches the sink, intact at the end), the decompressor's, and the sink's own error.
+
+    zstd and lz4 write straight into the sink's pipe: the tar is not hashed again on its
+    way, since every byte of it is already proven. The ciphertext's sha256 matched the
+    authenticated manifest before this runs, gpg's MDC proves the decryption, each zstd
+    and lz4 frame carries its content checksum (on by default in both tools, checked as
+    they decompress), and ``pg_verifybackup`` then checks every file against the
+    authenticated ``backup_manifest``. Hashing the tar in this process cost as much as the
+    rest of the restore. An in-process gzip stream (earlier backups) is still hashed and
+    held to the manifest's plaintext sha256 and size: this process inflates it anyway."""
     unpack_argv = basebackup.decompressor_argv(basebackup.compression_of(manifest))
     gpg = encryption.start_decrypt(backup_passphrase(settings, store, manifest), cipher)
     unpack = None
     try:
         gpg.require_encrypted()  # before the sink gets a byte
-        source = gpg.stdout
-        if unpack_argv is not None:  # zstd -d or lz4 -d reads gpg's output directly
+        if unpack_argv is not None:
             unpack = subprocess.Popen(
-                unpack_argv, stdin=gpg.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                unpack_argv, stdin=gpg.stdout, stdout=sink.stdin, stderr=subprocess.PIPE
             )
             gpg.stdout.close()
-            source = unpack.stdout
-        try:
-            sha, size = _pump_hashed(source, sink.stdin, gunzip=unpack is None)
-        except (zlib.error, BrokenPipeError) as exc:
-            sink.kill()
-            gpg.kill()
-            raise BaseBackupRefused(
-                f"{what}: decompressing/tar of the decrypted stream failed: {exc}"
-                + (f" ({error})" if (error := sink.wait()) else "")
-            ) from exc
-        if unpack is not None and unpack.wait() != 0:
-            sink.kill()
-            gpg.kill()
+            sink.stdin.close()
             unpack_err = unpack.stderr.read().decode(errors="replace")
-            raise BaseBackupRefused(
-                f"{what}: {unpack_argv[0]} of the decrypted stream failed: {unpack_err[-300:]}"
-            )
+            if unpack.wait() != 0:
+                sink.kill()
+                if gpg.wait() != 0:  # gpg ended the stream: its error names the cause
+                    raise encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
+                raise BaseBackupRefused(
+                    f"{what}: {unpack_argv[0]} of the decrypted stream failed: "
+                    f"{unpack_err.strip()[-300:]}"
+                    + (f" ({error})" if (error := sink.wait()) else "")
+                )
+            checked = None
+        else:
+            try:
+                checked = _gunzip_hashed(gpg.stdout, sink.stdin)
+            except (zlib.error, BrokenPipeError) as exc:
+                sink.kill()
+                gpg.kill()
+                raise BaseBackupRefused(
+                    f"{what}: decompressing/tar of the decrypted stream failed: {exc}"
+                    + (f" ({error})" if (error := sink.wait()) else "")
+                ) from exc
         sink_error = sink.wait()
         gpg_err = gpg.stderr.read()
         if gpg.wait() != 0:
             raise encryption.decrypt_error(gpg.returncode, gpg_err)
         gpg.require_authentic()
-        if (sha, size) != (manifest.plaintext_sha256, manifest.plaintext_size_bytes):
+        if checked is not None and checked != (
+            manifest.plaintext_sha256,
+            manifest.plaintext_size_bytes,
+        ):
             raise BaseBackupRefused(
-                f"{what}: plaintext check failed: the decrypted tar has sha256 {sha} and "
-                f"{size} bytes, its manifest says {manifest.plaintext_sha256} and "
+                f"{what}: plaintext check failed: the decrypted tar has sha256 {checked[0]} and "
+                f"{checked[1]} bytes, its manifest says {manifest.plaintext_sha256} and "
                 f"{manifest.plaintext_size_bytes}: refusing to start a server on it"
             )
         if sink_error:
@@ -220,17 +234,36 @@ def download_cipher(store: Repository, manifest: BaseBackupManifest, spool: Path
     return cipher
 
 
+class _StepClock:
+    """Seconds since the previous lap, per step, into ``into`` (nothing when None)."""
+
+    def __init__(self, into: dict[str, float] | None) -> None:
+        self.into, self.last = into, time.monotonic()
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        if self.into is not None:
+            self.into[step] = round(now - self.last, 2)
+        self.last = now
+
+
 def stage_base_backup(
-    settings: Settings, manifest: BaseBackupManifest, cluster: ClusterHandle, spool: Path
+    settings: Settings,
+    manifest: BaseBackupManifest,
+    cluster: ClusterHandle,
+    spool: Path,
+    timings: dict[str, float] | None = None,
 ) -> Path:
     """Download, decrypt and verify the base backup into :func:`staging_dir`; the data
     directory (a running production server) is not touched.
 
     The checks, each named when it fails: the object's size and sha256; gpg's status (an
-    encrypted message before tar starts, an intact one at the end); the tar's sha256 and
-    size against the manifest's plaintext ones (hashed on its way to tar); PostgreSQL's own
+    encrypted message before tar starts, an intact one at the end); the decompressor's frame
+    checksums (a gzip stream: the tar's sha256 and size, see :func:`stream_plaintext`);
+    PostgreSQL's own
     ``backup_manifest`` (``pg_verifybackup``, WAL included, plus what it leaves out: see
-    ``verify.py``). Only a directory that passed all of them is returned.
+    ``verify.py``). Only a directory that passed all of them is returned. ``timings``
+    receives the seconds of each step (``download``, ``extract``, ``verify``).
     """
     staged = staging_dir(cluster)
     if staged.exists():
@@ -238,15 +271,19 @@ def stage_base_backup(
     store = open_store(settings)
     what = f"base backup {manifest.backup_id}"
     cipher: Path | None = None
+    clock = _StepClock(timings)
     try:
         cipher = download_cipher(store, manifest, spool)
+        clock.lap("download")
         if not cluster.home.exists():  # a new scratch cluster: its socket goes here too
             cluster.home.mkdir(parents=True)
             cluster.give(cluster.home)
         staged.mkdir(mode=0o700)
         cluster.give(staged)
         stream_plaintext(settings, store, manifest, cipher, _TarSink(staged, cluster.os_user), what)
+        clock.lap("extract")
         verify_staged(cluster, staged, manifest.pg_backup_manifest, what)
+        clock.lap("verify")
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
