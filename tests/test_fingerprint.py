@@ -64,13 +64,12 @@ def _fresh(admin_dsn: str, name: str) -> str:
     return with_dbname(admin_dsn, name)
 
 
-def test_rows_hash_by_their_types_where_equality_is_identity_else_by_their_text(settings):
-    """The typed row hash is chosen only for tables whose every column type has a hash
-    function and an equality that is identity (equal values print the same); any other
-    column keeps the whole table on the text hash: json (no hash function), jsonb and
-    undeclared-scale numeric (1.5 = 1.50), float (-0 = 0), interval ('1 day' = '24 hours'),
-    a nondeterministic collation. Both methods see a change in any column, and they give
-    different digests."""
+def test_columns_hash_by_their_types_where_equality_is_identity_else_by_their_text(settings):
+    """Under the typed method a column counts by its type's own hash only when that type's
+    equality is identity (equal values print the same); any other column counts by the
+    hash of its text: json (no hash function), jsonb and undeclared-scale numeric
+    (1.5 = 1.50), float (-0 = 0), interval ('1 day' = '24 hours'), a nondeterministic
+    collation. Both methods see a change in any column, and they give different digests."""
     dsn = _fresh(settings.primary_dsn.get_secret_value(), "fp_types")
     with connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(
@@ -87,6 +86,7 @@ def test_rows_hash_by_their_types_where_equality_is_identity_else_by_their_text(
             "CREATE TABLE with_interval (id int, span interval); "
             "CREATE TABLE with_interval_array (id int, spans interval[]); "
             "CREATE TABLE with_nocase (id int, name text COLLATE nocase); "
+            "CREATE TABLE no_columns (); "
             "INSERT INTO typed VALUES (1, '{a,b}', 'calm', 1.5, 2.25, '2026-01-01 00:00+00', "
             "'\\x00ff', true, gen_random_uuid()); "
             """INSERT INTO with_json VALUES (1, '{"k": 1}'); """
@@ -95,12 +95,21 @@ def test_rows_hash_by_their_types_where_equality_is_identity_else_by_their_text(
             "INSERT INTO with_float VALUES (1, 0); "
             "INSERT INTO with_interval VALUES (1, '1 day'); "
             "INSERT INTO with_interval_array VALUES (1, '{1 day}'); "
-            "INSERT INTO with_nocase VALUES (1, 'Alice')"
+            "INSERT INTO with_nocase VALUES (1, 'Alice'); "
+            "INSERT INTO no_columns DEFAULT VALUES"
         )
         cur.execute(USER_TABLES_SQL)
-        found = {t: typed for _, t, typed in cur.fetchall()}
-    assert found == {"typed": True} | {t: False for t in found if t != "typed"}, found
-    assert len(found) == 8
+        row_hash = {t: expression for _, t, expression in cur.fetchall()}
+    assert row_hash["typed"] == (
+        "hash_record_extended(ROW(t.id, t.tags, t.m, t.v, t.w, t.at, t.b, t.ok, t.u), 0)"
+    )
+    for table in ("with_json", "with_jsonb", "with_numeric", "with_float", "with_nocase"):
+        column = row_hash[table].split(", ")[1]
+        assert column.startswith("hashtextextended(t."), (table, row_hash[table])
+    assert row_hash["with_interval_array"] == (
+        'hash_record_extended(ROW(t.id, hashtextextended(t.spans::text COLLATE "C", 0)), 0)'
+    )
+    assert row_hash["no_columns"] == "hashtextextended(t::text, 0)"
     with connect(dsn) as conn:
         typed, text = fingerprint_tables(conn), fingerprint_tables(conn, method=TEXT_METHOD)
     assert typed["public.typed"]["content_hash"] != text["public.typed"]["content_hash"]
