@@ -145,6 +145,10 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
     stream.start()
     try:
         marker = f"acked-{uuid.uuid4().hex}"
+        # A fresh segment first: archive_timeout (60 s) switches one that has waited since
+        # the last switch, and a switch between the commit and the partial's upload would
+        # complete the segment (the marker then never shows in a partial).
+        sql1(p.dsn(), "SELECT pg_switch_wal()")
         sql1(p.dsn(), f"INSERT INTO acks VALUES (2, '{marker}')")
         segment = sql1(p.dsn(), "SELECT pg_walfile_name(pg_current_wal_lsn())")
 

@@ -120,10 +120,29 @@ def database_size(server_dsn: str, name: str) -> int:
         return int(cur.fetchone()[0])
 
 
+# How long a timed step waits for the WAL archiver to catch up with the previous one.
+ARCHIVE_DRAIN_SECONDS = 300.0
+
+
 def checkpoint(server_dsn: str) -> None:
-    """Flush dirty buffers before a timed step, so no step pays for the previous one's writes."""
+    """Before a timed step: dirty buffers flushed, then the WAL the previous step wrote
+    archived (no ``.ready`` file left), so no step pays for the previous one's writes. The
+    server archives every segment (compressed, encrypted, uploaded): a 1 GB restore leaves
+    about a hundred, and a step started behind them shared the CPU with their archiving."""
     with connect(_maintenance(server_dsn), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("CHECKPOINT")
+        deadline = time.monotonic() + ARCHIVE_DRAIN_SECONDS
+        while True:
+            cur.execute("SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")
+            (ready,) = cur.fetchone()
+            if not ready:
+                return
+            if time.monotonic() > deadline:
+                raise BenchFailed(
+                    f"the WAL archiver still has {ready} segment(s) to archive after "
+                    f"{ARCHIVE_DRAIN_SECONDS:.0f} s: is archive_command failing? (server log)"
+                )
+            time.sleep(0.2)
 
 
 def ensure_seeded(
