@@ -82,7 +82,7 @@ def sql1(dsn: str, query: str, args: tuple = ()) -> object:
 def switch_and_wait_archived(dsn: str, timeout: float = 90) -> str:
     """Close the current segment and wait until the archiver has stored it."""
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        cur.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
         segment = cur.fetchone()[0]
         cur.execute("SELECT pg_switch_wal()")
         deadline = time.monotonic() + timeout

@@ -134,6 +134,25 @@ def test_base_backup_reads_from_the_standby_when_configured(pair, env_override):
     assert manifest["object"]["size_bytes"] > 0
 
 
+def _stream_state(stream: walreceiver.WalStream, p: ClusterHandle, segment: str) -> str:
+    """What a stream that did not deliver was doing: for the failure message."""
+    log = (p.home / "rw.log").read_text(errors="replace")[-1500:] if stream.log_path else ""
+    return (
+        f"segment {segment}; pg_receivewal alive {stream.alive()} "
+        f"(exit {stream.proc.returncode if stream.proc else None}); uploads "
+        f"{stream.uploader.uploads}, last error {stream.uploader.last_error}; directory "
+        f"{sorted(x.name for x in stream.directory.iterdir())}; replication "
+        + str(
+            sql1(
+                p.dsn(),
+                "SELECT json_agg(json_build_array(application_name, state, sent_lsn, "
+                "flush_lsn)) FROM pg_stat_replication",
+            )
+        )
+        + f"; current {sql1(p.dsn(), 'SELECT pg_current_wal_lsn()')}; log: {log}"
+    )
+
+
 def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_resort(pair):
     p = pair["primary"]
     settings = get_settings()
@@ -145,18 +164,20 @@ def test_streamed_partial_reaches_the_store_and_recovery_uses_it_only_as_a_last_
     stream.start()
     try:
         marker = f"acked-{uuid.uuid4().hex}"
-        # A fresh segment first: archive_timeout (60 s) switches one that has waited since
-        # the last switch, and a switch between the commit and the partial's upload would
-        # complete the segment (the marker then never shows in a partial).
-        sql1(p.dsn(), "SELECT pg_switch_wal()")
         sql1(p.dsn(), f"INSERT INTO acks VALUES (2, '{marker}')")
-        segment = sql1(p.dsn(), "SELECT pg_walfile_name(pg_current_wal_lsn())")
+        # The insert position, not pg_current_wal_lsn(): with synchronous_commit off the
+        # commit may not be written yet, and the write position may still be in (or at the
+        # end of) the segment before the one holding it.
+        segment = sql1(p.dsn(), "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
 
         def partial_has_marker():
             found = walstream.fetch_partial(archive, segment, p.home)
             return found and marker.encode() in found[0]
 
-        poll("the commit in the streamed .partial", partial_has_marker)
+        try:
+            poll("the commit in the streamed .partial", partial_has_marker)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {_stream_state(stream, p, segment)}") from None
         stored = archive.store.head(walstream.stream_key(settings, segment))
         assert stored["Metadata"]["encoding"] == wal.ENCODING_WALKEY  # no stretching per upload
         # Whoever can write to the bucket cannot plant a partial: its MAC binds the name.

@@ -25,7 +25,7 @@ def archive_segments(dsn: str, count: int) -> None:
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
         for _ in range(count):
             cur.execute("SELECT pg_logical_emit_message(false, 'wedefi-verify', 'x')")
-            cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
+            cur.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
             segment = cur.fetchone()[0]
             cur.execute("SELECT pg_switch_wal()")
         deadline = time.monotonic() + 90

@@ -269,7 +269,7 @@ def test_session_primary_archives_through_the_stack_configuration(stack: Stack, 
         cur.execute("SHOW archive_timeout")
         assert cur.fetchone()[0] == "1min"
         cur.execute("CREATE TEMP TABLE t AS SELECT 1")  # some WAL, so the switch is real
-        cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        cur.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
         segment = cur.fetchone()[0]
         cur.execute("SELECT pg_switch_wal()")
         assert "archiver_handoff.py" in command  # the hand-off to the resident archiver
