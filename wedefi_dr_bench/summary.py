@@ -30,6 +30,15 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+# The logical ratios whose spread over several runs (``wedefi-dr bench --rounds N``) the
+# table shows.
+ROUNDED_RATIOS = (
+    ("backup_flow_vs_bare_pg_dump_gpg", "logical backup ÷ bare"),
+    ("restore_flow_vs_bare_pg_restore", "logical restore, verified ÷ bare"),
+    ("restore_flow_without_verify_vs_bare_pg_restore", "same without the proof"),
+)
+
+
 def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, this project, reference, ratio) for each figure present in ``report``."""
     out: list[tuple[str, str, str, str]] = []
@@ -62,6 +71,17 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _fmt(r.get("restore_flow_posix_vs_bare_pg_restore")),
             ),
         ]
+    for key, what in ROUNDED_RATIOS:
+        values = [r[key] for r in (lg or {}).get("rounds", []) if r.get(key) is not None]
+        if len(values) > 1:
+            out.append(
+                (
+                    f"{what}: median of {len(values)} runs (lowest–highest)",
+                    "",
+                    "",
+                    f"{lg['ratios_median'][key]:.3f} ({min(values):.2f}–{max(values):.2f})",
+                )
+            )
     ph = report.get("physical")
     if ph:
         bb, rs = ph.get("base_backup", {}), ph.get("restore", {})

@@ -44,6 +44,9 @@ def logical(
     ] = 70,
     seconds: Annotated[int, typer.Option(help="length of each pgbench run")] = 60,
     pushes: Annotated[int, typer.Option(help="segments timed one at a time")] = 20,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="logical runs one after the other; the table adds medians")
+    ] = 1,
 ) -> None:
     """The whole set in one run: the logical flows against bare pg_dump | gpg and
     pg_restore, and the physical path against pgBackRest, cp and /bin/true; one table.
@@ -70,8 +73,9 @@ def logical(
 
     report: dict = {}
     if only in (None, "logical"):
-        report["logical"] = bench.run_bench(
+        report["logical"] = bench.run_rounds(
             settings,
+            rounds,
             scale=bench.DEFAULT_SCALE if scale is None else scale,
             reuse=reuse,
             keep_backup=keep_backup,
