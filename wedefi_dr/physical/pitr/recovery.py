@@ -260,10 +260,9 @@ def stage_base_backup(
     The checks, each named when it fails: the object's size and sha256; gpg's status (an
     encrypted message before tar starts, an intact one at the end); the decompressor's frame
     checksums (a gzip stream: the tar's sha256 and size, see :func:`stream_plaintext`);
-    PostgreSQL's own
-    ``backup_manifest`` (``pg_verifybackup``, WAL included, plus what it leaves out: see
-    ``verify.py``). Only a directory that passed all of them is returned. ``timings``
-    receives the seconds of each step (``download``, ``extract``, ``verify``).
+    PostgreSQL's own ``backup_manifest`` (``pg_verifybackup``, WAL included, plus what it
+    leaves out: see ``verify.py``). Only a directory that passed all of them is returned.
+    ``timings`` receives the seconds of each step (``download``, ``extract``, ``verify``).
     """
     staged = staging_dir(cluster)
     if staged.exists():
