@@ -27,7 +27,7 @@ from prefect import tags
 
 from tests.helpers import approve_when_paused
 from wedefi_dr.config import get_settings
-from wedefi_dr.physical import archiving, basebackup, wal
+from wedefi_dr.physical import archiving, basebackup, prefetch, wal
 from wedefi_dr.physical.pitr import recovery
 from wedefi_dr.physical.pitr.approval import ApprovalRefused
 from wedefi_dr.physical.pitr.recovery import RecoveryFailed
@@ -247,9 +247,13 @@ def test_replay_prefetch_is_primed_before_the_server_starts(history, tmp_path):
     spool = c.data_dir / "pg_wal" / wal.PREFETCH_DIR
     assert recovery.prime_prefetch(c, env, settings.wal_segment_bytes) is True
     deadline = time.monotonic() + 60
-    while not (spool / f"{first}.sha256").exists() and time.monotonic() < deadline:
+    while (
+        not (spool / f"{first}{prefetch.SPOOLED_SUFFIX}").exists() and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
-    assert (spool / f"{first}.sha256").exists(), sorted(p.name for p in spool.iterdir())
+    assert (spool / f"{first}{prefetch.SPOOLED_SUFFIX}").exists(), sorted(
+        p.name for p in spool.iterdir()
+    )
     assert (spool / first).stat().st_uid == pwd.getpwnam(c.os_user).pw_uid
     assert not c.is_running()
     shutil.rmtree(spool, ignore_errors=True)  # the prefetcher idles out without its spool

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from tests.test_basebackup import GPG_D, by_hand
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiver, archiving, wal, walkey, walnames
+from wedefi_dr.physical import archiver, archiving, prefetch, wal, walkey, walnames
 from wedefi_dr.postgres.tools import connect
 from wedefi_dr.storage import authentication, encryption
 from wedefi_dr_dev.stack import Stack
@@ -190,7 +190,7 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
     assert wal_cmd(archive, "fetch", names[0], "pg_wal/RECOVERYXLOG").returncode == 0
     spool = archive["pg_wal"] / wal.PREFETCH_DIR
     deadline = time.monotonic() + 60  # the prefetcher runs detached, replay goes on
-    spooled = set(names[1:]) | {f"{n}.sha256" for n in names[1:]}
+    spooled = set(names[1:]) | {f"{n}{prefetch.SPOOLED_SUFFIX}" for n in names[1:]}
     while time.monotonic() < deadline:
         if spool.exists() and {p.name for p in spool.iterdir()} >= spooled:
             break
@@ -480,8 +480,6 @@ def test_restore_command_waits_for_a_segment_the_prefetcher_is_fetching(tmp_path
     prefetcher is gone (never waiting on a process that will not deliver)."""
     import threading
 
-    from wedefi_dr.physical import prefetch
-
     spool = tmp_path / wal.PREFETCH_DIR
     spool.mkdir()
     planned, other = FIRST, walnames.next_segments(FIRST, 1, SEG)[0]
@@ -493,8 +491,7 @@ def test_restore_command_waits_for_a_segment_the_prefetcher_is_fetching(tmp_path
 
         def deliver() -> None:
             time.sleep(0.3)
-            wal._atomic_write(spool / planned, data)
-            wal._atomic_write(spool / f"{planned}.sha256", wal._sha256(data).encode())
+            prefetch.record_spooled(str(spool), planned, data)
 
         threading.Thread(target=deliver).start()
         assert not prefetch.wait_for_prefetcher(str(spool), other, timeout=5)
@@ -508,3 +505,47 @@ def test_restore_command_waits_for_a_segment_the_prefetcher_is_fetching(tmp_path
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_spooled_segment_is_handed_over_only_while_it_is_the_file_that_was_verified(
+    tmp_path, capfd
+):
+    """The hand-over trusts the prefetcher's record (inode, size, times, boot) instead of
+    hashing 16 MB while replay waits: a file rewritten in place, replaced, hard-linked, or
+    recorded in another boot is removed, not handed over, and fetched again."""
+    spool, dest = tmp_path / wal.PREFETCH_DIR, tmp_path / "RECOVERYXLOG"
+    spool.mkdir()
+    data = segment_bytes(40)[:65536]
+
+    def spooled_then(change) -> bool:
+        prefetch.record_spooled(str(spool), FIRST, data)
+        time.sleep(0.05)  # past the kernel's coarse timestamp clock
+        change(spool / FIRST, spool / f"{FIRST}{prefetch.SPOOLED_SUFFIX}")
+        handed = prefetch.from_spool(str(spool), FIRST, str(dest))
+        assert not (spool / f"{FIRST}{prefetch.SPOOLED_SUFFIX}").exists()
+        return handed
+
+    def rewrite_same_size(path, record):
+        with open(path, "r+b") as f:
+            f.write(b"\xff" * 16)
+
+    def replace_same_content(path, record):
+        other = path.with_name("other")
+        other.write_bytes(data)
+        other.replace(path)
+
+    def hard_link(path, record):
+        os.link(path, tmp_path / "linked")
+
+    def another_boot(path, record):
+        boot, identity = record.read_text().split(" ", 1)
+        record.write_text(f"{'0' * len(boot)} {identity}")
+
+    assert spooled_then(lambda path, record: None) is True
+    assert dest.read_bytes() == data
+    dest.unlink()
+    for change in (rewrite_same_size, replace_same_content, hard_link, another_boot):
+        assert spooled_then(change) is False, change.__name__
+        assert not dest.exists(), change.__name__
+        assert not (spool / FIRST).exists(), change.__name__
+    assert capfd.readouterr().err.count(f"prefetched {FIRST} changed on disk") == 4

@@ -5,10 +5,11 @@ wedefi_dr.physical.wal prefetch``, detached) fills ``pg_wal/.wedefi-prefetch`` w
 ``WEDEFI_DR_WAL_PREFETCH`` segments, downloaded, verified (object sha256, MAC, gpg's
 integrity check, plaintext sha256) and decrypted by parallel workers, as pgBackRest's
 archive-get queue does. What is left per segment is this script: executed with ``python
--I -S`` (standard library only, no site-packages, no package import), it checks the
-spooled file still hashes as the prefetcher recorded, renames it to ``%p``, and starts the
-next prefetcher when the spool runs low. So replay waits for an interpreter start and a
-sha256, close to what ``cp`` of the decrypted file costs. A segment the running prefetcher
+-I -S`` (standard library only, no site-packages, no package import, nothing imported it
+does not need on this path), it checks the spooled file is still the one the prefetcher
+recorded (:func:`record_spooled`), renames it to ``%p``, and starts the next prefetcher when
+the spool runs low. So replay waits for an interpreter start and a rename, close to what
+``cp`` of the decrypted file costs. A segment the running prefetcher
 is downloading now (its ``.prefetcher.plan``) is waited for, not downloaded a second time
 by a full ``wal-fetch``: replay asks for the next segment within a fraction of a second,
 sooner than a new prefetcher delivers the first one. Any other file, while a prefetcher
@@ -28,24 +29,45 @@ aborts recovery rather than ending it early).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import re
-import subprocess
 import sys
 import time
 
-SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
-NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+HEX_UPPER = frozenset("0123456789ABCDEF")
 ASK_DIR = ".ask"
 ANSWER_SUFFIX = ".answer"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
 PREFETCH_PLAN = ".prefetcher.plan"
+SPOOLED_SUFFIX = ".spooled"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 WAIT_SECONDS = 60.0
 POLL_SECONDS = 0.01
-READ_CHUNK = 1 << 20
+
+
+def _hex(text: str, length: int) -> bool:
+    return len(text) == length and HEX_UPPER.issuperset(text)
+
+
+def is_segment(name: str) -> bool:
+    """A WAL segment's file name (24 upper-case hex digits)."""
+    return _hex(name, 24)
+
+
+def is_wal_name(name: str) -> bool:
+    """A name the server asks ``restore_command`` for: a segment, a segment's ``.partial``
+    or ``.backup`` label, or a timeline's ``.history``."""
+    if is_segment(name):
+        return True
+    head, dot, tail = name.partition(".")
+    if _hex(head, 8):
+        return tail == "history"
+    if not _hex(head, 24):
+        return False
+    if tail == "partial":
+        return True
+    label, dot, kind = tail.partition(".")
+    return bool(dot) and _hex(label, 8) and kind == "backup"
 
 
 def read_env(path: str) -> dict[str, str]:
@@ -59,41 +81,100 @@ def read_env(path: str) -> dict[str, str]:
     return values
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _unlink(path: str) -> None:
+    """``os.unlink``, quiet when the file is gone (``contextlib`` would add to the start-up)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+
+
+def _boot_id() -> str:
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def record_spooled(spool: str, name: str, data: bytes) -> None:
+    """Spool ``data``, already verified against the archive's authenticated checksums, as
+    ``name``, and record which file that is: its inode, size, modification and change times
+    and the boot it was written in (``<name>.spooled``, written after the data).
+
+    Why a record and not a second sha256 at hand-over: the hand-over runs while replay
+    waits, and hashing 16 MB there cost more than the copy it replaces. The spool is in
+    ``pg_wal``, private to the server's OS user, so only that user (who can write
+    ``pg_wal`` itself) could change the file, and any write or ``utime`` changes its change
+    time. Neither write is fsynced: after a crash of the host the boot id differs and
+    nothing spooled before it is handed over."""
+    tmp = os.path.join(spool, f".{name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    path = os.path.join(spool, name)
+    os.replace(tmp, path)
+    st = os.lstat(path)  # after the rename, which sets its change time
+    record = os.path.join(spool, f".{name}{SPOOLED_SUFFIX}.tmp{os.getpid()}")
+    with open(record, "w") as f:
+        f.write(f"{_boot_id()} {_identity(st)}")
+    os.replace(record, path + SPOOLED_SUFFIX)
+
+
+def is_spooled(spool: str, name: str) -> bool:
+    """A record of ``name`` is there: the prefetcher has verified and spooled it."""
+    return os.path.exists(os.path.join(spool, f"{name}{SPOOLED_SUFFIX}"))
 
 
 def from_spool(spool: str, name: str, dest: str) -> bool:
-    """Hand ``name`` over when it is spooled and still hashes as it did when verified."""
-    data, sha = os.path.join(spool, name), os.path.join(spool, f"{name}.sha256")
+    """Hand ``name`` over (a rename to ``dest``) when it is spooled and is still the file
+    the prefetcher verified and recorded (see :func:`record_spooled`); a file that changed
+    is removed, and the caller fetches it again."""
+    data, record = os.path.join(spool, name), os.path.join(spool, f"{name}{SPOOLED_SUFFIX}")
     try:
-        with open(sha) as f:
+        with open(record) as f:
             expected = f.read().strip()
     except FileNotFoundError:
         return False
-    ok = os.path.exists(data) and _sha256(data) == expected
+    try:
+        st = os.lstat(data)
+        ok = (
+            expected == f"{_boot_id()} {_identity(st)}"
+            and st.st_nlink == 1
+            and st.st_uid == os.geteuid()
+            and (st.st_mode & 0o170000) == 0o100000
+        )
+    except FileNotFoundError:
+        ok = False
     if ok:
         os.replace(data, dest)
     else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(data)
+        _unlink(data)
         print(f"wedefi-dr wal: prefetched {name} changed on disk; fetching it", file=sys.stderr)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sha)
+    _unlink(record)
     return ok
 
 
-def _prefetcher_alive(spool: str) -> bool:
+def prefetcher_alive(spool: str) -> bool:
     try:
         with open(os.path.join(spool, PREFETCHER_PID)) as f:
             os.kill(int(f.read()), 0)
     except (OSError, ValueError):
         return False
     return True
+
+
+def write_plan(spool: str, names: list[str]) -> None:
+    """The segments the prefetcher is fetching now (``.prefetcher.plan``): this script waits
+    for one of them, while the prefetcher lives, instead of downloading it a second time.
+    Replaced whole, not fsynced: it means nothing after the prefetcher is gone."""
+    tmp = os.path.join(spool, f"{PREFETCH_PLAN}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write("\n".join(names))
+    os.replace(tmp, os.path.join(spool, PREFETCH_PLAN))
 
 
 def _planned(spool: str, name: str) -> bool:
@@ -108,13 +189,12 @@ def wait_for_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) ->
     """True once ``name`` is spooled; False at once when the prefetcher is not fetching it,
     and as soon as it stops (it stops at a segment it could not spool: the full
     ``wal-fetch`` then reports why) or ``timeout`` passes."""
-    done = os.path.join(spool, f"{name}.sha256")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.path.exists(done):
+        if is_spooled(spool, name):
             return True
-        if not (_planned(spool, name) and _prefetcher_alive(spool)):
-            return os.path.exists(done)
+        if not (_planned(spool, name) and prefetcher_alive(spool)):
+            return is_spooled(spool, name)
         time.sleep(POLL_SECONDS)
     return False
 
@@ -122,11 +202,10 @@ def wait_for_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) ->
 def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str | None:
     """The live prefetcher's answer about ``name``: ``spooled`` or ``missing``; None when
     no prefetcher lives, it defers to the full fetch, it stops, or ``timeout`` passes."""
-    if not NAME_RE.match(name) or not _prefetcher_alive(spool):
+    if not is_wal_name(name) or not prefetcher_alive(spool):
         return None
     answer = os.path.join(spool, f"{name}{ANSWER_SUFFIX}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(answer)  # an earlier call's: only an answer to this question counts
+    _unlink(answer)  # an earlier call's: only an answer to this question counts
     asks = os.path.join(spool, ASK_DIR)
     os.makedirs(asks, exist_ok=True)
     with open(os.path.join(asks, name), "w"):
@@ -137,19 +216,19 @@ def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str 
             with open(answer) as f:
                 what = f.read().strip()
         except FileNotFoundError:
-            if not _prefetcher_alive(spool):
+            if not prefetcher_alive(spool):
                 return None
             time.sleep(POLL_SECONDS)
             continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(answer)
+        _unlink(answer)
         return what if what in ("spooled", "missing") else None
     return None
 
 
-def _spooled_ahead(spool: str, name: str) -> int:
+def spooled_ahead(spool: str, name: str) -> int:
+    """How many segments after ``name`` are spooled (all of them for ``name=""``)."""
     try:
-        return sum(1 for n in os.listdir(spool) if SEGMENT_RE.match(n) and n > name)
+        return sum(1 for n in os.listdir(spool) if is_segment(n) and n > name)
     except OSError:
         return 0
 
@@ -158,11 +237,13 @@ def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
     """Start the prefetcher after ``name`` unless one runs or enough is spooled. Its pid is
     recorded at once (it records it again when it starts), so the next call asks it
     instead of starting another or running the full fetch while it imports."""
-    if ahead <= 0 or not SEGMENT_RE.match(name):
+    if ahead <= 0 or not is_segment(name):
         return
-    if _spooled_ahead(spool, name) > ahead // 2 or _prefetcher_alive(spool):
+    if spooled_ahead(spool, name) > ahead // 2 or prefetcher_alive(spool):
         return
     os.makedirs(spool, exist_ok=True)
+    import subprocess  # only here: its import is a third of this script's start-up
+
     child = subprocess.Popen(
         [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, spool]
         + ["--env-file", env_file],
@@ -189,9 +270,9 @@ def main(argv: list[str]) -> int:
     spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
     if prime:
         refill(env_file, spool, name, int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8")))
-        return 0 if _prefetcher_alive(spool) else 1
+        return 0 if prefetcher_alive(spool) else 1
     try:
-        spooled = SEGMENT_RE.match(name) and (
+        spooled = is_segment(name) and (
             from_spool(spool, name, dest)
             or (wait_for_prefetcher(spool, name) and from_spool(spool, name, dest))
         )

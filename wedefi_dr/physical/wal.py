@@ -62,12 +62,13 @@ import sys
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wedefi_dr.errors import DRError, NotAuthentic
+from wedefi_dr.physical import prefetch as handover
 from wedefi_dr.physical import walkey
 from wedefi_dr.physical.walnames import next_segments
 from wedefi_dr.storage import authentication, encryption, repository
@@ -83,15 +84,16 @@ EXIT_FATAL = 128  # fetch: > 125 makes the server abort recovery
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 NAME_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
 PUSHED_DIR = ".wedefi-pushed"
-PREFETCH_DIR = ".wedefi-prefetch"
-PREFETCHER_PID = ".prefetcher.pid"
-PREFETCH_PLAN = ".prefetcher.plan"
+PREFETCH_DIR = handover.PREFETCH_DIR
+PREFETCHER_PID = handover.PREFETCHER_PID
+PREFETCH_PLAN = handover.PREFETCH_PLAN
 PREFETCH_WIDTH = 8
 SEGMENT_BYTES_DEFAULT = 16 * 1024 * 1024
 PREFETCH_IDLE_SECONDS = 60.0
 PREFETCH_LINGER_SECONDS = 10.0
-ASK_DIR = ".ask"
-ANSWER_SUFFIX = ".answer"
+PREFETCH_POLL_SECONDS = 0.02
+ASK_DIR = handover.ASK_DIR
+ANSWER_SUFFIX = handover.ANSWER_SUFFIX
 ANSWER_POLL_SECONDS = 0.01
 ENCODING = "gzip+gpg"
 ENCODING_WALKEY = "zstd+gpg-walkey"
@@ -412,22 +414,6 @@ def _spool(dest: Path) -> Path:
     return dest.parent / PREFETCH_DIR
 
 
-def _from_spool(spool: Path, name: str, dest: Path) -> bool:
-    """Hand a prefetched file over if it is there and still hashes as it did."""
-    data_path, sha_path = spool / name, spool / f"{name}.sha256"
-    if not (data_path.exists() and sha_path.exists()):
-        return False
-    expected = sha_path.read_text().strip()
-    ok = _sha256(data_path.read_bytes()) == expected
-    if ok:
-        data_path.replace(dest)
-    else:
-        data_path.unlink(missing_ok=True)
-        _log(f"prefetched {name} changed on disk; fetching it again")
-    sha_path.unlink(missing_ok=True)
-    return ok
-
-
 def _prefetch_one(archive: Archive, spool: Path, name: str) -> bool:
     """Spool ``name`` verified and decrypted; False when the archive does not have it."""
     if (spool / name).exists():
@@ -438,8 +424,7 @@ def _prefetch_one(archive: Archive, spool: Path, name: str) -> bool:
         return False  # the server's own request for it reports the real error
     if plain is None:
         return False
-    _atomic_write(spool / name, plain)
-    _atomic_write(spool / f"{name}.sha256", _sha256(plain).encode())
+    handover.record_spooled(str(spool), name, plain)
     return True
 
 
@@ -452,8 +437,7 @@ def _answer(archive: Archive, spool: Path, name: str) -> str:
         validate_name(name)
         plain = archive.fetch_bytes(name, spool)
         if plain is not None:
-            _atomic_write(spool / name, plain)
-            _atomic_write(spool / f"{name}.sha256", _sha256(plain).encode())
+            handover.record_spooled(str(spool), name, plain)
             return "spooled"
         if not SEGMENT_RE.match(name):
             return "missing"
@@ -497,22 +481,6 @@ class _Answers(threading.Thread):
                 self.last_at = time.monotonic()
 
 
-def _spooled_ahead(spool: Path, name: str) -> int:
-    try:
-        return sum(1 for p in spool.iterdir() if SEGMENT_RE.match(p.name) and p.name > name)
-    except OSError:
-        return 0
-
-
-def _prefetcher_alive(spool: Path) -> bool:
-    try:
-        pid = int((spool / PREFETCHER_PID).read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def start_prefetcher(
     env_file: str | None,
     name: str,
@@ -529,7 +497,9 @@ def start_prefetcher(
     spool = _spool(dest)
     if not SEGMENT_RE.match(name) or ahead <= 0:
         return False
-    if _spooled_ahead(spool, name) > ahead // 2 or _prefetcher_alive(spool):
+    if handover.spooled_ahead(str(spool), name) > ahead // 2 or handover.prefetcher_alive(
+        str(spool)
+    ):
         return False
     spool.mkdir(exist_ok=True)
     cmd = [sys.executable, "-I", "-m", "wedefi_dr.physical.wal", "prefetch", name, str(spool)]
@@ -544,21 +514,16 @@ def start_prefetcher(
         close_fds=True,
     )
     _atomic_write(spool / PREFETCHER_PID, str(child.pid).encode())
-    _write_plan(spool, next_segments(name, min(PREFETCH_WIDTH, ahead), segment_bytes))
+    handover.write_plan(str(spool), next_segments(name, min(PREFETCH_WIDTH, ahead), segment_bytes))
     return True
-
-
-def _write_plan(spool: Path, names: list[str]) -> None:
-    """The segments the prefetcher is fetching now: ``prefetch.py`` waits for one of them
-    (while the prefetcher lives) instead of downloading it a second time."""
-    _atomic_write(spool / PREFETCH_PLAN, "\n".join(names).encode())
 
 
 def prefetch(settings: Settings, name: str, spool: Path) -> int:
     """Download, verify and decrypt the segments after ``name`` into ``spool``, in parallel.
 
-    It keeps ``wal_prefetch`` segments spooled for as long as replay takes them (each one
-    handed over makes room for the next), so one process with one S3 client serves the
+    It keeps ``wal_prefetch`` segments spooled or in flight for as long as replay takes
+    them: each one handed over makes room and the next download starts at once (a pipeline,
+    not batches that wait for their slowest), so one process with one S3 client serves the
     whole replay. At the first segment the archive does not have (the end, or an error the
     server's own request will report) it stops reading ahead and stays
     PREFETCH_LINGER_SECONDS after the last question to answer ``prefetch.py`` (see
@@ -574,22 +539,34 @@ def prefetch(settings: Settings, name: str, spool: Path) -> int:
     try:
         width = max(1, min(PREFETCH_WIDTH, settings.wal_prefetch))
         cursor, fetched, busy_at, ahead = name, 0, time.monotonic(), True
+        in_flight: dict[Future, str] = {}
         with ThreadPoolExecutor(max_workers=width) as pool:
             while True:
-                room = settings.wal_prefetch - _spooled_ahead(spool, "") if ahead else 0
-                if room <= 0:
+                for future in [f for f in in_flight if f.done()]:
+                    in_flight.pop(future)
+                    found = future.result()
+                    fetched += found
+                    ahead = ahead and found
+                    busy_at = time.monotonic()
+                room = 0
+                if ahead:
+                    spooled = handover.spooled_ahead(str(spool), "")
+                    room = min(settings.wal_prefetch - spooled, width) - len(in_flight)
+                if room > 0:
+                    names = next_segments(cursor, room, settings.wal_segment_bytes)
+                    handover.write_plan(str(spool), [*in_flight.values(), *names])
+                    for n in names:
+                        in_flight[pool.submit(_prefetch_one, archive, spool, n)] = n
+                    busy_at, cursor = time.monotonic(), names[-1]
+                elif not in_flight:
+                    handover.write_plan(str(spool), [])
                     limit = PREFETCH_IDLE_SECONDS if ahead else PREFETCH_LINGER_SECONDS
                     if time.monotonic() - max(busy_at, answers.last_at) > limit:
                         break
-                    time.sleep(0.05)
-                    continue
-                names = next_segments(cursor, min(room, width), settings.wal_segment_bytes)
-                _write_plan(spool, names)
-                found = list(pool.map(lambda n: _prefetch_one(archive, spool, n), names))
-                _write_plan(spool, [])  # nothing in flight: no one waits for an old plan
-                fetched += sum(found)
-                busy_at, cursor = time.monotonic(), names[-1]
-                ahead = all(found)
+                if in_flight:
+                    wait(in_flight, timeout=PREFETCH_POLL_SECONDS, return_when=FIRST_COMPLETED)
+                else:
+                    time.sleep(PREFETCH_POLL_SECONDS)
         return fetched
     finally:
         answers.halt.set()
@@ -608,7 +585,7 @@ def fetch(settings: Settings, name: str, dest: str | Path) -> bool:
     validate_name(name)
     dest = Path(dest)
     spool = _spool(dest)
-    if _from_spool(spool, name, dest):
+    if handover.from_spool(str(spool), name, str(dest)):
         return True
     archive = Archive(settings)
     spool.mkdir(exist_ok=True)
@@ -702,7 +679,7 @@ def run(
         if command == "fetch":
             validate_name(name)
             ahead = int(os.environ.get("WEDEFI_DR_WAL_PREFETCH", "8"))
-            if _from_spool(_spool(Path(dest)), name, Path(dest)):  # no pydantic, no boto3
+            if handover.from_spool(str(_spool(Path(dest))), name, dest):  # no pydantic, no boto3
                 start_prefetcher(env_file, name, Path(dest), ahead)
                 return EXIT_OK
         settings = _settings()
