@@ -549,3 +549,44 @@ def test_a_spooled_segment_is_handed_over_only_while_it_is_the_file_that_was_ver
         assert not dest.exists(), change.__name__
         assert not (spool / FIRST).exists(), change.__name__
     assert capfd.readouterr().err.count(f"prefetched {FIRST} changed on disk") == 4
+
+
+@pytest.mark.parametrize(
+    "swap", ["object-only", "object-and-its-sha", "and-the-version-stripped", "legacy-v1"]
+)
+def test_another_segments_genuine_ciphertext_under_a_name_is_refused(archive, store, swap):
+    """The plaintext is not hashed again at fetch when the MAC covers the stored object's
+    sha256 (``object/v2``), so the object's hash must bind it: another segment's genuine
+    ciphertext (same WAL key, valid gpg) under this name is refused however the metadata
+    is bent. A ``v1`` object still has its plaintext hashed, which catches the same swap."""
+    victim, donor = FIRST, walnames.next_segments(FIRST, 1, SEG)[0]
+    if swap == "legacy-v1":
+        _put_legacy(archive, victim, segment_bytes(30))
+        _put_legacy(archive, donor, segment_bytes(31))
+    else:
+        for i, n in enumerate((victim, donor)):
+            put_file(archive, n, segment_bytes(30 + i))
+            assert wal_cmd(archive, "push", f"pg_wal/{n}").returncode == 0
+            (archive["pg_wal"] / n).unlink()
+    key = wal.archive_key(archive["settings"], victim)
+    meta = store.client.head_object(Bucket=store.bucket, Key=key)["Metadata"]
+    assert (wal.mac_covered_object_sha(meta) is None) == (swap == "legacy-v1")
+    donor_key = wal.archive_key(archive["settings"], donor)
+    cipher = store.client.get_object(Bucket=store.bucket, Key=donor_key)["Body"].read()
+    if swap != "object-only":
+        meta["object-sha256"] = wal._sha256(cipher)
+    if swap == "and-the-version-stripped":
+        meta.pop(wal.MAC_VERSION)
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=cipher, Metadata=meta)
+    swapped = wal_cmd(archive, "fetch", victim, "pg_wal/RECOVERYXLOG")
+    assert swapped.returncode == wal.EXIT_FATAL, swapped.stderr
+    expected = {
+        "object-only": "corrupt at rest",
+        "object-and-its-sha": "does not match its MAC",
+        "and-the-version-stripped": "does not match its MAC",
+        "legacy-v1": "decrypted content fails its sha256",
+    }[swap]
+    assert victim in swapped.stderr and expected in swapped.stderr, swapped.stderr
+    assert not (archive["pg_wal"] / "RECOVERYXLOG").exists()
+    intact = wal_cmd(archive, "fetch", donor, "pg_wal/RECOVERYXLOG")
+    assert intact.returncode == 0, intact.stderr

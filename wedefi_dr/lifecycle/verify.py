@@ -153,6 +153,7 @@ class Verifier:
                 int(meta.get("plain-size", -1)),
                 meta.get(wal.MAC_KEY_ID),
                 meta.get(wal.MAC),
+                wal.mac_covered_object_sha(meta),
             )
         except NotAuthentic as exc:
             self.problem(f"{key}: WAL object not authentic ({exc})")

@@ -25,7 +25,8 @@ decryptable by hand with ``gpg -d wal-key/<id>`` then ``gpg -d | zstd -d``), enc
 ``zstd+gpg-walkey``. Objects of the earlier encoding, ``gzip+gpg`` (gzip, then gpg under
 the backup passphrase itself), still fetch: the ``encoding`` metadata tells them apart.
 Either way the metadata holds the plaintext's and the object's sha256 and the plaintext
-size, and an HMAC over (name, plaintext sha256, size) under the key derived from the
+size, and an HMAC over (name, plaintext sha256, size, object sha256: ``object/v2``; objects
+pushed before it carry ``object/v1``, without the object's) under the key derived from the
 backup passphrase (``storage/authentication.py``), with its key id. Whoever can write to
 the bucket can write metadata too, so ``fetch`` refuses (exit 128) any object whose MAC
 does not verify: only this system's own segments are replayed. The MAC key id also picks
@@ -104,6 +105,8 @@ ENCODINGS = (ENCODING_WALKEY, ENCODING)
 WALKEY_S2K_COUNT = 65536
 MAC = "mac"
 MAC_KEY_ID = "mac-key-id"
+MAC_VERSION = "mac-version"
+MAC_COVERS_OBJECT = "2"
 
 
 class ArchiveConflict(DRError):
@@ -211,6 +214,15 @@ def decode(
         raise ArchiveCorrupt(f"gunzip of the decrypted object failed: {exc}") from exc
 
 
+def mac_covered_object_sha(meta: dict[str, str]) -> str | None:
+    """The object sha256 a WAL object's MAC covers (``object/v2``), None for ``object/v1``
+    (its MAC covers the plaintext's only). Stripping the version does not downgrade an
+    object: its tag then fails the v1 check."""
+    if meta.get(MAC_VERSION) == MAC_COVERS_OBJECT:
+        return meta.get("object-sha256", "")
+    return None
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -278,14 +290,7 @@ class Archive:
             archive_key(self.settings, name),
             cipher,
             storage_class=self.settings.storage_class,
-            metadata={
-                "plain-sha256": sha,
-                "plain-size": str(len(plain)),
-                "object-sha256": _sha256(cipher),
-                "encoding": ENCODING_WALKEY,
-                MAC_KEY_ID: self.keyring.current.key_id,
-                MAC: authentication.object_mac(self.keyring.current, name, sha, len(plain)),
-            },
+            metadata=self.object_metadata(name, sha, len(plain), cipher),
         )
         if not stored:
             head = self.head(name)  # the conditional put found an object under the name
@@ -294,6 +299,23 @@ class Archive:
             self._same_or_conflict(name, head, sha)
             return "already archived (identical)", sha
         return f"archived ({len(plain)} -> {len(cipher)} bytes)", sha
+
+    def object_metadata(
+        self, mac_name: str, plain_sha: str, plain_size: int, cipher: bytes
+    ) -> dict[str, str]:
+        """A stored WAL object's metadata (a segment's or a streamed partial's): checksums,
+        encoding, and the ``object/v2`` MAC over name, checksums and size under the current
+        key, so a reader proves the plaintext by hashing the stored object alone."""
+        key, object_sha = self.keyring.current, _sha256(cipher)
+        return {
+            "plain-sha256": plain_sha,
+            "plain-size": str(plain_size),
+            "object-sha256": object_sha,
+            "encoding": ENCODING_WALKEY,
+            MAC_KEY_ID: key.key_id,
+            MAC_VERSION: MAC_COVERS_OBJECT,
+            MAC: authentication.object_mac(key, mac_name, plain_sha, plain_size, object_sha),
+        }
 
     def fetch_bytes(self, name: str, workdir: Path) -> bytes | None:
         """The verified plaintext, or None when the archive has no such object."""
@@ -307,7 +329,9 @@ class Archive:
         """The plaintext of a stored WAL object whose MAC binds ``name`` (a segment's or a
         streamed partial's), after every check: checksums, MAC before gpg reads a byte, the
         passphrase its key id picks (the WAL key's for ``ENCODING_WALKEY``), the plaintext's
-        size and sha256. ArchiveCorrupt names what failed."""
+        size, and its sha256 unless the MAC covers the object's (``object/v2``: the object
+        is then proven the one written, and gpg's integrity check proves its decryption).
+        ArchiveCorrupt names what failed."""
         encoding = meta.get("encoding")
         if encoding not in ENCODINGS or "plain-sha256" not in meta:
             raise ArchiveCorrupt(
@@ -315,6 +339,7 @@ class Archive:
             )
         if _sha256(cipher) != meta.get("object-sha256"):
             raise ArchiveCorrupt(f"{name}: stored object fails its sha256: corrupt at rest")
+        covered = mac_covered_object_sha(meta)
         try:  # before gpg reads a byte of it
             signer = authentication.verify_object_mac(
                 self.keyring,
@@ -323,6 +348,7 @@ class Archive:
                 int(meta.get("plain-size", -1)),
                 meta.get(MAC_KEY_ID),
                 meta.get(MAC),
+                covered,
             )
             passphrase = signer.passphrase
             if encoding == ENCODING_WALKEY:
@@ -332,7 +358,9 @@ class Archive:
         except walkey.WalKeyError as exc:
             raise ArchiveCorrupt(f"{name}: {exc}") from exc
         plain = decode(self.settings, cipher, workdir, encoding=encoding, passphrase=passphrase)
-        if len(plain) != int(meta.get("plain-size", -1)) or _sha256(plain) != meta["plain-sha256"]:
+        if len(plain) != int(meta.get("plain-size", -1)):
+            raise ArchiveCorrupt(f"{name}: decrypted content is not the size its MAC covers")
+        if covered is None and _sha256(plain) != meta["plain-sha256"]:
             raise ArchiveCorrupt(f"{name}: decrypted content fails its sha256")
         return plain
 

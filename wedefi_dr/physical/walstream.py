@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wedefi_dr.physical import wal, walkey
-from wedefi_dr.storage import authentication
 
 if TYPE_CHECKING:
     from wedefi_dr.config import Settings
@@ -76,15 +75,8 @@ def put_partial(archive: wal.Archive, segment: str, plain: bytes) -> None:
         cipher,
         storage_class=settings.storage_class,
         metadata={
-            "plain-sha256": sha,
-            "plain-size": str(len(plain)),
-            "object-sha256": _sha256(cipher),
-            "encoding": wal.ENCODING_WALKEY,
+            **archive.object_metadata(_mac_name(segment), sha, len(plain), cipher),
             "uploaded-at": datetime.now(UTC).isoformat(),
-            wal.MAC_KEY_ID: archive.keyring.current.key_id,
-            wal.MAC: authentication.object_mac(
-                archive.keyring.current, _mac_name(segment), sha, len(plain)
-            ),
         },
     )
 

@@ -135,20 +135,37 @@ def verify(document: Mapping[str, Any], keyring: Keyring, what: str) -> SigningK
     return key
 
 
-def object_mac(key: SigningKey, name: str, sha256: str, size: int) -> str:
-    """The MAC of an archived object's identity: its name, plaintext sha256 and size.
+def object_mac(
+    key: SigningKey, name: str, sha256: str, size: int, object_sha256: str | None = None
+) -> str:
+    """The MAC of an archived object's identity: its name, plaintext sha256 and size, and
+    (``object/v2``) the stored object's own sha256.
 
     Why the name is covered: a genuine segment copied under another name would otherwise
-    verify, and replay would apply it at the wrong place in the WAL stream.
+    verify, and replay would apply it at the wrong place in the WAL stream. Why the
+    object's sha256: once it is covered, hashing the stored bytes proves they are the ones
+    this system wrote, and with them the plaintext they decrypt to; a reader need not hash
+    the plaintext again (for a 16 MB WAL segment, a fifth of what its fetch costs). Under
+    ``object/v1`` only the plaintext's sha256 binds a ciphertext to its name.
     """
-    message = f"wedefi-dr/object/v1\n{name}\n{sha256}\n{int(size)}".encode()
-    return hmac.new(key.secret, message, hashlib.sha256).hexdigest()
+    if object_sha256 is None:
+        message = f"wedefi-dr/object/v1\n{name}\n{sha256}\n{int(size)}"
+    else:
+        message = f"wedefi-dr/object/v2\n{name}\n{sha256}\n{int(size)}\n{object_sha256}"
+    return hmac.new(key.secret, message.encode(), hashlib.sha256).hexdigest()
 
 
 def verify_object_mac(
-    keyring: Keyring, name: str, sha256: str, size: int, key_id: str | None, tag: str | None
+    keyring: Keyring,
+    name: str,
+    sha256: str,
+    size: int,
+    key_id: str | None,
+    tag: str | None,
+    object_sha256: str | None = None,
 ) -> SigningKey:
-    """The key whose MAC ``tag`` covers (name, sha256, size); NotAuthentic naming ``name``."""
+    """The key whose MAC ``tag`` covers (name, sha256, size), and ``object_sha256`` when
+    given (``object/v2``); NotAuthentic naming ``name``."""
     if not key_id or not tag:
         raise NotAuthentic(
             f"{name} carries no MAC this system wrote: refusing it (planted or written by "
@@ -160,6 +177,6 @@ def verify_object_mac(
             f"{name} is signed with key id {key_id!r}, but the configured passphrase derives "
             f"{', '.join(keyring.key_ids)}: wrong passphrase, or not written by this system"
         )
-    if not hmac.compare_digest(tag, object_mac(key, name, sha256, size)):
+    if not hmac.compare_digest(tag, object_mac(key, name, sha256, size, object_sha256)):
         raise NotAuthentic(f"{name} does not match its MAC: changed after this system wrote it")
     return key
