@@ -24,13 +24,11 @@ synchronous one-process-per-segment ``wal-push`` runs instead.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -91,6 +89,8 @@ def archiver_alive(spool: str) -> bool:
 
 def start_archiver(env_file: str, pg_wal: str, spool: str) -> None:
     """The archiver, detached from the server's process group; output into its log."""
+    import subprocess  # only here: the usual hand-off starts nothing, and this import is slow
+
     log = os.open(os.path.join(spool, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         subprocess.Popen(
@@ -141,8 +141,10 @@ def handoff(env_file: str, path: str, wait: float) -> int:
         _durable(name, t0)
         return EXIT_OK
     for stale in (done_path, failed_path):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(stale)
+        except FileNotFoundError:
+            continue
     _write(want_path, sha)
     deadline = time.monotonic() + wait
     started = None
