@@ -206,6 +206,10 @@ def test_fetch_prefetches_ahead_and_verifies_before_handing_over(archive):
         done = subprocess.run(argv, cwd=archive["pg_wal"].parent, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert dest.read_bytes() == contents[n]
+        # The server log records each hand-over from the spool (the bench reads it); the
+        # damaged one was fetched again into the spool by the live prefetcher first.
+        assert f"{n} handed over, waited" in done.stderr, done.stderr
+        assert ("changed on disk" in done.stderr) == (n == names[2]), done.stderr
     assert not (spool / names[1]).exists()  # handed over by rename, not copied
     missing = shlex.split(command.replace("%f", FIRST[:-1] + "F").replace("%p", "pg_wal/X"))
     gone = subprocess.run(missing, cwd=archive["pg_wal"].parent, capture_output=True)

@@ -18,6 +18,7 @@ never asserted in tests.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from wedefi_dr_bench.logical import gpg_symmetric_cmd
 from wedefi_dr_dev.stack import Cluster, Stack
 
 SEGMENT_MB = 16.78
+HANDED_OVER_RE = re.compile(r"wedefi-dr wal: ([0-9A-F]{24}) handed over, waited ([0-9.]+) s")
 DRAIN_TIMEOUT_SECONDS = 600
 
 
@@ -232,14 +234,23 @@ def _replay(
     reached = recovery.wait_for_target(cluster, 1800)
     seconds = time.monotonic() - t
     cluster.stop()
+    waits = [float(m.group(2)) for m in HANDED_OVER_RE.finditer(cluster.log.read_text())]
     shutil.rmtree(cluster.home, ignore_errors=True)
     mb = (lsn_to_int(reached["replay_lsn"]) - lsn_to_int(base.stop_lsn)) / 1e6
-    return {
+    result: dict[str, Any] = {
         "base_backup_stage_verified_s": round(extract_s, 2),
         "wal_replayed_mb": round(mb, 1),
         "replay_and_promote_s": round(seconds, 1),
         "replay_mb_s": round(mb / seconds, 1),
     }
+    if waits:  # restore_command's own log: one line per segment handed over from the spool
+        result["handed_over"] = {
+            "n": len(waits),
+            "p50_s": round(percentile(waits, 50), 4),
+            "p95_s": round(percentile(waits, 95), 4),
+            "max_s": round(max(waits), 4),
+        }
+    return result
 
 
 def replay_rate(

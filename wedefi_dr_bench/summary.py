@@ -172,6 +172,15 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _fmt(replay.get("replay_mb_s_vs_cp")),
             )
         )
+        handed = pre.get("handed_over", {})
+        out.append(
+            (
+                "replay: hand-over script per spooled segment p50 / p95 (its log, after start-up)",
+                f"{_fmt(handed.get('p50_s'), ' s')} / {_fmt(handed.get('p95_s'), ' s')}",
+                f"{handed.get('n', 0)} segments",
+                "-",
+            )
+        )
         for phase, peaks in ph.get("peak_rss_mb", {}).items():
             if isinstance(peaks, dict):
                 text = ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(peaks.items()) if v)

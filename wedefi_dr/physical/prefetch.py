@@ -259,8 +259,18 @@ def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
     os.replace(f"{pid_file}.tmp{os.getpid()}", pid_file)
 
 
+def _handed_over(name: str, t0: float) -> None:
+    """The server log's record of each segment handed over from the spool and how long
+    this script took (from its first line: the interpreter's start is not in it), as the
+    archive hand-off logs its waits."""
+    print(
+        f"wedefi-dr wal: {name} handed over, waited {time.monotonic() - t0:.3f} s", file=sys.stderr
+    )
+
+
 def main(argv: list[str]) -> int:
     """``prefetch.py [--prime] --env-file FILE NAME DEST`` (``%f %p``)."""
+    t0 = time.monotonic()
     prime = argv[:1] == ["--prime"]
     argv = argv[1:] if prime else argv
     if len(argv) != 4 or argv[0] != "--env-file":
@@ -282,6 +292,7 @@ def main(argv: list[str]) -> int:
         ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
         if spooled or (answer == "spooled" and from_spool(spool, name, dest)):
             refill(env_file, spool, name, ahead)
+            _handed_over(name, t0)
             return 0
         refill(env_file, spool, name, ahead)  # the segments after this one, meanwhile
     except Exception as exc:  # fall through to the full fetch, which reports real errors
