@@ -170,6 +170,48 @@ def test_archiver_killed_before_durable_exits_nonzero_then_retry_stores_once(spo
     assert store.list_names() == [FIRST]  # no duplicate
 
 
+def _stored_on_its_own(spool: dict, name: str, data: bytes) -> None:
+    """The server marks ``name`` ready and the running archiver stores it before any
+    hand-off asks (its ``done`` record appears)."""
+    ready(spool, name, data)
+    done = spool["pg_wal"] / archiver.SPOOL / "done" / name
+    deadline = time.monotonic() + 30
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert done.exists(), f"the archiver did not store {name} on its own"
+    time.sleep(0.05)  # past the kernel's coarse timestamp clock: a change shows in ctime
+
+
+def test_handoff_trusts_the_archivers_record_only_for_the_file_it_read(spool):
+    """The hand-off does not hash the segment when the file still has the record the
+    archiver took of what it stored; a file changed since (same size, other bytes) must
+    not exit 0 on that record, and one merely touched is accepted once the archiver has
+    read it again."""
+    store = wal.Archive(spool["settings"])
+    names = [FIRST, *walnames.next_segments(FIRST, 3, SEG)]
+    ready(spool, names[0], segment_bytes(59))
+    assert handoff(spool, names[0]).returncode == 0  # starts the resident archiver
+    spool["started"].append(_wait_for_pid(spool["pg_wal"]))
+
+    _stored_on_its_own(spool, names[1], segment_bytes(60))
+    assert handoff(spool, names[1]).returncode == 0  # the record matches: no hash needed
+
+    first = segment_bytes(61)
+    _stored_on_its_own(spool, names[2], first)
+    other = segment_bytes(62)
+    with open(spool["pg_wal"] / names[2], "r+b") as f:  # rewritten in place, same size
+        f.write(other)
+    changed = handoff(spool, names[2], wait=20)
+    assert changed.returncode == wal.EXIT_REFUSED, changed.stderr
+    assert store.fetch_bytes(names[2], spool["pg_wal"].parent / "w") == first  # kept
+
+    _stored_on_its_own(spool, names[3], segment_bytes(63))
+    os.utime(spool["pg_wal"] / names[3])  # a new record, the same bytes
+    touched = handoff(spool, names[3], wait=20)
+    assert touched.returncode == 0, touched.stderr
+    assert sorted(store.list_names()) == sorted(names)
+
+
 def test_sync_setting_falls_back_to_wal_push(spool, settings, tmp_path):
     sync_env = archiving.write_wal_env(
         settings.model_copy(update={"wal_archiver": "sync"}),

@@ -13,9 +13,11 @@ identical re-pushes and conflicts behave alike.
 
 Its records live in ``pg_wal/.wedefi-archiver`` (mode 700, the server's OS user):
 
-- ``done/<name>``: the plaintext sha256, written once the object is durable (S3 PUT
-  returned, or the identical object was there already); the hand-off
-  (``archiver_handoff.py``, the ``archive_command``) exits 0 only on a match;
+- ``done/<name>``: the plaintext sha256 and the record of the file read
+  (``walscript.file_record``: boot, inode, size, times, the same before and after the
+  read), written once the object is durable (S3 PUT returned, or the identical object was
+  there already); the hand-off (``archiver_handoff.py``, the ``archive_command``) exits 0
+  only when its file has that record;
 - ``failed/<name>``: ``<exit code> <message>`` (3: different content archived under the
   name, never retried on its own; 2: any other error, retried with a growing pause);
 - ``want/<name>``: a hand-off is waiting for this file: served first, retried at once;
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wedefi_dr.physical import wal
+from wedefi_dr.physical import archiver_handoff, wal, walscript
 
 if TYPE_CHECKING:
     from wedefi_dr.config import Settings
@@ -114,14 +116,14 @@ class Archiver:
     def _push(self, name: str) -> None:
         """Store ``name`` and record the outcome; runs in a pool thread."""
         try:
-            plain = (self.pg_wal / name).read_bytes()
+            plain, record = self._read(name)
             earlier = self.pushed.get(name)
             sha = hashlib.sha256(plain).hexdigest() if earlier else None
             if earlier and earlier == sha:
                 what = "durable earlier (identical)"
             else:
                 what, sha = self.archive.store_segment(name, plain)
-            _write(self.spool / "done" / name, sha)
+            _write(self.spool / "done" / name, archiver_handoff.done_record(sha, record))
             with self.lock:
                 self.pushed[name] = sha
                 self.failures.pop(name, None)
@@ -133,6 +135,18 @@ class Archiver:
             self._failed(name, wal.EXIT_REFUSED, str(exc), retry=False)
         except Exception as exc:
             self._failed(name, 2, f"{type(exc).__name__}: {exc}", retry=True)
+
+    def _read(self, name: str) -> tuple[bytes, str]:
+        """The file's contents and its record, which must not change while it is read: the
+        server wrote the file whole before marking it ``.ready``, so a change means another
+        writer, and the push is retried."""
+        with open(self.pg_wal / name, "rb") as f:
+            before = walscript.file_record(os.fstat(f.fileno()))
+            plain = f.read()
+            after = walscript.file_record(os.fstat(f.fileno()))
+        if after != before:
+            raise OSError(f"{name} changed while it was read")
+        return plain, after
 
     def _failed(self, name: str, code: int, message: str, *, retry: bool) -> None:
         (self.spool / "want" / name).unlink(missing_ok=True)

@@ -2,20 +2,20 @@
 
 Replay asks for one segment at a time and waits for each. The prefetcher (``python -m
 wedefi_dr.physical.wal prefetch``, detached) fills ``pg_wal/.wedefi-prefetch`` with the next
-``WEDEFI_DR_WAL_PREFETCH`` segments, downloaded, verified (object sha256, MAC, gpg's
-integrity check, plaintext sha256) and decrypted by parallel workers, as pgBackRest's
+``WEDEFI_DR_WAL_PREFETCH`` segments, downloaded, verified (the object's sha256 under its
+MAC, gpg's integrity check, the size) and decrypted by parallel workers, as pgBackRest's
 archive-get queue does. What is left per segment is this script: executed with ``python
--I -S`` (standard library only, no site-packages, no package import, nothing imported it
-does not need on this path), it checks the spooled file is still the one the prefetcher
-recorded (:func:`record_spooled`), renames it to ``%p``, and starts the next prefetcher when
-the spool runs low. So replay waits for an interpreter start and a rename, close to what
-``cp`` of the decrypted file costs. A segment the running prefetcher
-is downloading now (its ``.prefetcher.plan``) is waited for, not downloaded a second time
-by a full ``wal-fetch``: replay asks for the next segment within a fraction of a second,
-sooner than a new prefetcher delivers the first one. Any other file, while a prefetcher
-lives, is asked of it (``.ask/<name>``, answered in ``<name>.answer``): it answers
-``spooled`` or ``missing`` with its warm client, and ``defer`` for anything the full
-``wal-fetch`` must decide and log (an error, a gap, a streamed partial).
+-I -S`` (a few standard modules and its sibling ``walscript.py``: no site-packages, no
+package import, nothing it does not need on this path), it checks the spooled file is
+still the one the prefetcher recorded (:func:`record_spooled`), renames it to ``%p``, and
+starts the next prefetcher when the spool runs low. So replay waits for an interpreter
+start and a rename, close to what ``cp`` of the decrypted file costs. A segment the
+running prefetcher is downloading now (its ``.prefetcher.plan``) is waited for, not
+downloaded a second time by a full ``wal-fetch``: replay asks for the next segment within a
+fraction of a second, sooner than a new prefetcher delivers the first one. Any other file,
+while a prefetcher lives, is asked of it (``.ask/<name>``, answered in ``<name>.answer``):
+it answers ``spooled`` or ``missing`` with its warm client, and ``defer`` for anything the
+full ``wal-fetch`` must decide and log (an error, a gap, a streamed partial).
 
 Before the recovering server starts, ``prefetch.py --prime --env-file FILE NAME DEST``
 starts the prefetcher after ``NAME`` (the segment before the base backup's first): the
@@ -33,72 +33,20 @@ import os
 import sys
 import time
 
-HEX_UPPER = frozenset("0123456789ABCDEF")
+if __package__:  # imported: the prefetcher, the tests
+    from wedefi_dr.physical import walscript
+else:  # executed by the server (``python -I -S``): the sibling file, after the stdlib
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    import walscript
+
 ASK_DIR = ".ask"
 ANSWER_SUFFIX = ".answer"
 PREFETCH_DIR = ".wedefi-prefetch"
 PREFETCHER_PID = ".prefetcher.pid"
 PREFETCH_PLAN = ".prefetcher.plan"
 SPOOLED_SUFFIX = ".spooled"
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
 WAIT_SECONDS = 60.0
 POLL_SECONDS = 0.01
-
-
-def _hex(text: str, length: int) -> bool:
-    return len(text) == length and HEX_UPPER.issuperset(text)
-
-
-def is_segment(name: str) -> bool:
-    """A WAL segment's file name (24 upper-case hex digits)."""
-    return _hex(name, 24)
-
-
-def is_wal_name(name: str) -> bool:
-    """A name the server asks ``restore_command`` for: a segment, a segment's ``.partial``
-    or ``.backup`` label, or a timeline's ``.history``."""
-    if is_segment(name):
-        return True
-    head, dot, tail = name.partition(".")
-    if _hex(head, 8):
-        return tail == "history"
-    if not _hex(head, 24):
-        return False
-    if tail == "partial":
-        return True
-    label, dot, kind = tail.partition(".")
-    return bool(dot) and _hex(label, 8) and kind == "backup"
-
-
-def read_env(path: str) -> dict[str, str]:
-    values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.split("=", 1)
-                values[key.strip()] = value
-    return values
-
-
-def _unlink(path: str) -> None:
-    """``os.unlink``, quiet when the file is gone (``contextlib`` would add to the start-up)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-
-
-def _boot_id() -> str:
-    try:
-        with open(BOOT_ID) as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
-
-
-def _identity(st: os.stat_result) -> str:
-    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
 
 def record_spooled(spool: str, name: str, data: bytes) -> None:
@@ -120,7 +68,7 @@ def record_spooled(spool: str, name: str, data: bytes) -> None:
     st = os.lstat(path)  # after the rename, which sets its change time
     record = os.path.join(spool, f".{name}{SPOOLED_SUFFIX}.tmp{os.getpid()}")
     with open(record, "w") as f:
-        f.write(f"{_boot_id()} {_identity(st)}")
+        f.write(walscript.file_record(st))
     os.replace(record, path + SPOOLED_SUFFIX)
 
 
@@ -142,7 +90,7 @@ def from_spool(spool: str, name: str, dest: str) -> bool:
     try:
         st = os.lstat(data)
         ok = (
-            expected == f"{_boot_id()} {_identity(st)}"
+            expected == walscript.file_record(st)
             and st.st_nlink == 1
             and st.st_uid == os.geteuid()
             and (st.st_mode & 0o170000) == 0o100000
@@ -152,9 +100,9 @@ def from_spool(spool: str, name: str, dest: str) -> bool:
     if ok:
         os.replace(data, dest)
     else:
-        _unlink(data)
+        walscript.unlink(data)
         print(f"wedefi-dr wal: prefetched {name} changed on disk; fetching it", file=sys.stderr)
-    _unlink(record)
+    walscript.unlink(record)
     return ok
 
 
@@ -202,10 +150,10 @@ def wait_for_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) ->
 def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str | None:
     """The live prefetcher's answer about ``name``: ``spooled`` or ``missing``; None when
     no prefetcher lives, it defers to the full fetch, it stops, or ``timeout`` passes."""
-    if not is_wal_name(name) or not prefetcher_alive(spool):
+    if not walscript.is_wal_name(name) or not prefetcher_alive(spool):
         return None
     answer = os.path.join(spool, f"{name}{ANSWER_SUFFIX}")
-    _unlink(answer)  # an earlier call's: only an answer to this question counts
+    walscript.unlink(answer)  # an earlier call's: only an answer to this question counts
     asks = os.path.join(spool, ASK_DIR)
     os.makedirs(asks, exist_ok=True)
     with open(os.path.join(asks, name), "w"):
@@ -220,7 +168,7 @@ def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str 
                 return None
             time.sleep(POLL_SECONDS)
             continue
-        _unlink(answer)
+        walscript.unlink(answer)
         return what if what in ("spooled", "missing") else None
     return None
 
@@ -228,7 +176,7 @@ def ask_prefetcher(spool: str, name: str, timeout: float = WAIT_SECONDS) -> str 
 def spooled_ahead(spool: str, name: str) -> int:
     """How many segments after ``name`` are spooled (all of them for ``name=""``)."""
     try:
-        return sum(1 for n in os.listdir(spool) if is_segment(n) and n > name)
+        return sum(1 for n in os.listdir(spool) if walscript.is_segment(n) and n > name)
     except OSError:
         return 0
 
@@ -237,7 +185,7 @@ def refill(env_file: str, spool: str, name: str, ahead: int) -> None:
     """Start the prefetcher after ``name`` unless one runs or enough is spooled. Its pid is
     recorded at once (it records it again when it starts), so the next call asks it
     instead of starting another or running the full fetch while it imports."""
-    if ahead <= 0 or not is_segment(name):
+    if ahead <= 0 or not walscript.is_segment(name):
         return
     if spooled_ahead(spool, name) > ahead // 2 or prefetcher_alive(spool):
         return
@@ -279,17 +227,22 @@ def main(argv: list[str]) -> int:
     env_file, name, dest = argv[1], argv[2], argv[3]
     spool = os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
     if prime:
-        refill(env_file, spool, name, int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8")))
+        refill(
+            env_file,
+            spool,
+            name,
+            int(walscript.read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8")),
+        )
         return 0 if prefetcher_alive(spool) else 1
     try:
-        spooled = is_segment(name) and (
+        spooled = walscript.is_segment(name) and (
             from_spool(spool, name, dest)
             or (wait_for_prefetcher(spool, name) and from_spool(spool, name, dest))
         )
         answer = None if spooled else ask_prefetcher(spool, name)
         if answer == "missing":
             return 1
-        ahead = int(read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
+        ahead = int(walscript.read_env(env_file).get("WEDEFI_DR_WAL_PREFETCH", "8"))
         if spooled or (answer == "spooled" and from_spool(spool, name, dest)):
             refill(env_file, spool, name, ahead)
             _handed_over(name, t0)
