@@ -12,7 +12,8 @@ one run, side by side:
    ``.ready`` backlog sampled every second during the archived run, and the server's wait
    per segment as the hand-off logged it;
 4. one segment's ``archive_command`` alone (a fresh segment handed over, nothing ahead):
-   the hand-off, the synchronous ``wal-push``, ``pgbackrest archive-push`` (lz4) and ``cp``;
+   the hand-off (into S3, and into a posix repository as pgBackRest's is), the synchronous
+   ``wal-push``, ``pgbackrest archive-push`` (lz4) and ``cp``;
 5. replay: recovery to 'latest' from the base backup taken before the load, with our
    ``restore_command`` (prefetch) and with ``cp`` of the same segments, decrypted.
 
@@ -213,40 +214,62 @@ def single_segment_latency(
     sync_env = archiving.write_wal_env(
         bench.settings, bench.work / "lat-sync.env", prefix=f"{bench.prefix}-latency-sync"
     )
+    posix_env = archiving.write_wal_env(  # like for like: pgBackRest's repo is posix too
+        repo_settings(bench.settings, bench, "posix"),
+        bench.work / "lat-posix.env",
+        prefix=f"{bench.prefix}-latency",
+    )
+    posix_fake = bench.work / "lat-posix" / "pg_wal"
+    (posix_fake / "archive_status").mkdir(parents=True)
     copies = bench.work / "lat" / "cp"
     copies.mkdir()
-    times: dict[str, list[float]] = {"handoff": [], "wal_push_sync": [], "pgbackrest": [], "cp": []}
+    times: dict[str, list[float]] = {
+        "handoff": [],
+        "handoff_posix": [],
+        "wal_push_sync": [],
+        "pgbackrest": [],
+        "cp": [],
+    }
     handoff = shlex.split(archiving.archive_command(env))[:-1]
+    handoff_posix = shlex.split(archiving.archive_command(posix_env))[:-1]
     sync = shlex.split(archiving.archive_command(sync_env, resident=False))[:-1]
-    subprocess.run(["chown", "-R", pgbr.user, str(bench.work / "lat")], check=True)
+    for folder in ("lat", "lat-posix"):
+        subprocess.run(["chown", "-R", pgbr.user, str(bench.work / folder)], check=True)
     try:
-        warm = segs.pop(0)  # starts the archiver (imports, S3 client): not timed
-        shutil.copy(warm, fake / warm.name)
-        subprocess.run([*handoff, f"pg_wal/{warm.name}"], cwd=fake.parent, check=True)
+        warm = segs.pop(0)  # starts the archivers (imports, S3 client): not timed
+        for where, argv in ((fake, handoff), (posix_fake, handoff_posix)):
+            shutil.copy(warm, where / warm.name)
+            subprocess.run([*argv, f"pg_wal/{warm.name}"], cwd=where.parent, check=True)
         for seg in segs:
-            local = fake / seg.name
-            shutil.copy(seg, local)
-            (fake / "archive_status" / f"{seg.name}.ready").write_text("")
-            for kind, argv in (
-                ("handoff", [*handoff, f"pg_wal/{seg.name}"]),
-                ("wal_push_sync", [*sync, f"pg_wal/{seg.name}"]),
-                ("cp", ["cp", str(local), str(copies / seg.name)]),
+            for where in (fake, posix_fake):
+                shutil.copy(seg, where / seg.name)
+                (where / "archive_status" / f"{seg.name}.ready").write_text("")
+            for kind, argv, where in (
+                ("handoff", [*handoff, f"pg_wal/{seg.name}"], fake),
+                ("handoff_posix", [*handoff_posix, f"pg_wal/{seg.name}"], posix_fake),
+                ("wal_push_sync", [*sync, f"pg_wal/{seg.name}"], fake),
+                ("cp", ["cp", str(fake / seg.name), str(copies / seg.name)], fake),
             ):
                 t = time.monotonic()
-                subprocess.run(argv, cwd=fake.parent, check=True, capture_output=True)
+                subprocess.run(argv, cwd=where.parent, check=True, capture_output=True)
                 times[kind].append(time.monotonic() - t)
             t = time.monotonic()
             pgbr.cmd("archive-push", str(seg))
             times["pgbackrest"].append(time.monotonic() - t)
-            ready = fake / "archive_status" / f"{seg.name}.ready"
-            ready.rename(ready.with_suffix(".done"))  # as the server does after exit 0
+            for where in (fake, posix_fake):
+                ready = where / "archive_status" / f"{seg.name}.ready"
+                ready.rename(ready.with_suffix(".done"))  # as the server does after exit 0
     finally:
-        with_pid = fake / archiver.SPOOL / "archiver.pid"
-        if with_pid.exists():
-            os.kill(int(with_pid.read_text()), 15)
+        for where in (fake, posix_fake):
+            with_pid = where / archiver.SPOOL / "archiver.pid"
+            if with_pid.exists():
+                os.kill(int(with_pid.read_text()), 15)
     result: dict[str, Any] = {k: _stats(v) for k, v in times.items()}
     result["ratio_p50_handoff_vs_pgbackrest"] = _ratio(
         result["handoff"].get("p50_s"), result["pgbackrest"].get("p50_s")
+    )
+    result["ratio_p50_handoff_posix_vs_pgbackrest"] = _ratio(
+        result["handoff_posix"].get("p50_s"), result["pgbackrest"].get("p50_s")
     )
     result["ratio_p50_handoff_vs_cp"] = _ratio(
         result["handoff"].get("p50_s"), result["cp"].get("p50_s")

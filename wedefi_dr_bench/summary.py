@@ -120,6 +120,16 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     ),
                 )
             )
+        for label, key in (("p50", "p50_s"), ("p95", "p95_s")):
+            posix, pgbr = _get(single, "handoff_posix", key), _get(single, "pgbackrest", key)
+            out.append(
+                (
+                    f"same, {label}, into a posix repository (as pgBackRest's)",
+                    _fmt(posix, " s"),
+                    _fmt(pgbr, " s"),
+                    _fmt(posix / pgbr if posix and pgbr else None),
+                )
+            )
         out.append(
             (
                 "one segment p50: hand-off ÷ cp",
