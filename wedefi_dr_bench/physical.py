@@ -15,7 +15,9 @@ one run, side by side:
    the hand-off (into S3, and into a posix repository as pgBackRest's is), the synchronous
    ``wal-push``, ``pgbackrest archive-push`` (lz4) and ``cp``;
 5. replay: recovery to 'latest' from the base backup taken before the load, with our
-   ``restore_command`` (prefetch) and with ``cp`` of the same segments, decrypted.
+   ``restore_command`` (prefetch) and with ``cp`` of the same segments, decrypted;
+6. the pgbench run of 3 again, archiving into a posix repository (last: the replay reads
+   the S3 archive).
 
 Ratios in one run on one host; the load average says what else ran. Measured, never
 asserted in tests. The bench's clusters, repo, files and prefixes are removed at the end.
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import SecretStr
 
 from wedefi_dr.catalog.manifest import new_backup_id
@@ -145,6 +148,39 @@ def wait_drained(bench: pitr_bench.PitrBench, timeout: float = 600) -> float:
     while list(status.glob("*.ready")) and time.monotonic() - t < timeout:
         time.sleep(0.2)
     return time.monotonic() - t
+
+
+def stop_resident_archiver(bench: pitr_bench.PitrBench, timeout: float = 30) -> None:
+    """Stop the source's resident archiver (SIGTERM) and wait until it is gone: it keeps the
+    env file it started with, and the next hand-off starts one with the current one."""
+    pid_file = bench.src.data_dir / "pg_wal" / archiver.SPOOL / "archiver.pid"
+    try:
+        proc = psutil.Process(int(pid_file.read_text()))
+        proc.terminate()
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        proc.kill()
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        return
+
+
+def loaded_into_posix(bench: pitr_bench.PitrBench, seconds: int, clients: int) -> dict[str, Any]:
+    """The pgbench run again, archiving into a posix repository (pgBackRest's kind here):
+    the server's wait without the local S3 server's CPU on the same cores. It runs last:
+    the replay reads the S3 archive, which these segments are not in."""
+    env = archiving.write_wal_env(
+        repo_settings(bench.settings, bench, "posix"),
+        bench.src.home / "wal-archive-posix.env",
+        prefix=bench.prefix,
+    )
+    wait_drained(bench)
+    set_archive_command(bench, archiving.archive_command(env))
+    stop_resident_archiver(bench)
+    log_at = bench.src.log.stat().st_size
+    loaded = pgbench_run(bench, seconds, clients, sample=True)
+    loaded["drain_after_s"] = round(wait_drained(bench), 1)
+    loaded["server_wait_per_segment"] = _stats(handoff_waits(bench.src.log, log_at))
+    return loaded
 
 
 def pgbench_run(
@@ -430,6 +466,12 @@ def run_bench(
         result["single_segment"] = single_segment_latency(bench, pgbr, pushes)
         say("replay from the base backup: restore_command vs cp")
         result["replay"] = pitr_bench.replay_rate(bench, manifests["zstd"], with_no_prefetch=False)
+        say(f"pgbench {seconds} s with the resident archiver into a posix repository")
+        with sampler.measuring("pgbench_archiver_posix"):
+            result["pgbench_archiver_posix"] = loaded_into_posix(bench, seconds, clients)
+        result["tps_ratio_archiver_posix_vs_bin_true"] = _ratio(
+            result["pgbench_archiver_posix"]["tps"], result["pgbench_bin_true"]["tps"]
+        )
     finally:
         halt.set()
         pitr_bench.cleanup(bench)

@@ -146,32 +146,8 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "-",
             )
         )
-        loaded = ph.get("pgbench_archiver", {})
-        wait = loaded.get("server_wait_per_segment", {})
-        out.append(
-            (
-                "under pgbench: server's wait per segment p50 / p95",
-                f"{_fmt(wait.get('p50_s'), ' s')} / {_fmt(wait.get('p95_s'), ' s')}",
-                f"{wait.get('n', 0)} segments",
-                "-",
-            )
-        )
-        out.append(
-            (
-                ".ready backlog under pgbench (sampled 1/s): max / p95",
-                f"{loaded.get('ready_backlog_max', '-')} / {_fmt(loaded.get('ready_backlog_p95'))}",
-                "target ≤ 2",
-                "-",
-            )
-        )
-        out.append(
-            (
-                "pgbench TPS: resident archiver ÷ archive_command=/bin/true",
-                _fmt(loaded.get("tps")),
-                _fmt(_get(ph, "pgbench_bin_true", "tps")),
-                _fmt(ph.get("tps_ratio_archiver_vs_bin_true")),
-            )
-        )
+        for suffix, where in (("", ""), ("_posix", ", into a posix repository")):
+            out.extend(_loaded_rows(ph, suffix, where))
         replay = ph.get("replay", {})
         pre = next((v for k, v in replay.items() if k.startswith("wal_fetch_prefetch")), {})
         out.append(
@@ -207,6 +183,34 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     return out
+
+
+def _loaded_rows(ph: dict[str, Any], suffix: str, where: str) -> list[tuple[str, str, str, str]]:
+    """The pgbench run with the resident archiver (``suffix`` names its repository)."""
+    loaded = ph.get(f"pgbench_archiver{suffix}", {})
+    if not loaded:
+        return []
+    wait = loaded.get("server_wait_per_segment", {})
+    return [
+        (
+            f"under pgbench{where}: server's wait per segment p50 / p95",
+            f"{_fmt(wait.get('p50_s'), ' s')} / {_fmt(wait.get('p95_s'), ' s')}",
+            f"{wait.get('n', 0)} segments",
+            "-",
+        ),
+        (
+            f".ready backlog under pgbench{where} (sampled 1/s): max / p95",
+            f"{loaded.get('ready_backlog_max', '-')} / {_fmt(loaded.get('ready_backlog_p95'))}",
+            "target ≤ 2",
+            "-",
+        ),
+        (
+            f"pgbench TPS{where}: resident archiver ÷ archive_command=/bin/true",
+            _fmt(loaded.get("tps")),
+            _fmt(_get(ph, "pgbench_bin_true", "tps")),
+            _fmt(ph.get(f"tps_ratio_archiver{suffix}_vs_bin_true")),
+        ),
+    ]
 
 
 def render(report: dict[str, Any], console: Console) -> None:

@@ -121,8 +121,9 @@ def production_archive_env(settings: Settings, home: Path, *, os_user: str) -> P
 def handoff_command(env_file: Path) -> str:
     """The resident archiver's hand-off (``archiver_handoff.py``), without ``%p``.
 
-    Run as a script with ``-I -S``: no site-packages, no package import, only the standard
-    library, so the server's wait per segment is an interpreter start and one sha256.
+    Run as a script with ``-I -S``: no site-packages, no package import, a few standard
+    modules and its sibling ``walscript.py``, so the server's wait per segment is an
+    interpreter start, a ``stat`` and the archiver's upload.
     """
     parts = (sys.executable, "-I", "-S", str(HANDOFF_SCRIPT), "--env-file", str(env_file))
     return " ".join(shlex.quote(part) for part in parts)
