@@ -167,7 +167,10 @@ def stop_resident_archiver(bench: pitr_bench.PitrBench, timeout: float = 30) -> 
 def loaded_into_posix(bench: pitr_bench.PitrBench, seconds: int, clients: int) -> dict[str, Any]:
     """The pgbench run again, archiving into a posix repository (pgBackRest's kind here):
     the server's wait without the local S3 server's CPU on the same cores. It runs last:
-    the replay reads the S3 archive, which these segments are not in."""
+    the replay reads the S3 archive, which these segments are not in (and stopped the
+    source, which starts again here)."""
+    if not bench.src.is_running():
+        bench.src.start()
     env = archiving.write_wal_env(
         repo_settings(bench.settings, bench, "posix"),
         bench.src.home / "wal-archive-posix.env",
