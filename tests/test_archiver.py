@@ -117,10 +117,8 @@ def test_handoff_exits_0_only_once_the_segment_is_stored_and_fetchable(spool, tm
     assert _archiver_pid(spool["pg_wal"]) == spool["started"][0]  # one resident process
 
 
-def test_archiver_killed_before_durable_exits_nonzero_then_retry_stores_once(spool):
-    store = wal.Archive(spool["settings"])
-    data = segment_bytes(50)
-    # A resident archiver, frozen: it holds its lock but stores nothing.
+def _frozen_archiver(spool: dict) -> subprocess.Popen:
+    """A resident archiver, stopped (SIGSTOP): it holds its lock but stores nothing."""
     proc = subprocess.Popen(
         [sys.executable, "-I", "-m", "wedefi_dr.physical.archiver"]
         + ["--env-file", str(spool["env"])]
@@ -131,19 +129,33 @@ def test_archiver_killed_before_durable_exits_nonzero_then_retry_stores_once(spo
     spool["started"].append(proc.pid)
     assert _wait_for_pid(spool["pg_wal"]) == proc.pid
     proc.send_signal(signal.SIGSTOP)
-    ready(spool, FIRST, data)
+    return proc
+
+
+def _waiting_handoff(spool: dict, name: str, wait: float = 60) -> subprocess.Popen:
+    """The server's call, started: it returns once the hand-off asked for ``name``."""
+    command = archiving.archive_command(spool["env"]).replace("%p", f"pg_wal/{name}")
     waiting = subprocess.Popen(
-        shlex.split(archiving.archive_command(spool["env"]).replace("%p", f"pg_wal/{FIRST}")),
+        shlex.split(command) + ["--wait", str(wait)],
         cwd=spool["pg_wal"].parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.monotonic() + 30
-    want = spool["pg_wal"] / archiver.SPOOL / "want" / FIRST
+    want = spool["pg_wal"] / archiver.SPOOL / "want" / name
     while not want.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert want.exists() and waiting.poll() is None  # handed over, waiting for "durable"
+    return waiting
+
+
+def test_archiver_killed_before_durable_exits_nonzero_then_retry_stores_once(spool):
+    store = wal.Archive(spool["settings"])
+    data = segment_bytes(50)
+    proc = _frozen_archiver(spool)
+    ready(spool, FIRST, data)
+    waiting = _waiting_handoff(spool, FIRST)
     assert store.head(FIRST) is None
     proc.kill()
     proc.wait()
@@ -210,6 +222,21 @@ def test_handoff_trusts_the_archivers_record_only_for_the_file_it_read(spool):
     touched = handoff(spool, names[3], wait=20)
     assert touched.returncode == 0, touched.stderr
     assert sorted(store.list_names()) == sorted(names)
+
+
+def test_a_file_touched_while_the_handoff_waits_is_accepted_once_stored(spool):
+    """The archiver reads the file after the hand-off took its record; touched in between
+    (the same bytes, a new record), it is durable as soon as the archiver stored it, and the
+    hand-off must not wait out its ``--wait`` on the record it took first."""
+    proc = _frozen_archiver(spool)
+    ready(spool, FIRST, segment_bytes(64))
+    waiting = _waiting_handoff(spool, FIRST, wait=20)
+    time.sleep(0.05)  # past the kernel's coarse timestamp clock
+    os.utime(spool["pg_wal"] / FIRST)
+    proc.send_signal(signal.SIGCONT)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert f"{FIRST} durable" in err
 
 
 def test_sync_setting_falls_back_to_wal_push(spool, settings, tmp_path):
