@@ -775,7 +775,8 @@ def run_bench(
 
 def run_rounds(settings: Settings, rounds: int = 1, **options: Any) -> dict[str, Any]:
     """``rounds`` runs of :func:`run_bench`, one after the other: the last run's figures,
-    with every run's ratios under ``rounds`` and their medians under ``ratios_median``.
+    with every run's ratios under ``rounds``, their medians under ``ratios_median`` and
+    every run's times under ``rounds_times_seconds`` (which side of a ratio moved).
 
     Why: on this 2-core host the same step differs between runs by up to a third (bare
     ``pg_restore`` of the same dump took 17.5 s and 29.2 s an hour apart), more than the
@@ -784,6 +785,7 @@ def run_rounds(settings: Settings, rounds: int = 1, **options: Any) -> dict[str,
     last = reports[-1]
     if len(reports) > 1:
         last["rounds"] = [r["ratios"] for r in reports]
+        last["rounds_times_seconds"] = [r["times_seconds"] for r in reports]
         last["ratios_median"] = {
             key: statistics.median(values)
             for key in last["ratios"]
