@@ -151,8 +151,7 @@ def handoff(env_file: str, path: str, wait: float) -> int:
         done = _read(done_path)
         if done is not None:
             os.unlink(done_path)
-            if not stored_this_file(done, record):  # the file changed after our stat?
-                record = walscript.file_record(os.stat(path))
+            record = walscript.file_record(os.stat(path))  # it may have changed since we asked
             if stored_this_file(done, record):
                 _durable(name, t0)
                 return EXIT_OK
