@@ -61,17 +61,6 @@ def _run_as(user: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedPr
     return subprocess.run(argv, capture_output=True, text=True, **os_user_kwargs(user), **kwargs)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "p50_s": round(percentile(values, 50), 4),
-        "p95_s": round(percentile(values, 95), 4),
-        "max_s": round(max(values), 4),
-    }
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
@@ -164,7 +153,22 @@ def stop_resident_archiver(bench: pitr_bench.PitrBench, timeout: float = 30) -> 
         return
 
 
-def loaded_into_posix(bench: pitr_bench.PitrBench, seconds: int, clients: int) -> dict[str, Any]:
+def archived_pgbench_run(
+    bench: pitr_bench.PitrBench, seconds: int, clients: int, sampler: RssSampler, phase: str
+) -> dict[str, Any]:
+    """pgbench with the source archiving (``.ready`` sampled), the drain after it, and the
+    server's wait per segment as the hand-off logged it during the run."""
+    log_at = bench.src.log.stat().st_size
+    with sampler.measuring(phase):
+        loaded = pgbench_run(bench, seconds, clients, sample=True)
+    loaded["drain_after_s"] = round(wait_drained(bench), 1)
+    loaded["server_wait_per_segment"] = pitr_bench.wait_stats(handoff_waits(bench.src.log, log_at))
+    return loaded
+
+
+def loaded_into_posix(
+    bench: pitr_bench.PitrBench, seconds: int, clients: int, sampler: RssSampler
+) -> dict[str, Any]:
     """The pgbench run again, archiving into a posix repository (pgBackRest's kind here):
     the server's wait without the local S3 server's CPU on the same cores. It runs last:
     the replay reads the S3 archive, which these segments are not in (and stopped the
@@ -179,11 +183,7 @@ def loaded_into_posix(bench: pitr_bench.PitrBench, seconds: int, clients: int) -
     wait_drained(bench)
     set_archive_command(bench, archiving.archive_command(env))
     stop_resident_archiver(bench)
-    log_at = bench.src.log.stat().st_size
-    loaded = pgbench_run(bench, seconds, clients, sample=True)
-    loaded["drain_after_s"] = round(wait_drained(bench), 1)
-    loaded["server_wait_per_segment"] = _stats(handoff_waits(bench.src.log, log_at))
-    return loaded
+    return archived_pgbench_run(bench, seconds, clients, sampler, "pgbench_archiver_posix")
 
 
 def pgbench_run(
@@ -303,7 +303,7 @@ def single_segment_latency(
             with_pid = where / archiver.SPOOL / "archiver.pid"
             if with_pid.exists():
                 os.kill(int(with_pid.read_text()), 15)
-    result: dict[str, Any] = {k: _stats(v) for k, v in times.items()}
+    result: dict[str, Any] = {k: pitr_bench.wait_stats(v) for k, v in times.items()}
     result["ratio_p50_handoff_vs_pgbackrest"] = _ratio(
         result["handoff"].get("p50_s"), result["pgbackrest"].get("p50_s")
     )
@@ -456,11 +456,7 @@ def run_bench(
         with sampler.measuring("restore"):
             result["restore"] = restores(bench, pgbr, manifests)
         say(f"pgbench {seconds} s with the resident archiver")
-        log_at = bench.src.log.stat().st_size
-        with sampler.measuring("pgbench_archiver"):
-            loaded = pgbench_run(bench, seconds, clients, sample=True)
-        loaded["drain_after_s"] = round(wait_drained(bench), 1)
-        loaded["server_wait_per_segment"] = _stats(handoff_waits(bench.src.log, log_at))
+        loaded = archived_pgbench_run(bench, seconds, clients, sampler, "pgbench_archiver")
         result["pgbench_archiver"] = loaded
         result["tps_ratio_archiver_vs_bin_true"] = _ratio(
             loaded["tps"], result["pgbench_bin_true"]["tps"]
@@ -470,8 +466,7 @@ def run_bench(
         say("replay from the base backup: restore_command vs cp")
         result["replay"] = pitr_bench.replay_rate(bench, manifests["zstd"], with_no_prefetch=False)
         say(f"pgbench {seconds} s with the resident archiver into a posix repository")
-        with sampler.measuring("pgbench_archiver_posix"):
-            result["pgbench_archiver_posix"] = loaded_into_posix(bench, seconds, clients)
+        result["pgbench_archiver_posix"] = loaded_into_posix(bench, seconds, clients, sampler)
         result["tps_ratio_archiver_posix_vs_bin_true"] = _ratio(
             result["pgbench_archiver_posix"]["tps"], result["pgbench_bin_true"]["tps"]
         )

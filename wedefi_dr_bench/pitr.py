@@ -244,13 +244,20 @@ def _replay(
         "replay_mb_s": round(mb / seconds, 1),
     }
     if waits:  # restore_command's own log: one line per segment handed over from the spool
-        result["handed_over"] = {
-            "n": len(waits),
-            "p50_s": round(percentile(waits, 50), 4),
-            "p95_s": round(percentile(waits, 95), 4),
-            "max_s": round(max(waits), 4),
-        }
+        result["handed_over"] = wait_stats(waits)
     return result
+
+
+def wait_stats(values: list[float]) -> dict[str, float]:
+    """Count, p50, p95 and maximum of per-segment times, in seconds."""
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "p50_s": round(percentile(values, 50), 4),
+        "p95_s": round(percentile(values, 95), 4),
+        "max_s": round(max(values), 4),
+    }
 
 
 def replay_rate(

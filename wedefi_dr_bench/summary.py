@@ -106,30 +106,20 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
         single = ph.get("single_segment", {})
-        for label, key in (("p50", "p50_s"), ("p95", "p95_s")):
-            out.append(
-                (
-                    f"one segment, nothing ahead, {label}: hand-off ÷ pgbackrest archive-push",
-                    _fmt(_get(single, "handoff", key), " s"),
-                    _fmt(_get(single, "pgbackrest", key), " s"),
-                    _fmt(
-                        (_get(single, "handoff", key) or 0)
-                        / max(_get(single, "pgbackrest", key) or 0, 1e-9)
-                        if _get(single, "pgbackrest", key)
-                        else None
-                    ),
+        for kind, what in (
+            ("handoff", "one segment, nothing ahead, {}: hand-off ÷ pgbackrest archive-push"),
+            ("handoff_posix", "same, {}, into a posix repository (as pgBackRest's)"),
+        ):
+            for label, key in (("p50", "p50_s"), ("p95", "p95_s")):
+                ours, pgbr = _get(single, kind, key), _get(single, "pgbackrest", key)
+                out.append(
+                    (
+                        what.format(label),
+                        _fmt(ours, " s"),
+                        _fmt(pgbr, " s"),
+                        _fmt(ours / pgbr if ours and pgbr else None),
+                    )
                 )
-            )
-        for label, key in (("p50", "p50_s"), ("p95", "p95_s")):
-            posix, pgbr = _get(single, "handoff_posix", key), _get(single, "pgbackrest", key)
-            out.append(
-                (
-                    f"same, {label}, into a posix repository (as pgBackRest's)",
-                    _fmt(posix, " s"),
-                    _fmt(pgbr, " s"),
-                    _fmt(posix / pgbr if posix and pgbr else None),
-                )
-            )
         out.append(
             (
                 "one segment p50: hand-off ÷ cp",
