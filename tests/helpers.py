@@ -18,7 +18,8 @@ from typing import Literal
 import boto3
 from prefect import tags
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
+from prefect.client.schemas.objects import TaskRun
 from prefect.flow_runs import resume_flow_run
 from psycopg2 import sql
 
@@ -149,6 +150,24 @@ def planted_forged_backup(
     finally:
         store.delete(manifest_key)
         store.delete(key)
+
+
+def settled_task_runs(client, flow_run_id: uuid.UUID, timeout: float = 60) -> list[TaskRun]:  # noqa: ANN001
+    """The flow run's task runs once each has a final state.
+
+    The engine reports a task run's states as events, and the server writes them a moment
+    later; read straight after the flow returns, a task that finished can still be Pending.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        unsettled = [f"{r.name}: {r.state.name}" for r in runs if not r.state.is_final()]
+        if not unsettled:
+            return runs
+        assert time.monotonic() < deadline, f"task runs never settled: {unsettled}"
+        time.sleep(0.5)
 
 
 def recovery_audit_rows(ops_dsn: str) -> int:

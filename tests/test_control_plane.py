@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.helpers import settled_task_runs
 from wedefi_dr.catalog import listing
 from wedefi_dr.config import Settings, host_concurrency_limit
 from wedefi_dr.postgres.tools import connect
@@ -57,11 +58,7 @@ def _wait_started(client, flow_run_id, timeout: float = RUN_TIMEOUT) -> None:  #
 
 
 def _task_states(client, flow_run_id) -> dict[str, list[str]]:  # noqa: ANN001
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    )
+    runs = settled_task_runs(client, flow_run_id)
     states: dict[str, list[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.dr_test import DRTestFailed, dr_test
-from tests.helpers import fingerprint
+from tests.helpers import fingerprint, settled_task_runs
 from tests.helpers import sns_inbox as helpers_sns_inbox
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
@@ -161,7 +161,6 @@ def test_retry_of_the_same_flow_run_skips_completed_steps(
     good_backup, dr_settings: Settings, dr_dirs, env_override, prefect_api
 ):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.flow_engine import run_flow
     from prefect.states import Scheduled
 
@@ -187,9 +186,7 @@ def test_retry_of_the_same_flow_run_skips_completed_steps(
             flow=dr_test, flow_run=flow_run, parameters=flow_run.parameters, return_type="state"
         )
         assert final.is_completed(), final.message
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+        task_runs = settled_task_runs(client, flow_run_id)
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.run_count == 2
 
