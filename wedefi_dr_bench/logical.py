@@ -486,6 +486,7 @@ class BenchRun:
     backup_id: str | None = None
     restore_result: dict[str, Any] = field(default_factory=dict)
     host_limit: dict[str, Any] = field(default_factory=dict)
+    flow_first: bool = False
 
     def dsn(self, name: str) -> str:
         return with_dbname(self.server_dsn, name)
@@ -517,10 +518,10 @@ def prepare(settings: Settings, scale: float, reuse: bool, say: Callable[[str], 
 
 
 def run_bare_phases(run: BenchRun) -> None:
-    """Bare ``pg_dump``, ``pg_dump | gpg`` and ``pg_restore``, before Prefect is imported, so
-    the bare figures show this process as the plain tools would see it. ``pg_dump`` alone
-    runs first: it also warms the page cache, so the denominator (``pg_dump | gpg``) and the
-    flow both read from a warm cache."""
+    """Bare ``pg_dump``, ``pg_dump | gpg`` and ``pg_restore``; in the first run before Prefect
+    is imported, so the bare figures show this process as the plain tools would see it.
+    ``pg_dump`` alone runs first: it also warms the page cache, so the denominator
+    (``pg_dump | gpg``) and the flow both read from a warm cache."""
     say, times, sizes = run.say, run.times, run.sizes
     plain, encrypted = run.work / "bare.pgc", run.work / "bare.pgc.gpg"
     checkpoint(run.server_dsn)
@@ -732,6 +733,7 @@ def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
         "database": run.database,
+        "order": "flows, then bare tools" if run.flow_first else "bare tools, then flows",
         "backup_id": run.backup_id,
         "backup_kept": keep_backup,
         "sizes": run.sizes,
@@ -758,16 +760,24 @@ def run_bench(
     reuse: bool = True,
     keep_backup: bool = False,
     say: Callable[[str], None] = print,
+    *,
+    flow_first: bool = False,
 ) -> dict[str, Any]:
     """Every figure of one benchmark run, as a JSON-able dict (see the module docstring).
 
     Other work on the host skews every figure: the load average before and after says how
-    much there was.
+    much there was. ``flow_first``: the flows before the bare tools (only for a run after
+    the first, whose bare ``pg_dump`` warmed the page cache and which imported Prefect).
     """
     run = prepare(settings, scale, reuse, say)
+    run.flow_first = flow_first
     try:
-        run_bare_phases(run)
-        run_flow_phases(run, keep_backup)
+        if flow_first:
+            run_flow_phases(run, keep_backup)
+            run_bare_phases(run)
+        else:
+            run_bare_phases(run)
+            run_flow_phases(run, keep_backup)
     finally:
         cleanup(run)
     return summarize(run, keep_backup)
@@ -780,12 +790,16 @@ def run_rounds(settings: Settings, rounds: int = 1, **options: Any) -> dict[str,
 
     Why: on this 2-core host the same step differs between runs by up to a third (bare
     ``pg_restore`` of the same dump took 17.5 s and 29.2 s an hour apart), more than the
-    overhead being measured, so one run's ratio says little on its own."""
-    reports = [run_bench(settings, **options) for _ in range(max(rounds, 1))]
+    overhead being measured, so one run's ratio says little on its own. Every second run
+    times the flows before the bare tools: a host that slows down or speeds up during a
+    run then tilts two runs' ratios in opposite directions, and the median of an even
+    number of rounds carries no order bias."""
+    reports = [run_bench(settings, flow_first=i % 2 == 1, **options) for i in range(max(rounds, 1))]
     last = reports[-1]
     if len(reports) > 1:
         last["rounds"] = [r["ratios"] for r in reports]
         last["rounds_times_seconds"] = [r["times_seconds"] for r in reports]
+        last["rounds_order"] = [r["order"] for r in reports]
         last["ratios_median"] = {
             key: statistics.median(values)
             for key in last["ratios"]
