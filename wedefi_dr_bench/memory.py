@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,35 @@ def _vm_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+FRESH_MEMORY_BYTES = 3 << 29  # 1.5 GiB: above a base backup's tar, below dirty writeback's start
+_FILL_CHUNK = 1 << 20
+
+
+def back_free_memory(folder: Path, nbytes: int = FRESH_MEMORY_BYTES) -> float:
+    """Write ``nbytes`` to a scratch file in ``folder`` and delete it; returns the seconds.
+
+    This host is a VM that takes back memory nobody touched for a while (``kdamond``
+    runs DAMON's ``pageout`` scheme), and the next gigabyte written to files pays for
+    it: ``dd`` of 1.1 GB took 2.0 s after a quiet minute and 0.23 s right after a file as
+    big was written and deleted. A restore that extracts a base backup is such a write, so
+    whichever restore or replay ran first after a pause paid ~1.8 s per GB that the others
+    did not (one zstd extract took 4.6 s, the same extract later 1.8 s). Called before
+    each timed restore and replay, ours and pgBackRest's, so each starts from the same
+    state. The logical restores do not need it: a 1 GB ``pg_restore`` took 14.8 s after a
+    quiet minute and 15.2-15.5 s after this (its writes go through shared buffers, at the
+    pace of the CPU-bound server)."""
+    started = time.monotonic()
+    scratch = folder / ".fresh-memory"
+    block = bytes(_FILL_CHUNK)
+    try:
+        with open(scratch, "wb") as f:
+            for _ in range(nbytes // _FILL_CHUNK):
+                f.write(block)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return round(time.monotonic() - started, 2)
 
 
 def _cmdline(pid: int) -> str:

@@ -370,11 +370,12 @@ def restores(
 ) -> dict[str, Any]:
     """Stage (verified) our base backups, from S3 and from the posix repository, and
     ``pgbackrest restore`` into an empty folder."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"fresh_memory_s": []}
     cluster = bench.dst
     for repo in REPOS:
         for compression in ("zstd", "lz4"):
             label = _label(repo, compression)
+            out["fresh_memory_s"].append(memory.back_free_memory(bench.work))
             t, steps = time.monotonic(), {}
             staged = recovery.stage_base_backup(
                 repo_settings(bench.settings, bench, repo),
@@ -389,6 +390,7 @@ def restores(
     target = bench.work / "pgbr-restore"
     target.mkdir(mode=0o700)
     chown_to(target, pgbr.user)
+    out["fresh_memory_s"].append(memory.back_free_memory(bench.work))
     out["pgbackrest_restore_s"] = round(pgbr.cmd("restore", f"--pg1-path={target}"), 2)
     shutil.rmtree(target, ignore_errors=True)
     for label in manifests:

@@ -41,6 +41,7 @@ from wedefi_dr.physical.walnames import lsn_to_int
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.encryption import GpgParams
 from wedefi_dr.storage.repository import Repository, open_store
+from wedefi_dr_bench import memory
 from wedefi_dr_bench.logical import gpg_symmetric_cmd
 from wedefi_dr_dev.stack import Cluster, Stack
 
@@ -216,6 +217,7 @@ def _replay(
     """One recovery of the destination cluster to 'latest' with ``restore_command``
     (wal-fetch's, with its prefetcher primed before the start, when ``fetch_env`` is set)."""
     cluster, settings = bench.dst, bench.settings
+    fresh_memory_s = memory.back_free_memory(bench.work)
     t = time.monotonic()
     staged = recovery.stage_base_backup(settings, base, cluster, bench.work / "stage-spool")
     recovery.install_staged(cluster, staged)
@@ -238,6 +240,7 @@ def _replay(
     shutil.rmtree(cluster.home, ignore_errors=True)
     mb = (lsn_to_int(reached["replay_lsn"]) - lsn_to_int(base.stop_lsn)) / 1e6
     result: dict[str, Any] = {
+        "fresh_memory_s": fresh_memory_s,
         "base_backup_stage_verified_s": round(extract_s, 2),
         "wal_replayed_mb": round(mb, 1),
         "replay_and_promote_s": round(seconds, 1),
