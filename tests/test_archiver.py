@@ -22,7 +22,7 @@ import pytest
 
 from tests.test_wal import FIRST, SEG, segment_bytes
 from wedefi_dr.config import Settings
-from wedefi_dr.physical import archiver, archiving, wal, walnames
+from wedefi_dr.physical import archiver, archiver_handoff, archiving, wal, walnames
 
 
 def _archiver_pid(pg_wal: Path) -> int | None:
@@ -115,6 +115,23 @@ def test_handoff_exits_0_only_once_the_segment_is_stored_and_fetchable(spool, tm
     for n in names:  # the same objects as wal-push: wal-fetch reads them
         assert store.fetch_bytes(n, tmp_path / "w") == contents[n]
     assert _archiver_pid(spool["pg_wal"]) == spool["started"][0]  # one resident process
+
+
+def test_segments_the_server_marked_done_are_not_archived_again(spool):
+    """A starting archiver finds the segments the server archived earlier (their status
+    ``.done``, the files kept until recycled): they are not its work. Pushing them again
+    would spend a zstd, a gpg and a refused PUT on each, up to ``max_wal_size`` worth, while
+    the server's next segment waits behind them."""
+    store = wal.Archive(spool["settings"])
+    archived, pending = FIRST, walnames.next_segments(FIRST, 1, SEG)[0]
+    (spool["pg_wal"] / archived).write_bytes(segment_bytes(65))
+    (spool["pg_wal"] / "archive_status" / f"{archived}.done").write_text("")
+    ready(spool, pending, segment_bytes(66))
+    assert handoff(spool, pending).returncode == 0  # starts the resident archiver
+    spool["started"].append(_wait_for_pid(spool["pg_wal"]))
+    time.sleep(20 * archiver.SCAN_SECONDS)  # scans enough to have started anything it would
+    assert store.list_names() == [pending]
+    assert archived not in (spool["pg_wal"] / archiver.SPOOL / archiver_handoff.LOG).read_text()
 
 
 def _frozen_archiver(spool: dict) -> subprocess.Popen:

@@ -162,7 +162,8 @@ class Archiver:
     def _candidates(self) -> tuple[list[str], set[str]]:
         """``.ready`` files and hand-off requests, oldest first; and the requested ones."""
         try:
-            ready = {p.name[: -len(".ready")] for p in (self.pg_wal / "archive_status").iterdir()}
+            status = (self.pg_wal / "archive_status").iterdir()
+            ready = {p.name.removesuffix(".ready") for p in status if p.name.endswith(".ready")}
         except OSError:
             ready = set()
         try:
