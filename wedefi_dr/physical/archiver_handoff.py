@@ -43,7 +43,7 @@ SPOOL = ".wedefi-archiver"
 LOCK = "lock"
 LOG = "archiver.log"
 EXIT_OK, EXIT_RETRY, EXIT_REFUSED = 0, 2, 3
-POLL_SECONDS = 0.01
+POLL_SECONDS = 0.002  # two failed opens a poll; the server waits for this loop's last turn
 LIVENESS_EVERY = 0.2
 START_GRACE_SECONDS = 20.0
 
