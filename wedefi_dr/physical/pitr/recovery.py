@@ -42,6 +42,7 @@ from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, os_user_kwargs
 from wedefi_dr.postgres.conninfo import with_dbname
 from wedefi_dr.postgres.tools import child_env, connect
 from wedefi_dr.storage import authentication, encryption
+from wedefi_dr.storage.pipeline import widen_pipe
 from wedefi_dr.storage.repository import READ_CHUNK, Repository, open_store
 
 
@@ -161,9 +162,16 @@ def stream_plaintext(
     they decompress), and ``pg_verifybackup`` then checks every file against the
     authenticated ``backup_manifest``. Hashing the tar in this process cost as much as the
     rest of the restore. An in-process gzip stream (earlier backups) is still hashed and
-    held to the manifest's plaintext sha256 and size: this process inflates it anyway."""
+    held to the manifest's plaintext sha256 and size: this process inflates it anyway.
+
+    Both pipes get a megabyte (``widen_pipe``): ``lz4 -d`` decompresses and writes in turn,
+    64 KiB at a time, and with the default pipe it waited on ``tar`` at every block (a
+    1.15 GB tar through gpg, lz4 and ``tar -x``: 2.6-2.7 s with 64 KiB pipes, 1.85 s with
+    1 MiB; zstd, which writes from a thread of its own, 1.74-1.81 s and 1.65-1.68 s)."""
     unpack_argv = basebackup.decompressor_argv(basebackup.compression_of(manifest))
     gpg = encryption.start_decrypt(backup_passphrase(settings, store, manifest), cipher)
+    widen_pipe(gpg.stdout)
+    widen_pipe(sink.stdin)
     unpack = None
     try:
         gpg.require_encrypted()  # before the sink gets a byte
