@@ -76,9 +76,10 @@ def back_free_memory(folder: Path, nbytes: int = FRESH_MEMORY_BYTES) -> float:
     whichever restore or replay ran first after a pause paid ~1.8 s per GB that the others
     did not (one zstd extract took 4.6 s, the same extract later 1.8 s). Called before
     each timed replay, ours and ``cp``'s, so each starts from the same state (the restores
-    run in rounds instead, back to back: ``physical.restores``). The logical restores do not need it: a 1 GB ``pg_restore`` took 14.8 s after a
-    quiet minute and 15.2-15.5 s after this (its writes go through shared buffers, at the
-    pace of the CPU-bound server)."""
+    run in rounds instead, back to back: ``physical.restores``). The logical restores do
+    not need it: a 1 GB ``pg_restore`` took 14.8 s after a quiet minute and 15.2-15.5 s
+    after this (its writes go through shared buffers, at the pace of the CPU-bound
+    server)."""
     started = time.monotonic()
     scratch = folder / ".fresh-memory"
     block = bytes(_FILL_CHUNK)

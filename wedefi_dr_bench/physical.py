@@ -382,11 +382,14 @@ def restores(
     attempt is in ``attempts_s``.
 
     On this VM one restore's time says more about the host than about the restore: a file
-    write pays for memory the host took back (see ``memory.back_free_memory``), by
-    0.2-12 s per GB over one day, unless a file as big was deleted just before. Back to
-    back, every attempt but the very first follows the deletion of the previous one's
-    1.2 GB, and the best of several is the restore's own speed (as ``timeit`` takes the
-    minimum: what the host adds only ever makes an attempt slower)."""
+    written or read pays for memory the host took back while nobody touched it (see
+    ``memory.back_free_memory``), 0.2-12 s per GB over one day. One afternoon's five
+    pgBackRest attempts took 1.7-10 s (fast when it ran right after itself, its repository
+    still in memory) and ours 1.8-14 s, the first of a run the slowest. What the host adds
+    only ever makes an attempt slower, so the best of several is each restore's own speed
+    (as ``timeit`` takes the minimum), and reversing the order gives each a turn right
+    after every neighbour.
+    """
     cluster = bench.dst
     target = bench.work / "pgbr-restore"
 
