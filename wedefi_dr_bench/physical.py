@@ -414,24 +414,24 @@ def restores(
         return seconds, {}
 
     runs: list[tuple[str, Callable[[], tuple[float, dict[str, float]]]]] = [
-        (_label(repo, c), functools.partial(ours, repo, _label(repo, c)))
+        (label, functools.partial(ours, repo, label))
         for repo in REPOS
-        for c in ("zstd", "lz4")
+        for label in (_label(repo, c) for c in ("zstd", "lz4"))
     ]
     runs.append(("pgbackrest", pgbackrest))
-    attempts: dict[str, list[float]] = {label: [] for label, _ in runs}
-    best_steps: dict[str, dict[str, float]] = {}
+    tries: dict[str, list[tuple[float, dict[str, float]]]] = {label: [] for label, _ in runs}
     for n in range(rounds):
         for label, run in runs if n % 2 == 0 else runs[::-1]:
             seconds, steps = run()
-            if not attempts[label] or seconds < min(attempts[label]):
-                best_steps[label] = steps
-            attempts[label].append(round(seconds, 2))
-    out: dict[str, Any] = {"rounds": rounds, "attempts_s": attempts}
-    out["pgbackrest_restore_s"] = min(attempts["pgbackrest"])
+            tries[label].append((round(seconds, 2), steps))
+    best = {label: min(t, key=lambda attempt: attempt[0]) for label, t in tries.items()}
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "attempts_s": {label: [seconds for seconds, _ in t] for label, t in tries.items()},
+        "pgbackrest_restore_s": best["pgbackrest"][0],
+    }
     for label in manifests:
-        out[f"ours_{label}_stage_verified_s"] = min(attempts[label])
-        out[f"ours_{label}_stage_steps_s"] = best_steps[label]
+        out[f"ours_{label}_stage_verified_s"], out[f"ours_{label}_stage_steps_s"] = best[label]
         out[f"ratio_ours_{label}_vs_pgbackrest"] = _ratio(
             out[f"ours_{label}_stage_verified_s"], out["pgbackrest_restore_s"]
         )
