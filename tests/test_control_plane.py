@@ -13,7 +13,10 @@ run again can only have come back from S3.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -293,6 +296,118 @@ def test_a_run_failed_on_worker_a_is_finished_by_worker_b_from_s3(
     ]
     cached = sum(states.count("Cached") for states in retried_dr_test["states"].values())
     assert cached >= 5 and len(keys) >= cached, (cached, keys)
+
+
+# A flow process that dies mid-run: it sleeps inside its flow, printing its run id first.
+_UNRESPONSIVE_RUN = """
+import sys, time
+from prefect import flow, tags
+from prefect.context import FlowRunContext
+
+@flow(name="unresponsive-drill")
+def unresponsive_drill() -> None:
+    print(FlowRunContext.get().flow_run.id, flush=True)
+    time.sleep(600)
+
+with tags(sys.argv[1]):
+    unresponsive_drill()
+"""
+DRILL_HEARTBEAT_SECONDS = 30  # Prefect's minimum
+
+
+def _wait_heartbeat(client, run_id: str, timeout: float = 60.0) -> None:  # noqa: ANN001
+    """Until the server holds a heartbeat of the run: killed before its first one was sent,
+    the run would never have been watched."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    def heartbeats() -> list:
+        wanted = EventFilter(  # its time window ends when it is made: made anew each time
+            event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+        )
+        return client.read_events(wanted, limit=1).events
+
+    deadline = time.monotonic() + timeout
+    while not heartbeats():
+        assert time.monotonic() < deadline, f"no heartbeat of flow run {run_id} reached the server"
+        time.sleep(0.5)
+
+
+def test_a_run_whose_process_died_is_marked_crashed_by_the_server(
+    plane: dict[str, Any], stack: Stack
+) -> None:
+    """A run started from a terminal whose process is killed (-9: no hook, no final state)
+    stays Running for ever unless its missing heartbeats say it is gone. The shipped
+    automation's trigger and action, with three heartbeats of 30 s instead of 180 s and
+    scoped to this run's tag, mark it Crashed."""
+    import uuid
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    from wedefi_dr_dev.stack import AUTOMATIONS_FILE
+
+    specs = {a["name"]: a for a in yaml.safe_load(AUTOMATIONS_FILE.read_text())["automations"]}
+    shipped = specs["unresponsive-runs"]
+    assert shipped["trigger"]["within"] == 3 * 180  # three of Prefect's default heartbeats
+    tag = f"drill-{uuid.uuid4().hex[:8]}"
+    drill = AutomationCore.model_validate(
+        {
+            **shipped,
+            "name": f"unresponsive-runs-{tag}",
+            "trigger": {
+                **shipped["trigger"],
+                "within": 3 * DRILL_HEARTBEAT_SECONDS,
+                "match_related": {
+                    "prefect.resource.role": "tag",
+                    "prefect.resource.id": f"prefect.tag.{tag}",
+                },
+            },
+        }
+    )
+    env = {
+        **stack.env(),
+        "PREFECT_API_URL": stack.prefect_api_url,
+        "PREFECT_HOME": str(plane["root"] / "drill-home"),
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(DRILL_HEARTBEAT_SECONDS),
+        "PATH": os.environ["PATH"],
+    }
+    with get_client(sync_client=True) as client:
+        automation_id = client.create_automation(drill)
+        victim = subprocess.Popen(
+            [sys.executable, "-c", _UNRESPONSIVE_RUN, tag],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert victim.stdout is not None
+            run_id = victim.stdout.readline().strip()
+            assert run_id, "the drill flow never started"
+            _wait_heartbeat(client, run_id)
+            victim.kill()
+            victim.wait(10)
+            killed = time.monotonic()
+            assert client.read_flow_run(run_id).state.is_running()
+            deadline = killed + 3 * DRILL_HEARTBEAT_SECONDS + 60
+            while (state := client.read_flow_run(run_id).state).is_running():
+                assert time.monotonic() < deadline, f"flow run {run_id} still {state}"
+                time.sleep(2)
+            waited = time.monotonic() - killed
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+            client.delete_automation(automation_id)
+        assert state.is_crashed(), state
+        assert "No heartbeat" in (state.message or ""), state.message
+        # Not before three heartbeats were missed: the run's last one came as it started.
+        assert waited > 2 * DRILL_HEARTBEAT_SECONDS, waited
+        # The deployed one is on the server, as the yaml says.
+        deployed = client.read_automations_by_name("unresponsive-runs")
+        assert [a.trigger.within.total_seconds() for a in deployed] == [540.0]
+        assert deployed[0].enabled
 
 
 def test_the_ui_in_a_real_browser(

@@ -41,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import yaml
 from psycopg2 import sql
 from pydantic import Field, SecretStr
 
@@ -77,6 +78,7 @@ BUCKETS = {
     for name in ("bucket", "dr_bucket", "glacier_bucket")
 }
 SNS_TOPIC = "wedefi-dr-notifications"
+AUTOMATIONS_FILE = PROJECT_ROOT / "deployments" / "automations.yaml"
 PUSHGATEWAY_BIN = "/usr/bin/prometheus-pushgateway"  # Debian's prometheus-pushgateway
 # moto accepts any credentials; these only mark the local stack's requests.
 LOCAL_AWS_KEY = "wedefi-local"
@@ -949,17 +951,32 @@ class Stack:
         return host_concurrency_limit(f"{self.primary.host}:{self.primary.port}")
 
     def deploy(self) -> list[str]:
-        """The work pool, the per-host concurrency limit and every deployment of
-        prefect.yaml (``prefect --no-prompt deploy --all``) on the stack's server."""
+        """The work pool, the per-host concurrency limit, the automations of
+        deployments/automations.yaml and every deployment of prefect.yaml
+        (``prefect --no-prompt deploy --all``) on the stack's server."""
         self.prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
         limit = self.host_limit_name()
         if self.prefect("gcl", "inspect", limit, check=False).returncode != 0:
             self.prefect("gcl", "create", limit, "--limit", "1")
+        self.create_automations()
         try:
             out = self.prefect("deploy", "--all").stdout
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"prefect deploy --all failed:\n{exc.stdout}\n{exc.stderr}") from exc
         return [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
+
+    def create_automations(self) -> list[str]:
+        """Each automation of deployments/automations.yaml the server does not have yet (by
+        name; one already there is left as it is), created as an operator creates them on a
+        real server, with ``prefect automation create``. Returns the names created."""
+        created = []
+        for spec in yaml.safe_load(AUTOMATIONS_FILE.read_text())["automations"]:
+            name = spec["name"]
+            if self.prefect("automation", "inspect", name, check=False).returncode == 0:
+                continue
+            self.prefect("automation", "create", "--from-json", json.dumps(spec))
+            created.append(name)
+        return created
 
 
 def _start(cluster: Cluster) -> None:
