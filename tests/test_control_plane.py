@@ -342,14 +342,12 @@ def test_a_run_whose_process_died_is_marked_crashed_by_the_server(
     scoped to this run's tag, mark it Crashed."""
     import uuid
 
-    import yaml
     from prefect.client.orchestration import get_client
     from prefect.events.schemas.automations import AutomationCore
 
-    from wedefi_dr_dev.stack import AUTOMATIONS_FILE
+    from wedefi_dr_dev.stack import automation_specs
 
-    specs = {a["name"]: a for a in yaml.safe_load(AUTOMATIONS_FILE.read_text())["automations"]}
-    shipped = specs["unresponsive-runs"]
+    shipped = automation_specs()["unresponsive-runs"]
     assert shipped["trigger"]["within"] == 3 * 180  # three of Prefect's default heartbeats
     tag = f"drill-{uuid.uuid4().hex[:8]}"
     drill = AutomationCore.model_validate(
@@ -391,10 +389,7 @@ def test_a_run_whose_process_died_is_marked_crashed_by_the_server(
             victim.wait(10)
             killed = time.monotonic()
             assert client.read_flow_run(run_id).state.is_running()
-            deadline = killed + 3 * DRILL_HEARTBEAT_SECONDS + 60
-            while (state := client.read_flow_run(run_id).state).is_running():
-                assert time.monotonic() < deadline, f"flow run {run_id} still {state}"
-                time.sleep(2)
+            state = _wait_final(client, run_id, timeout=3 * DRILL_HEARTBEAT_SECONDS + 60).state
             waited = time.monotonic() - killed
         finally:
             if victim.poll() is None:

@@ -965,18 +965,19 @@ class Stack:
             raise RuntimeError(f"prefect deploy --all failed:\n{exc.stdout}\n{exc.stderr}") from exc
         return [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
 
-    def create_automations(self) -> list[str]:
+    def create_automations(self) -> None:
         """Each automation of deployments/automations.yaml the server does not have yet (by
         name; one already there is left as it is), created as an operator creates them on a
-        real server, with ``prefect automation create``. Returns the names created."""
-        created = []
-        for spec in yaml.safe_load(AUTOMATIONS_FILE.read_text())["automations"]:
-            name = spec["name"]
-            if self.prefect("automation", "inspect", name, check=False).returncode == 0:
-                continue
-            self.prefect("automation", "create", "--from-json", json.dumps(spec))
-            created.append(name)
-        return created
+        real server, with ``prefect automation create``."""
+        for name, spec in automation_specs().items():
+            if self.prefect("automation", "inspect", name, check=False).returncode != 0:
+                self.prefect("automation", "create", "--from-json", json.dumps(spec))
+
+
+def automation_specs() -> dict[str, dict]:
+    """deployments/automations.yaml by automation name, as ``prefect automation create``
+    reads it."""
+    return {a["name"]: a for a in yaml.safe_load(AUTOMATIONS_FILE.read_text())["automations"]}
 
 
 def _start(cluster: Cluster) -> None:
