@@ -138,7 +138,8 @@ def restore_backup(
         "target": target,
         **counts,
         "timings": seconds,
-        # Part of decrypt_restore: the tables' fingerprints, taken before COMMIT.
-        "tables_verified_in_transaction_seconds": restored["verify_seconds"],
+        # Part of decrypt_restore: the tables' fingerprints, taken before COMMIT (or before
+        # a new database took the target's name).
+        "tables_fingerprinted_seconds": restored["verify_seconds"],
         "privilege_warning": checked["privileged"],
     }

@@ -263,3 +263,64 @@ def test_a_backup_fingerprinted_by_the_text_method_still_restores_verified(
             assert restore.user_tables(second) == 0
     finally:
         store.delete(manifest.object.key)
+
+
+def _databases_like(target: ConnTarget, pattern: str) -> list[str]:
+    with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
+        return [name for (name,) in cur.fetchall()]
+
+
+def test_a_new_database_takes_the_targets_name_only_once_proven(
+    settings: Settings, store: ObjectStore, scratch_dsn: str, tmp_path, caplog
+):
+    """A target that does not exist is built in parallel under a name of its own: a copy
+    that differs from the manifest is dropped and the target never appears; an equal one
+    is renamed to the target, and nothing is left under the building name. With one job the
+    same restore streams into the new database in one transaction instead."""
+    admin = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    building = target.dbname + "\\_restoring\\_%"
+    with new_database(admin, f"src_{target.dbname}") as source:
+        with connect(source) as conn, conn.cursor() as cur:
+            cur.execute(
+                "CREATE TABLE big (id int PRIMARY KEY, note text); "
+                "INSERT INTO big SELECT i, md5(i::text) FROM generate_series(1, 5000) i; "
+                "CREATE TABLE small (id serial, at timestamptz DEFAULT now()); "
+                "INSERT INTO small DEFAULT VALUES"
+            )
+        ours = settings.model_copy(update={"primary_dsn": SecretStr(source)})
+        manifest = backup.dump_encrypt_upload(ours, new_backup_id(), "pytest")
+    try:
+        tampered = {**manifest.tables, "public.big": {**manifest.tables["public.big"], "rows": 1}}
+        lying = manifest.model_copy(update={"tables": tampered})
+        spool = restore.fetch_verified(settings, manifest, tmp_path / "a")
+        parallel = settings.model_copy(update={"restore_jobs": 2})
+        with pytest.raises(
+            VerificationFailed,
+            match=r"dropped before it took the target's name: public\.big: 5000 rows, the "
+            r"backup holds 1",
+        ):
+            restore.decrypt_and_restore(parallel, lying, spool, target)
+        assert not restore.database_exists(target)
+        assert _databases_like(target, building) == []
+
+        caplog.set_level("INFO", logger="wedefi_dr.logical.build")
+        proven = restore.decrypt_and_restore(parallel, manifest, spool, target)
+        assert f"restoring into {target.dbname}_restoring_" in caplog.text
+        assert proven.tables == {k: v for k, v in manifest.tables.items() if is_table_entry(k)}
+        assert restore.verify(manifest, target, proven)["rows"] == 5001
+        assert _databases_like(target, building) == []
+
+        streamed = target.with_dbname(target.dbname + "_one")
+        single = settings.model_copy(update={"restore_jobs": 1})
+        try:
+            with pytest.raises(VerificationFailed, match="so it was rolled back: public.big"):
+                restore.decrypt_and_restore(single, lying, spool, streamed)
+            assert restore.database_exists(streamed)
+            assert restore.user_tables(streamed) == 0
+        finally:
+            with connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn:
+                conn.cursor().execute(f'DROP DATABASE IF EXISTS "{streamed.dbname}"')
+    finally:
+        store.delete(manifest.object.key)

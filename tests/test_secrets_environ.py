@@ -22,6 +22,7 @@ import pytest
 
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import InvalidInput
+from wedefi_dr.logical.build import load_command
 from wedefi_dr.logical.restore import apply_command, restore_command
 from wedefi_dr.physical import archiving
 from wedefi_dr.postgres.cluster import ClusterHandle, conf_quote, free_port, os_user_kwargs
@@ -96,7 +97,10 @@ def test_running_tools_show_no_secret(seeded, settings: Settings, monkeypatch, t
     assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.geteuid()
     assert not str(passfile).startswith("/tmp/")
 
-    # pg_restore and psql (the restore's two halves), waiting for their input on stdin.
+    # pg_restore and psql (the streamed restore's two halves), waiting for their input on
+    # stdin, and the parallel pg_restore of a new database, waiting for its archive.
+    archive_read, archive_write = os.pipe()
+    loading = load_command(target, archive_read, 2, no_owner=False)
     waiting = [
         subprocess.Popen(
             argv,
@@ -104,10 +108,12 @@ def test_running_tools_show_no_secret(seeded, settings: Settings, monkeypatch, t
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
+            pass_fds=fds,
         )
-        for argv, env in (
-            (restore_command(), child_env()),
-            (apply_command(target), target.tool_env()),
+        for argv, env, fds in (
+            (restore_command(), child_env(), ()),
+            (apply_command(target), target.tool_env(), ()),
+            (loading, target.tool_env(), (archive_read,)),
         )
     ]
     try:
@@ -117,6 +123,8 @@ def test_running_tools_show_no_secret(seeded, settings: Settings, monkeypatch, t
         for proc in waiting:
             proc.kill()
             proc.wait()
+        os.close(archive_read)
+        os.close(archive_write)
 
     # gpg, waiting for plaintext on stdin: its passphrase only on the pipe.
     gpg = encryption.start_encrypt(secrets[1], GpgParams())

@@ -10,6 +10,7 @@ from __future__ import annotations
 from psycopg2.extensions import parse_dsn
 
 from wedefi_dr.logical.backup import dump_command
+from wedefi_dr.logical.build import load_command
 from wedefi_dr.logical.restore import apply_command, restore_command
 from wedefi_dr.physical.basebackup import basebackup_command
 from wedefi_dr.postgres.conninfo import ConnTarget, passfile_for
@@ -50,6 +51,20 @@ def test_pg_restore_command():
         "--clean",
         "--if-exists",
         "--file=-",
+    ]
+
+
+def test_parallel_pg_restore_command():
+    """A new database is loaded over several sessions, from the archive's memory file (a
+    file it can seek in), stopping at the first error."""
+    assert load_command(TARGET, 7, 2, no_owner=True) == [
+        tool("pg_restore"),
+        "--jobs=2",
+        "--exit-on-error",
+        "--no-password",
+        "--no-owner",
+        CONNINFO,
+        "/dev/fd/7",
     ]
 
 

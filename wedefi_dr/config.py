@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # restore; new backups use gpg_passphrase only.
     gpg_previous_passphrases: list[SecretStr] = Field(default_factory=list)
 
+    # Sessions a logical restore into a new database runs at once (pg_restore --jobs and
+    # the tables' fingerprints); 1 restores every target in one streamed transaction.
+    restore_jobs: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+
     # Multipart upload tuning (bytes) and local scratch space for verified downloads.
     multipart_chunk_bytes: int = 16 * 1024 * 1024
     upload_concurrency: int = 4

@@ -71,10 +71,17 @@ PHASES = (
     "bare_backup",
     "bare_decrypt_restore",
     "bare_restore",
+    "bare_restore_jobs",
     "flow_backup",
     "flow_restore",
 )
-BARE_PHASES = ("bare_dump", "bare_backup", "bare_decrypt_restore", "bare_restore")
+BARE_PHASES = (
+    "bare_dump",
+    "bare_backup",
+    "bare_decrypt_restore",
+    "bare_restore",
+    "bare_restore_jobs",
+)
 FLOW_PHASES = ("flow_backup", "flow_restore")
 
 
@@ -210,13 +217,15 @@ def _pg_dump_cmd(target: ConnTarget, compress_level: int) -> list[str]:
     ]
 
 
-def _pg_restore_cmd(target: ConnTarget, archive: Path | None = None) -> list[str]:
-    """pg_restore into ``target`` in one transaction, from ``archive`` or stdin."""
+def _pg_restore_cmd(target: ConnTarget, archive: Path | None = None, jobs: int = 1) -> list[str]:
+    """pg_restore into ``target`` in one transaction, from ``archive`` or stdin; with
+    ``jobs`` > 1 over that many sessions instead (from a file: it must seek)."""
+    how = [f"--jobs={jobs}"] if jobs > 1 else ["--single-transaction"]
     return [
         tool("pg_restore"),
         "--clean",
         "--if-exists",
-        "--single-transaction",
+        *how,
         "--no-password",
         *target.tool_args(),
         *([str(archive)] if archive is not None else []),
@@ -350,14 +359,15 @@ def bare_decrypt_restore(
         os.close(fd)
 
 
-def bare_restore(dsn: str, archive: Path, work: Path) -> float:
-    """``pg_restore --clean --if-exists --single-transaction`` of the plain dump file."""
+def bare_restore(dsn: str, archive: Path, work: Path, jobs: int = 1) -> float:
+    """``pg_restore --clean --if-exists --single-transaction`` of the plain dump file, or
+    with ``jobs`` > 1 ``--jobs`` sessions (no single transaction then)."""
     err = work / "pg_restore.err"
     target = ConnTarget.parse(dsn, allow_password=True)
     with err.open("wb") as errf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            _pg_restore_cmd(target, archive),
+            _pg_restore_cmd(target, archive, jobs),
             stdout=subprocess.DEVNULL,
             stderr=errf,
             env=target.tool_env(),
@@ -564,6 +574,15 @@ def run_bare_phases(run: BenchRun) -> None:
     sizes["restored_bytes"] = database_size(run.server_dsn, BARE_DB)
     # Dropped now, so its autovacuum/analyze cannot steal CPU from the flow steps.
     drop_database(run.server_dsn, BARE_DB)
+
+    # The parallel load a new database gets from the flow (WEDEFI_DR_RESTORE_JOBS).
+    jobs = run.settings.restore_jobs
+    recreate_database(run.server_dsn, BARE_DB)
+    checkpoint(run.server_dsn)
+    say(f"bare pg_restore --clean --if-exists --jobs={jobs} -> {BARE_DB}")
+    with run.sampler.measuring("bare_restore_jobs"):
+        times["bare_pg_restore_jobs"] = bare_restore(run.dsn(BARE_DB), plain, run.work, jobs)
+    drop_database(run.server_dsn, BARE_DB)
     plain.unlink()
 
 
@@ -610,9 +629,9 @@ def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
         checkpoint(run.server_dsn)
         times["fingerprints_alone"] = fingerprint_seconds(run.dsn(BENCH_DB))
 
-        recreate_database(run.server_dsn, FLOW_DB)
+        drop_database(run.server_dsn, FLOW_DB)
         checkpoint(run.server_dsn)
-        say(f"flow restore-backup -> {FLOW_DB}")
+        say(f"flow restore-backup -> {FLOW_DB} (a new database)")
         run.python_rss["before_flow_restore"] = rss_by_kind()[SELF_KIND]
         with run.sampler.measuring("flow_restore"):
             t0 = time.perf_counter()
@@ -625,8 +644,8 @@ def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
             times["flow_restore"] = time.perf_counter() - t0
         for step, seconds in run.restore_result["timings"].items():
             times[f"flow_restore_{step}"] = seconds
-        times["flow_restore_verify_tables_in_transaction"] = run.restore_result.get(
-            "tables_verified_in_transaction_seconds", 0.0
+        times["flow_restore_tables_fingerprints"] = run.restore_result.get(
+            "tables_fingerprinted_seconds", 0.0
         )
         if not keep_backup:
             _delete_backup(flow_settings, run.backup_id)
@@ -652,9 +671,9 @@ def posix_round_trip(run: BenchRun) -> None:
         t0 = time.perf_counter()
         backup_id = logical_backup(operator="bench")
         times["flow_backup_posix"] = time.perf_counter() - t0
-        recreate_database(run.server_dsn, FLOW_DB)
+        drop_database(run.server_dsn, FLOW_DB)
         checkpoint(run.server_dsn)
-        run.say(f"flow restore-backup from the posix repository -> {FLOW_DB}")
+        run.say(f"flow restore-backup from the posix repository -> {FLOW_DB} (new)")
         t0 = time.perf_counter()
         restore_backup(
             backup_id=backup_id,
@@ -689,9 +708,10 @@ NOTES = [
     "counts and content hashes in pg_dump's snapshot, concurrently with the dump "
     "(timed alone as fingerprints_alone).",
     "The flow restore downloads with one streaming GET to a spool file (ciphertext), "
-    "checks its sha256, then runs gpg --decrypt | pg_restore | psql and fingerprints every "
-    "table in the restore transaction before COMMIT (timed apart); the bare restore reads "
-    "a plaintext dump from a local file and verifies nothing.",
+    "checks its sha256, decrypts into memory and checks the plaintext's sha256, runs "
+    "pg_restore --jobs into a new database under a name of its own, fingerprints every "
+    "table over parallel sessions (timed apart) and renames it to the target; the bare "
+    "restores read a plaintext dump from a local file and verify nothing.",
     "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
     "The flows take a slot of the primary host's global concurrency limit, as deployed "
     "runs do (host_limit: created for the run and deleted after when the server had none).",
@@ -705,7 +725,7 @@ def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
     restore_without_verify = (
         times["flow_restore"]
         - times.get("flow_restore_verify", 0.0)
-        - times.get("flow_restore_verify_tables_in_transaction", 0.0)
+        - times.get("flow_restore_tables_fingerprints", 0.0)
     )
     times["flow_restore_without_verify"] = restore_without_verify
     ratios = {
@@ -713,6 +733,9 @@ def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
         "restore_flow_vs_bare_pg_restore": _ratio(times["flow_restore"], times["bare_pg_restore"]),
         "restore_flow_without_verify_vs_bare_pg_restore": _ratio(
             restore_without_verify, times["bare_pg_restore"]
+        ),
+        "restore_flow_vs_bare_pg_restore_jobs": _ratio(
+            times["flow_restore"], times.get("bare_pg_restore_jobs")
         ),
         "restore_flow_vs_bare_gpg_pg_restore": _ratio(
             times["flow_restore"], times.get("bare_gpg_pg_restore")
@@ -849,14 +872,12 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("  of which dump→gpg→S3 stream (manifest)", "flow_backup_stream"),
         ("fingerprints alone (inside the flow, concurrent)", "fingerprints_alone"),
         ("bare pg_restore (file)", "bare_pg_restore"),
+        ("bare pg_restore --jobs (file)", "bare_pg_restore_jobs"),
         ("bare gpg --decrypt | pg_restore (file)", "bare_gpg_pg_restore"),
         ("flow restore-backup", "flow_restore"),
         ("  download + verify checksum", "flow_restore_download_verify"),
         ("  decrypt + pg_restore (+ tables' fingerprints)", "flow_restore_decrypt_restore"),
-        (
-            "    of which tables' fingerprints, before COMMIT",
-            "flow_restore_verify_tables_in_transaction",
-        ),
+        ("    of which tables' fingerprints", "flow_restore_tables_fingerprints"),
         ("  verify the rest (large objects, sequences)", "flow_restore_verify"),
         ("  flow restore without verify", "flow_restore_without_verify"),
         ("flow logical-backup, posix repository", "flow_backup_posix"),
@@ -874,6 +895,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         "backup_flow_vs_bare_pg_dump_gpg": "backup flow ÷ bare pg_dump | gpg",
         "restore_flow_vs_bare_pg_restore": "restore flow ÷ bare pg_restore",
         "restore_flow_without_verify_vs_bare_pg_restore": "restore flow without verify ÷ bare",
+        "restore_flow_vs_bare_pg_restore_jobs": "restore flow ÷ bare pg_restore --jobs",
         "restore_flow_vs_bare_gpg_pg_restore": "restore flow ÷ bare gpg -d | pg_restore",
         "backup_flow_posix_vs_bare_pg_dump_gpg": "backup flow, posix repo ÷ bare pg_dump | gpg",
         "restore_flow_posix_vs_bare_pg_restore": "restore flow, posix repo ÷ bare pg_restore",

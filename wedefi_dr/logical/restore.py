@@ -27,6 +27,12 @@ Order matters, because the target must stay untouched by anything unverified:
    hint bits, writing (and with data checksums WAL-logging) every page once more;
 7. after COMMIT, :func:`verify` checks what is not a table (large objects, sequences) and
    reports the counts.
+
+Steps 3-6 are for a target that exists (it may hold data, and must keep it until the
+restore is proven). A target that does not exist yet is built on every CPU instead, under
+a name of its own, and renamed to the target only once proven (:mod:`.build`); a restore
+with ``WEDEFI_DR_RESTORE_JOBS=1``, or of an archive larger than half the free memory, takes
+the streamed way into a new empty database.
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
-from psycopg2 import sql
 from pydantic import BaseModel
 
 from wedefi_dr.catalog import listing
@@ -53,12 +58,11 @@ from wedefi_dr.config import Settings
 from wedefi_dr.errors import (
     DecryptionFailed,
     InvalidInput,
-    NotAuthentic,
     RestoreFailed,
     TargetRefused,
     VerificationFailed,
-    WrongPassphrase,
 )
+from wedefi_dr.logical import build, plaintext
 from wedefi_dr.observability.audit import check_operator
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import (
@@ -73,18 +77,17 @@ from wedefi_dr.postgres.fingerprint import (
 )
 from wedefi_dr.postgres.primary import primary_target
 from wedefi_dr.postgres.tools import child_env, connect, tool
-from wedefi_dr.storage import authentication, encryption
 from wedefi_dr.storage.pipeline import widen_pipe
 from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
 log = logging.getLogger(__name__)
-PGDMP_MAGIC = b"PGDMP"
 Fingerprints = dict[str, dict[str, object]]
 
 
 class Restored(BaseModel):
-    """What a committed restore proved inside its transaction: every table's fingerprint,
-    computed from the restored rows before COMMIT, equal to the manifest's.
+    """What a committed restore proved: every table's fingerprint, computed from the
+    restored rows before COMMIT (or before a new database took the target's name), equal
+    to the manifest's.
     ``verify_seconds``: how long those fingerprints took, of the whole restore."""
 
     tables: Fingerprints
@@ -198,12 +201,17 @@ def restore_privilege_warning(target: ConnTarget, privileged: str) -> str:
     )
 
 
-def user_tables(target: ConnTarget) -> int:
-    """How many tables outside the system schemas the target holds (0: absent or empty)."""
+def database_exists(target: ConnTarget) -> bool:
+    """Whether the target's database exists on its server."""
     with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
-        if cur.fetchone() is None:
-            return 0
+        return cur.fetchone() is not None
+
+
+def user_tables(target: ConnTarget) -> int:
+    """How many tables outside the system schemas the target holds (0: absent or empty)."""
+    if not database_exists(target):
+        return 0
     with connect(target.conninfo) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -333,44 +341,12 @@ def fetch_verified(settings: Settings, manifest: BackupManifest, spool_dir: Path
     return path
 
 
-def _read_full(stream, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        chunk = stream.read(n - got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 def _ensure_database(target: ConnTarget) -> None:
     """Create the target database when it does not exist (an empty one loses nothing)."""
-    name = target.dbname
-    maintenance = target.with_dbname("postgres").conninfo
-    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-        if cur.fetchone() is None:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            log.info("created target database %s", name)
-
-
-def _start_plaintext(settings: Settings, ciphertext: Path) -> tuple[encryption.Decryption, bytes]:
-    """gpg decrypting ``ciphertext`` and the first block of plaintext, with the current
-    passphrase or, for a backup taken before a rotation, one rotated out
-    (WEDEFI_DR_GPG_PREVIOUS_PASSPHRASES); WrongPassphrase when none opens it."""
-    error: DecryptionFailed | None = None
-    for passphrase in authentication.keyring_of(settings).passphrases:
-        gpg = encryption.start_decrypt(passphrase, ciphertext)
-        first = _read_full(gpg.stdout, READ_CHUNK)
-        if first:
-            return gpg, first
-        gpg.wait()
-        error = encryption.decrypt_error(gpg.returncode, gpg.stderr.read())
-        if not isinstance(error, WrongPassphrase):
-            break
-    assert error is not None
-    raise error
+    if database_exists(target):
+        return
+    build.create_database(target)
+    log.info("created target database %s", target.dbname)
 
 
 class _Tail(threading.Thread):
@@ -411,13 +387,12 @@ def decrypt_and_restore(
     stopping before the stream's end) and every restored table's fingerprint, taken in
     the transaction, matched the manifest (VerificationFailed otherwise, rolled back).
     ``no_owner``: see :func:`restore_command`."""
-    gpg, first = _start_plaintext(settings, ciphertext)
-    widen_pipe(gpg.stdout)
-    gpg.require_encrypted()
-    if not first.startswith(PGDMP_MAGIC):
-        gpg.kill()
-        raise DecryptionFailed("decrypted data is not a pg_dump custom archive (no PGDMP header)")
-
+    if not database_exists(target) and build.applies(settings, manifest):
+        tables, seconds = build.restore_new(
+            settings, manifest, ciphertext, target, no_owner=no_owner
+        )
+        return Restored(tables=tables, verify_seconds=round(seconds, 3))
+    gpg, first = plaintext.open_archive(settings, ciphertext)
     _ensure_database(target)
     sql_read, sql_write = os.pipe()
     widen_pipe(sql_write)  # pg_restore's SQL to psql: the stream's widest hop
@@ -462,7 +437,7 @@ def decrypt_and_restore(
             chunk = gpg.stdout.read(READ_CHUNK)
         with contextlib.suppress(BrokenPipeError):
             restore.stdin.close()
-        problem = _plaintext_problem(gpg, manifest, digest.hexdigest(), size)
+        problem = plaintext.problem(gpg, manifest, digest.hexdigest(), size)
         if problem:
             raise DecryptionFailed(problem + "; the target was rolled back")
         restore.wait()
@@ -564,30 +539,6 @@ def _read_results(results, marker: str, method: str) -> tuple[Fingerprints, floa
         elif line.startswith(marker + " ") and started is not None:
             return found, float(line.split()[1]) - started
     return None
-
-
-def _plaintext_problem(
-    gpg: encryption.Decryption, manifest: BackupManifest, sha256: str, size: int
-) -> str:
-    """Why the decrypted stream must not be committed ('' when it may be)."""
-    if gpg.wait() != 0:
-        return str(encryption.decrypt_error(gpg.returncode, gpg.stderr.read()))
-    if not _authentic(gpg):
-        return "gpg did not confirm an intact encrypted message (DECRYPTION_OKAY, GOODMDC)"
-    if sha256 != manifest.plaintext.sha256 or size != manifest.plaintext.size_bytes:
-        return (
-            f"decrypted stream sha256 {sha256} ({size} bytes) does not match the "
-            f"manifest's {manifest.plaintext.sha256} ({manifest.plaintext.size_bytes} bytes)"
-        )
-    return ""
-
-
-def _authentic(gpg: encryption.Decryption) -> bool:
-    try:
-        gpg.require_authentic()
-    except NotAuthentic:
-        return False
-    return True
 
 
 def verify(

@@ -1,0 +1,258 @@
+"""Restore a logical backup into a database that does not exist yet, on every CPU.
+
+A target that holds something is replaced inside one streamed transaction
+(:func:`wedefi_dr.logical.restore.decrypt_and_restore`): that keeps it untouched by
+anything unverified, and it runs on one server process. A target that does not exist
+needs no transaction for that, because nobody reads a database before it has its name:
+
+1. the whole plaintext is decrypted into an anonymous memory file (``memfd``, never on
+   disk) and judged there: gpg's integrity check and the manifest's sha256 and size pass
+   before the server sees a byte;
+2. ``pg_restore --jobs`` loads it into a new database under a name of its own
+   (``<target>_restoring_<id>``), the tables' data and indexes over parallel sessions.
+   It needs an archive it can seek in, each worker reading its own entries: the memory
+   file is one, a pipe is not;
+3. every table, the large objects and the sequences are fingerprinted over parallel
+   sessions and compared with the manifest;
+4. only a copy equal to the manifest is renamed to the target, in one statement. Anything
+   else drops the copy, and the target still does not exist.
+
+It is used when the plaintext fits in half the memory available (a larger archive, or
+``WEDEFI_DR_RESTORE_JOBS=1``, goes the streamed way). A database left behind under the
+``_restoring_`` name by a process killed mid-restore holds an unproven copy: drop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import psycopg2
+from psycopg2 import errorcodes, sql
+
+from wedefi_dr.catalog.manifest import BackupManifest
+from wedefi_dr.config import Settings
+from wedefi_dr.errors import DecryptionFailed, RestoreFailed, VerificationFailed
+from wedefi_dr.logical import plaintext
+from wedefi_dr.postgres.conninfo import ConnTarget
+from wedefi_dr.postgres.fingerprint import (
+    FINGERPRINT_SETTINGS,
+    compare,
+    fingerprint_extras,
+    is_table_entry,
+    table_entry,
+    table_queries_sql,
+)
+from wedefi_dr.postgres.tools import connect, tool
+from wedefi_dr.storage.repository import READ_CHUNK
+
+log = logging.getLogger(__name__)
+Fingerprints = dict[str, dict[str, object]]
+HIDDEN_MARK = "_restoring_"
+# PostgreSQL truncates identifiers to 63 bytes; the hidden name must stay whole.
+_NAME_BYTES = 63
+
+
+def applies(settings: Settings, manifest: BackupManifest) -> bool:
+    """Whether a restore into a new database is built in parallel: more than one job, and
+    the plaintext fits in half the memory this host has available now."""
+    available = psutil.virtual_memory().available
+    return settings.restore_jobs > 1 and manifest.plaintext.size_bytes <= available // 2
+
+
+def hidden_name(dbname: str) -> str:
+    """``<dbname>_restoring_<8 hex>``, the target's name cut to fit 63 bytes."""
+    suffix = f"{HIDDEN_MARK}{uuid.uuid4().hex[:8]}"
+    head = dbname.encode()[: _NAME_BYTES - len(suffix)].decode(errors="ignore")
+    return head + suffix
+
+
+def load_command(target: ConnTarget, archive_fd: int, jobs: int, *, no_owner: bool) -> list[str]:
+    """pg_restore loading the archive open as ``archive_fd`` into ``target`` over ``jobs``
+    sessions, stopping at the first error. ``no_owner``: see
+    :func:`wedefi_dr.logical.restore.restore_command`."""
+    owner = ["--no-owner"] if no_owner else []
+    return [
+        tool("pg_restore"),
+        f"--jobs={jobs}",
+        "--exit-on-error",
+        "--no-password",
+        *owner,
+        *target.tool_args(),
+        f"/dev/fd/{archive_fd}",
+    ]
+
+
+def decrypt_into_memory(settings: Settings, manifest: BackupManifest, ciphertext: Path) -> int:
+    """A memory file holding the whole plaintext, every check of
+    :func:`plaintext.problem` passed (DecryptionFailed otherwise, the file closed)."""
+    gpg, chunk = plaintext.open_archive(settings, ciphertext)
+    fd = os.memfd_create("wedefi-dr-archive", 0)
+    try:
+        digest, size = hashlib.sha256(), 0
+        while chunk:
+            digest.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            chunk = gpg.stdout.read(READ_CHUNK)
+        problem = plaintext.problem(gpg, manifest, digest.hexdigest(), size)
+        if problem:
+            raise DecryptionFailed(problem + "; nothing was restored")
+    except BaseException:
+        os.close(fd)
+        if gpg.poll() is None:
+            gpg.kill()
+            gpg.wait()
+        raise
+    return fd
+
+
+def _on_server(target: ConnTarget, statement: sql.Composed) -> None:
+    """One statement on the target's server, from its maintenance database, outside any
+    transaction (CREATE, DROP and RENAME of a database need that)."""
+    maintenance = target.with_dbname("postgres").conninfo
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+
+
+def create_database(target: ConnTarget) -> None:
+    """Create the target's database, empty (from template1, as CREATE DATABASE does)."""
+    _on_server(target, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+
+
+def _drop(target: ConnTarget) -> None:
+    """Drop the hidden copy; a failure here is logged, the restore's own error stands."""
+    name = sql.Identifier(target.dbname)
+    try:
+        _on_server(target, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+    except Exception as exc:  # noqa: BLE001 - the caller's error is the one to raise
+        log.error("could not drop the unproven copy %s (drop it by hand): %s", target.dbname, exc)
+
+
+def _load(hidden: ConnTarget, archive_fd: int, jobs: int, *, no_owner: bool) -> None:
+    proc = subprocess.Popen(
+        load_command(hidden, archive_fd, jobs, no_owner=no_owner),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=hidden.tool_env(),
+        pass_fds=(archive_fd,),
+    )
+    try:
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RestoreFailed(
+            f"pg_restore into the new database {hidden.location} failed (exit "
+            f"{proc.returncode}); it was dropped: {err.decode(errors='replace').strip()[-1500:]}"
+        )
+
+
+def fingerprint_parallel(target: ConnTarget, method: str, jobs: int) -> Fingerprints:
+    """Every table's fingerprint over ``jobs`` sessions, largest tables first (so the
+    longest one starts at once), then the large objects and sequences."""
+    with connect(target.conninfo) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT name, query FROM (" + table_queries_sql(method) + ") AS q(name, query) "
+            "ORDER BY pg_relation_size(to_regclass(regexp_replace(query, "
+            "'^.* FROM (.*) t$', '\\1'))) DESC NULLS LAST"
+        )
+        work: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        for row in cur.fetchall():
+            work.put(row)
+        found: Fingerprints = fingerprint_extras(conn, method)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with connect(target.conninfo) as session, session.cursor() as cur:
+                cur.execute(FINGERPRINT_SETTINGS)
+                while True:
+                    try:
+                        name, query = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    cur.execute(query)
+                    rows, total = cur.fetchone()
+                    found[name] = table_entry(rows, total, method)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return found
+
+
+def _rename(hidden: ConnTarget, target: ConnTarget) -> None:
+    names = sql.Identifier(hidden.dbname), sql.Identifier(target.dbname)
+    try:
+        _on_server(target, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(*names))
+    except psycopg2.Error as exc:
+        if exc.pgcode != errorcodes.DUPLICATE_DATABASE:
+            raise
+        raise RestoreFailed(
+            f"{target.location} was created by someone else during the restore; it was "
+            "left as it is and the restored copy dropped. Restore again, into a new "
+            "database or with --overwrite"
+        ) from exc
+
+
+def restore_new(
+    settings: Settings,
+    manifest: BackupManifest,
+    ciphertext: Path,
+    target: ConnTarget,
+    *,
+    no_owner: bool = False,
+) -> tuple[Fingerprints, float]:
+    """Build ``target`` (a database that does not exist) from the backup, as the module
+    says; the tables' fingerprints (equal to the manifest's) and the seconds they took."""
+    jobs = settings.restore_jobs
+    archive_fd = decrypt_into_memory(settings, manifest, ciphertext)
+    hidden = target.with_dbname(hidden_name(target.dbname))
+    try:
+        create_database(hidden)
+        log.info("restoring into %s, renamed to %s once proven", hidden.dbname, target.dbname)
+        try:
+            _load(hidden, archive_fd, jobs, no_owner=no_owner)
+            os.close(archive_fd)
+            archive_fd = -1
+            started = time.monotonic()
+            found = fingerprint_parallel(hidden, manifest.fingerprint_method, jobs)
+            seconds = time.monotonic() - started
+            problems = compare(manifest.tables, found)
+            if problems:
+                raise VerificationFailed(
+                    f"restore of {manifest.backup_id} into {target.location} differs from "
+                    f"the backup in {len(problems)} table(s), so the new database was "
+                    "dropped before it took the target's name: " + "; ".join(problems[:10])
+                )
+            _rename(hidden, target)
+        except BaseException:
+            _drop(hidden)
+            raise
+    finally:
+        if archive_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(archive_fd)
+    tables = {name: entry for name, entry in found.items() if is_table_entry(name)}
+    return tables, seconds
