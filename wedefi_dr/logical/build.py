@@ -227,7 +227,9 @@ def restore_new(
     """Build ``target`` (a database that does not exist) from the backup, as the module
     says; the tables' fingerprints (equal to the manifest's) and the seconds they took."""
     jobs = settings.restore_jobs
+    started = time.monotonic()
     archive_fd = decrypt_into_memory(settings, manifest, ciphertext)
+    decrypted = time.monotonic()
     hidden = target.with_dbname(hidden_name(target.dbname))
     try:
         create_database(hidden)
@@ -236,9 +238,18 @@ def restore_new(
             _load(hidden, archive_fd, jobs, no_owner=no_owner)
             os.close(archive_fd)
             archive_fd = -1
-            started = time.monotonic()
+            loaded = time.monotonic()
             found = fingerprint_parallel(hidden, manifest.fingerprint_method, jobs)
-            seconds = time.monotonic() - started
+            seconds = time.monotonic() - loaded
+            log.info(
+                "decrypted and checked %d bytes in %.2f s, loaded over %d sessions in %.2f s, "
+                "fingerprinted in %.2f s",
+                manifest.plaintext.size_bytes,
+                decrypted - started,
+                jobs,
+                loaded - decrypted,
+                seconds,
+            )
             problems = compare(manifest.tables, found)
             if problems:
                 raise VerificationFailed(
