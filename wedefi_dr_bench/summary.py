@@ -36,6 +36,7 @@ ROUNDED_RATIOS = (
     ("backup_flow_vs_bare_pg_dump_gpg", "logical backup ÷ bare"),
     ("restore_flow_vs_bare_pg_restore", "logical restore, verified ÷ bare"),
     ("restore_flow_without_verify_vs_bare_pg_restore", "same without the proof"),
+    ("restore_flow_vs_bare_pg_restore_jobs", "logical restore, verified ÷ bare --jobs"),
 )
 
 
@@ -57,6 +58,12 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _fmt(t.get("flow_restore"), " s"),
                 _fmt(t.get("bare_pg_restore"), " s"),
                 _fmt(r.get("restore_flow_vs_bare_pg_restore")),
+            ),
+            (
+                "logical restore, verified (flow ÷ bare pg_restore --jobs)",
+                _fmt(t.get("flow_restore"), " s"),
+                _fmt(t.get("bare_pg_restore_jobs"), " s"),
+                _fmt(r.get("restore_flow_vs_bare_pg_restore_jobs")),
             ),
             (
                 "logical backup, posix repo (flow ÷ bare pg_dump | gpg)",
