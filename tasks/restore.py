@@ -11,7 +11,7 @@ from tasks import timeouts
 from tasks.common import retry_transient
 from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import get_settings
-from wedefi_dr.logical import restore
+from wedefi_dr.logical import build, restore
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.runbook import Restore
 
@@ -49,8 +49,11 @@ def decrypt_and_restore(
     manifest: dict[str, Any], ciphertext: str, target: ConnTarget
 ) -> dict[str, Any]:
     """gpg --decrypt | pg_restore --clean --if-exists --single-transaction, every table
-    fingerprinted inside the transaction; returns what that proved."""
+    fingerprinted inside the transaction (a new database: built in parallel and renamed once
+    proven); returns what that proved. Runs under the flow's restore lock of ``target``, so
+    first it drops the unproven copies of ``target`` that killed restores left behind."""
     settings = get_settings()
+    build.drop_leftovers(target)
     m = BackupManifest(**manifest)
     path = Path(ciphertext)
     if not path.exists():  # a retried flow run whose spool file was already removed

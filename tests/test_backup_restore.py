@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import boto3
 import pytest
@@ -12,9 +16,9 @@ from flows.restore import restore_backup
 from tests.helpers import BREAK_GLASS, fingerprint, new_database, run_approved, schema_of
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
-from wedefi_dr.config import Settings
+from wedefi_dr.config import PROJECT_ROOT, Settings
 from wedefi_dr.errors import VerificationFailed
-from wedefi_dr.logical import backup, restore
+from wedefi_dr.logical import backup, build, restore
 from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
 from wedefi_dr.postgres.fingerprint import (
     FINGERPRINT_METHOD,
@@ -269,6 +273,82 @@ def _databases_like(target: ConnTarget, pattern: str) -> list[str]:
     with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
         cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
         return [name for (name,) in cur.fetchall()]
+
+
+def _sessions_on(target: ConnTarget, name: str) -> int:
+    with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,))
+        return cur.fetchone()[0]
+
+
+def _copy_being_loaded(target: ConnTarget, child: subprocess.Popen) -> str:
+    """The name of the copy the child is building, once pg_restore is connected to it."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        for name in _databases_like(target, target.dbname + "\\_restoring\\_%"):
+            if _sessions_on(target, name):
+                return name
+        time.sleep(0.01)
+    raise AssertionError(f"no copy of {target.dbname} seen loading (child exit {child.poll()})")
+
+
+def test_a_restore_killed_mid_build_leaves_a_copy_the_next_restore_drops(
+    settings: Settings, good_backup: str, scratch_dsn: str, caplog
+):
+    """SIGKILL of a restore (the CLI and its pg_restore) while it builds a new database
+    leaves the copy behind; the next restore of that target drops it before it starts,
+    and leaves a database of the same shape of name that is not marked as such a copy, and
+    a marked copy that someone is connected to."""
+    from prefect.settings import PREFECT_API_URL
+
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    building = target.dbname + "\\_restoring\\_%"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "WEDEFI_DR_RESTORE_JOBS": "2"}
+    argv = ["restore", good_backup, "--target-dsn", scratch_dsn, "--operator", "pytest"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "wedefi_dr_cli.app", *argv, "--justification", "killed on purpose"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its pg_restore dies with it
+    )
+    try:
+        killed = _copy_being_loaded(target, child)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(30)
+    deadline = time.monotonic() + 30
+    while _sessions_on(target, killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _databases_like(target, building) == [killed]
+    assert not restore.database_exists(target)
+
+    stranger = target.with_dbname(build.hidden_name(target.dbname))
+    busy = target.with_dbname(build.hidden_name(target.dbname))
+    build.create_database(stranger)
+    build.create_database(busy)
+    build.mark_unproven(busy, target)
+    try:
+        caplog.set_level("WARNING", logger="wedefi_dr.logical.build")
+        with connect(busy.conninfo):
+            result = restore_backup(
+                backup_id=good_backup,
+                target_dsn=scratch_dsn,
+                operator="pytest",
+                justification="the restore after the killed one",
+            )
+        assert result["tables"] == 33
+        assert sorted(_databases_like(target, building)) == sorted([stranger.dbname, busy.dbname])
+        assert f"dropped {killed}, the unproven copy of {target.dbname}" in caplog.text
+        assert f"left {busy.dbname}" in caplog.text and "someone is connected" in caplog.text
+    finally:
+        with connect(target.with_dbname("postgres").conninfo, autocommit=True) as conn:
+            for name in (stranger.dbname, busy.dbname, killed):
+                conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_new_database_takes_the_targets_name_only_once_proven(

@@ -18,21 +18,31 @@ needs no transaction for that, because nobody reads a database before it has its
    else drops the copy, and the target still does not exist.
 
 It is used when the plaintext fits in half the memory available (a larger archive, or
-``WEDEFI_DR_RESTORE_JOBS=1``, goes the streamed way). A database left behind under the
-``_restoring_`` name by a process killed mid-restore holds an unproven copy: drop it.
+``WEDEFI_DR_RESTORE_JOBS=1``, goes the streamed way).
+
+A process killed mid-restore leaves its copy behind, up to the size of the database. The
+copy carries a mark (``COMMENT ON DATABASE``: whose copy it is, by which process, since
+when, cleared just before the rename), so the next restore of the same target, holding
+that target's restore lock, knows it for a dead run's and drops it
+(:func:`drop_leftovers`). Nothing else is ever dropped: not a database of the same shape of
+name without the mark, nor a marked one that anyone is connected to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
+import re
+import socket
 import subprocess
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -60,6 +70,9 @@ Fingerprints = dict[str, dict[str, object]]
 HIDDEN_MARK = "_restoring_"
 # PostgreSQL truncates identifiers to 63 bytes; the hidden name must stay whole.
 _NAME_BYTES = 63
+_SUFFIX_HEX = 8
+# The key of the copy's mark in COMMENT ON DATABASE.
+COPY_MARK = "wedefi_dr_unproven_copy"
 
 
 def applies(settings: Settings, manifest: BackupManifest) -> bool:
@@ -69,11 +82,20 @@ def applies(settings: Settings, manifest: BackupManifest) -> bool:
     return settings.restore_jobs > 1 and manifest.plaintext.size_bytes <= available // 2
 
 
+def _head(dbname: str) -> str:
+    """The target's name cut so that it and the suffix fit in 63 bytes."""
+    room = _NAME_BYTES - len(HIDDEN_MARK) - _SUFFIX_HEX
+    return dbname.encode()[:room].decode(errors="ignore")
+
+
 def hidden_name(dbname: str) -> str:
     """``<dbname>_restoring_<8 hex>``, the target's name cut to fit 63 bytes."""
-    suffix = f"{HIDDEN_MARK}{uuid.uuid4().hex[:8]}"
-    head = dbname.encode()[: _NAME_BYTES - len(suffix)].decode(errors="ignore")
-    return head + suffix
+    return f"{_head(dbname)}{HIDDEN_MARK}{uuid.uuid4().hex[:_SUFFIX_HEX]}"
+
+
+def _is_hidden_name_of(name: str, dbname: str) -> bool:
+    pattern = re.escape(_head(dbname) + HIDDEN_MARK) + f"[0-9a-f]{{{_SUFFIX_HEX}}}"
+    return re.fullmatch(pattern, name) is not None
 
 
 def load_command(target: ConnTarget, archive_fd: int, jobs: int, *, no_owner: bool) -> list[str]:
@@ -129,6 +151,87 @@ def _on_server(target: ConnTarget, statement: sql.Composed) -> None:
 def create_database(target: ConnTarget) -> None:
     """Create the target's database, empty (from template1, as CREATE DATABASE does)."""
     _on_server(target, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+
+
+def mark_unproven(hidden: ConnTarget, target: ConnTarget) -> None:
+    """Write on the copy whose unproven copy it is, by which process and since when: what
+    :func:`drop_leftovers` requires before it drops anything, and what an engineer reading
+    ``\\l+`` sees."""
+    mark = {
+        COPY_MARK: {
+            "of": target.location,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    }
+    statement = sql.SQL("COMMENT ON DATABASE {} IS {}")
+    _on_server(
+        hidden, statement.format(sql.Identifier(hidden.dbname), sql.Literal(json.dumps(mark)))
+    )
+
+
+def _unmark(hidden: ConnTarget) -> None:
+    _on_server(
+        hidden, sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(hidden.dbname))
+    )
+
+
+def _mark_of(comment: str | None) -> dict[str, object] | None:
+    try:
+        mark = json.loads(comment or "")[COPY_MARK]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return mark if isinstance(mark, dict) else None
+
+
+def drop_leftovers(target: ConnTarget) -> list[str]:
+    """Drop the copies of ``target`` that killed restores left: databases named as
+    :func:`hidden_name` names them and marked by :func:`mark_unproven` as copies of this
+    target. Call it only holding the restore lock of ``target``: then no live restore of it
+    exists, so every such copy is a dead run's. A copy that anyone is connected to (a
+    pg_restore that outlived its parent) is left, with a warning. Returns the dropped names."""
+    maintenance = target.with_dbname("postgres").conninfo
+    with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE strpos(datname, %s) > 0 ORDER BY datname",
+            (HIDDEN_MARK,),
+        )
+        found = cur.fetchall()
+        dropped = []
+        for name, comment in found:
+            mark = _mark_of(comment)
+            if not _is_hidden_name_of(name, target.dbname) or mark is None:
+                continue
+            if mark.get("of") != target.location:
+                continue
+            try:
+                cur.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+            except psycopg2.Error as exc:
+                if exc.pgcode != errorcodes.OBJECT_IN_USE:
+                    raise
+                log.warning(
+                    "left %s, the unproven copy of %s begun by pid %s on %s at %s: "
+                    "someone is connected to it (pg_stat_activity)",
+                    name,
+                    target.dbname,
+                    mark.get("pid"),
+                    mark.get("host"),
+                    mark.get("since"),
+                )
+                continue
+            log.warning(
+                "dropped %s, the unproven copy of %s left by a restore killed mid-way "
+                "(pid %s on %s, begun %s)",
+                name,
+                target.dbname,
+                mark.get("pid"),
+                mark.get("host"),
+                mark.get("since"),
+            )
+            dropped.append(name)
+    return dropped
 
 
 def _drop(target: ConnTarget) -> None:
@@ -233,6 +336,7 @@ def restore_new(
     hidden = target.with_dbname(hidden_name(target.dbname))
     try:
         create_database(hidden)
+        mark_unproven(hidden, target)
         log.info("restoring into %s, renamed to %s once proven", hidden.dbname, target.dbname)
         try:
             _load(hidden, archive_fd, jobs, no_owner=no_owner)
@@ -257,6 +361,7 @@ def restore_new(
                     f"the backup in {len(problems)} table(s), so the new database was "
                     "dropped before it took the target's name: " + "; ".join(problems[:10])
                 )
+            _unmark(hidden)
             _rename(hidden, target)
         except BaseException:
             _drop(hidden)
