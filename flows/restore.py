@@ -138,8 +138,8 @@ def restore_backup(
         "target": target,
         **counts,
         "timings": seconds,
-        # Part of decrypt_restore: the tables' fingerprints, taken before COMMIT (or before
-        # a new database took the target's name).
+        # Part of decrypt_restore: the tables' fingerprints, taken before COMMIT (building a
+        # new database: the part taken after the load, before it took the target's name).
         "tables_fingerprinted_seconds": restored["verify_seconds"],
         "privilege_warning": checked["privileged"],
     }

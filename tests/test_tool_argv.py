@@ -61,6 +61,7 @@ def test_parallel_pg_restore_command():
         tool("pg_restore"),
         "--jobs=2",
         "--exit-on-error",
+        "--verbose",
         "--no-password",
         "--no-owner",
         CONNINFO,

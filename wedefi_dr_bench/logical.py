@@ -710,7 +710,8 @@ NOTES = [
     "The flow restore downloads with one streaming GET to a spool file (ciphertext), "
     "checks its sha256, decrypts into memory and checks the plaintext's sha256, runs "
     "pg_restore --jobs into a new database under a name of its own, fingerprints every "
-    "table over parallel sessions (timed apart) and renames it to the target; the bare "
+    "table (each as soon as pg_restore reports it loaded, the rest after the load: that "
+    "part timed apart) and renames it to the target; the bare "
     "restores read a plaintext dump from a local file and verify nothing.",
     "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
     "The flows take a slot of the primary host's global concurrency limit, as deployed "
@@ -877,7 +878,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("flow restore-backup", "flow_restore"),
         ("  download + verify checksum", "flow_restore_download_verify"),
         ("  decrypt + pg_restore (+ tables' fingerprints)", "flow_restore_decrypt_restore"),
-        ("    of which tables' fingerprints", "flow_restore_tables_fingerprints"),
+        ("    of which tables' fingerprints after the load", "flow_restore_tables_fingerprints"),
         ("  verify the rest (large objects, sequences)", "flow_restore_verify"),
         ("  flow restore without verify", "flow_restore_without_verify"),
         ("flow logical-backup, posix repository", "flow_backup_posix"),

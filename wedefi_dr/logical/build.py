@@ -12,8 +12,10 @@ needs no transaction for that, because nobody reads a database before it has its
    (``<target>_restoring_<id>``), the tables' data and indexes over parallel sessions.
    It needs an archive it can seek in, each worker reading its own entries: the memory
    file is one, a pipe is not;
-3. every table, the large objects and the sequences are fingerprinted over parallel
-   sessions and compared with the manifest;
+3. every table, the large objects and the sequences are fingerprinted and compared with
+   the manifest: each table as soon as pg_restore reports its data committed, while the
+   load goes on, and what is left over parallel sessions after it
+   (:mod:`wedefi_dr.logical.proof`);
 4. only a copy equal to the manifest is renamed to the target, in one statement. Anything
    else drops the copy, and the target still does not exist.
 
@@ -30,16 +32,15 @@ name without the mark, nor a marked one that anyone is connected to.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import os
-import queue
 import re
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -53,15 +54,9 @@ from wedefi_dr.catalog.manifest import BackupManifest
 from wedefi_dr.config import Settings
 from wedefi_dr.errors import DecryptionFailed, RestoreFailed, VerificationFailed
 from wedefi_dr.logical import plaintext
+from wedefi_dr.logical.proof import LoadingProof, prove_the_rest
 from wedefi_dr.postgres.conninfo import ConnTarget
-from wedefi_dr.postgres.fingerprint import (
-    FINGERPRINT_SETTINGS,
-    compare,
-    fingerprint_extras,
-    is_table_entry,
-    table_entry,
-    table_queries_sql,
-)
+from wedefi_dr.postgres.fingerprint import compare, is_table_entry
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.repository import READ_CHUNK
 
@@ -73,6 +68,8 @@ _NAME_BYTES = 63
 _SUFFIX_HEX = 8
 # The key of the copy's mark in COMMENT ON DATABASE.
 COPY_MARK = "wedefi_dr_unproven_copy"
+# pg_restore's last lines kept for the error message (its --verbose report is long).
+_REPORTED_LINES = 60
 
 
 def applies(settings: Settings, manifest: BackupManifest) -> bool:
@@ -107,6 +104,7 @@ def load_command(target: ConnTarget, archive_fd: int, jobs: int, *, no_owner: bo
         tool("pg_restore"),
         f"--jobs={jobs}",
         "--exit-on-error",
+        "--verbose",  # each table's data reported committed: see wedefi_dr.logical.proof
         "--no-password",
         *owner,
         *target.tool_args(),
@@ -243,7 +241,11 @@ def _drop(target: ConnTarget) -> None:
         log.error("could not drop the unproven copy %s (drop it by hand): %s", target.dbname, exc)
 
 
-def _load(hidden: ConnTarget, archive_fd: int, jobs: int, *, no_owner: bool) -> None:
+def _load(
+    hidden: ConnTarget, archive_fd: int, jobs: int, proof: LoadingProof, *, no_owner: bool
+) -> None:
+    """Run pg_restore, every line it reports fed to ``proof`` as it comes; RestoreFailed
+    with pg_restore's own error when it fails."""
     proc = subprocess.Popen(
         load_command(hidden, archive_fd, jobs, no_owner=no_owner),
         stdin=subprocess.DEVNULL,
@@ -252,57 +254,26 @@ def _load(hidden: ConnTarget, archive_fd: int, jobs: int, *, no_owner: bool) -> 
         env=hidden.tool_env(),
         pass_fds=(archive_fd,),
     )
+    tail: collections.deque[str] = collections.deque(maxlen=_REPORTED_LINES)
     try:
-        _, err = proc.communicate()
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            tail.append(line)
+            proof.feed(line)
+        proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     if proc.returncode != 0:
+        lines = list(tail)
+        first_error = next((i for i, ln in enumerate(lines) if "error:" in ln), len(lines) - 10)
+        said = "\n".join(lines[max(first_error, 0) :]).strip()
         raise RestoreFailed(
             f"pg_restore into the new database {hidden.location} failed (exit "
-            f"{proc.returncode}); it was dropped: {err.decode(errors='replace').strip()[-1500:]}"
+            f"{proc.returncode}); it was dropped: {said[-1500:]}"
         )
-
-
-def fingerprint_parallel(target: ConnTarget, method: str, jobs: int) -> Fingerprints:
-    """Every table's fingerprint over ``jobs`` sessions, largest tables first (so the
-    longest one starts at once), then the large objects and sequences."""
-    with connect(target.conninfo) as conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT name, query FROM (" + table_queries_sql(method) + ") AS q(name, query) "
-            "ORDER BY pg_relation_size(to_regclass(regexp_replace(query, "
-            "'^.* FROM (.*) t$', '\\1'))) DESC NULLS LAST"
-        )
-        work: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        for row in cur.fetchall():
-            work.put(row)
-        found: Fingerprints = fingerprint_extras(conn, method)
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            with connect(target.conninfo) as session, session.cursor() as cur:
-                cur.execute(FINGERPRINT_SETTINGS)
-                while True:
-                    try:
-                        name, query = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    cur.execute(query)
-                    rows, total = cur.fetchone()
-                    found[name] = table_entry(rows, total, method)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return found
 
 
 def _rename(hidden: ConnTarget, target: ConnTarget) -> None:
@@ -339,19 +310,31 @@ def restore_new(
         mark_unproven(hidden, target)
         log.info("restoring into %s, renamed to %s once proven", hidden.dbname, target.dbname)
         try:
-            _load(hidden, archive_fd, jobs, no_owner=no_owner)
+            proving = LoadingProof(hidden, manifest.fingerprint_method)
+            try:
+                _load(hidden, archive_fd, jobs, proving, no_owner=no_owner)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the load's own error is the one
+                    proving.finish()
+                raise
+            early = proving.finish()
             os.close(archive_fd)
             archive_fd = -1
             loaded = time.monotonic()
-            found = fingerprint_parallel(hidden, manifest.fingerprint_method, jobs)
+            found = {
+                **early,
+                **prove_the_rest(hidden, manifest.fingerprint_method, jobs, set(early)),
+            }
             seconds = time.monotonic() - loaded
             log.info(
-                "decrypted and checked %d bytes in %.2f s, loaded over %d sessions in %.2f s, "
-                "fingerprinted in %.2f s",
+                "decrypted and checked %d bytes in %.2f s, loaded over %d sessions in %.2f s "
+                "(%d tables fingerprinted meanwhile), the other %d fingerprinted in %.2f s",
                 manifest.plaintext.size_bytes,
                 decrypted - started,
                 jobs,
                 loaded - decrypted,
+                len(early),
+                sum(1 for name in found if is_table_entry(name)) - len(early),
                 seconds,
             )
             problems = compare(manifest.tables, found)
