@@ -188,7 +188,8 @@ def drop_leftovers(target: ConnTarget) -> list[str]:
     :func:`hidden_name` names them and marked by :func:`mark_unproven` as copies of this
     target. Call it only holding the restore lock of ``target``: then no live restore of it
     exists, so every such copy is a dead run's. A copy that anyone is connected to (a
-    pg_restore that outlived its parent) is left, with a warning. Returns the dropped names."""
+    pg_restore that outlived its parent), or that this login may not drop (another owner's),
+    is left with a warning, and the restore goes on. Returns the dropped names."""
     maintenance = target.with_dbname("postgres").conninfo
     with connect(maintenance, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(
@@ -207,16 +208,19 @@ def drop_leftovers(target: ConnTarget) -> list[str]:
             try:
                 cur.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
             except psycopg2.Error as exc:
-                if exc.pgcode != errorcodes.OBJECT_IN_USE:
-                    raise
+                why = (
+                    "someone is connected to it (pg_stat_activity)"
+                    if exc.pgcode == errorcodes.OBJECT_IN_USE
+                    else f"the drop failed: {str(exc).strip()}"
+                )
                 log.warning(
-                    "left %s, the unproven copy of %s begun by pid %s on %s at %s: "
-                    "someone is connected to it (pg_stat_activity)",
+                    "left %s, the unproven copy of %s begun by pid %s on %s at %s: %s",
                     name,
                     target.dbname,
                     mark.get("pid"),
                     mark.get("host"),
                     mark.get("since"),
+                    why,
                 )
                 continue
             log.warning(
