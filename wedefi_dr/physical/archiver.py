@@ -32,7 +32,6 @@ client and settings exist, so no gpg child inherits them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -263,29 +262,8 @@ def _settings() -> Settings:
     return settings
 
 
-# mallopt's parameter number for the mmap threshold (glibc's malloc.h).
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 1024 * 1024
-
-
-def return_freed_segments() -> None:
-    """Have glibc give every freed buffer of a megabyte or more back to the system.
-
-    Each upload holds a segment, its compressed and its encrypted copy (16 MB and about as
-    much again). glibc serves blocks that large with mmap, but after the first is freed it
-    raises its threshold above them, so the next ones come from the upload threads' heaps,
-    which keep them when freed: the process grew to about 200 MB after a burst of
-    segments and stayed there. A threshold set explicitly is never raised. Best effort: a
-    C library without mallopt keeps its own policy."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -I -m wedefi_dr.physical.archiver --env-file FILE PG_WAL``."""
-    return_freed_segments()
     parser = argparse.ArgumentParser(prog="wedefi-dr-archiver", description=__doc__.split("\n")[0])
     parser.add_argument("pg_wal")
     parser.add_argument("--env-file", required=True)
