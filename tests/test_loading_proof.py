@@ -66,3 +66,21 @@ def test_tables_are_proven_as_reported_loaded_without_waiting_on_a_lock(settings
         closer.join(10)
         assert not closer.is_alive()
     assert finished == {name: expected[name] for name in ("public.loaded", "public.locked")}
+
+
+def test_a_proof_that_cannot_run_during_the_load_leaves_every_table_for_after_it(
+    settings: Settings, caplog
+):
+    """No session for the proof beside pg_restore's (here: a database that is not there)
+    stops nothing: the proof after the load takes every table, and the warning says so."""
+    admin = settings.primary_dsn.get_secret_value()
+    absent = ConnTarget.parse(admin, allow_password=True).with_dbname(
+        f"gone_{uuid.uuid4().hex[:8]}"
+    )
+    proving = LoadingProof(absent, FINGERPRINT_METHOD)
+    caplog.set_level("WARNING", logger="wedefi_dr.logical.proof")
+    proving.feed(PARALLEL_START)
+    proving.feed("pg_restore: finished item 3351 TABLE DATA loaded")
+    assert proving.finish() == {}
+    assert "the proof during the load stopped after 0 table(s)" in caplog.text
+    assert absent.dbname in caplog.text

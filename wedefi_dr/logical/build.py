@@ -317,11 +317,8 @@ def restore_new(
             proving = LoadingProof(hidden, manifest.fingerprint_method)
             try:
                 _load(hidden, archive_fd, jobs, proving, no_owner=no_owner)
-            except BaseException:
-                with contextlib.suppress(Exception):  # the load's own error is the one
-                    proving.finish()
-                raise
-            early = proving.finish()
+            finally:
+                early = proving.finish()
             os.close(archive_fd)
             archive_fd = -1
             loaded = time.monotonic()

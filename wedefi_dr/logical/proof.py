@@ -19,6 +19,7 @@ largest first, and the large objects and sequences.
 
 from __future__ import annotations
 
+import logging
 import queue
 import re
 import threading
@@ -35,6 +36,7 @@ from wedefi_dr.postgres.fingerprint import (
 )
 from wedefi_dr.postgres.tools import connect
 
+log = logging.getLogger(__name__)
 Fingerprints = dict[str, dict[str, object]]
 
 # pg_restore --verbose, once every table exists and the parallel items start.
@@ -87,14 +89,23 @@ class LoadingProof:
             self._finished.put(what.removeprefix(_DATA) if what.startswith(_DATA) else "")
 
     def finish(self) -> Fingerprints:
-        """Take no more tables, wait for the one in progress; the fingerprints taken
-        (raises what failed)."""
+        """Take no more tables, wait for the one in progress; the fingerprints taken.
+
+        A failure here (no connection slot left beside pg_restore's, a query error) loses
+        nothing: it is logged, and every table not proven here is proven after the load,
+        where the same error, if it is one, stops the restore."""
         self._stopped.set()
         self._finished.put(None)
         if self._thread.is_alive():
             self._thread.join()
         if self.error is not None:
-            raise self.error
+            log.warning(
+                "the proof during the load stopped after %d table(s), the rest is proven "
+                "after it: %s: %s",
+                len(self.found),
+                type(self.error).__name__,
+                str(self.error).strip(),
+            )
         return self.found
 
     def _run(self) -> None:
@@ -118,7 +129,7 @@ class LoadingProof:
                         if entry is not None:
                             self.found[name] = entry
                             del waiting[name]
-        except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+        except Exception as exc:  # noqa: BLE001 - reported by finish()
             self.error = exc
 
     def _try(self, conn, cur, query: str) -> dict[str, object] | None:  # noqa: ANN001
