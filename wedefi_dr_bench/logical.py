@@ -13,9 +13,10 @@ on one database, times
   by hand), against the ``restore-backup`` flow,
 
 and prints the ratios (DESIGN.md: "ratios against the bare tools run in the same process
-tree", never timed assertions in tests). A background thread samples the RSS of this
-process and of every descendant process (``wedefi_dr_bench.memory``), so memory is
-compared too.
+tree", never timed assertions in tests). Each restore, bare or flow, is the best of
+``--restore-attempts`` (3) attempts, every attempt kept in the JSON (:func:`best_of`).
+A background thread samples the RSS of this process and of every descendant process
+(``wedefi_dr_bench.memory``), so memory is compared too.
 
 The database is the WeDefiDaily seed (UUIDs, hashes, numerics), not pgbench, whose filler
 columns compress about 40:1 and flatter every tool. It lives in ``wedefi_bench`` on the
@@ -497,6 +498,8 @@ class BenchRun:
     restore_result: dict[str, Any] = field(default_factory=dict)
     host_limit: dict[str, Any] = field(default_factory=dict)
     flow_first: bool = False
+    restore_attempts: int = 1
+    attempts: dict[str, list[float]] = field(default_factory=dict)
 
     def dsn(self, name: str) -> str:
         return with_dbname(self.server_dsn, name)
@@ -504,6 +507,25 @@ class BenchRun:
     @property
     def gnupg_home(self) -> Path:
         return self.work / "gnupg"
+
+
+RESTORE_ATTEMPTS = 3
+
+
+def best_of(run: BenchRun, key: str, attempt: Callable[[], float]) -> int:
+    """Run ``attempt`` (its own set-up untimed, the seconds of its timed part returned)
+    ``run.restore_attempts`` times: the fastest is ``times[key]``, every one is in
+    ``attempts[key]``; returns the fastest attempt's index.
+
+    Why: the same restore of the same archive took 12.9 to 15.7 s within half an hour here
+    (the WAL archiver, autovacuum and the page cache share two CPUs with it), and other work
+    only ever makes an attempt slower, so the best of several is each restore's own speed
+    and a ratio of two bests compares the tools rather than the minutes they ran in."""
+    seconds = [attempt() for _ in range(max(run.restore_attempts, 1))]
+    run.attempts[key] = [round(t, 3) for t in seconds]
+    best = min(range(len(seconds)), key=seconds.__getitem__)
+    run.times[key] = seconds[best]
+    return best
 
 
 def prepare(settings: Settings, scale: float, reuse: bool, say: Callable[[str], None]) -> BenchRun:
@@ -555,34 +577,53 @@ def run_bare_phases(run: BenchRun) -> None:
     sizes["bare_dump_bytes"] = plain.stat().st_size
     sizes["bare_encrypted_bytes"] = encrypted.stat().st_size
 
-    recreate_database(run.server_dsn, BARE_DB)
-    checkpoint(run.server_dsn)
-    say(f"bare gpg --decrypt | pg_restore --single-transaction -> {BARE_DB}")
-    with run.sampler.measuring("bare_decrypt_restore"):
-        times["bare_gpg_pg_restore"] = bare_decrypt_restore(
-            run.dsn(BARE_DB), encrypted, run.work, passphrase, run.gnupg_home
-        )
-    drop_database(run.server_dsn, BARE_DB)
+    def restored(phase: str, restore: Callable[[], float]) -> Callable[[], float]:
+        """One attempt: a fresh empty database and a drained archiver (untimed), the
+        restore (timed), the database's size, then the drop (so its autovacuum cannot
+        steal CPU from the next step)."""
+
+        def attempt() -> float:
+            recreate_database(run.server_dsn, BARE_DB)
+            checkpoint(run.server_dsn)
+            with run.sampler.measuring(phase):
+                seconds = restore()
+            sizes["restored_bytes"] = database_size(run.server_dsn, BARE_DB)
+            drop_database(run.server_dsn, BARE_DB)
+            return seconds
+
+        return attempt
+
+    tries = f"best of {run.restore_attempts}"
+    say(f"bare gpg --decrypt | pg_restore --single-transaction -> {BARE_DB} ({tries})")
+    best_of(
+        run,
+        "bare_gpg_pg_restore",
+        restored(
+            "bare_decrypt_restore",
+            lambda: bare_decrypt_restore(
+                run.dsn(BARE_DB), encrypted, run.work, passphrase, run.gnupg_home
+            ),
+        ),
+    )
     encrypted.unlink()
 
-    # The restore goes into a fresh empty database created outside the timing.
-    recreate_database(run.server_dsn, BARE_DB)
-    checkpoint(run.server_dsn)
-    say(f"bare pg_restore --clean --if-exists --single-transaction -> {BARE_DB}")
-    with run.sampler.measuring("bare_restore"):
-        times["bare_pg_restore"] = bare_restore(run.dsn(BARE_DB), plain, run.work)
-    sizes["restored_bytes"] = database_size(run.server_dsn, BARE_DB)
-    # Dropped now, so its autovacuum/analyze cannot steal CPU from the flow steps.
-    drop_database(run.server_dsn, BARE_DB)
+    say(f"bare pg_restore --clean --if-exists --single-transaction -> {BARE_DB} ({tries})")
+    best_of(
+        run,
+        "bare_pg_restore",
+        restored("bare_restore", lambda: bare_restore(run.dsn(BARE_DB), plain, run.work)),
+    )
 
     # The parallel load a new database gets from the flow (WEDEFI_DR_RESTORE_JOBS).
     jobs = run.settings.restore_jobs
-    recreate_database(run.server_dsn, BARE_DB)
-    checkpoint(run.server_dsn)
-    say(f"bare pg_restore --clean --if-exists --jobs={jobs} -> {BARE_DB}")
-    with run.sampler.measuring("bare_restore_jobs"):
-        times["bare_pg_restore_jobs"] = bare_restore(run.dsn(BARE_DB), plain, run.work, jobs)
-    drop_database(run.server_dsn, BARE_DB)
+    say(f"bare pg_restore --clean --if-exists --jobs={jobs} -> {BARE_DB} ({tries})")
+    best_of(
+        run,
+        "bare_pg_restore_jobs",
+        restored(
+            "bare_restore_jobs", lambda: bare_restore(run.dsn(BARE_DB), plain, run.work, jobs)
+        ),
+    )
     plain.unlink()
 
 
@@ -629,19 +670,26 @@ def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
         checkpoint(run.server_dsn)
         times["fingerprints_alone"] = fingerprint_seconds(run.dsn(BENCH_DB))
 
-        drop_database(run.server_dsn, FLOW_DB)
-        checkpoint(run.server_dsn)
-        say(f"flow restore-backup -> {FLOW_DB} (a new database)")
+        say(f"flow restore-backup -> {FLOW_DB} (a new database; best of {run.restore_attempts})")
         run.python_rss["before_flow_restore"] = rss_by_kind()[SELF_KIND]
-        with run.sampler.measuring("flow_restore"):
-            t0 = time.perf_counter()
-            run.restore_result = restore_backup(
-                backup_id=run.backup_id,
-                target_dsn=run.dsn(FLOW_DB),
-                operator="bench",
-                justification="wedefi-dr bench: restore timing against bare pg_restore",
-            )
-            times["flow_restore"] = time.perf_counter() - t0
+        results: list[dict[str, Any]] = []
+
+        def attempt() -> float:
+            drop_database(run.server_dsn, FLOW_DB)
+            checkpoint(run.server_dsn)
+            with run.sampler.measuring("flow_restore"):
+                t0 = time.perf_counter()
+                results.append(
+                    restore_backup(
+                        backup_id=run.backup_id,
+                        target_dsn=run.dsn(FLOW_DB),
+                        operator="bench",
+                        justification="wedefi-dr bench: restore timing against bare pg_restore",
+                    )
+                )
+                return time.perf_counter() - t0
+
+        run.restore_result = results[best_of(run, "flow_restore", attempt)]
         for step, seconds in run.restore_result["timings"].items():
             times[f"flow_restore_{step}"] = seconds
         times["flow_restore_tables_fingerprints"] = run.restore_result.get(
@@ -671,17 +719,24 @@ def posix_round_trip(run: BenchRun) -> None:
         t0 = time.perf_counter()
         backup_id = logical_backup(operator="bench")
         times["flow_backup_posix"] = time.perf_counter() - t0
-        drop_database(run.server_dsn, FLOW_DB)
-        checkpoint(run.server_dsn)
-        run.say(f"flow restore-backup from the posix repository -> {FLOW_DB} (new)")
-        t0 = time.perf_counter()
-        restore_backup(
-            backup_id=backup_id,
-            target_dsn=run.dsn(FLOW_DB),
-            operator="bench",
-            justification="wedefi-dr bench: restore timing from a posix repository",
+        run.say(
+            f"flow restore-backup from the posix repository -> {FLOW_DB} (new; best of "
+            f"{run.restore_attempts})"
         )
-        times["flow_restore_posix"] = time.perf_counter() - t0
+
+        def attempt() -> float:
+            drop_database(run.server_dsn, FLOW_DB)
+            checkpoint(run.server_dsn)
+            t0 = time.perf_counter()
+            restore_backup(
+                backup_id=backup_id,
+                target_dsn=run.dsn(FLOW_DB),
+                operator="bench",
+                justification="wedefi-dr bench: restore timing from a posix repository",
+            )
+            return time.perf_counter() - t0
+
+        best_of(run, "flow_restore_posix", attempt)
     shutil.rmtree(repo, ignore_errors=True)
 
 
@@ -713,6 +768,8 @@ NOTES = [
     "table (each as soon as pg_restore reports it loaded, the rest after the load: that "
     "part timed apart) and renames it to the target; the bare "
     "restores read a plaintext dump from a local file and verify nothing.",
+    "Each restore figure, bare or flow, is the best of its attempts "
+    "(restore_attempts_seconds has every one); the backups are one attempt each.",
     "Prefect's ephemeral API start-up is excluded (a throwaway flow ran first).",
     "The flows take a slot of the primary host's global concurrency limit, as deployed "
     "runs do (host_limit: created for the run and deleted after when the server had none).",
@@ -762,6 +819,7 @@ def summarize(run: BenchRun, keep_backup: bool) -> dict[str, Any]:
         "backup_kept": keep_backup,
         "sizes": run.sizes,
         "times_seconds": {k: round(v, 3) for k, v in times.items()},
+        "restore_attempts_seconds": run.attempts,
         "ratios": ratios,
         "memory_bytes": {
             "python_rss": run.python_rss,
@@ -786,6 +844,7 @@ def run_bench(
     say: Callable[[str], None] = print,
     *,
     flow_first: bool = False,
+    restore_attempts: int = RESTORE_ATTEMPTS,
 ) -> dict[str, Any]:
     """Every figure of one benchmark run, as a JSON-able dict (see the module docstring).
 
@@ -795,6 +854,7 @@ def run_bench(
     """
     run = prepare(settings, scale, reuse, say)
     run.flow_first = flow_first
+    run.restore_attempts = restore_attempts
     try:
         if flow_first:
             run_flow_phases(run, keep_backup)

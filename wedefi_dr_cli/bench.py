@@ -47,6 +47,9 @@ def logical(
     rounds: Annotated[
         int, typer.Option(min=1, help="logical runs one after the other; the table adds medians")
     ] = 1,
+    restore_attempts: Annotated[
+        int, typer.Option(min=1, help="attempts of each logical restore in a run; the best counts")
+    ] = 3,
 ) -> None:
     """The whole set in one run: the logical flows against bare pg_dump | gpg and
     pg_restore, and the physical path against pgBackRest, cp and /bin/true; one table.
@@ -80,6 +83,7 @@ def logical(
             reuse=reuse,
             keep_backup=keep_backup,
             say=say,
+            restore_attempts=restore_attempts,
         )
         bench.render(report["logical"], console)
     if only in (None, "physical"):
