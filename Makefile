@@ -22,7 +22,7 @@ ui: setup
 	@echo "Prefect UI: $$(.venv/bin/wedefi-dr stack url)"
 
 bench: setup
-	@bash scripts/bench.sh
+	@bash scripts/bench.sh $(ARGS)
 
 clean:
 	-.venv/bin/wedefi-dr stack down
