@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -645,7 +645,6 @@ def run_flow_phases(run: BenchRun, keep_backup: bool) -> None:
 def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
     """The backup and restore flows, to S3 and then to a posix repository."""
     from flows.backup import logical_backup
-    from flows.restore import restore_backup
     from wedefi_dr.catalog import listing
     from wedefi_dr.storage.repository import open_store
 
@@ -673,22 +672,9 @@ def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
         say(f"flow restore-backup -> {FLOW_DB} (a new database; best of {run.restore_attempts})")
         run.python_rss["before_flow_restore"] = rss_by_kind()[SELF_KIND]
         results: list[dict[str, Any]] = []
-
-        def attempt() -> float:
-            drop_database(run.server_dsn, FLOW_DB)
-            checkpoint(run.server_dsn)
-            with run.sampler.measuring("flow_restore"):
-                t0 = time.perf_counter()
-                results.append(
-                    restore_backup(
-                        backup_id=run.backup_id,
-                        target_dsn=run.dsn(FLOW_DB),
-                        operator="bench",
-                        justification="wedefi-dr bench: restore timing against bare pg_restore",
-                    )
-                )
-                return time.perf_counter() - t0
-
+        attempt = flow_restore_attempt(
+            run, run.backup_id, "restore timing against bare pg_restore", results, "flow_restore"
+        )
         run.restore_result = results[best_of(run, "flow_restore", attempt)]
         for step, seconds in run.restore_result["timings"].items():
             times[f"flow_restore_{step}"] = seconds
@@ -700,12 +686,41 @@ def _flow_round_trips(run: BenchRun, keep_backup: bool) -> None:
     posix_round_trip(run)
 
 
+def flow_restore_attempt(
+    run: BenchRun,
+    backup_id: str,
+    why: str,
+    results: list[dict[str, Any]],
+    phase: str | None = None,
+) -> Callable[[], float]:
+    """One attempt of the restore flow into a new ``FLOW_DB`` for :func:`best_of`: the drop
+    and a drained archiver untimed, the flow timed (its memory under ``phase`` when given),
+    its result appended to ``results``."""
+    from flows.restore import restore_backup
+
+    def attempt() -> float:
+        drop_database(run.server_dsn, FLOW_DB)
+        checkpoint(run.server_dsn)
+        with run.sampler.measuring(phase) if phase else nullcontext():
+            t0 = time.perf_counter()
+            results.append(
+                restore_backup(
+                    backup_id=backup_id,
+                    target_dsn=run.dsn(FLOW_DB),
+                    operator="bench",
+                    justification=f"wedefi-dr bench: {why}",
+                )
+            )
+            return time.perf_counter() - t0
+
+    return attempt
+
+
 def posix_round_trip(run: BenchRun) -> None:
     """The same backup and restore flows through a posix repository on the local disk:
     the bare pipeline writes a local file, so this is the like-for-like backup figure (no
     HTTP, no moto server sharing the CPUs)."""
     from flows.backup import logical_backup
-    from flows.restore import restore_backup
 
     times = run.times
     repo = run.work / "posix-repo"
@@ -723,19 +738,7 @@ def posix_round_trip(run: BenchRun) -> None:
             f"flow restore-backup from the posix repository -> {FLOW_DB} (new; best of "
             f"{run.restore_attempts})"
         )
-
-        def attempt() -> float:
-            drop_database(run.server_dsn, FLOW_DB)
-            checkpoint(run.server_dsn)
-            t0 = time.perf_counter()
-            restore_backup(
-                backup_id=backup_id,
-                target_dsn=run.dsn(FLOW_DB),
-                operator="bench",
-                justification="wedefi-dr bench: restore timing from a posix repository",
-            )
-            return time.perf_counter() - t0
-
+        attempt = flow_restore_attempt(run, backup_id, "restore timing from a posix repository", [])
         best_of(run, "flow_restore_posix", attempt)
     shutil.rmtree(repo, ignore_errors=True)
 

@@ -56,12 +56,11 @@ from wedefi_dr.errors import DecryptionFailed, RestoreFailed, VerificationFailed
 from wedefi_dr.logical import plaintext
 from wedefi_dr.logical.proof import LoadingProof, prove_the_rest
 from wedefi_dr.postgres.conninfo import ConnTarget
-from wedefi_dr.postgres.fingerprint import compare, is_table_entry
+from wedefi_dr.postgres.fingerprint import Fingerprints, compare, is_table_entry
 from wedefi_dr.postgres.tools import connect, tool
 from wedefi_dr.storage.repository import READ_CHUNK
 
 log = logging.getLogger(__name__)
-Fingerprints = dict[str, dict[str, object]]
 HIDDEN_MARK = "_restoring_"
 # PostgreSQL truncates identifiers to 63 bytes; the hidden name must stay whole.
 _NAME_BYTES = 63

@@ -30,6 +30,7 @@ from psycopg2 import errorcodes
 from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import (
     FINGERPRINT_SETTINGS,
+    Fingerprints,
     fingerprint_extras,
     table_entry,
     table_queries_sql,
@@ -37,7 +38,6 @@ from wedefi_dr.postgres.fingerprint import (
 from wedefi_dr.postgres.tools import connect
 
 log = logging.getLogger(__name__)
-Fingerprints = dict[str, dict[str, object]]
 
 # pg_restore --verbose, once every table exists and the parallel items start.
 PARALLEL_START = "pg_restore: entering main parallel loop"
@@ -76,7 +76,7 @@ class LoadingProof:
     def __init__(self, target: ConnTarget, method: str) -> None:
         self.target, self.method = target, method
         self.found: Fingerprints = {}
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self._finished: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loading-proof", daemon=True)
@@ -118,7 +118,7 @@ class LoadingProof:
                 conn.commit()
                 waiting: dict[str, str] = {}  # loaded, but locked by pg_restore when tried
                 while (table := self._finished.get()) is not None and not self._stopped.is_set():
-                    named = by_table.get(table, []) if table else []
+                    named = by_table.get(table, [])
                     if len(named) == 1:
                         waiting.setdefault(*named[0])
                     # Any item done may have released a lock: try every waiting table.

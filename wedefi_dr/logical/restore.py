@@ -68,6 +68,7 @@ from wedefi_dr.postgres.conninfo import ConnTarget
 from wedefi_dr.postgres.fingerprint import (
     FINGERPRINT_SETTINGS,
     METHODS,
+    Fingerprints,
     compare,
     fingerprint_extras,
     fingerprint_tables,
@@ -81,7 +82,6 @@ from wedefi_dr.storage.pipeline import widen_pipe
 from wedefi_dr.storage.repository import READ_CHUNK, open_store
 
 log = logging.getLogger(__name__)
-Fingerprints = dict[str, dict[str, object]]
 
 
 class Restored(BaseModel):

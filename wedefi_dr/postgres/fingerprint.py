@@ -44,6 +44,8 @@ FINGERPRINT_METHOD = TYPED_METHOD
 METHODS = (TEXT_METHOD, TYPED_METHOD)
 LARGE_OBJECTS = "large objects"
 SEQUENCE_PREFIX = "sequence "
+# Fingerprints by manifest entry name (tables, "large objects", "sequence <name>").
+Fingerprints = dict[str, dict[str, object]]
 
 # Types whose own 64-bit hash function (the one hash partitioning uses) hashes a value
 # without printing it, and whose equality is identity: two equal values have the same text
