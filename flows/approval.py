@@ -12,9 +12,13 @@ the UI. When the run resumes it reads the approvals from the database and decide
 
 from __future__ import annotations
 
-from prefect.exceptions import FlowPauseTimeout
+import time
+
+from prefect.client.orchestration import get_client
+from prefect.exceptions import FlowPauseTimeout, Pause
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.input.run_input import keyset_from_paused_state
 from prefect.runtime import flow_run
 
 from tasks import approval as steps
@@ -68,11 +72,8 @@ def request_approval_and_wait(
         else f" Approver: `wedefi-dr approve {run_id} --justification ...`"
     )
     try:
-        answer = pause_flow_run(
-            wait_for_input=Approval.with_initial_data(description=question + how),
-            timeout=timeout_seconds,
-            poll_interval=1,
-            key=key,
+        answer = _pause(
+            Approval.with_initial_data(description=question + how), timeout_seconds, key
         )
     except FlowPauseTimeout as exc:
         steps.expire(request_id, run_id, subject, operator, timeout_seconds)
@@ -88,3 +89,34 @@ def request_approval_and_wait(
         list(answer.approvers),
         not answer.approve,
     )
+
+
+def _pause(form: type[Approval], timeout_seconds: int, key: str) -> Approval:
+    """Prefect's pause, which waits for the form to be submitted and returns it.
+
+    When the server's answer to the pause is lost (a timeout, a reset connection), Prefect's
+    HTTP client sends the same transition again; the server refuses the copy as already
+    made and ``pause_flow_run`` raises ``Pause``, although the run *is* paused under
+    ``key``. Then the rest of the pause happens here: the form's schema is saved (the UI
+    and ``resume_flow_run`` need it) and the resume is waited for, up to the same timeout.
+    """
+    try:
+        return pause_flow_run(
+            wait_for_input=form, timeout=timeout_seconds, poll_interval=1, key=key
+        )
+    except Pause as exc:
+        paused = exc.state
+        if paused is None or not paused.is_paused() or paused.state_details.pause_key != key:
+            raise
+    keyset = keyset_from_paused_state(paused)
+    form.save(keyset)
+    run_id = flow_run.get_id()
+    deadline = time.monotonic() + timeout_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_running():
+                return form.load(keyset)
+            if time.monotonic() >= deadline:
+                raise FlowPauseTimeout("Flow run was paused and never resumed.")
+            time.sleep(1)

@@ -10,16 +10,24 @@ superuser). The flow tests run a small guarded flow through the one shared entry
 
 from __future__ import annotations
 
+import http.server
 import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import psycopg2
 import pytest
 from prefect import flow, tags
 from prefect.client.orchestration import get_client
+from prefect.events.clients import PrefectEventsClient
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from flows.approval import request_approval_and_wait
@@ -205,6 +213,74 @@ def test_a_pause_that_times_out_is_audited_and_changes_nothing(prefect_api, sett
             " AND error_message LIKE 'approval timed out after 1 s%' ORDER BY start_time DESC"
         )
         assert cur.fetchone()[0] == "refused"
+
+
+class _LosesTheAnswerToThePause(http.server.BaseHTTPRequestHandler):
+    """Relays every request to the real Prefect API, but drops the server's answer to the
+    first request that pauses a run, as a timeout or a reset connection drops it: the
+    server has paused the run, and the client does not know."""
+
+    upstream = ""
+    dropped: list[str] = []
+
+    def relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "connection"}}
+        reply = httpx.request(
+            self.command, self.upstream + self.path, content=body, headers=headers, timeout=60
+        )
+        if self.path.endswith("/set_state") and b'"PAUSED"' in body and not self.dropped:
+            self.dropped.append(self.path)
+            self.close_connection = True
+            return
+        self.send_response(reply.status_code)
+        for k, v in reply.headers.items():
+            if k.lower() not in {"content-length", "content-encoding", "transfer-encoding"}:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(reply.content)))
+        self.end_headers()
+        self.wfile.write(reply.content)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = relay
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def api_losing_the_pause_answer(prefect_api) -> Iterator[type[_LosesTheAnswerToThePause]]:
+    """The flow's Prefect client talks to the API through the relay; its events (a
+    websocket the relay does not carry) go to the API directly."""
+    api = urlsplit(PREFECT_API_URL.value())
+    handler = type("Relay", (_LosesTheAnswerToThePause,), {"dropped": []})
+    handler.upstream = f"{api.scheme}://{api.netloc}"
+    relay = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    EventsWorker.set_client_override(PrefectEventsClient, api_url=PREFECT_API_URL.value())
+    try:
+        with temporary_settings(
+            {PREFECT_API_URL: f"http://127.0.0.1:{relay.server_port}{api.path}"}
+        ):
+            yield handler
+    finally:
+        APILogWorker.drain_all(timeout=10)  # the run's logs, sent through the relay
+        EventsWorker.set_client_override(None)
+        relay.shutdown()
+        relay.server_close()
+
+
+def test_a_pause_whose_answer_is_lost_still_waits_for_the_approval(
+    api_losing_the_pause_answer, settings, tmp_path
+):
+    """Prefect's client sends the pause again when the answer is lost; the server refuses
+    the copy as a transition already made. The run is paused all the same, so it must
+    wait for its approval, not fail."""
+    run_input = {"approve": True, "approvers": ["alice"]}
+    marker, box, outcome = _drill(tmp_path, run_input, production=False)
+    assert api_losing_the_pause_answer.dropped, "the relay never saw the run pause"
+    assert outcome == ["alice"] and marker.read_text() == "alice"
+    [(status, who, _)] = _approval_audit(settings.ops_dsn.get_secret_value(), box["run_id"])
+    assert (status, who) == ("success", "alice")
 
 
 def test_break_glass_with_two_approvers_on_the_command_line(prefect_api, stack, settings, tmp_path):
