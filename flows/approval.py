@@ -13,10 +13,11 @@ the UI. When the run resumes it reads the approvals from the database and decide
 from __future__ import annotations
 
 import time
+import uuid
 
 from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout, Pause
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 from prefect.input.run_input import keyset_from_paused_state
 from prefect.runtime import flow_run
@@ -120,3 +121,23 @@ def _pause(form: type[Approval], timeout_seconds: int, key: str) -> Approval:
             if time.monotonic() >= deadline:
                 raise FlowPauseTimeout("Flow run was paused and never resumed.")
             time.sleep(1)
+
+
+def resume_with_answer(run_id: uuid.UUID, answer: dict, wait_seconds: float = 30) -> None:
+    """Resume the paused run ``run_id`` with ``answer`` as its form: what ``wedefi-dr
+    approve`` does once the rule is met.
+
+    Prefect sets Paused first and saves the form's schema after, so a resume in between is
+    refused with "Run input schema not found": it is tried again for up to
+    ``wait_seconds``. (A resume whose answer is lost is harmless: Prefect's client sends it
+    again and the server's refusal of a run no longer paused is not raised.)
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            resume_flow_run(run_id, run_input=answer)
+            return
+        except RuntimeError as exc:
+            if "schema not found" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)

@@ -20,9 +20,9 @@ from prefect import tags
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from prefect.client.schemas.objects import TaskRun
-from prefect.flow_runs import resume_flow_run
 from psycopg2 import sql
 
+from flows.approval import resume_with_answer
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import BackupManifest, new_backup_id
 from wedefi_dr.postgres.conninfo import ConnTarget, with_dbname
@@ -287,7 +287,7 @@ def approve_when_paused(
                             )
                             if said != "ok":
                                 box.setdefault("refused", []).append(said)
-                        _resume_once_its_form_is_saved(runs[0].id, run_input, deadline)
+                        resume_with_answer(runs[0].id, run_input)
                         box["resumed"] = runs[0].id
                         return
                     if state and state.is_final():
@@ -299,19 +299,6 @@ def approve_when_paused(
     t = threading.Thread(target=worker, daemon=True)
     t.start()
     return t
-
-
-def _resume_once_its_form_is_saved(run_id: uuid.UUID, run_input: dict, deadline: float) -> None:
-    """Prefect sets Paused first and saves the run input's schema after: a resume in
-    between is refused with "Run input schema not found", so it is tried again."""
-    while True:
-        try:
-            resume_flow_run(run_id, run_input=run_input)
-            return
-        except RuntimeError as exc:
-            if "schema not found" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def run_approved(flow: Callable[..., dict], run_input: dict, **params: object) -> dict:

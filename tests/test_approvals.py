@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ import psycopg2
 import pytest
 from prefect import flow, tags
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.events.clients import PrefectEventsClient
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
@@ -215,12 +217,15 @@ def test_a_pause_that_times_out_is_audited_and_changes_nothing(prefect_api, sett
         assert cur.fetchone()[0] == "refused"
 
 
-class _LosesTheAnswerToThePause(http.server.BaseHTTPRequestHandler):
+class _LosesOneAnswer(http.server.BaseHTTPRequestHandler):
     """Relays every request to the real Prefect API, but drops the server's answer to the
-    first request that pauses a run, as a timeout or a reset connection drops it: the
-    server has paused the run, and the client does not know."""
+    first request to a path ending in ``lose_path`` whose body holds ``lose_body``, as a
+    timeout or a reset connection drops it: the server has made the change, and the client
+    does not know."""
 
     upstream = ""
+    lose_path = ""
+    lose_body = b""
     dropped: list[str] = []
 
     def relay(self) -> None:
@@ -229,7 +234,7 @@ class _LosesTheAnswerToThePause(http.server.BaseHTTPRequestHandler):
         reply = httpx.request(
             self.command, self.upstream + self.path, content=body, headers=headers, timeout=60
         )
-        if self.path.endswith("/set_state") and b'"PAUSED"' in body and not self.dropped:
+        if self.path.endswith(self.lose_path) and self.lose_body in body and not self.dropped:
             self.dropped.append(self.path)
             self.close_connection = True
             return
@@ -247,12 +252,16 @@ class _LosesTheAnswerToThePause(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def api_losing_the_pause_answer(prefect_api) -> Iterator[type[_LosesTheAnswerToThePause]]:
-    """The flow's Prefect client talks to the API through the relay; its events (a
-    websocket the relay does not carry) go to the API directly."""
+@contextmanager
+def _api_losing(path: str, body: bytes = b"") -> Iterator[type[_LosesOneAnswer]]:
+    """This thread's Prefect client talks to the API through the relay; its events (a
+    websocket the relay does not carry) go to the API directly, as other threads' calls do."""
     api = urlsplit(PREFECT_API_URL.value())
-    handler = type("Relay", (_LosesTheAnswerToThePause,), {"dropped": []})
+    handler = type(
+        "Relay",
+        (_LosesOneAnswer,),
+        {"dropped": [], "lose_path": path, "lose_body": body},
+    )
     handler.upstream = f"{api.scheme}://{api.netloc}"
     relay = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=relay.serve_forever, daemon=True).start()
@@ -263,24 +272,78 @@ def api_losing_the_pause_answer(prefect_api) -> Iterator[type[_LosesTheAnswerToT
         ):
             yield handler
     finally:
-        APILogWorker.drain_all(timeout=10)  # the run's logs, sent through the relay
+        APILogWorker.drain_all(timeout=10)  # logs sent through the relay
         EventsWorker.set_client_override(None)
         relay.shutdown()
         relay.server_close()
 
 
-def test_a_pause_whose_answer_is_lost_still_waits_for_the_approval(
-    api_losing_the_pause_answer, settings, tmp_path
-):
+def test_a_pause_whose_answer_is_lost_still_waits_for_the_approval(prefect_api, settings, tmp_path):
     """Prefect's client sends the pause again when the answer is lost; the server refuses
     the copy as a transition already made. The run is paused all the same, so it must
     wait for its approval, not fail."""
     run_input = {"approve": True, "approvers": ["alice"]}
-    marker, box, outcome = _drill(tmp_path, run_input, production=False)
-    assert api_losing_the_pause_answer.dropped, "the relay never saw the run pause"
+    with _api_losing("/set_state", b'"PAUSED"') as relay:
+        marker, box, outcome = _drill(tmp_path, run_input, production=False)
+    assert relay.dropped, "the relay never saw the run pause"
     assert outcome == ["alice"] and marker.read_text() == "alice"
     [(status, who, _)] = _approval_audit(settings.ops_dsn.get_secret_value(), box["run_id"])
     assert (status, who) == ("success", "alice")
+
+
+def test_an_approval_whose_resume_answer_is_lost_still_succeeds(
+    prefect_api, stack, settings, tmp_path
+):
+    """`wedefi-dr approve` resumes the run and the answer is lost; Prefect's client sends
+    the resume again, which the server refuses because the run is running. The approval
+    succeeded, so the command must say so and the run complete."""
+    marker = tmp_path / "changed"
+    tag = f"approval-{uuid.uuid4().hex[:8]}"
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            with tags(tag):
+                out["result"] = guarded_change(str(marker), False, "carol")
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    run_id = _paused_run(tag)
+    with _api_losing("/resume") as relay:
+        approved = CliRunner().invoke(
+            app,
+            [
+                "approve",
+                run_id,
+                "--as-dsn",
+                stack.approver_dsn("alice"),
+                "--approver-passfile",
+                str(stack.approver_passfile("alice")),
+                "--justification",
+                "alice: scratch drill",
+            ],
+        )
+    thread.join(timeout=60)
+    assert relay.dropped, "the relay never saw the resume"
+    assert approved.exit_code == 0 and "resumed" in approved.stdout, approved.output
+    assert "error" not in out, out.get("error")
+    assert out["result"] == ["alice"] and marker.read_text() == "alice"
+
+
+def _paused_run(tag: str, timeout: float = 120) -> str:
+    """The id of the run tagged ``tag``, once it is paused."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+            )
+            if runs and runs[0].state and runs[0].state.is_paused():
+                return str(runs[0].id)
+            assert time.monotonic() < deadline, f"no run tagged {tag} paused"
+            time.sleep(0.5)
 
 
 def test_break_glass_with_two_approvers_on_the_command_line(prefect_api, stack, settings, tmp_path):
@@ -293,17 +356,7 @@ def test_break_glass_with_two_approvers_on_the_command_line(prefect_api, stack, 
 
     def approvers() -> None:
         try:
-            with get_client(sync_client=True) as client:
-                from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-
-                for _ in range(240):
-                    runs = client.read_flow_runs(
-                        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
-                    )
-                    if runs and runs[0].state and runs[0].state.is_paused():
-                        break
-                    time.sleep(0.5)
-            run_id = str(runs[0].id)
+            run_id = _paused_run(tag)
             listed = runner.invoke(app, ["runs", "pending", "--json"])
             out["pending"] = [r["run_id"] for r in json.loads(listed.stdout)]
             out["run_id"] = run_id

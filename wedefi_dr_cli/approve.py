@@ -125,10 +125,10 @@ def approve(
         f"{' (emergency declared)' if given.emergency_declared else ''}"
     ]
     if complete:
-        from prefect.flow_runs import resume_flow_run
+        from flows.approval import resume_with_answer
 
-        resume_flow_run(
-            run_id, run_input={"approve": not reject, "note": f"answered by {given.approver}"}
+        resume_with_answer(
+            uuid.UUID(run_id), {"approve": not reject, "note": f"answered by {given.approver}"}
         )
         lines.append("the run was resumed; it reads the approvals from the ops database")
     else:
