@@ -17,7 +17,7 @@ from tests.helpers import BREAK_GLASS, fingerprint, new_database, run_approved, 
 from wedefi_dr.catalog import listing
 from wedefi_dr.catalog.manifest import new_backup_id
 from wedefi_dr.config import PROJECT_ROOT, Settings
-from wedefi_dr.errors import VerificationFailed
+from wedefi_dr.errors import RestoreFailed, VerificationFailed
 from wedefi_dr.logical import backup, build, restore
 from wedefi_dr.postgres.conninfo import ConnTarget, dbname_of
 from wedefi_dr.postgres.fingerprint import (
@@ -275,6 +275,15 @@ def _databases_like(target: ConnTarget, pattern: str) -> list[str]:
         return [name for (name,) in cur.fetchall()]
 
 
+def _comment_on(target: ConnTarget) -> str | None:
+    with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+            (target.dbname,),
+        )
+        return cur.fetchone()[0]
+
+
 def _sessions_on(target: ConnTarget, name: str) -> int:
     with connect(target.with_dbname("postgres").conninfo) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,))
@@ -290,6 +299,30 @@ def _copy_being_loaded(target: ConnTarget, child: subprocess.Popen) -> str:
                 return name
         time.sleep(0.01)
     raise AssertionError(f"no copy of {target.dbname} seen loading (child exit {child.poll()})")
+
+
+def test_a_rename_refused_because_the_target_appeared_keeps_the_copys_mark(
+    settings: Settings, scratch_dsn: str
+):
+    """Clearing the mark and taking the name are one transaction: when someone created the
+    target meanwhile, the rename is refused, the other database is left as it is, and the
+    copy is still marked (so a process killed before it drops the copy leaves one that the
+    next restore drops)."""
+    admin = settings.primary_dsn.get_secret_value()
+    target = ConnTarget.parse(scratch_dsn, allow_password=True)
+    with new_database(admin, build.hidden_name(target.dbname)) as copy_dsn:
+        copy = ConnTarget.parse(copy_dsn, allow_password=True)
+        build.mark_unproven(copy, target)
+        build.create_database(target)
+        with connect(target.conninfo) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE theirs (id int)")
+        with pytest.raises(RestoreFailed, match="was created by someone else during the restore"):
+            build._unmark_and_rename(copy, target)
+        assert '"wedefi_dr_unproven_copy"' in (_comment_on(copy) or "")
+        assert _comment_on(target) is None
+        with connect(target.conninfo) as conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('public.theirs') IS NOT NULL")
+            assert cur.fetchone()[0], "the other database was changed"
 
 
 def test_a_restore_killed_mid_build_leaves_a_copy_the_next_restore_drops(
@@ -391,6 +424,7 @@ def test_a_new_database_takes_the_targets_name_only_once_proven(
         assert proven.tables == {k: v for k, v in manifest.tables.items() if is_table_entry(k)}
         assert restore.verify(manifest, target, proven)["rows"] == 5001
         assert _databases_like(target, building) == []
+        assert _comment_on(target) is None  # the copy's mark went with its name
 
         streamed = target.with_dbname(target.dbname + "_one")
         single = settings.model_copy(update={"restore_jobs": 1})

@@ -24,7 +24,7 @@ It is used when the plaintext fits in half the memory available (a larger archiv
 
 A process killed mid-restore leaves its copy behind, up to the size of the database. The
 copy carries a mark (``COMMENT ON DATABASE``: whose copy it is, by which process, since
-when, cleared just before the rename), so the next restore of the same target, holding
+when, cleared in the rename's transaction), so the next restore of the same target, holding
 that target's restore lock, knows it for a dead run's and drops it
 (:func:`drop_leftovers`). Nothing else is ever dropped: not a database of the same shape of
 name without the mark, nor a marked one that anyone is connected to.
@@ -168,12 +168,6 @@ def mark_unproven(hidden: ConnTarget, target: ConnTarget) -> None:
     )
 
 
-def _unmark(hidden: ConnTarget) -> None:
-    _on_server(
-        hidden, sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(hidden.dbname))
-    )
-
-
 def _mark_of(comment: str | None) -> dict[str, object] | None:
     try:
         mark = json.loads(comment or "")[COPY_MARK]
@@ -279,10 +273,16 @@ def _load(
         )
 
 
-def _rename(hidden: ConnTarget, target: ConnTarget) -> None:
+def _unmark_and_rename(hidden: ConnTarget, target: ConnTarget) -> None:
+    """Clear the copy's mark and give it the target's name in one transaction (both are
+    transactional in PostgreSQL): a process killed at any moment leaves either a marked
+    copy, which the next restore drops, or the proven target, never an unmarked copy."""
     names = sql.Identifier(hidden.dbname), sql.Identifier(target.dbname)
+    maintenance = target.with_dbname("postgres").conninfo
     try:
-        _on_server(target, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(*names))
+        with connect(maintenance) as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(names[0]))
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(*names))
     except psycopg2.Error as exc:
         if exc.pgcode != errorcodes.DUPLICATE_DATABASE:
             raise
@@ -344,8 +344,7 @@ def restore_new(
                     f"the backup in {len(problems)} table(s), so the new database was "
                     "dropped before it took the target's name: " + "; ".join(problems[:10])
                 )
-            _unmark(hidden)
-            _rename(hidden, target)
+            _unmark_and_rename(hidden, target)
         except BaseException:
             _drop(hidden)
             raise
