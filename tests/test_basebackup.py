@@ -110,6 +110,9 @@ def test_staging_relies_on_frame_checksums_that_are_there_and_checked(
         magic = FRAME_MAGIC[compression]
         assert packed.startswith(magic)
         assert packed[len(magic)] & 0b100, f"{compression} frame without a content checksum"
+        if compression == "lz4":  # 64 KiB blocks, linked: what lets lz4 -d stream
+            flags, block = packed[len(magic)], packed[len(magic) + 1]
+            assert not flags & 0b100000 and (block >> 4) & 0b111 == 4, (flags, block)
 
         # The same stream with its content checksum wrong (the frame's last 4 bytes), then
         # encrypted again: gpg is satisfied, the decompressor is not.

@@ -60,11 +60,20 @@ TAR_READ_BYTES = 64 * 1024
 
 
 def compressor_argv(compression: str, level: int) -> list[str] | None:
-    """The stock compressor of the stream (None: gzip, in process)."""
+    """The stock compressor of the stream (None: gzip, in process).
+
+    lz4 writes 64 KiB blocks, each linked to the one before (``-B4 -BD``), instead of its
+    default 4 MiB independent ones. ``lz4 -d`` reads, decompresses and writes one block at a
+    time from one thread, so with 4 MiB blocks gpg before it and tar after it each waited
+    while it worked on the other side; with 64 KiB blocks the three overlap. The linked
+    blocks keep the ratio. A 1.18 GB base tar of the seeded cluster, by hand through gpg,
+    ``lz4 -d`` and tar into files, three rounds: 4 MiB blocks 2.34-2.99 s, 64 KiB linked
+    blocks 2.11-2.18 s, zstd 2.01-2.12 s; the compressed sizes 519.04 and 519.18 MB.
+    """
     if compression == "zstd":
         return [_binary("zstd"), "-q", "-c", f"-{level}", "-T0"]
     if compression == "lz4":
-        return [_binary("lz4"), "-q", "-c", f"-{min(level, 12)}"]
+        return [_binary("lz4"), "-q", "-c", "-B4", "-BD", f"-{min(level, 12)}"]
     return None
 
 
