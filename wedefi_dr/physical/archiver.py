@@ -6,7 +6,7 @@ so a write burst builds a backlog. As pgBackRest's asynchronous ``archive-push``
 this process stays up beside the server: a warm boto3 client, the MAC key derived once,
 and ``wal_archiver_parallel`` uploads at a time of every file the server has marked
 ``.ready`` in ``pg_wal/archive_status`` (and every file a hand-off asks for), oldest first.
-Each segment is stored by :meth:`wedefi_dr.physical.wal.Archive.store_segment`: the same
+Each segment is sealed and stored by :class:`wedefi_dr.physical.wal.Archive`: the same
 encoding (zstd + gpg under the WAL key, opened once at start), checksums, MAC and
 conditional PUT as ``wal-push``, so ``wal-fetch`` and PITR read its objects unchanged, and
 identical re-pushes and conflicts behave alike.
@@ -42,7 +42,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from wedefi_dr.physical import archiver_handoff, wal, walscript
 
@@ -118,13 +118,17 @@ class Archiver:
     def _push(self, name: str) -> None:
         """Store ``name`` and record the outcome; runs in a pool thread."""
         try:
-            plain, record = self._read(name)
-            earlier = self.pushed.get(name)
-            sha = hashlib.sha256(plain).hexdigest() if earlier else None
-            if earlier and earlier == sha:
-                what = "durable earlier (identical)"
-            else:
-                what, sha = self.archive.store_segment(name, plain)
+            with open(self.pg_wal / name, "rb") as f:
+                before = walscript.file_record(os.fstat(f.fileno()))
+                earlier = self.pushed.get(name)
+                if earlier and earlier == hashlib.file_digest(f, "sha256").hexdigest():
+                    sealed, sha = None, earlier
+                else:
+                    f.seek(0)
+                    sealed = self.archive.seal(name, f, os.fstat(f.fileno()).st_size)
+                    sha = sealed.plain_sha
+                record = self._unchanged(name, f, before)
+            what = self.archive.store_sealed(sealed) if sealed else "durable earlier (identical)"
             _write(self.spool / "done" / name, archiver_handoff.done_record(sha, record))
             with self.lock:
                 self.pushed[name] = sha
@@ -138,17 +142,15 @@ class Archiver:
         except Exception as exc:
             self._failed(name, 2, f"{type(exc).__name__}: {exc}", retry=True)
 
-    def _read(self, name: str) -> tuple[bytes, str]:
-        """The file's contents and its record, which must not change while it is read: the
-        server wrote the file whole before marking it ``.ready``, so a change means another
-        writer, and the push is retried."""
-        with open(self.pg_wal / name, "rb") as f:
-            before = walscript.file_record(os.fstat(f.fileno()))
-            plain = f.read()
-            after = walscript.file_record(os.fstat(f.fileno()))
+    @staticmethod
+    def _unchanged(name: str, f: BinaryIO, before: str) -> str:
+        """The record of the file just read, which must be the one it had before: the server
+        wrote the file whole before marking it ``.ready``, so a change means another writer,
+        and the push is retried (nothing of it stored: this runs before the upload)."""
+        after = walscript.file_record(os.fstat(f.fileno()))
         if after != before:
             raise OSError(f"{name} changed while it was read")
-        return plain, after
+        return after
 
     def _failed(self, name: str, code: int, message: str, *, retry: bool) -> None:
         (self.spool / "want" / name).unlink(missing_ok=True)
