@@ -269,3 +269,39 @@ def test_sync_setting_falls_back_to_wal_push(spool, settings, tmp_path):
     assert "wedefi-dr wal: push" in result.stderr  # wal-push ran, in this process
     assert _archiver_pid(spool["pg_wal"]) is None
     assert wal.Archive(spool["settings"]).head(FIRST) is not None
+
+
+def test_a_file_that_changes_while_it_is_read_is_not_stored(spool):
+    """The archiver reads a segment a MiB at a time, so another writer can change it
+    mid-read: then nothing of it may be stored (a torn segment under the name would be
+    refused as a conflict for ever after), the failure is recorded, and once the file
+    holds still it is stored whole."""
+    import threading
+
+    name = FIRST
+    path = spool["pg_wal"] / name
+    ready(spool, name, segment_bytes(70))
+    resident = archiver.Archiver(spool["settings"], spool["pg_wal"])
+    stop = threading.Event()
+
+    def touch() -> None:
+        while not stop.is_set():
+            os.utime(path)
+            time.sleep(0.0005)
+
+    writer = threading.Thread(target=touch, daemon=True)
+    writer.start()
+    try:
+        resident._push(name)
+    finally:
+        stop.set()
+        writer.join()
+    failed = (spool["pg_wal"] / archiver.SPOOL / "failed" / name).read_text()
+    assert failed.startswith("2 ") and "changed while it was read" in failed
+    assert resident.archive.list_names() == []
+    assert not (spool["pg_wal"] / archiver.SPOOL / "done" / name).exists()
+
+    resident._push(name)
+    assert resident.archive.list_names() == [name]
+    assert (spool["pg_wal"] / archiver.SPOOL / "done" / name).exists()
+    resident.pool.shutdown()
