@@ -119,13 +119,14 @@ class Archiver:
         """Store ``name`` and record the outcome; runs in a pool thread."""
         try:
             with open(self.pg_wal / name, "rb") as f:
-                before = walscript.file_record(os.fstat(f.fileno()))
+                st = os.fstat(f.fileno())
+                before = walscript.file_record(st)
                 earlier = self.pushed.get(name)
                 if earlier and earlier == hashlib.file_digest(f, "sha256").hexdigest():
                     sealed, sha = None, earlier
                 else:
                     f.seek(0)
-                    sealed = self.archive.seal(name, f, os.fstat(f.fileno()).st_size)
+                    sealed = self.archive.seal(name, f, st.st_size)
                     sha = sealed.plain_sha
                 record = self._unchanged(name, f, before)
             what = self.archive.store_sealed(sealed) if sealed else "durable earlier (identical)"

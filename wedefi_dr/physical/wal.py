@@ -163,17 +163,20 @@ def _gpg_params(settings: Settings, wal_key: walkey.WalKey | None) -> encryption
     return params if wal_key is None else replace(params, s2k_count=WALKEY_S2K_COUNT)
 
 
-def encode(settings: Settings, plain: bytes, *, wal_key: walkey.WalKey | None = None) -> bytes:
-    """In memory: with ``wal_key``, what :func:`encode_stream` makes of ``plain``
-    (``ENCODING_WALKEY``); without, gzip then gpg under the backup passphrase
-    (``ENCODING``, what was archived before the WAL key; tests write it to show both read)."""
-    if wal_key is not None:
-        return encode_stream(settings, io.BytesIO(plain), len(plain), wal_key=wal_key)[0]
+def encode(settings: Settings, plain: bytes) -> bytes:
+    """gzip then gpg under the backup passphrase (``ENCODING``): what was archived before
+    the WAL key, which :func:`decode` still reads; tests write it to show both read. Every
+    object stored now is :func:`encode_stream`'s."""
     gpg = encryption.start_encrypt(
         settings.gpg_passphrase.get_secret_value(), _gpg_params(settings, None)
     )
     z = zlib.compressobj(settings.wal_compress_level, zlib.DEFLATED, 31)
-    return _through_gpg(gpg, lambda: gpg.stdin.write(z.compress(plain) + z.flush()))
+
+    def feed() -> None:
+        gpg.stdin.write(z.compress(plain) + z.flush())
+        gpg.stdin.close()
+
+    return _through_gpg(gpg, feed)
 
 
 def encode_stream(
@@ -217,8 +220,6 @@ def _through_gpg(gpg: subprocess.Popen[bytes], feed: Callable[[], None]) -> byte
     reader.start()
     try:
         feed()
-        if not gpg.stdin.closed:
-            gpg.stdin.close()
     except BaseException as exc:
         gpg.kill()
         reader.join()

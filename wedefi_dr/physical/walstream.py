@@ -25,12 +25,13 @@ timeline exists. It says so in the server's log, and recovery ends inside that s
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wedefi_dr.physical import wal, walkey
+from wedefi_dr.physical import wal
 
 if TYPE_CHECKING:
     from wedefi_dr.config import Settings
@@ -64,18 +65,15 @@ def put_partial(archive: wal.Archive, segment: str, plain: bytes) -> None:
     up to once a second, and gzip plus a stretched passphrase each time would cost the
     database host a fifth of a core while it streams."""
     settings = archive.settings
-    sha = _sha256(plain)
-    try:
-        wal_key = archive.wal_keys.for_key(archive.keyring.current, create=True)
-    except walkey.WalKeyError as exc:
-        raise wal.ArchiveCorrupt(str(exc)) from exc
-    cipher = wal.encode(settings, plain, wal_key=wal_key)
+    sealed = archive.seal(segment, io.BytesIO(plain), len(plain))
     archive.store.put_bytes(
         stream_key(settings, segment),
-        cipher,
+        sealed.cipher,
         storage_class=settings.storage_class,
         metadata={
-            **archive.object_metadata(_mac_name(segment), sha, len(plain), cipher),
+            **archive.object_metadata(
+                _mac_name(segment), sealed.plain_sha, sealed.plain_size, sealed.cipher
+            ),
             "uploaded-at": datetime.now(UTC).isoformat(),
         },
     )
